@@ -1,0 +1,170 @@
+"""The ``embedq`` command line.
+
+Commands import the heavy parts (onnxruntime, tokenizers, torch) inside their bodies, so
+``embedq --help`` stays fast and a producer-only install can use the queue commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from worker.errors import EmbedqError
+from worker.manifest import Pooling, Precision
+from worker.settings import get_settings
+
+app = typer.Typer(help="Text embeddings as background jobs.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Prepare and inspect models in the model store.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(exc: EmbedqError) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(code=2)
+
+
+def _store() -> Any:
+    from worker.model_store import ModelStore
+
+    return ModelStore(get_settings().model_dir)
+
+
+@models_app.command("pull")
+def models_pull(
+    source: Annotated[str, typer.Argument(help="hf://ORG/NAME[@REV], a URL, or a folder")],
+    name: Annotated[str, typer.Option("--name", help="name to install the model under")],
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 for CPUs")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="half precision, for GPUs")] = False,
+    sha256: Annotated[str | None, typer.Option(help="expected sha256 of a URL download")] = None,
+    max_seq_length: Annotated[int | None, typer.Option(help="override the model's")] = None,
+    pooling: Annotated[Pooling | None, typer.Option(help="override the model's")] = None,
+    normalize: Annotated[
+        bool | None, typer.Option("--normalize/--no-normalize", help="override the model's")
+    ] = None,
+) -> None:
+    """Fetch or export a model and install it in the model store under NAME."""
+    from worker.model_store import PullOptions
+
+    if quantize not in (None, "int8"):
+        raise typer.BadParameter("only int8 is supported", param_hint="--quantize")
+    if quantize and fp16:
+        raise typer.BadParameter("choose one of --quantize int8 and --fp16")
+    precision = Precision.INT8 if quantize else Precision.FP16 if fp16 else Precision.FP32
+    options = PullOptions(
+        precision=precision,
+        sha256=sha256,
+        max_seq_length=max_seq_length,
+        pooling=pooling,
+        normalize=normalize,
+    )
+    try:
+        manifest = _store().pull(source, name, options, get_settings())
+    except EmbedqError as exc:
+        raise _fail(exc) from exc
+    typer.echo(
+        f"prepared {manifest.name}: dim {manifest.dim}, {manifest.precision},"
+        f" pooling {manifest.behaviour.pooling}, normalize {manifest.behaviour.normalize},"
+        f" max_seq_length {manifest.behaviour.max_seq_length}"
+    )
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List prepared models."""
+    manifests = _store().list()
+    if not manifests:
+        typer.echo(f"no models in {get_settings().model_dir}")
+    for m in manifests:
+        typer.echo(f"{m.name}\t{m.dim}\t{m.precision}\t{m.source}\t{m.created_at:%Y-%m-%d %H:%M}")
+
+
+@models_app.command("show")
+def models_show(name: str) -> None:
+    """Show a model's manifest and the execution providers this machine offers."""
+    from worker import providers
+    from worker.manifest import dump
+
+    try:
+        manifest = _store().get(name)
+    except EmbedqError as exc:
+        raise _fail(exc) from exc
+    typer.echo(dump(manifest))
+    typer.echo(f"providers available here: {', '.join(providers.available())}")
+
+
+@app.command("encode")
+def encode(
+    model: Annotated[str, typer.Option("--model", help="a prepared model's name")],
+    file: Annotated[Path, typer.Option("--file", "-f", help="JSON Lines: strings or {text}")],
+    out: Annotated[Path | None, typer.Option(help="write float32 vectors to this .npy")] = None,
+) -> None:
+    """Embed a JSON Lines file in this process (no queue), for checking a model by hand."""
+    import numpy as np
+
+    from worker.engine import Engine
+
+    settings = get_settings()
+    try:
+        texts = read_jsonl(file)
+        engine = Engine.load(_store().path(model), settings) if _store().get(model) else None
+        assert engine is not None
+        vectors, stats = [], []
+        for start in range(0, len(texts), settings.max_batch_items):
+            result = engine.encode(texts[start : start + settings.max_batch_items])
+            vectors.append(result.vectors)
+            stats.append(result.stats)
+    except EmbedqError as exc:
+        raise _fail(exc) from exc
+    matrix = np.concatenate(vectors)
+    tokens = sum(s.tokens for s in stats)
+    ms = sum(s.total_ms for s in stats)
+    typer.echo(
+        f"{len(texts)} texts, {tokens} tokens, {sum(s.truncated for s in stats)} truncated,"
+        f" {ms:.0f} ms on {engine.provider} ({len(texts) / (ms / 1000):.1f} texts/s)",
+        err=True,
+    )
+    if out is not None:
+        np.save(out, matrix)
+        typer.echo(f"wrote {matrix.shape[0]}x{matrix.shape[1]} float32 to {out}", err=True)
+    else:
+        for row in matrix:
+            typer.echo(json.dumps([round(float(x), 6) for x in row]))
+
+
+def read_jsonl(path: Path) -> list[str]:
+    """Texts from JSON Lines: each line a JSON string or an object with a ``text`` field."""
+    from worker.errors import InputError
+
+    texts: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as exc:
+                raise InputError(f"{path}:{number} is not JSON: {exc}") from exc
+            if isinstance(item, dict):
+                item = item.get("text")
+            if not isinstance(item, str):
+                raise InputError(f'{path}:{number} is neither a JSON string nor {{"text": ...}}')
+            texts.append(item)
+    if not texts:
+        raise InputError(f"{path} holds no texts")
+    return texts

@@ -1,0 +1,57 @@
+import logging
+
+import pytest
+
+from worker import providers
+from worker.errors import ProviderError
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def test_default_is_the_best_listed_accelerator_then_cpu() -> None:
+    assert providers.choose([], ["TensorrtExecutionProvider", CUDA, CPU]) == [CUDA, CPU]
+    assert providers.choose([], [CPU]) == [CPU]
+    assert providers.choose([], ["CoreMLExecutionProvider", CPU]) == [
+        "CoreMLExecutionProvider",
+        CPU,
+    ]
+
+
+def test_requested_providers_are_kept_in_order_with_cpu_last() -> None:
+    assert providers.choose(["DmlExecutionProvider"], [CPU]) == ["DmlExecutionProvider", CPU]
+    assert providers.choose([CPU], [CUDA, CPU]) == [CPU]
+
+
+def test_getting_the_requested_provider_is_silent(caplog: pytest.LogCaptureFixture) -> None:
+    assert providers.check_obtained([CUDA, CPU], [CUDA, CPU], "error", "n/a") == CUDA
+    assert not caplog.records
+
+
+def test_fallback_warns_once_naming_provider_reason_and_result(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        active = providers.check_obtained([CUDA, CPU], [CPU], "warn", "libcublasLt.so.13 missing")
+    assert active == CPU
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    for part in (CUDA, CPU, "libcublasLt.so.13 missing"):
+        assert part in record.getMessage()
+
+
+def test_fallback_is_an_error_when_the_policy_says_so() -> None:
+    with pytest.raises(
+        ProviderError, match=r"CUDAExecutionProvider.*refusing to run on CPUExecutionProvider"
+    ):
+        providers.check_obtained([CUDA, CPU], [CPU], "error", "no driver")
+
+
+def test_native_stderr_reason_is_the_loader_error() -> None:
+    captured = providers.NativeStderr()
+    captured.text = (
+        "\x1b[1;31m2026 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] /src/x.cc:1"
+        " onnxruntime::Provider& Get() [ONNXRuntimeError] : 1 : FAIL : Failed to load library"
+        " libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: cannot open shared"
+        " object file\x1b[m\n"
+    )
+    assert captured.reason().startswith("Failed to load library libonnxruntime_providers_cuda.so")

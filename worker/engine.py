@@ -1,0 +1,250 @@
+"""The inference engine: one warm ONNX Runtime session and one tokenizer, built once per process.
+
+``Engine.load`` reads a prepared model folder (its manifest settles length, pooling and
+normalisation), opens the session with explicit options and checks which execution provider it
+really got. ``Engine.encode`` validates a list of texts, tokenises with truncation at the
+model's length, runs length-sorted micro-batches, pools, normalises and returns the vectors in
+input order with the statistics of the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Encoding as TokenEncoding
+from tokenizers import Tokenizer
+
+from worker import batching, pooling, providers
+from worker.errors import InputError, ModelError
+from worker.manifest import ONNX_FILE, TOKENIZER_FILE, Manifest
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Texts are cut to this many characters per allowed token before tokenising (TEI does the
+# same): no real token is that long, so the result is unchanged, and a 10 MB text costs no more
+# to tokenise than a few pages.
+CHARS_PER_TOKEN = 250
+KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class EncodeStats:
+    """What one ``encode`` call did and how long each stage took."""
+
+    texts: int
+    tokens: int
+    padded_tokens: int
+    truncated: int
+    micro_batches: int
+    tokenize_ms: float
+    inference_ms: float
+    pool_ms: float
+    provider: str
+
+    @property
+    def total_ms(self) -> float:
+        return self.tokenize_ms + self.inference_ms + self.pool_ms
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """The vectors of one call, float32 ``(texts, dim)`` in input order, and its statistics."""
+
+    vectors: np.ndarray
+    stats: EncodeStats
+
+
+class Embedder(Protocol):
+    """What a task needs of an engine; tests pass a deterministic fake."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, texts: Sequence[object]) -> Encoding: ...
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    """Session options set explicitly rather than left to onnxruntime's defaults."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = settings.threads()
+    options.inter_op_num_threads = 1
+    if settings.processes > 1:
+        # Spinning threads burn the cores that sibling worker processes need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only; provider failures are reported by embedq
+    return options
+
+
+def open_session(path: Path, settings: Settings) -> tuple[ort.InferenceSession, str]:
+    """An inference session on the best provider obtainable, and the provider it runs on."""
+    built_in = providers.available()
+    requested = providers.choose(settings.providers, built_in)
+    usable = [p for p in requested if p in built_in]
+    with providers.NativeStderr() as captured:
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=session_options(settings), providers=usable
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"onnxruntime cannot load {path}: {exc}") from exc
+    reason = (
+        captured.reason()
+        if requested[0] in built_in
+        else f"this onnxruntime build does not include it; it has {built_in}"
+    )
+    active = providers.check_obtained(
+        requested, session.get_providers(), settings.provider_fallback, reason
+    )
+    return session, active
+
+
+def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
+    """The model's tokenizer, truncating at the model's length and padding nothing (the engine
+    pads each micro-batch to its own longest text)."""
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises plain Exception subclasses
+        raise ModelError(f"cannot read tokenizer {path}: {exc}") from exc
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
+
+
+def validate(texts: Sequence[object], max_items: int) -> list[str]:
+    """The texts as a list of str, or an ``InputError`` that says what is wrong and where."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise InputError("texts is empty: give at least one text")
+    if len(texts) > max_items:
+        raise InputError(
+            f"{len(texts)} texts is more than the batch limit of {max_items}"
+            " (EMBEDQ_MAX_BATCH_ITEMS); split the request"
+        )
+    not_str = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if not_str:
+        kinds = sorted({type(texts[i]).__name__ for i in not_str})
+        raise InputError(f"texts at {_first(not_str)} are not strings ({', '.join(kinds)})")
+    blank = [i for i, t in enumerate(texts) if not str(t).strip()]
+    if blank:
+        raise InputError(f"texts at {_first(blank)} are empty or whitespace only")
+    return [str(t) for t in texts]
+
+
+def _first(indices: list[int], shown: int = 5) -> str:
+    head = ", ".join(str(i) for i in indices[:shown])
+    more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
+    return f"index {head}{more}"
+
+
+class Engine:
+    """A prepared model, warm: one session and one tokenizer, reused for every call."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        session: ort.InferenceSession,
+        tokenizer: Tokenizer,
+        provider: str,
+        settings: Settings,
+    ) -> None:
+        unknown = set(manifest.inputs) - set(KNOWN_INPUTS)
+        if unknown:
+            raise ModelError(f"model {manifest.name} takes inputs embedq cannot feed: {unknown}")
+        self.manifest = manifest
+        self.provider = provider
+        self._session = session
+        self._tokenizer = tokenizer
+        self._max_items = settings.max_batch_items
+        self._micro_items = settings.micro_batch_size
+        self._micro_tokens = settings.micro_batch_tokens
+
+    @classmethod
+    def load(cls, folder: Path, settings: Settings) -> Engine:
+        """Build the engine for the model prepared in ``folder``."""
+        started = time.perf_counter()
+        manifest = Manifest.read(folder)
+        tokenizer = load_tokenizer(folder / TOKENIZER_FILE, manifest.behaviour.max_seq_length)
+        session, provider = open_session(folder / ONNX_FILE, settings)
+        load_ms = (time.perf_counter() - started) * 1000
+        logger.info(
+            "engine loaded: model=%s provider=%s threads=%d load_ms=%.0f",
+            manifest.name,
+            provider,
+            settings.threads(),
+            load_ms,
+            extra={"model": manifest.name, "provider": provider, "load_ms": load_ms},
+        )
+        return cls(manifest, session, tokenizer, provider, settings)
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    def encode(self, texts: Sequence[object]) -> Encoding:
+        """Vectors for ``texts`` in input order; raises ``InputError`` before any work if the
+        batch is unusable."""
+        t0 = time.perf_counter()
+        clean = validate(texts, self._max_items)
+        behaviour = self.manifest.behaviour
+        limit = behaviour.max_seq_length * CHARS_PER_TOKEN
+        encodings = self._tokenizer.encode_batch([t[:limit] for t in clean])
+        truncated = sum(
+            1
+            for text, enc in zip(clean, encodings, strict=True)
+            if enc.overflowing or len(text) > limit
+        )
+        lengths = [len(enc.ids) for enc in encodings]
+        plan = batching.plan(lengths, max_items=self._micro_items, max_tokens=self._micro_tokens)
+        t1 = time.perf_counter()
+
+        vectors = np.empty((len(clean), self.dim), dtype=np.float32)
+        padded = 0
+        run_s = 0.0
+        for indices in plan:
+            feeds, mask = self._feeds([encodings[i] for i in indices])
+            padded += mask.size
+            r0 = time.perf_counter()
+            (tokens,) = self._session.run([self.manifest.output], feeds)
+            run_s += time.perf_counter() - r0
+            pooled = pooling.pool(np.asarray(tokens, dtype=np.float32), mask, behaviour.pooling)
+            vectors[indices] = pooled
+        if behaviour.normalize:
+            vectors = pooling.l2_normalize(vectors)
+        t2 = time.perf_counter()
+
+        stats = EncodeStats(
+            texts=len(clean),
+            tokens=sum(lengths),
+            padded_tokens=padded,
+            truncated=truncated,
+            micro_batches=len(plan),
+            tokenize_ms=(t1 - t0) * 1000,
+            inference_ms=run_s * 1000,
+            pool_ms=((t2 - t1) - run_s) * 1000,
+            provider=self.provider,
+        )
+        return Encoding(vectors=vectors, stats=stats)
+
+    def _feeds(self, batch: list[TokenEncoding]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        width = max(len(enc.ids) for enc in batch)
+        ids = np.zeros((len(batch), width), dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        types = np.zeros((len(batch), width), dtype=np.int64)
+        for row, enc in enumerate(batch):
+            n = len(enc.ids)
+            ids[row, :n] = enc.ids
+            mask[row, :n] = 1
+            types[row, :n] = enc.type_ids
+        available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {name: available[name] for name in self.manifest.inputs}, mask

@@ -1,0 +1,147 @@
+"""Exporting a Hugging Face checkpoint to ONNX, and proving the export matches it.
+
+Needs the optional ``export`` extra (torch, transformers, onnx); a worker that only runs ONNX
+never imports this module's dependencies. The export uses the TorchScript exporter
+(``dynamo=False``) with eager attention: it gives a plain graph whose attention and layer-norm
+patterns onnxruntime's transformer optimizer recognises, with dynamic batch and sequence axes.
+The dummy input carries padding so no "mask is all ones" shortcut is traced into the graph.
+
+After export the graph is checked with ``onnx.checker`` and run in onnxruntime against the
+checkpoint in torch on a few texts (long ones included); above the tolerance nothing is
+installed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker import pooling
+from worker.errors import ExportError
+from worker.manifest import Behaviour
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+MAX_ABS_DIFF = 1e-3
+MIN_COSINE = 0.9999
+PROBE_TEXTS = (
+    "A short sentence.",
+    "The quick brown fox jumps over the lazy dog while the cat watches from the window.",
+    "Embeddings map text to vectors; similar meanings land close together. " * 40,
+    "ONNX Runtime runs the exported graph.",
+)
+
+
+def export_checkpoint(checkpoint: Path, target: Path, behaviour: Behaviour) -> dict[str, float]:
+    """Export ``checkpoint`` to ``target`` and return how closely it matches torch."""
+    try:
+        import onnx
+        import torch
+        from transformers import AutoModel
+    except ImportError as exc:
+        raise ExportError(
+            f"exporting a checkpoint needs torch, transformers and onnx ({exc.name} is missing):"
+            " pip install 'embedq[export]'"
+        ) from exc
+    from tokenizers import Tokenizer
+
+    try:
+        model = AutoModel.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{checkpoint} is not a loadable transformers checkpoint: {exc}") from exc
+    accepted = inspect.signature(model.forward).parameters
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any) -> Any:
+            return self.inner(**dict(zip(names, args, strict=True))).last_hidden_state
+
+    wrapper = Wrapper(model).eval()  # eval() again: export restores the wrapper's mode
+    dummy = torch.full((2, 8), 1000, dtype=torch.long)
+    mask = torch.ones((2, 8), dtype=torch.long)
+    mask[1, 5:] = 0
+    by_name = {
+        "input_ids": dummy,
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros_like(dummy),
+    }
+    axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                tuple(by_name[n] for n in names),
+                str(target),
+                input_names=names,
+                output_names=["last_hidden_state"],
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        onnx.checker.check_model(str(target))
+    except Exception as exc:  # the exporter and checker raise many unrelated types
+        raise ExportError(f"exporting {checkpoint} to ONNX failed: {exc}") from exc
+
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=behaviour.max_seq_length)
+
+    def reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            args = tuple(torch.from_numpy(feeds[n]) for n in names)
+            return wrapper(*args).numpy()
+
+    return compare(target, tokenizer, names, reference, behaviour, PROBE_TEXTS)
+
+
+def compare(
+    onnx_path: Path,
+    tokenizer: Any,
+    names: Sequence[str],
+    reference: Any,
+    behaviour: Behaviour,
+    texts: Sequence[str],
+) -> dict[str, float]:
+    """Run ``texts`` through the ONNX file and through ``reference`` and measure the gap; raise
+    ``ExportError`` when it is over the tolerance."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    encodings = tokenizer.encode_batch(list(texts))
+    width = max(len(e.ids) for e in encodings)
+    ids = np.zeros((len(texts), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, enc in enumerate(encodings):
+        ids[row, : len(enc.ids)] = enc.ids
+        mask[row, : len(enc.ids)] = 1
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    feeds = {n: feeds[n] for n in names}
+    got = np.asarray(session.run(None, feeds)[0], dtype=np.float32)
+    want = np.asarray(reference(feeds), dtype=np.float32)
+    valid = mask.astype(bool)
+    max_abs = float(np.abs(got - want)[valid].max())
+    a = pooling.l2_normalize(pooling.pool(got, mask, behaviour.pooling))
+    b = pooling.l2_normalize(pooling.pool(want, mask, behaviour.pooling))
+    min_cos = float((a * b).sum(axis=1).min())
+    logger.info(
+        "export compared: max_abs_diff=%.2e min_cosine=%.6f",
+        max_abs,
+        min_cos,
+        extra={"max_abs_diff": max_abs, "min_cosine": min_cos},
+    )
+    if max_abs > MAX_ABS_DIFF or min_cos < MIN_COSINE:
+        raise ExportError(
+            f"the ONNX export differs from the checkpoint: max abs diff {max_abs:.2e}"
+            f" (limit {MAX_ABS_DIFF:.0e}), min cosine {min_cos:.6f} (limit {MIN_COSINE})"
+        )
+    return {"max_abs_diff": max_abs, "min_cosine": min_cos}

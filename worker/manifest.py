@@ -1,0 +1,90 @@
+"""The manifest: what a prepared model is and how it must be run.
+
+It is written last, after a model folder has been verified, so a folder without one is never
+loaded. The engine trusts it alone: pooling, normalisation and length were settled when the
+model was prepared, from the model's own files or from explicit choices.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from worker.errors import ModelError
+
+MANIFEST_FILE = "manifest.json"
+ONNX_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Pooling(StrEnum):
+    """How token embeddings become one vector, as sentence-transformers' Pooling module names it."""
+
+    CLS = "cls"
+    MEAN = "mean"
+    MAX = "max"
+    MEAN_SQRT_LEN = "mean_sqrt_len"
+    LAST_TOKEN = "lasttoken"
+    NONE = "none"  # the graph already outputs one vector per text
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class Behaviour(BaseModel):
+    """How the model turns texts into vectors: truncation length, pooling, normalisation."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_seq_length: int = Field(ge=1)
+    pooling: Pooling
+    normalize: bool
+
+
+class Manifest(BaseModel):
+    """Everything known about one prepared model; stored as ``manifest.json`` beside it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    source: str
+    revision: str | None = None
+    onnx_sha256: str
+    dim: int = Field(ge=1)
+    behaviour: Behaviour
+    precision: Precision = Precision.FP32
+    inputs: tuple[str, ...]
+    output: str
+    created_at: datetime
+    created_by: str
+    """How the ONNX file was obtained: ``downloaded``, ``copied`` or ``exported``."""
+    steps: tuple[str, ...] = ()
+    """Post-processing applied in order, e.g. ``optimized:bert``, ``quantized:int8``."""
+    validation: dict[str, float] = Field(default_factory=dict)
+    """Export checks against the checkpoint (max_abs_diff, min_cosine, ...), when exported."""
+    embedq_version: str = ""
+
+    def write(self, folder: Path) -> None:
+        (folder / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = folder / MANIFEST_FILE
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ModelError(f"{folder} holds no {MANIFEST_FILE}: not a prepared model") from exc
+        except ValueError as exc:
+            raise ModelError(f"{path} is not a valid manifest: {exc}") from exc
+
+
+def dump(manifest: Manifest) -> str:
+    """The manifest as indented JSON, for ``embedq models show``."""
+    return json.dumps(json.loads(manifest.model_dump_json()), indent=2)

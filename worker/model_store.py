@@ -1,0 +1,230 @@
+"""The model store: prepared models under ``EMBEDQ_MODEL_DIR``, one folder per name.
+
+Preparing is fetch -> (export) -> (optimise / quantise) -> describe -> verify -> rename. All of
+it happens in a hidden staging folder beside the store; the model appears under its name only by
+an atomic rename after its manifest is written and a real engine has embedded a text with it,
+so a crash at any point leaves either the old model or none, never a half-written one. A file
+lock per name keeps two processes on one host from preparing the same model at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from filelock import FileLock
+
+from worker import model_config, sources
+from worker.errors import ModelError, ModelNotFoundError
+from worker.manifest import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    TOKENIZER_FILE,
+    Behaviour,
+    Manifest,
+    Pooling,
+    Precision,
+)
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_STAGING_PREFIX = ".staging-"
+
+
+@dataclass(frozen=True)
+class PullOptions:
+    """How to prepare a model; ``None`` behaviour fields come from the model's own files."""
+
+    precision: Precision = Precision.FP32
+    sha256: str | None = None
+    max_seq_length: int | None = None
+    pooling: Pooling | None = None
+    normalize: bool | None = None
+
+
+class ModelStore:
+    """Prepared models in one folder; ``get`` and ``list`` never see unfinished ones."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, name: str) -> Path:
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
+            raise ModelError(f"{name!r} is not a usable model name")
+        return self.root / name
+
+    def get(self, name: str) -> Manifest:
+        """The manifest of prepared model ``name``; ``ModelNotFoundError`` when absent."""
+        folder = self.path(name)
+        if not (folder / MANIFEST_FILE).is_file():
+            raise ModelNotFoundError(
+                f"model {name!r} is not prepared in {self.root}: run `embedq models pull SOURCE"
+                f" --name {name}`"
+            )
+        return Manifest.read(folder)
+
+    def list(self) -> list[Manifest]:
+        if not self.root.is_dir():
+            return []
+        return [
+            Manifest.read(folder)
+            for folder in sorted(self.root.iterdir())
+            if not folder.name.startswith(".") and (folder / MANIFEST_FILE).is_file()
+        ]
+
+    def pull(self, source: str, name: str, options: PullOptions, settings: Settings) -> Manifest:
+        """Prepare ``source`` under ``name`` (replacing any model of that name) and return its
+        manifest."""
+        target = self.path(name)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / ".locks").mkdir(exist_ok=True)
+        with FileLock(str(self.root / ".locks" / f"{name}.lock")):
+            staging = self.root / f"{_STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+            try:
+                manifest = _prepare(source, name, options, staging, settings)
+                _swap_in(staging / "model", target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        logger.info(
+            "model prepared: name=%s source=%s",
+            name,
+            source,
+            extra={"model": name, "source": source},
+        )
+        return manifest
+
+
+def _prepare(
+    source: str, name: str, options: PullOptions, staging: Path, settings: Settings
+) -> Manifest:
+    fetched = sources.fetch(source, staging / "source", sha256=options.sha256)
+    behaviour = model_config.resolve_behaviour(
+        fetched.folder,
+        max_seq_length=options.max_seq_length,
+        pooling=options.pooling,
+        normalize=options.normalize,
+    )
+    out = staging / "model"
+    out.mkdir()
+    _copy_configs(fetched.folder, out)
+    validation: dict[str, float] = {}
+    if fetched.onnx is None:
+        from worker import export
+
+        validation = export.export_checkpoint(fetched.folder, out / ONNX_FILE, behaviour)
+        created_by = "exported"
+    else:
+        _copy_onnx(fetched.onnx, out)
+        created_by = "downloaded" if "://" in source else "copied"
+    steps = _post_process(out, options.precision, behaviour)
+    inputs, output, dim = describe(out / ONNX_FILE, behaviour.pooling)
+    manifest = Manifest(
+        name=name,
+        source=source,
+        revision=fetched.revision,
+        onnx_sha256=sources.sha256_of(out / ONNX_FILE),
+        dim=dim,
+        behaviour=behaviour,
+        precision=options.precision,
+        inputs=inputs,
+        output=output,
+        created_at=datetime.now(UTC),
+        created_by=created_by,
+        steps=steps,
+        validation=validation,
+        embedq_version=_version(),
+    )
+    manifest.write(out)
+    _verify(out, manifest, settings)
+    return manifest
+
+
+def _copy_configs(source: Path, out: Path) -> None:
+    if not (source / TOKENIZER_FILE).is_file():
+        raise ModelError(
+            f"{source} has no {TOKENIZER_FILE}: pull a folder or archive that holds the ONNX"
+            f" file with {TOKENIZER_FILE} and the sentence-transformers configs beside it"
+        )
+    for relative in sources.CONFIG_FILES:
+        if (source / relative).is_file():
+            shutil.copy2(source / relative, out / relative)
+    for pooling_config in source.glob(sources.POOLING_CONFIG):
+        (out / pooling_config.parent.name).mkdir(exist_ok=True)
+        shutil.copy2(pooling_config, out / pooling_config.parent.name / "config.json")
+
+
+def _copy_onnx(onnx: Path, out: Path) -> None:
+    shutil.copy2(onnx, out / ONNX_FILE)
+    for data in onnx.parent.glob(onnx.name + "_data"):
+        shutil.copy2(data, out / data.name)
+
+
+def _post_process(out: Path, precision: Precision, behaviour: Behaviour) -> tuple[str, ...]:
+    if precision is Precision.FP32:
+        return ()
+    from worker import quantize
+
+    before = out / "model.fp32.onnx"
+    (out / ONNX_FILE).rename(before)
+    try:
+        if precision is Precision.INT8:
+            quantize.quantize_int8(before, out / ONNX_FILE)
+        else:
+            quantize.convert_fp16(before, out / ONNX_FILE)
+    finally:
+        before.unlink(missing_ok=True)
+    return (f"quantized:{precision}",)
+
+
+def describe(path: Path, pooling: Pooling) -> tuple[tuple[str, ...], str, int]:
+    """The graph's inputs, the output to read and the vector dimension, from the ONNX file."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = tuple(i.name for i in session.get_inputs())
+    rank = 2 if pooling is Pooling.NONE else 3
+    outputs = [o for o in session.get_outputs() if len(o.shape) == rank]
+    if not outputs:
+        raise ModelError(
+            f"{path.name} has no rank-{rank} output for pooling {pooling}; outputs:"
+            f" {[(o.name, o.shape) for o in session.get_outputs()]}"
+        )
+    preferred = ("sentence_embedding",) if rank == 2 else ("last_hidden_state", "token_embeddings")
+    output = next((o for o in outputs if o.name in preferred), outputs[0])
+    dim = output.shape[-1]
+    if not isinstance(dim, int):
+        raise ModelError(f"{path.name} output {output.name} has a symbolic last dimension {dim!r}")
+    return inputs, output.name, dim
+
+
+def _verify(folder: Path, manifest: Manifest, settings: Settings) -> None:
+    """Load the prepared folder as a worker would (on the CPU) and embed one text."""
+    from worker.engine import Engine
+
+    cpu = settings.model_copy(update={"providers": ["CPUExecutionProvider"]})
+    vectors = Engine.load(folder, cpu).encode(["embedq verifies this model"]).vectors
+    if vectors.shape != (1, manifest.dim) or not np.isfinite(vectors).all():
+        raise ModelError(f"model {manifest.name} gave unusable output {vectors.shape} on a probe")
+
+
+def _swap_in(ready: Path, target: Path) -> None:
+    """Put ``ready`` at ``target`` with renames only; a replaced model is removed afterwards."""
+    old = target.with_name(f"{_STAGING_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(ready, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("embedq")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"

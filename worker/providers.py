@@ -1,0 +1,112 @@
+"""Choosing ONNX Runtime execution providers, and noticing when a GPU was not obtained.
+
+onnxruntime-gpu on a machine without usable CUDA libraries builds a CPU session after printing
+an error to stderr; nothing fails, and inference is hundreds of times slower. The truth is
+``session.get_providers()``: when the first provider asked for is not the first obtained, embedq
+logs one warning naming both and the reason, or refuses (``EMBEDQ_PROVIDER_FALLBACK=error``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+
+import onnxruntime as ort
+
+from worker.errors import ProviderError
+from worker.settings import FallbackPolicy
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+# Preferred accelerators, best first, when the settings name none.
+_ACCELERATORS = (
+    "CUDAExecutionProvider",
+    "CoreMLExecutionProvider",
+    "DmlExecutionProvider",
+)
+
+
+def available() -> list[str]:
+    """Providers this onnxruntime build was compiled with (not a promise that they load)."""
+    return list(ort.get_available_providers())
+
+
+def choose(requested: Sequence[str], built_in: Sequence[str]) -> list[str]:
+    """The provider list to hand to the session: the settings' list, else the best accelerator
+    this build lists, always ending with the CPU so a session can be built."""
+    chosen = list(requested) if requested else [p for p in _ACCELERATORS if p in built_in][:1]
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return chosen
+
+
+def check_obtained(
+    requested: Sequence[str], obtained: Sequence[str], policy: FallbackPolicy, reason: str
+) -> str:
+    """The provider actually running; warns or raises when it is not the first one requested."""
+    wanted, active = requested[0], obtained[0]
+    if wanted == active:
+        return active
+    if policy == "error":
+        raise ProviderError(
+            f"execution provider {wanted} was requested but could not be used ({reason});"
+            f" refusing to run on {active} (EMBEDQ_PROVIDER_FALLBACK=error)"
+        )
+    logger.warning(
+        "execution provider %s was requested but could not be used (%s); running on %s"
+        " instead, which can be hundreds of times slower (EMBEDQ_PROVIDER_FALLBACK=error"
+        " makes this an error)",
+        wanted,
+        reason,
+        active,
+        extra={"requested": wanted, "provider": active},
+    )
+    return active
+
+
+class NativeStderr:
+    """Captures what native code writes to file descriptor 2 while the block runs.
+
+    onnxruntime reports why a provider failed to load (a missing libcublas, a cuDNN mismatch)
+    only on the process's stderr, below Python. Capturing it lets the fallback warning carry the
+    real reason; the captured text is written back to stderr afterwards so nothing is hidden.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __enter__(self) -> NativeStderr:
+        import sys
+        import tempfile
+
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile(mode="w+b")
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        raw = self._file.read()
+        self._file.close()
+        self.text = raw.decode("utf-8", "replace")
+        if raw:
+            os.write(2, raw)
+
+    def reason(self) -> str:
+        """The most telling line onnxruntime printed, stripped of colour codes, or a default."""
+        lines = [_strip_ansi(line) for line in self.text.splitlines()]
+        for marker in ("Failed to load library", "Require cuDNN", "Failed to create"):
+            for line in lines:
+                if marker in line:
+                    return line.split(" : ")[-1].split("] ")[-1].strip()
+        return "onnxruntime did not create it; see its log above"
+
+
+def _strip_ansi(line: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", line)

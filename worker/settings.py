@@ -1,0 +1,73 @@
+"""All of embedq's settings, in one pydantic-settings object.
+
+Precedence (highest first): values passed to ``Settings(...)`` in code, ``EMBEDQ_*`` environment
+variables, a ``.env`` file in the working directory, the defaults below. Modules ask
+``get_settings()``; tests call ``get_settings.cache_clear()`` after changing the environment.
+
+The names are flat (``EMBEDQ_MODEL_DIR``, ``EMBEDQ_PROVIDERS``) because operators type them into
+compose files and systemd units, and the issues that specify them name them that way.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+import platformdirs
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+FallbackPolicy = Literal["warn", "error"]
+
+
+def _default_model_dir() -> Path:
+    return platformdirs.user_cache_path("embedq") / "models"
+
+
+class Settings(BaseSettings):
+    """embedq's configuration; every field is read from ``EMBEDQ_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="EMBEDQ_", env_file=".env", extra="ignore")
+
+    # --- model store -------------------------------------------------------------------------
+    model_dir: Path = Field(default_factory=_default_model_dir)
+    """Where prepared models live, one folder per name."""
+
+    # --- inference ---------------------------------------------------------------------------
+    providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """ONNX Runtime execution providers in order of preference, comma-separated. Empty: CUDA
+    when onnxruntime lists it, else CoreML / DirectML where present, else CPU."""
+    provider_fallback: FallbackPolicy = "warn"
+    """What to do when a requested GPU provider cannot be used: log a warning and run on the
+    provider obtained (``warn``), or refuse to build the engine (``error``)."""
+    processes: int = Field(default=1, ge=1)
+    """Worker processes sharing this machine's cores; sizes the default thread count."""
+    intra_op_threads: int | None = Field(default=None, ge=1)
+    """ONNX Runtime intra-op threads per process. Default: cores // processes (at least 1)."""
+    max_batch_items: int = Field(default=1024, ge=1)
+    """Most texts one ``encode`` call accepts; more is an input error, not a silent split."""
+    micro_batch_size: int = Field(default=64, ge=1)
+    """Most texts in one session run."""
+    micro_batch_tokens: int = Field(default=16384, ge=1)
+    """Most padded tokens (rows x longest row) in one session run."""
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def threads(self) -> int:
+        """The intra-op thread count to use: explicit, or this process's share of the cores."""
+        if self.intra_op_threads is not None:
+            return self.intra_op_threads
+        return max(1, (os.cpu_count() or 1) // self.processes)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
