@@ -1,0 +1,240 @@
+"""Preparing models from every kind of source into a real model store."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import cosines
+from tests.hubserver import FakeHub, point_hub_at
+from worker import model_store, sources
+from worker.engine import Engine
+from worker.errors import ChecksumMismatchError, ModelError, ModelNotFoundError
+from worker.manifest import Manifest, Pooling, Precision
+from worker.model_store import ModelStore, PullOptions
+from worker.settings import Settings
+
+pytestmark = pytest.mark.model
+
+PROBES = ["A short sentence.", "Embeddings map text to vectors.", "word " * 300]
+
+
+def vectors(folder: Path, settings: Settings) -> np.ndarray:
+    return Engine.load(folder, settings).encode(PROBES).vectors
+
+
+def onnx_folder(minilm: Path, target: Path) -> Path:
+    """A plain folder with model.onnx, the tokenizer and the sentence-transformers configs."""
+    shutil.copytree(minilm, target, ignore=shutil.ignore_patterns("manifest.json"))
+    return target
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return ModelStore(tmp_path / "store")
+
+
+@pytest.fixture
+def settings(store: ModelStore) -> Settings:
+    return Settings(model_dir=store.root, providers=["CPUExecutionProvider"])
+
+
+def leftovers(store: ModelStore) -> list[str]:
+    return sorted(p.name for p in store.root.iterdir() if p.name.startswith(".staging"))
+
+
+@pytest.fixture
+def http_folder(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A loopback HTTP server for a folder: (base URL, folder)."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", folder
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_exported_checkpoint_is_described_from_its_graph(minilm: Path) -> None:
+    manifest = Manifest.read(minilm)
+    assert manifest.dim == 384
+    assert manifest.onnx_sha256 == sources.sha256_of(minilm / "model.onnx")
+    assert manifest.behaviour.max_seq_length == 256
+    assert (manifest.behaviour.pooling, manifest.behaviour.normalize) == ("mean", True)
+    assert manifest.inputs == ("input_ids", "attention_mask", "token_type_ids")
+    assert (manifest.created_by, manifest.precision) == ("exported", Precision.FP32)
+    assert manifest.validation["min_cosine"] >= 0.9999
+    assert manifest.validation["max_abs_diff"] <= 1e-3
+
+
+def test_a_local_onnx_folder_is_copied_and_embeds_the_same(
+    minilm: Path, tmp_path: Path, store: ModelStore, settings: Settings
+) -> None:
+    source = onnx_folder(minilm, tmp_path / "plain")
+    manifest = store.pull(str(source), "copied", PullOptions(), settings)
+    assert manifest.created_by == "copied"
+    assert manifest.onnx_sha256 == Manifest.read(minilm).onnx_sha256
+    np.testing.assert_allclose(
+        vectors(store.path("copied"), settings), vectors(minilm, settings), atol=1e-6
+    )
+    assert [m.name for m in store.list()] == ["copied"]
+
+
+def test_an_archive_over_http_is_verified_then_installed(
+    minilm: Path,
+    tmp_path: Path,
+    store: ModelStore,
+    settings: Settings,
+    http_folder: tuple[str, Path],
+) -> None:
+    base, www = http_folder
+    plain = onnx_folder(minilm, tmp_path / "all-MiniLM-L6-v2")
+    with tarfile.open(www / "minilm.tar.gz", "w:gz") as archive:
+        archive.add(plain, arcname="all-MiniLM-L6-v2")
+    digest = sources.sha256_of(www / "minilm.tar.gz")
+
+    manifest = store.pull(f"{base}/minilm.tar.gz", "from-url", PullOptions(sha256=digest), settings)
+    assert (manifest.created_by, manifest.revision) == ("downloaded", f"sha256:{digest}")
+    np.testing.assert_allclose(
+        vectors(store.path("from-url"), settings), vectors(minilm, settings), atol=1e-6
+    )
+
+
+def test_a_corrupted_download_is_refused_and_nothing_is_installed(
+    minilm: Path, tmp_path: Path, store: ModelStore, settings: Settings
+) -> None:
+    plain = onnx_folder(minilm, tmp_path / "plain")
+    archive_path = tmp_path / "minilm.tar.gz"
+    with tarfile.open(archive_path, "w:gz") as archive:
+        archive.add(plain, arcname="m")
+    good = sources.sha256_of(archive_path)
+    with archive_path.open("r+b") as handle:  # flip one byte, as a broken transfer would
+        handle.seek(1000)
+        byte = handle.read(1)
+        handle.seek(1000)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+    with pytest.raises(ChecksumMismatchError, match=good):
+        store.pull(archive_path.as_uri(), "corrupt", PullOptions(sha256=good), settings)
+    assert store.list() == []
+    assert leftovers(store) == []
+    with pytest.raises(ModelNotFoundError, match="embedq models pull"):
+        store.get("corrupt")
+
+
+def test_a_lone_onnx_file_without_tokenizer_is_refused_clearly(
+    minilm: Path, store: ModelStore, settings: Settings
+) -> None:
+    with pytest.raises(ModelError, match="tokenizer.json"):
+        store.pull(
+            (minilm / "model.onnx").as_uri(),
+            "lonely",
+            PullOptions(pooling=Pooling.MEAN, normalize=True, max_seq_length=256),
+            settings,
+        )
+    assert store.list() == []
+
+
+def test_a_failed_prepare_leaves_the_installed_model_untouched(
+    minilm: Path,
+    tmp_path: Path,
+    store: ModelStore,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = onnx_folder(minilm, tmp_path / "plain")
+    first = store.pull(str(source), "m", PullOptions(), settings)
+
+    def crash(*args: object) -> None:
+        raise ModelError("simulated crash during verification")
+
+    monkeypatch.setattr(model_store, "_verify", crash)
+    with pytest.raises(ModelError, match="simulated crash"):
+        store.pull(str(source), "m", PullOptions(max_seq_length=64), settings)
+    with pytest.raises(ModelError, match="simulated crash"):
+        store.pull(str(source), "new", PullOptions(), settings)
+
+    assert store.get("m") == first
+    assert [m.name for m in store.list()] == ["m"]
+    assert leftovers(store) == []
+
+
+def test_int8_quantisation_stays_close_to_fp32(
+    minilm: Path, tmp_path: Path, store: ModelStore, settings: Settings, corpus: list[str]
+) -> None:
+    source = onnx_folder(minilm, tmp_path / "plain")
+    manifest = store.pull(str(source), "int8", PullOptions(precision=Precision.INT8), settings)
+    assert manifest.precision == Precision.INT8
+    assert manifest.onnx_sha256 != Manifest.read(minilm).onnx_sha256
+    texts = corpus[::97][:300]
+    fp32 = Engine.load(minilm, settings).encode(texts).vectors
+    int8 = Engine.load(store.path("int8"), settings).encode(texts).vectors
+    similarity = cosines(int8, fp32)
+    assert float(np.mean(similarity)) >= 0.99
+    assert manifest.validation["mean_cosine"] >= 0.99
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    with FakeHub(tmp_path / "hub") as hub:
+        point_hub_at(hub.endpoint, monkeypatch)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        yield hub
+
+
+def test_a_hub_repository_with_onnx_is_downloaded_without_its_weights(
+    minilm: Path, checkpoint: Path, fake_hub: FakeHub, store: ModelStore, settings: Settings
+) -> None:
+    files: dict[str, Path | bytes] = {"onnx/model.onnx": minilm / "model.onnx"}
+    for path in checkpoint.rglob("*"):
+        if path.is_file():
+            files[str(path.relative_to(checkpoint))] = path
+    fake_hub.add_repo("sentence-transformers/all-MiniLM-L6-v2", files)
+
+    manifest = store.pull(
+        "hf://sentence-transformers/all-MiniLM-L6-v2", "hub", PullOptions(), settings
+    )
+
+    assert manifest.created_by == "downloaded"
+    assert manifest.revision is not None and len(manifest.revision) == 40
+    fetched = {r.split()[1].rsplit("/", 1)[-1] for r in fake_hub.requests if r.startswith("GET")}
+    assert {"model.onnx", "tokenizer.json", "modules.json"} <= fetched
+    assert "model.safetensors" not in fetched
+    assert (store.path("hub") / "1_Pooling" / "config.json").is_file()
+    np.testing.assert_allclose(
+        vectors(store.path("hub"), settings), vectors(minilm, settings), atol=1e-6
+    )
+
+
+def test_a_hub_checkpoint_without_onnx_is_exported(
+    minilm: Path, checkpoint: Path, fake_hub: FakeHub, store: ModelStore, settings: Settings
+) -> None:
+    files: dict[str, Path | bytes] = {
+        str(p.relative_to(checkpoint)): p for p in checkpoint.rglob("*") if p.is_file()
+    }
+    fake_hub.add_repo("acme/minilm-checkpoint", files)
+    manifest = store.pull("hf://acme/minilm-checkpoint@main", "exported", PullOptions(), settings)
+    assert manifest.created_by == "exported"
+    assert manifest.validation["min_cosine"] >= 0.9999
+    assert (
+        float(np.min(cosines(vectors(store.path("exported"), settings), vectors(minilm, settings))))
+        >= 0.99999
+    )
+
+
+def test_an_unknown_hub_repository_is_not_found(
+    fake_hub: FakeHub, store: ModelStore, settings: Settings
+) -> None:
+    with pytest.raises(ModelNotFoundError, match="acme/nope"):
+        store.pull("hf://acme/nope", "nope", PullOptions(), settings)
+    assert store.list() == [] and leftovers(store) == []
