@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# Nothing in the tests may reach a real hub: huggingface_hub refuses the network unless a test
+# points it at the loopback fake hub (tests/hubserver.py), which lifts this for that test alone.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 from worker.engine import Engine
 from worker.model_store import ModelStore, PullOptions
 from worker.settings import Settings, get_settings

@@ -81,7 +81,7 @@ def export_checkpoint(checkpoint: Path, target: Path, behaviour: Behaviour) -> d
         with torch.no_grad(), warnings.catch_warnings():
             # Tracing warns about every data-dependent branch it freezes; the padded dummy input
             # and the comparison below are what guard against that, not the warnings.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 wrapper,
@@ -104,7 +104,7 @@ def export_checkpoint(checkpoint: Path, target: Path, behaviour: Behaviour) -> d
     def reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():
             args = tuple(torch.from_numpy(feeds[n]) for n in names)
-            return wrapper(*args).numpy()
+            return np.asarray(wrapper(*args).numpy())
 
     return compare(target, tokenizer, names, reference, behaviour, PROBE_TEXTS)
 

@@ -6,6 +6,8 @@ of one padded micro-batch and returns ``(n, dim)`` float32.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -17,6 +19,10 @@ Mask = npt.NDArray[np.int64]
 
 def pool(tokens: Floats, mask: Mask, mode: Pooling) -> Floats:
     """One vector per row of ``tokens``, ignoring padded positions."""
+    return np.asarray(_pool(tokens, mask, mode), dtype=np.float32)
+
+
+def _pool(tokens: Floats, mask: Mask, mode: Pooling) -> Any:  # numpy ops are typed Any
     if mode is Pooling.NONE:
         return tokens
     if mode is Pooling.CLS:
@@ -39,4 +45,4 @@ def pool(tokens: Floats, mask: Mask, mode: Pooling) -> Floats:
 def l2_normalize(vectors: Floats) -> Floats:
     """Rows scaled to unit length, as ``torch.nn.functional.normalize`` (eps 1e-12) does."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, np.float32(1e-12))
+    return np.asarray(vectors / np.maximum(norms, np.float32(1e-12)), dtype=np.float32)

