@@ -122,8 +122,9 @@ def encode(
     settings = get_settings()
     try:
         texts = read_jsonl(file)
-        engine = Engine.load(_store().path(model), settings) if _store().get(model) else None
-        assert engine is not None
+        store = _store()
+        store.get(model)  # a clear "not prepared, pull it" error before loading anything
+        engine = Engine.load(store.path(model), settings)
         vectors, stats = [], []
         for start in range(0, len(texts), settings.max_batch_items):
             result = engine.encode(texts[start : start + settings.max_batch_items])

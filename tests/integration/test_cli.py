@@ -1,0 +1,80 @@
+"""The ``embedq`` command, run as a user runs it (a subprocess of the installed entry point)."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.engine import Engine
+
+pytestmark = pytest.mark.model
+
+
+def embedq(*args: str, store: Path) -> subprocess.CompletedProcess[str]:
+    executable = shutil.which("embedq")
+    assert executable, "the embedq entry point is not installed (pip install -e .)"
+    env = {**os.environ, "EMBEDQ_MODEL_DIR": str(store), "EMBEDQ_PROVIDERS": "CPUExecutionProvider"}
+    return subprocess.run([executable, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_models_list_and_show(minilm: Path, store_root: Path) -> None:
+    listed = embedq("models", "list", store=store_root)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split("\t")[:3] == ["minilm", "384", "fp32"]
+
+    shown = embedq("models", "show", "minilm", store=store_root)
+    assert shown.returncode == 0, shown.stderr
+    manifest = json.loads(shown.stdout.split("\nproviders available here:")[0])
+    assert manifest["dim"] == 384 and manifest["behaviour"]["max_seq_length"] == 256
+    assert "CPUExecutionProvider" in shown.stdout.split("providers available here:")[1]
+
+
+def test_show_of_an_unknown_model_says_how_to_pull_it(store_root: Path) -> None:
+    shown = embedq("models", "show", "nope", store=store_root)
+    assert shown.returncode == 2
+    assert "model 'nope' is not prepared" in shown.stderr and "embedq models pull" in shown.stderr
+
+
+def test_encode_writes_one_row_per_line_in_order(
+    minilm: Path, store_root: Path, engine: Engine, tmp_path: Path
+) -> None:
+    texts = ["first line", "a much longer second line " * 20, "third"]
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "\n".join(
+            [json.dumps(texts[0]), json.dumps({"text": texts[1], "id": 7}), json.dumps(texts[2])]
+        )
+        + "\n"
+    )
+    out = tmp_path / "out.npy"
+    result = embedq(
+        "encode", "--model", "minilm", "-f", str(source), "--out", str(out), store=store_root
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 texts" in result.stderr
+    vectors = np.load(out)
+    assert vectors.dtype == np.float32 and vectors.shape == (3, 384)
+    np.testing.assert_allclose(vectors, engine.encode(texts).vectors, atol=1e-5)
+
+
+def test_encode_reports_a_bad_line_clearly(minilm: Path, store_root: Path, tmp_path: Path) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text('"fine"\n{"txt": "wrong field"}\n')
+    result = embedq("encode", "--model", "minilm", "-f", str(source), store=store_root)
+    assert result.returncode == 2
+    assert "bad.jsonl:2 is neither a JSON string nor" in result.stderr
+
+
+def test_pull_refuses_a_wrong_checksum(store_root: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"corrupt")
+    result = embedq(
+        "models", "pull", model.as_uri(), "--name", "bad", "--sha256", "0" * 64, store=store_root
+    )
+    assert result.returncode == 2
+    assert "refusing to install" in result.stderr
+    assert not (store_root / "bad").exists()
