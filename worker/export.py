@@ -7,7 +7,7 @@ patterns onnxruntime's transformer optimizer recognises, with dynamic batch and 
 The dummy input carries padding so no "mask is all ones" shortcut is traced into the graph.
 
 After export the graph is checked with ``onnx.checker`` and run in onnxruntime against the
-checkpoint in torch on a few texts (long ones included); above the tolerance nothing is
+checkpoint in torch on the probe texts (long ones included); above the tolerance nothing is
 installed.
 """
 
@@ -16,13 +16,12 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from worker import pooling
+from worker import parity
 from worker.errors import ExportError
 from worker.manifest import Behaviour
 
@@ -31,12 +30,6 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 MAX_ABS_DIFF = 1e-3
 MIN_COSINE = 0.9999
-PROBE_TEXTS = (
-    "A short sentence.",
-    "The quick brown fox jumps over the lazy dog while the cat watches from the window.",
-    "Embeddings map text to vectors; similar meanings land close together. " * 40,
-    "ONNX Runtime runs the exported graph.",
-)
 
 
 def export_checkpoint(checkpoint: Path, target: Path, behaviour: Behaviour) -> dict[str, float]:
@@ -106,47 +99,8 @@ def export_checkpoint(checkpoint: Path, target: Path, behaviour: Behaviour) -> d
             args = tuple(torch.from_numpy(feeds[n]) for n in names)
             return np.asarray(wrapper(*args).numpy())
 
-    return compare(target, tokenizer, names, reference, behaviour, PROBE_TEXTS)
-
-
-def compare(
-    onnx_path: Path,
-    tokenizer: Any,
-    names: Sequence[str],
-    reference: Any,
-    behaviour: Behaviour,
-    texts: Sequence[str],
-) -> dict[str, float]:
-    """Run ``texts`` through the ONNX file and through ``reference`` and measure the gap; raise
-    ``ExportError`` when it is over the tolerance."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    encodings = tokenizer.encode_batch(list(texts))
-    width = max(len(e.ids) for e in encodings)
-    ids = np.zeros((len(texts), width), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, enc in enumerate(encodings):
-        ids[row, : len(enc.ids)] = enc.ids
-        mask[row, : len(enc.ids)] = 1
-    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    feeds = {n: feeds[n] for n in names}
-    got = np.asarray(session.run(None, feeds)[0], dtype=np.float32)
-    want = np.asarray(reference(feeds), dtype=np.float32)
-    valid = mask.astype(bool)
-    max_abs = float(np.abs(got - want)[valid].max())
-    a = pooling.l2_normalize(pooling.pool(got, mask, behaviour.pooling))
-    b = pooling.l2_normalize(pooling.pool(want, mask, behaviour.pooling))
-    min_cos = float((a * b).sum(axis=1).min())
-    logger.info(
-        "export compared: max_abs_diff=%.2e min_cosine=%.6f",
-        max_abs,
-        min_cos,
-        extra={"max_abs_diff": max_abs, "min_cosine": min_cos},
+    result = parity.measure(target, reference, tokenizer, names, behaviour)
+    parity.require(
+        result, f"the ONNX export of {checkpoint}", min_cosine=MIN_COSINE, max_abs=MAX_ABS_DIFF
     )
-    if max_abs > MAX_ABS_DIFF or min_cos < MIN_COSINE:
-        raise ExportError(
-            f"the ONNX export differs from the checkpoint: max abs diff {max_abs:.2e}"
-            f" (limit {MAX_ABS_DIFF:.0e}), min cosine {min_cos:.6f} (limit {MIN_COSINE})"
-        )
-    return {"max_abs_diff": max_abs, "min_cosine": min_cos}
+    return result.as_dict()

@@ -38,6 +38,8 @@ from worker.settings import Settings
 logger = logging.getLogger(__name__)
 
 _STAGING_PREFIX = ".staging-"
+# Least cosine to the fp32 model, per probe text, below which a reduced-precision file is refused.
+_MIN_COSINE = {Precision.INT8: 0.97, Precision.FP16: 0.999}
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def _prepare(
     else:
         _copy_onnx(fetched.onnx, out)
         created_by = "downloaded" if "://" in source else "copied"
-    steps = _post_process(out, options.precision, behaviour)
+    validation |= _post_process(out, options.precision, behaviour)
     inputs, output, dim = describe(out / ONNX_FILE, behaviour.pooling)
     manifest = Manifest(
         name=name,
@@ -139,7 +141,9 @@ def _prepare(
         output=output,
         created_at=datetime.now(UTC),
         created_by=created_by,
-        steps=steps,
+        steps=(f"quantized:{options.precision}",)
+        if options.precision is not Precision.FP32
+        else (),
         validation=validation,
         embedq_version=_version(),
     )
@@ -168,21 +172,34 @@ def _copy_onnx(onnx: Path, out: Path) -> None:
         shutil.copy2(data, out / data.name)
 
 
-def _post_process(out: Path, precision: Precision, behaviour: Behaviour) -> tuple[str, ...]:
+def _post_process(out: Path, precision: Precision, behaviour: Behaviour) -> dict[str, float]:
+    """Quantise or halve the fp32 file in place, refusing a result that drifts from it."""
     if precision is Precision.FP32:
-        return ()
-    from worker import quantize
+        return {}
+    from worker import parity, quantize
+    from worker.engine import load_tokenizer
 
-    before = out / "model.fp32.onnx"
-    (out / ONNX_FILE).rename(before)
+    fp32 = out / "model.fp32.onnx"
+    (out / ONNX_FILE).rename(fp32)
     try:
         if precision is Precision.INT8:
-            quantize.quantize_int8(before, out / ONNX_FILE)
+            quantize.quantize_int8(fp32, out / ONNX_FILE)
         else:
-            quantize.convert_fp16(before, out / ONNX_FILE)
+            quantize.convert_fp16(fp32, out / ONNX_FILE)
+        reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+        inputs = [i.name for i in reference.get_inputs()]
+        tokenizer = load_tokenizer(out / TOKENIZER_FILE, behaviour.max_seq_length)
+        result = parity.measure(
+            out / ONNX_FILE,
+            lambda feeds: np.asarray(reference.run(None, feeds)[0]),
+            tokenizer,
+            inputs,
+            behaviour,
+        )
+        parity.require(result, f"the {precision} model", min_cosine=_MIN_COSINE[precision])
     finally:
-        before.unlink(missing_ok=True)
-    return (f"quantized:{precision}",)
+        fp32.unlink(missing_ok=True)
+    return {f"{precision}_vs_fp32_{key}": value for key, value in result.as_dict().items()}
 
 
 def describe(path: Path, pooling: Pooling) -> tuple[tuple[str, ...], str, int]:
