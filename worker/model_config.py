@@ -29,7 +29,7 @@ _POOLING_KEYS = {
 }
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -39,14 +39,14 @@ def _read_json(path: Path) -> Any:
 
 
 def _modules(folder: Path) -> list[dict[str, Any]]:
-    modules = _read_json(folder / "modules.json")
+    modules = read_json(folder / "modules.json")
     return modules if isinstance(modules, list) else []
 
 
 def _pooling_from_files(folder: Path) -> Pooling | None:
     for module in _modules(folder):
         if str(module.get("type", "")).endswith("Pooling"):
-            config = _read_json(folder / str(module.get("path", "")) / "config.json")
+            config = read_json(folder / str(module.get("path", "")) / "config.json")
             if not isinstance(config, dict):
                 return None
             chosen = [mode for key, mode in _POOLING_KEYS.items() if config.get(key)]
@@ -67,7 +67,7 @@ def _normalize_from_files(folder: Path) -> bool | None:
 
 
 def _max_length_from_files(folder: Path) -> int | None:
-    config = _read_json(folder / "sentence_bert_config.json")
+    config = read_json(folder / "sentence_bert_config.json")
     if isinstance(config, dict) and isinstance(config.get("max_seq_length"), int):
         return int(config["max_seq_length"])
     return None

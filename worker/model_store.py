@@ -185,7 +185,7 @@ def _post_process(out: Path, precision: Precision, behaviour: Behaviour) -> dict
         if precision is Precision.INT8:
             quantize.quantize_int8(fp32, out / ONNX_FILE)
         else:
-            quantize.convert_fp16(fp32, out / ONNX_FILE)
+            quantize.convert_fp16(_fused_for_gpu(fp32, out), out / ONNX_FILE)
         reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
         inputs = [i.name for i in reference.get_inputs()]
         tokenizer = load_tokenizer(out / TOKENIZER_FILE, behaviour.max_seq_length)
@@ -198,8 +198,25 @@ def _post_process(out: Path, precision: Precision, behaviour: Behaviour) -> dict
         )
         parity.require(result, f"the {precision} model", min_cosine=_MIN_COSINE[precision])
     finally:
-        fp32.unlink(missing_ok=True)
+        for scratch in [*out.glob("model.fp32.onnx*"), *out.glob("model.fused.onnx*")]:
+            scratch.unlink()
     return {f"{precision}_vs_fp32_{key}": value for key, value in result.as_dict().items()}
+
+
+def _fused_for_gpu(fp32: Path, out: Path) -> Path:
+    """The fp32 graph with attention and layer norms fused for GPU kernels, when the model's
+    config.json gives the head count; else the graph as it is. (On CPU the fusion gained nothing:
+    see worker/quantize.py.)"""
+    from worker import quantize
+
+    config = model_config.read_json(out / "config.json")
+    heads = config.get("num_attention_heads") if isinstance(config, dict) else None
+    hidden = config.get("hidden_size") if isinstance(config, dict) else None
+    if not (isinstance(heads, int) and isinstance(hidden, int)):
+        return fp32
+    fused = out / "model.fused.onnx"
+    quantize.optimize_transformer(fp32, fused, num_heads=heads, hidden_size=hidden, for_gpu=True)
+    return fused
 
 
 def describe(path: Path, pooling: Pooling) -> tuple[tuple[str, ...], str, int]:

@@ -184,6 +184,21 @@ def test_int8_quantisation_stays_close_to_fp32(
     assert manifest.validation["int8_vs_fp32_mean_cosine"] >= 0.99
 
 
+def test_fp16_is_fused_for_gpu_and_stays_close_to_fp32(
+    minilm: Path, tmp_path: Path, store: ModelStore, settings: Settings
+) -> None:
+    source = onnx_folder(minilm, tmp_path / "plain")
+    manifest = store.pull(str(source), "fp16", PullOptions(precision=Precision.FP16), settings)
+    assert (manifest.precision, manifest.steps) == (Precision.FP16, ("quantized:fp16",))
+    assert manifest.validation["fp16_vs_fp32_min_cosine"] >= 0.999
+    assert sorted(p.name for p in store.path("fp16").glob("model*")) == ["model.onnx"]
+    # ONNX Runtime's CPU provider runs it (with casts); the GPU is where fp16 pays off.
+    assert (
+        float(np.min(cosines(vectors(store.path("fp16"), settings), vectors(minilm, settings))))
+        >= 0.999
+    )
+
+
 @pytest.fixture
 def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     with FakeHub(tmp_path / "hub") as hub:
