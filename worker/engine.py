@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 # to tokenise than a few pages.
 CHARS_PER_TOKEN = 250
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+Feeds = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,21 @@ def validate(texts: Sequence[object], max_items: int) -> list[str]:
     return [str(t) for t in texts]
 
 
+def pad(batch: Sequence[TokenEncoding], inputs: Sequence[str]) -> tuple[Feeds, np.ndarray]:
+    """Session feeds for ``batch``, right-padded to its longest text, and the attention mask."""
+    width = max(len(enc.ids) for enc in batch)
+    ids = np.zeros((len(batch), width), dtype=np.int64)
+    mask = np.zeros((len(batch), width), dtype=np.int64)
+    types = np.zeros((len(batch), width), dtype=np.int64)
+    for row, enc in enumerate(batch):
+        n = len(enc.ids)
+        ids[row, :n] = enc.ids
+        mask[row, :n] = 1
+        types[row, :n] = enc.type_ids
+    available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {name: available[name] for name in inputs}, mask
+
+
 def _first(indices: list[int], shown: int = 5) -> str:
     head = ", ".join(str(i) for i in indices[:shown])
     more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
@@ -212,7 +228,7 @@ class Engine:
         padded = 0
         run_s = 0.0
         for indices in plan:
-            feeds, mask = self._feeds([encodings[i] for i in indices])
+            feeds, mask = pad([encodings[i] for i in indices], self.manifest.inputs)
             padded += mask.size
             r0 = time.perf_counter()
             (tokens,) = self._session.run([self.manifest.output], feeds)
@@ -235,16 +251,3 @@ class Engine:
             provider=self.provider,
         )
         return Encoding(vectors=vectors, stats=stats)
-
-    def _feeds(self, batch: list[TokenEncoding]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        width = max(len(enc.ids) for enc in batch)
-        ids = np.zeros((len(batch), width), dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        types = np.zeros((len(batch), width), dtype=np.int64)
-        for row, enc in enumerate(batch):
-            n = len(enc.ids)
-            ids[row, :n] = enc.ids
-            mask[row, :n] = 1
-            types[row, :n] = enc.type_ids
-        available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        return {name: available[name] for name in self.manifest.inputs}, mask

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from worker import pooling
 from worker.errors import ExportError
@@ -20,8 +21,7 @@ from worker.manifest import Behaviour
 
 logger = logging.getLogger(__name__)
 
-Feeds = dict[str, np.ndarray]
-Reference = Callable[[Feeds], np.ndarray]
+Reference = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 PROBE_TEXTS = (
     "A short sentence.",
@@ -54,7 +54,7 @@ class Parity:
 def measure(
     candidate: Path,
     reference: Reference,
-    tokenizer: object,
+    tokenizer: Tokenizer,
     inputs: Sequence[str],
     behaviour: Behaviour,
     texts: Sequence[str] = PROBE_TEXTS,
@@ -63,16 +63,9 @@ def measure(
     their raw outputs (max abs difference over real tokens) and the pooled vectors (cosine)."""
     import onnxruntime as ort
 
-    encodings = tokenizer.encode_batch(list(texts))  # type: ignore[attr-defined]
-    width = max(len(e.ids) for e in encodings)
-    ids = np.zeros((len(texts), width), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, enc in enumerate(encodings):
-        ids[row, : len(enc.ids)] = enc.ids
-        mask[row, : len(enc.ids)] = 1
-    available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    feeds = {name: available[name] for name in inputs}
+    from worker import engine
 
+    feeds, mask = engine.pad(tokenizer.encode_batch(list(texts)), inputs)
     session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
     got = np.asarray(session.run(None, feeds)[0], dtype=np.float32)
     want = np.asarray(reference(feeds), dtype=np.float32)
