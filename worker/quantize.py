@@ -15,7 +15,10 @@ in batches of 32 (median of 5, ratio to fp32 in the same process), in a one-off 
   leaving only it in fp32 gives mean 0.9947 / min 0.982 / p1 0.989 at 2.0-2.1x (chosen).  Rejected:
   reduce_range (0.9919), QUInt8 weights (same accuracy, 1.0x: slow u8u8 kernel), all FFN
   down-projections in fp32 (0.9965 but 1.55x), quant_pre_process (no gain), Gather/embeddings
-  (smaller file, same speed, slightly worse).
+  (smaller file, same speed, slightly worse).  The minimum depends on the texts (0.974 on lines
+  1-2000 of the corpus) and on batching: activations are quantised per tensor per run, so padding
+  and neighbours in a micro-batch shift a text's vector slightly (min cosine 0.973 between one
+  text alone and the same text batched). Where vectors must be reproducible, use fp32.
 * convert_fp16: keep_io_types=True so callers still feed int64 and read float32.  ORT CPU loads it
   (it inserts casts around fp16 nodes it lacks kernels for), cosine vs fp32 > 0.99999; real fp16
   arithmetic only happens on GPU and was not measured here.
