@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from worker import parity
+from worker.engine import load_tokenizer
 from worker.errors import ExportError
 from worker.manifest import Behaviour
 
@@ -32,8 +33,28 @@ MAX_ABS_DIFF = 1e-3
 MIN_COSINE = 0.9999
 
 
-def export_checkpoint(checkpoint: Path, target: Path, behaviour: Behaviour) -> dict[str, float]:
-    """Export ``checkpoint`` to ``target`` and return how closely it matches torch."""
+def save_fast_tokenizer(checkpoint: Path, target: Path) -> None:
+    """Write ``tokenizer.json`` for a checkpoint that ships only slow-tokenizer files (vocab.txt,
+    sentencepiece): transformers converts them, as it does when it loads such a checkpoint."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise ExportError(
+            f"{checkpoint} has no tokenizer.json; converting its tokenizer needs transformers:"
+            " pip install 'embedq[export]'"
+        ) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), use_fast=True)
+        tokenizer.backend_tokenizer.save(str(target))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ExportError(f"cannot build a fast tokenizer for {checkpoint}: {exc}") from exc
+
+
+def export_checkpoint(
+    checkpoint: Path, target: Path, tokenizer_file: Path, behaviour: Behaviour
+) -> dict[str, float]:
+    """Export ``checkpoint`` to ``target`` and return how closely it matches torch, comparing
+    on texts tokenised with ``tokenizer_file``."""
     try:
         import onnx
         import torch
@@ -43,8 +64,6 @@ def export_checkpoint(checkpoint: Path, target: Path, behaviour: Behaviour) -> d
             f"exporting a checkpoint needs torch, transformers and onnx ({exc.name} is missing):"
             " pip install 'embedq[export]'"
         ) from exc
-    from tokenizers import Tokenizer
-
     try:
         model = AutoModel.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
     except (OSError, ValueError) as exc:
@@ -90,9 +109,7 @@ def export_checkpoint(checkpoint: Path, target: Path, behaviour: Behaviour) -> d
     except Exception as exc:  # the exporter and checker raise many unrelated types
         raise ExportError(f"exporting {checkpoint} to ONNX failed: {exc}") from exc
 
-    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=behaviour.max_seq_length)
+    tokenizer = load_tokenizer(tokenizer_file, behaviour.max_seq_length)
 
     def reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():

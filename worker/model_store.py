@@ -122,9 +122,18 @@ def _prepare(
     if fetched.onnx is None:
         from worker import export
 
-        validation = export.export_checkpoint(fetched.folder, out / ONNX_FILE, behaviour)
+        if not (out / TOKENIZER_FILE).is_file():
+            export.save_fast_tokenizer(fetched.folder, out / TOKENIZER_FILE)
+        validation = export.export_checkpoint(
+            fetched.folder, out / ONNX_FILE, out / TOKENIZER_FILE, behaviour
+        )
         created_by = "exported"
     else:
+        if not (out / TOKENIZER_FILE).is_file():
+            raise ModelError(
+                f"{source} has no {TOKENIZER_FILE}: pull a folder or archive that holds the ONNX"
+                f" file with {TOKENIZER_FILE} and the sentence-transformers configs beside it"
+            )
         _copy_onnx(fetched.onnx, out)
         created_by = "downloaded" if "://" in source else "copied"
     validation |= _post_process(out, options.precision, behaviour)
@@ -153,11 +162,6 @@ def _prepare(
 
 
 def _copy_configs(source: Path, out: Path) -> None:
-    if not (source / TOKENIZER_FILE).is_file():
-        raise ModelError(
-            f"{source} has no {TOKENIZER_FILE}: pull a folder or archive that holds the ONNX"
-            f" file with {TOKENIZER_FILE} and the sentence-transformers configs beside it"
-        )
     for relative in sources.CONFIG_FILES:
         if (source / relative).is_file():
             shutil.copy2(source / relative, out / relative)

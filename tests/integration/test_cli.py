@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ pytestmark = pytest.mark.model
 
 
 def embedq(*args: str, store: Path) -> subprocess.CompletedProcess[str]:
-    executable = shutil.which("embedq")
+    # The entry point installed beside this interpreter (the venv need not be on PATH).
+    executable = shutil.which("embedq", path=str(Path(sys.executable).parent))
     assert executable, "the embedq entry point is not installed (pip install -e .)"
     env = {**os.environ, "EMBEDQ_MODEL_DIR": str(store), "EMBEDQ_PROVIDERS": "CPUExecutionProvider"}
     return subprocess.run([executable, *args], env=env, capture_output=True, text=True, timeout=300)

@@ -17,7 +17,7 @@ from tests.conftest import cosines
 from tests.hubserver import FakeHub, point_hub_at
 from worker import model_store, sources
 from worker.engine import Engine
-from worker.errors import ChecksumMismatchError, ModelError, ModelNotFoundError
+from worker.errors import ChecksumMismatchError, ExportError, ModelError, ModelNotFoundError
 from worker.manifest import Manifest, Pooling, Precision
 from worker.model_store import ModelStore, PullOptions
 from worker.settings import Settings
@@ -252,4 +252,52 @@ def test_an_unknown_hub_repository_is_not_found(
 ) -> None:
     with pytest.raises(ModelNotFoundError, match="acme/nope"):
         store.pull("hf://acme/nope", "nope", PullOptions(), settings)
+    assert store.list() == [] and leftovers(store) == []
+
+
+def checkpoint_copy(checkpoint: Path, target: Path, *, without: tuple[str, ...] = ()) -> Path:
+    shutil.copytree(checkpoint, target, ignore=shutil.ignore_patterns(*without))
+    return target
+
+
+def test_a_checkpoint_with_only_a_slow_tokenizer_gets_a_converted_one(
+    minilm: Path, checkpoint: Path, tmp_path: Path, store: ModelStore, settings: Settings
+) -> None:
+    source = checkpoint_copy(checkpoint, tmp_path / "slow", without=("tokenizer.json",))
+    store.pull(str(source), "slow", PullOptions(), settings)
+    assert not (source / "tokenizer.json").exists()  # the caller's folder is never written to
+    similarity = cosines(vectors(store.path("slow"), settings), vectors(minilm, settings))
+    assert float(np.min(similarity)) >= 0.99999
+
+
+def test_an_export_that_differs_from_its_checkpoint_is_not_installed(
+    checkpoint: Path,
+    tmp_path: Path,
+    store: ModelStore,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker import export
+
+    monkeypatch.setattr(export, "MAX_ABS_DIFF", 1e-12)  # stricter than float32 can be
+    with pytest.raises(ExportError, match="refusing to install it"):
+        store.pull(str(checkpoint), "strict", PullOptions(), settings)
+    assert store.list() == [] and leftovers(store) == []
+
+
+def test_a_quantised_model_that_drifts_too_far_is_not_installed(
+    minilm: Path,
+    tmp_path: Path,
+    store: ModelStore,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(model_store._MIN_COSINE, Precision.INT8, 0.99999)
+    with pytest.raises(ExportError, match=r"the int8 model differs too much"):
+        store.pull(
+            str(onnx_folder(minilm, tmp_path / "plain")),
+            "q",
+            PullOptions(precision=Precision.INT8),
+            settings,
+        )
     assert store.list() == [] and leftovers(store) == []
