@@ -26,6 +26,8 @@ in batches of 32 (median of 5, ratio to fp32 in the same process), in a one-off 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,17 @@ def _cleanup(dst: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+@contextmanager
+def _step(what: str, src: Path, dst: Path) -> Iterator[None]:
+    """Turn any failure of the onnx tools (they raise many unrelated types) into an
+    ``ExportError`` naming the step, and leave no half-written ``dst`` behind."""
+    try:
+        yield
+    except Exception as exc:
+        _cleanup(dst)
+        raise ExportError(f"{what} of {src} failed: {type(exc).__name__}: {exc}") from exc
+
+
 def _first_ffn_down_projection(model: Any) -> list[str]:
     """Name of the first MatMul whose constant weight maps a wider dim to a narrower one ([4h, h]).
 
@@ -80,7 +93,7 @@ def optimize_transformer(
 ) -> None:
     """Fuse attention, layer norm and gelu with onnxruntime's BERT optimizer (worth it on GPU)."""
     model = _check_src(src)
-    try:
+    with _step("transformer optimisation", src, dst):
         from onnxruntime.transformers.optimizer import optimize_model
 
         # opt_level=0: only the Python fusions, so the file stays portable between providers;
@@ -101,17 +114,12 @@ def optimize_transformer(
         fused.save_model_to_file(
             str(dst), use_external_data_format=_needs_external_data(model, src)
         )
-    except Exception as exc:  # the optimizer raises many unrelated types
-        _cleanup(dst)
-        raise ExportError(
-            f"transformer optimisation of {src} failed: {type(exc).__name__}: {exc}"
-        ) from exc
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
     """Dynamic int8 for CPU: per-channel int8 MatMul weights, activations quantised per call."""
     model = _check_src(src)
-    try:
+    with _step("int8 quantisation", src, dst):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -128,17 +136,12 @@ def quantize_int8(src: Path, dst: Path) -> None:
             # DefaultTensorType: lets a graph with contrib ops (a fused model) be quantised too.
             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1},  # 1 = FLOAT
         )
-    except Exception as exc:
-        _cleanup(dst)
-        raise ExportError(
-            f"int8 quantisation of {src} failed: {type(exc).__name__}: {exc}"
-        ) from exc
 
 
 def convert_fp16(src: Path, dst: Path) -> None:
     """Convert weights and compute to float16 for GPU, keeping the declared input/output types."""
     header = _check_src(src)
-    try:
+    with _step("fp16 conversion", src, dst):
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -152,6 +155,3 @@ def convert_fp16(src: Path, dst: Path) -> None:
             all_tensors_to_one_file=True,
             location=dst.name + ".data",
         )
-    except Exception as exc:
-        _cleanup(dst)
-        raise ExportError(f"fp16 conversion of {src} failed: {type(exc).__name__}: {exc}") from exc
