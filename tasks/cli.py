@@ -23,6 +23,8 @@ models_app = typer.Typer(
     help="Prepare and inspect models in the model store.", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
+db_app = typer.Typer(help="Create and migrate the job store's schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 
 @app.callback()
@@ -106,6 +108,24 @@ def models_show(name: str) -> None:
         raise _fail(exc) from exc
     typer.echo(dump(manifest))
     typer.echo(f"providers available here: {', '.join(providers.available())}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Create or migrate the schema at EMBEDQ_DATABASE_URL (SQLite file by default)."""
+    from storage import schema
+
+    url = get_settings().database_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    schema.upgrade(url, revision)
+    typer.echo(f"schema at {revision} in {_redacted(url)}")
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 @app.command("encode")

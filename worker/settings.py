@@ -26,6 +26,10 @@ def _default_model_dir() -> Path:
     return platformdirs.user_cache_path("embedq") / "models"
 
 
+def _default_database_url() -> str:
+    return f"sqlite:///{platformdirs.user_data_path('embedq') / 'embedq.db'}"
+
+
 class Settings(BaseSettings):
     """embedq's configuration; every field is read from ``EMBEDQ_<FIELD>``."""
 
@@ -34,6 +38,11 @@ class Settings(BaseSettings):
     # --- model store -------------------------------------------------------------------------
     model_dir: Path = Field(default_factory=_default_model_dir)
     """Where prepared models live, one folder per name."""
+
+    # --- store ---------------------------------------------------------------------------------
+    database_url: str = Field(default_factory=lambda: _default_database_url())
+    """SQLAlchemy URL of the job store: SQLite by default, PostgreSQL in production
+    (``postgresql+psycopg://user:pass@host/db``)."""
 
     # --- inference ---------------------------------------------------------------------------
     providers: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -1,0 +1,112 @@
+"""The SQL store on real SQLite and PostgreSQL: migrations equal the models; upserts dedupe."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from storage import repository, schema
+from storage.models import Base, Job
+from storage.session import make_engine, scope, session_factory
+from tests.conftest import require
+
+POSTGRES_ADMIN = os.environ.get(
+    "EMBEDQ_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'embedq.db'}"
+        return
+    admin = make_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text("select 1"))
+    except Exception as exc:  # any failure to reach the server
+        require(False, f"PostgreSQL is not reachable at {POSTGRES_ADMIN}: {exc}")
+    name = f"embedq_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_migrations_create_exactly_the_models_schema(database_url: str) -> None:
+    schema.upgrade(database_url)
+    engine = make_engine(database_url)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+    assert set(inspect(engine).get_table_names()) >= {"jobs", "embeddings", "batch_stats", "models"}
+    engine.dispose()
+
+    schema.downgrade(database_url, "base")
+    engine = make_engine(database_url)
+    assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    engine.dispose()
+
+
+def test_a_redelivered_batch_writes_each_item_once(database_url: str) -> None:
+    schema.upgrade(database_url)
+    engine = make_engine(database_url)
+    factory = session_factory(engine)
+    vectors = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    rows = [
+        {
+            "job_id": "job-1",
+            "item_id": f"item-{i}",
+            "position": i,
+            "text_sha256": "0" * 64,
+            "dim": 4,
+            "vector": vectors[i].tobytes(),
+            "token_count": 5,
+            "truncated": False,
+        }
+        for i in (2, 0, 1)
+    ]
+    with scope(factory) as session:
+        session.add(Job(id="job-1", model_name="minilm", queue="interactive", total_items=3))
+    with scope(factory) as session:
+        assert repository.upsert_embeddings(session, rows) == 3
+    with scope(factory) as session:  # the same batch again, as after a lost worker
+        assert repository.upsert_embeddings(session, rows) == 0
+        assert repository.count_embeddings(session, "job-1") == 3
+        stored = repository.list_embeddings(session, "job-1")
+        assert [e.item_id for e in stored] == ["item-0", "item-1", "item-2"]
+        np.testing.assert_array_equal(
+            np.stack([np.frombuffer(e.vector, dtype=np.float32) for e in stored]), vectors
+        )
+    engine.dispose()
+
+
+def test_embedq_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'nested' / 'embedq.db'}"
+    executable = Path(sys.executable).parent / "embedq"
+    result = subprocess.run(
+        [str(executable), "db", "upgrade"],
+        env={**os.environ, "EMBEDQ_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    engine = make_engine(url)
+    assert "jobs" in inspect(engine).get_table_names()
+    engine.dispose()
