@@ -9,13 +9,14 @@ statement is picked by the session's dialect here and nowhere else.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Insert, func, select
+from sqlalchemy import Insert, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from storage.models import Embedding, Job
+from storage.models import BatchStat, Embedding, Job, JobState
 
 
 def _insert(session: Session, table: Any) -> Insert:
@@ -52,3 +53,50 @@ def list_embeddings(session: Session, job_id: str) -> Sequence[Embedding]:
     return session.scalars(
         select(Embedding).where(Embedding.job_id == job_id).order_by(Embedding.position)
     ).all()
+
+
+def create_job(session: Session, job: Job) -> Job:
+    session.add(job)
+    return job
+
+
+def upsert_batch_stat(session: Session, row: dict[str, Any]) -> None:
+    """Store a batch's timing; a redelivered batch replaces its earlier row."""
+    insert: Any = _insert(session, BatchStat).values(**row)
+    update = {k: insert.excluded[k] for k in row if k not in ("job_id", "batch_index")}
+    session.execute(
+        insert.on_conflict_do_update(index_elements=["job_id", "batch_index"], set_=update)
+    )
+
+
+def add_progress(
+    session: Session, job_id: str, *, done: int, failed: int, error: str | None
+) -> None:
+    """Count items just stored or failed, and settle the job's state when none are left.
+
+    The increments are one UPDATE each, so concurrent batches of one job never lose a count;
+    ``done`` must be the rows this batch really inserted, so a redelivery adds nothing.
+    """
+    now = datetime.now(UTC)
+    values: dict[str, Any] = {
+        "done_items": Job.done_items + done,
+        "failed_items": Job.failed_items + failed,
+        "started_at": func.coalesce(Job.started_at, now),
+        "state": case((Job.state == JobState.QUEUED, JobState.RUNNING), else_=Job.state),
+    }
+    if error:
+        values["error"] = func.coalesce(Job.error, error)
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
+    finished = Job.done_items + Job.failed_items >= Job.total_items
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, finished, Job.finished_at.is_(None))
+        .values(
+            finished_at=now,
+            state=case(
+                (Job.failed_items == 0, JobState.SUCCEEDED),
+                (Job.done_items == 0, JobState.FAILED),
+                else_=JobState.PARTIALLY_FAILED,
+            ),
+        )
+    )

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 # Nothing in the tests may reach a real hub: huggingface_hub refuses the network unless a test
 # points it at the loopback fake hub (tests/hubserver.py), which lifts this for that test alone.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from storage.session import make_engine
 from worker.engine import Engine
 from worker.model_store import ModelStore, PullOptions
 from worker.settings import Settings, get_settings
@@ -88,3 +91,31 @@ def cosines(a: object, b: object) -> object:
 
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+
+
+POSTGRES_ADMIN = os.environ.get(
+    "EMBEDQ_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'embedq.db'}"
+        return
+    admin = make_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text("select 1"))
+    except Exception as exc:  # any failure to reach the server
+        require(False, f"PostgreSQL is not reachable at {POSTGRES_ADMIN}: {exc}")
+    name = f"embedq_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

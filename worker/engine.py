@@ -22,9 +22,10 @@ from tokenizers import Encoding as TokenEncoding
 from tokenizers import Tokenizer
 
 from worker import batching, pooling, providers
-from worker.errors import InputError, ModelError
+from worker.errors import ModelError
 from worker.manifest import ONNX_FILE, TOKENIZER_FILE, Manifest
 from worker.settings import Settings
+from worker.validation import validate
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class Encoding:
 
     vectors: np.ndarray
     stats: EncodeStats
+    token_counts: tuple[int, ...] = ()
+    """Tokens each text ran with, in input order (after truncation)."""
+    truncated: tuple[bool, ...] = ()
+    """Whether each text was cut to the model's length, in input order."""
 
 
 class Embedder(Protocol):
@@ -121,27 +126,6 @@ def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
     return tokenizer
 
 
-def validate(texts: Sequence[object], max_items: int) -> list[str]:
-    """The texts as a list of str, or an ``InputError`` that says what is wrong and where."""
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
-        raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
-    if not texts:
-        raise InputError("texts is empty: give at least one text")
-    if len(texts) > max_items:
-        raise InputError(
-            f"{len(texts)} texts is more than the batch limit of {max_items}"
-            " (EMBEDQ_MAX_BATCH_ITEMS); split the request"
-        )
-    not_str = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if not_str:
-        kinds = sorted({type(texts[i]).__name__ for i in not_str})
-        raise InputError(f"texts at {_first(not_str)} are not strings ({', '.join(kinds)})")
-    blank = [i for i, t in enumerate(texts) if not str(t).strip()]
-    if blank:
-        raise InputError(f"texts at {_first(blank)} are empty or whitespace only")
-    return [str(t) for t in texts]
-
-
 def pad(batch: Sequence[TokenEncoding], inputs: Sequence[str]) -> tuple[Feeds, np.ndarray]:
     """Session feeds for ``batch``, right-padded to its longest text, and the attention mask."""
     width = max(len(enc.ids) for enc in batch)
@@ -155,12 +139,6 @@ def pad(batch: Sequence[TokenEncoding], inputs: Sequence[str]) -> tuple[Feeds, n
         types[row, :n] = enc.type_ids
     available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     return {name: available[name] for name in inputs}, mask
-
-
-def _first(indices: list[int], shown: int = 5) -> str:
-    head = ", ".join(str(i) for i in indices[:shown])
-    more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
-    return f"index {head}{more}"
 
 
 class Engine:
@@ -215,10 +193,9 @@ class Engine:
         behaviour = self.manifest.behaviour
         limit = behaviour.max_seq_length * CHARS_PER_TOKEN
         encodings = self._tokenizer.encode_batch([t[:limit] for t in clean])
-        truncated = sum(
-            1
+        cut = tuple(
+            bool(enc.overflowing) or len(text) > limit
             for text, enc in zip(clean, encodings, strict=True)
-            if enc.overflowing or len(text) > limit
         )
         lengths = [len(enc.ids) for enc in encodings]
         plan = batching.plan(lengths, max_items=self._micro_items, max_tokens=self._micro_tokens)
@@ -243,11 +220,11 @@ class Engine:
             texts=len(clean),
             tokens=sum(lengths),
             padded_tokens=padded,
-            truncated=truncated,
+            truncated=sum(cut),
             micro_batches=len(plan),
             tokenize_ms=(t1 - t0) * 1000,
             inference_ms=run_s * 1000,
             pool_ms=((t2 - t1) - run_s) * 1000,
             provider=self.provider,
         )
-        return Encoding(vectors=vectors, stats=stats)
+        return Encoding(vectors, stats, token_counts=tuple(lengths), truncated=cut)

@@ -44,6 +44,17 @@ class Settings(BaseSettings):
     """SQLAlchemy URL of the job store: SQLite by default, PostgreSQL in production
     (``postgresql+psycopg://user:pass@host/db``)."""
 
+    # --- queue -------------------------------------------------------------------------------
+    broker_url: str | None = None
+    """Celery broker. Unset: producers run jobs in an in-process worker (local mode) and
+    ``celery -A worker worker`` connects to Redis on localhost."""
+    default_model: str | None = None
+    """Model a job uses when it names none; workers load it at start."""
+    job_batch_size: int = Field(default=64, ge=1)
+    """Texts per queue message: the producer splits a job into batches of this size."""
+    task_time_limit: int = Field(default=600, ge=1)
+    """Hard limit in seconds for one batch; the Redis visibility timeout is set above it."""
+
     # --- inference ---------------------------------------------------------------------------
     providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """ONNX Runtime execution providers in order of preference, comma-separated. Empty: CUDA
@@ -71,6 +82,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def celery_broker(self) -> str:
+        """The broker URL workers connect to: the setting, else Redis on localhost."""
+        return self.broker_url or "redis://127.0.0.1:6379/0"
 
     def threads(self) -> int:
         """The intra-op thread count to use: explicit, or this process's share of the cores."""

@@ -1,7 +1,7 @@
 import pytest
 
-from worker.engine import validate
 from worker.errors import InputError
+from worker.validation import validate
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,151 @@
+"""The ``embed`` task: one queue message is one batch of one job.
+
+The task is a thin shell: it validates the JSON payload, opens a transaction and calls
+``embed_batch``, which takes its collaborators (session, engine) as arguments so tests can run
+it directly. Vectors, statistics and the job's counts are written in that one transaction; the
+(job, item) upsert makes a redelivered batch a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy.orm import Session
+
+from storage import repository
+from tasks import names
+from worker.app import app
+from worker.engine import Embedder
+from worker.errors import EmbedqError, InputError, ModelError, ProviderError
+
+
+class EmbedPayload(BaseModel):
+    """The JSON a producer sends for one batch (see README, "Message format")."""
+
+    job_id: str
+    batch_index: int = Field(ge=0)
+    model: str
+    texts: list[str] = Field(min_length=1)
+    item_ids: list[str]
+    positions: list[int]
+    enqueued_at: float
+
+
+def embed_batch(
+    session: Session, engine: Embedder, payload: EmbedPayload, *, provider: str
+) -> dict[str, Any]:
+    """Embed one batch and store vectors, statistics and progress in ``session``."""
+    started = time.time()
+    try:
+        result = engine.encode(payload.texts)
+    except InputError as exc:
+        repository.add_progress(
+            session,
+            payload.job_id,
+            done=0,
+            failed=len(payload.texts),
+            error=f"batch {payload.batch_index}: {exc}",
+        )
+        return {"job_id": payload.job_id, "batch": payload.batch_index, "failed": str(exc)}
+    stats = result.stats
+    w0 = time.perf_counter()
+    rows = [
+        {
+            "job_id": payload.job_id,
+            "item_id": item_id,
+            "position": position,
+            "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "dim": int(vector.shape[0]),
+            "vector": vector.tobytes(),
+            "token_count": tokens,
+            "truncated": cut,
+        }
+        for item_id, position, text, vector, tokens, cut in zip(
+            payload.item_ids,
+            payload.positions,
+            payload.texts,
+            result.vectors,
+            result.token_counts,
+            result.truncated,
+            strict=True,
+        )
+    ]
+    inserted = repository.upsert_embeddings(session, rows)
+    write_ms = (time.perf_counter() - w0) * 1000
+    repository.upsert_batch_stat(
+        session,
+        {
+            "job_id": payload.job_id,
+            "batch_index": payload.batch_index,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "provider": provider,
+            "texts": stats.texts,
+            "tokens": stats.tokens,
+            "padded_tokens": stats.padded_tokens,
+            "queue_wait_ms": max(0.0, (started - payload.enqueued_at) * 1000),
+            "tokenize_ms": stats.tokenize_ms,
+            "inference_ms": stats.inference_ms,
+            "pool_ms": stats.pool_ms,
+            "write_ms": write_ms,
+            "total_ms": stats.total_ms + write_ms,
+        },
+    )
+    repository.add_progress(session, payload.job_id, done=inserted, failed=0, error=None)
+    return {
+        "job_id": payload.job_id,
+        "batch": payload.batch_index,
+        "texts": stats.texts,
+        "tokens": stats.tokens,
+        "ms": round(stats.total_ms + write_ms, 1),
+        "provider": provider,
+    }
+
+
+def run_payload(raw: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``raw`` and run it with this process's engine and database; a batch that can
+    never succeed (bad payload, unknown model) fails its items with a stored reason."""
+    from storage.session import scope
+    from worker import lifecycle
+
+    sessions = lifecycle.get_sessions()
+    try:
+        payload = EmbedPayload.model_validate(raw)
+    except ValidationError as exc:
+        job_id = raw.get("job_id") if isinstance(raw, dict) else None
+        if isinstance(job_id, str):
+            count = len(raw.get("texts") or []) if isinstance(raw.get("texts"), list) else 0
+            with scope(sessions) as session:
+                repository.add_progress(
+                    session,
+                    job_id,
+                    done=0,
+                    failed=count,
+                    error=f"malformed batch: {exc.error_count()} errors: {exc}",
+                )
+        return {"job_id": job_id, "failed": "malformed batch"}
+    try:
+        engine = lifecycle.get_engine(payload.model)
+    except (ModelError, ProviderError) as exc:
+        with scope(sessions) as session:
+            repository.add_progress(
+                session,
+                payload.job_id,
+                done=0,
+                failed=len(payload.texts),
+                error=f"model {payload.model}: {exc}",
+            )
+        return {"job_id": payload.job_id, "failed": str(exc)}
+    with scope(sessions) as session:
+        return embed_batch(session, engine, payload, provider=engine.provider)
+
+
+@app.task(name=names.EMBED, ignore_result=True, throws=(EmbedqError,))  # type: ignore[untyped-decorator]
+def embed(payload: dict[str, Any]) -> dict[str, Any]:
+    """Embed one batch of a job (see ``EmbedPayload``) and store the vectors."""
+    return run_payload(payload)

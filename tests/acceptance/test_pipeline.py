@@ -1,0 +1,162 @@
+"""The product's main path with real parts: producer -> Redis -> a real Celery worker process
+(prefork) -> SQLite or PostgreSQL, with the real exported model."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from storage import schema
+from storage.models import BatchStat
+from storage.session import make_engine, scope, session_factory
+from tests.conftest import cosines, require
+from worker.engine import Engine
+from worker.settings import get_settings
+
+pytestmark = pytest.mark.model
+
+REDIS = os.environ.get("EMBEDQ_TEST_REDIS", "redis://127.0.0.1:6379/11")
+
+
+@pytest.fixture
+def pipeline_env(
+    database_url: str, minilm: Path, store_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, str]]:
+    """Settings shared by this test's producer and worker, on an empty Redis database."""
+    try:
+        client = redis.Redis.from_url(REDIS, socket_timeout=5)
+        client.flushdb()
+        client.close()
+    except redis.RedisError as exc:
+        require(False, f"Redis is not reachable at {REDIS}: {exc}")
+    schema.upgrade(database_url)
+    env = {
+        "EMBEDQ_BROKER_URL": REDIS,
+        "EMBEDQ_DATABASE_URL": database_url,
+        "EMBEDQ_MODEL_DIR": str(store_root),
+        "EMBEDQ_DEFAULT_MODEL": "minilm",
+        "EMBEDQ_PROVIDERS": "CPUExecutionProvider",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    yield env
+    from tasks import producer
+
+    producer.dispose()
+
+
+class Worker:
+    """A real ``celery -A worker worker`` process, its log collected for assertions."""
+
+    def __init__(self, env: dict[str, str], name: str) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker",
+            "worker",
+            "-Q",
+            "interactive,bulk",
+            "-c",
+            "1",
+            "--pool",
+            "prefork",
+            "-n",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "INFO",
+        ]
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.ready.wait(90):
+            self.stop()
+            pytest.fail("the worker did not become ready:\n" + "".join(self.lines[-40:]))
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if " ready." in line:
+                self.ready.set()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def worker(pipeline_env: dict[str, str]) -> Iterator[Worker]:
+    running = Worker(pipeline_env, "embedq-test")
+    yield running
+    running.stop()
+
+
+def test_1000_corpus_texts_round_trip_in_order(
+    worker: Worker, engine: Engine, corpus: list[str], database_url: str
+) -> None:
+    from tasks import producer
+
+    texts = corpus[::38][:1000]
+    started = time.monotonic()
+    job = producer.submit(texts, ids=[f"doc-{i}" for i in range(1000)])
+    status = job.wait(timeout=600)
+    elapsed = time.monotonic() - started
+
+    assert status["state"] == "succeeded", (status, "".join(worker.lines[-30:]))
+    assert (status["done"], status["failed"]) == (1000, 0)
+    ids, vectors = job.embeddings()
+    assert ids == [f"doc-{i}" for i in range(1000)]
+    expected = np.concatenate([engine.encode(texts[i : i + 500]).vectors for i in (0, 500)])
+    assert float(np.min(cosines(vectors, expected))) >= 0.9999
+
+    database = make_engine(database_url)
+    with scope(session_factory(database)) as session:
+        stats = session.query(BatchStat).filter(BatchStat.job_id == job.id).all()
+    database.dispose()
+    assert len(stats) == math.ceil(1000 / get_settings().job_batch_size)
+    assert {s.provider for s in stats} == {"CPUExecutionProvider"}
+    assert sum(s.texts for s in stats) == 1000 and all(s.total_ms > 0 for s in stats)
+    print(f"1000 texts through Redis + worker in {elapsed:.1f}s")
+
+
+def test_an_unknown_model_fails_its_job_with_a_reason_and_the_worker_goes_on(
+    worker: Worker,
+) -> None:
+    from tasks import producer
+
+    bad = producer.submit(["some text", "another"], model="no-such-model")
+    status = bad.wait(timeout=120)
+    assert status["state"] == "failed" and status["failed"] == 2
+    assert "no-such-model" in status["error"] and "embedq models pull" in status["error"]
+
+    good = producer.submit(["the worker is still up"])
+    assert good.wait(timeout=120)["state"] == "succeeded"
+    assert worker.process.poll() is None

@@ -1,0 +1,67 @@
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage import repository, schema
+from storage.models import Job
+from storage.session import make_engine, scope, session_factory
+from tasks.embed import EmbedPayload, embed_batch
+from tests.fakes import FakeEngine
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> sessionmaker[Session]:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    schema.upgrade(url)
+    engine = make_engine(url)
+    factory = session_factory(engine)
+    with scope(factory) as session:
+        session.add(Job(id="j", model_name="fake", queue="interactive", total_items=3, meta={}))
+    yield factory
+    engine.dispose()
+
+
+def payload(texts: list[str]) -> EmbedPayload:
+    return EmbedPayload(
+        job_id="j",
+        batch_index=0,
+        model="fake",
+        texts=texts,
+        item_ids=[f"i{n}" for n in range(len(texts))],
+        positions=list(range(len(texts))),
+        enqueued_at=time.time(),
+    )
+
+
+def test_a_redelivered_batch_writes_each_item_once(sessions: sessionmaker[Session]) -> None:
+    batch = payload(["alpha", "beta gamma", "delta"])
+    for _ in range(2):  # delivered twice, as after a lost acknowledgement
+        with scope(sessions) as session:
+            embed_batch(session, FakeEngine(), batch, provider="FakeProvider")
+    with scope(sessions) as session:
+        job = repository.get_job(session, "j")
+        assert job is not None
+        assert (job.state, job.done_items, job.failed_items) == ("succeeded", 3, 0)
+        stored = repository.list_embeddings(session, "j")
+        assert [e.item_id for e in stored] == ["i0", "i1", "i2"]
+        assert [e.token_count for e in stored] == [3, 4, 3]
+        expected = FakeEngine().encode(batch.texts).vectors
+        np.testing.assert_array_equal(
+            np.stack([np.frombuffer(e.vector, dtype=np.float32) for e in stored]), expected
+        )
+
+
+def test_a_bad_text_fails_the_batch_with_a_stored_reason(sessions: sessionmaker[Session]) -> None:
+    with scope(sessions) as session:
+        summary = embed_batch(
+            session, FakeEngine(), payload(["fine", "   ", "ok"]), provider="FakeProvider"
+        )
+    assert "whitespace only" in summary["failed"]
+    with scope(sessions) as session:
+        job = repository.get_job(session, "j")
+        assert job is not None
+        assert (job.state, job.done_items, job.failed_items) == ("failed", 0, 3)
+        assert job.error is not None and "index 1 are empty or whitespace only" in job.error

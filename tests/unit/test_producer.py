@@ -1,0 +1,38 @@
+import subprocess
+import sys
+
+import pytest
+
+from tasks import producer
+from worker.errors import InputError
+
+
+def test_importing_the_producer_loads_no_inference_library() -> None:
+    code = (
+        "import sys; from tasks import producer; "
+        "print(sorted(m for m in ('onnxruntime', 'tokenizers', 'torch', 'transformers') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"texts": []}, "texts is empty"),
+        ({"texts": ["a", ""]}, "whitespace only"),
+        ({"texts": ["a", "b"], "ids": ["x", "x"]}, "ids must be unique"),
+        ({"texts": ["a"], "model": None}, "EMBEDQ_DEFAULT_MODEL"),
+    ],
+)
+def test_bad_submissions_are_refused_before_anything_is_stored(
+    kwargs: dict[str, object], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EMBEDQ_DEFAULT_MODEL", raising=False)
+    monkeypatch.setenv("EMBEDQ_DATABASE_URL", "sqlite:////nonexistent/dir/never-created.db")
+    kwargs.setdefault("model", "m")
+    with pytest.raises(InputError, match=message):
+        producer.submit(**kwargs)  # type: ignore[arg-type]

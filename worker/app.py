@@ -1,0 +1,49 @@
+"""The Celery app. ``celery -A worker worker`` finds it; task modules are listed by name so the
+app never imports them (and so never imports onnxruntime in a producer).
+
+Reliability settings, each for a reason (see ../shared/notes/celery-fleet.md):
+- JSON only: pickle from a broker is code execution.
+- Late acks with prefetch 1: a batch is acknowledged after it is stored, and a worker holds no
+  more than the one it runs, so a crash loses nothing and a slow worker hoards nothing.
+- The Redis visibility timeout is above the hard time limit, or a long batch would be delivered
+  to a second worker while the first still runs it.
+- ``queue_order_strategy=priority``: a worker consuming ``interactive,bulk`` drains interactive
+  first, so application requests are served ahead of backfills.
+- Results are ignored: vectors and progress go to the SQL store, never the result backend.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu.entity import Queue
+
+from worker.settings import get_settings
+
+settings = get_settings()
+
+app = Celery("embedq", include=["tasks.embed"])
+app.conf.update(
+    broker_url=settings.celery_broker(),
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    task_ignore_result=True,
+    task_acks_late=True,
+    worker_prefetch_multiplier=1,
+    task_time_limit=settings.task_time_limit,
+    task_soft_time_limit=max(1, settings.task_time_limit - 30),
+    broker_transport_options={
+        "visibility_timeout": settings.task_time_limit * 2 + 60,
+        "socket_timeout": 30,
+        "socket_keepalive": True,
+        "queue_order_strategy": "priority",
+    },
+    broker_connection_retry_on_startup=True,
+    task_queues=[Queue(name) for name in ("interactive", "bulk")],  # type: ignore[no-untyped-call]
+    task_default_queue="interactive",
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    worker_hijack_root_logger=False,
+    # Loading a model (and a CUDA context) in each child takes longer than the 4 s default.
+    worker_proc_alive_timeout=120,
+)

@@ -1,0 +1,34 @@
+"""Checking a batch of texts before any work is done; light enough for producers to import."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from worker.errors import InputError
+
+
+def validate(texts: Sequence[object], max_items: int) -> list[str]:
+    """The texts as a list of str, or an ``InputError`` that says what is wrong and where."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise InputError("texts is empty: give at least one text")
+    if len(texts) > max_items:
+        raise InputError(
+            f"{len(texts)} texts is more than the batch limit of {max_items}"
+            " (EMBEDQ_MAX_BATCH_ITEMS); split the request"
+        )
+    not_str = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if not_str:
+        kinds = sorted({type(texts[i]).__name__ for i in not_str})
+        raise InputError(f"texts at {_first(not_str)} are not strings ({', '.join(kinds)})")
+    blank = [i for i, t in enumerate(texts) if not str(t).strip()]
+    if blank:
+        raise InputError(f"texts at {_first(blank)} are empty or whitespace only")
+    return [str(t) for t in texts]
+
+
+def _first(indices: list[int], shown: int = 5) -> str:
+    head = ", ".join(str(i) for i in indices[:shown])
+    more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
+    return f"index {head}{more}"
