@@ -22,6 +22,7 @@ from tasks import names
 from worker.app import app
 from worker.engine import Embedder
 from worker.errors import EmbedqError, InputError, ModelError, ProviderError
+from worker.settings import get_settings
 
 
 class EmbedPayload(BaseModel):
@@ -145,7 +146,13 @@ def run_payload(raw: dict[str, Any]) -> dict[str, Any]:
         return embed_batch(session, engine, payload, provider=engine.provider)
 
 
-@app.task(name=names.EMBED, ignore_result=True, throws=(EmbedqError,))  # type: ignore[untyped-decorator]
+@app.task(  # type: ignore[untyped-decorator]
+    name=names.EMBED,
+    ignore_result=True,
+    throws=(EmbedqError,),
+    max_retries=get_settings().max_retries,
+    default_retry_delay=1,
+)
 def embed(payload: dict[str, Any]) -> dict[str, Any]:
     """Embed one batch of a job (see ``EmbedPayload``) and store the vectors."""
     return run_payload(payload)

@@ -15,7 +15,7 @@ Reliability settings, each for a reason (see ../shared/notes/celery-fleet.md):
 from __future__ import annotations
 
 from celery import Celery
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
 from worker.settings import get_settings
 
@@ -31,15 +31,26 @@ app.conf.update(
     task_acks_late=True,
     worker_prefetch_multiplier=1,
     task_time_limit=settings.task_time_limit,
-    task_soft_time_limit=max(1, settings.task_time_limit - 30),
+    task_soft_time_limit=max(1, int(settings.task_time_limit * 0.9)),
+    # A batch whose child process died (OOM, segfault, kill -9) is re-sent like a retry, so
+    # max_retries bounds it: a batch that keeps killing its worker ends failed, not in a loop.
+    # Reject-on-lost is only the fallback when sending that retry fails.
+    task_retry_on_worker_lost=True,
+    task_reject_on_worker_lost=True,
     broker_transport_options={
-        "visibility_timeout": settings.task_time_limit * 2 + 60,
+        "visibility_timeout": settings.visibility(),
+        "unacked_restore_interval": settings.unacked_restore_interval,
+        "unacked_restore_throttle": 1,  # sweep on every interval, not every 10th
         "socket_timeout": 30,
         "socket_keepalive": True,
+        "health_check_interval": 25,
         "queue_order_strategy": "priority",
     },
     broker_connection_retry_on_startup=True,
-    task_queues=[Queue(name) for name in ("interactive", "bulk")],  # type: ignore[no-untyped-call]
+    task_queues=[
+        Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
+        for name in ("interactive", "bulk")
+    ],
     task_default_queue="interactive",
     worker_send_task_events=True,
     task_send_sent_event=True,

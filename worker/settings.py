@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     """Texts per queue message: the producer splits a job into batches of this size."""
     task_time_limit: int = Field(default=600, ge=1)
     """Hard limit in seconds for one batch; the Redis visibility timeout is set above it."""
+    visibility_timeout: int | None = Field(default=None, ge=1)
+    """Seconds before Redis hands an unacknowledged batch (its worker died) to another worker.
+    Default: twice the hard time limit plus a minute, so a running batch is never handed out."""
+    unacked_restore_interval: int = Field(default=10, ge=1)
+    """How often a worker sweeps Redis for unacknowledged batches past the visibility timeout."""
+    max_retries: int = Field(default=3, ge=0)
+    """Times a batch whose worker process died is retried before its job records it failed."""
 
     # --- inference ---------------------------------------------------------------------------
     providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -86,6 +93,9 @@ class Settings(BaseSettings):
     def celery_broker(self) -> str:
         """The broker URL workers connect to: the setting, else Redis on localhost."""
         return self.broker_url or "redis://127.0.0.1:6379/0"
+
+    def visibility(self) -> int:
+        return self.visibility_timeout or self.task_time_limit * 2 + 60
 
     def threads(self) -> int:
         """The intra-op thread count to use: explicit, or this process's share of the cores."""

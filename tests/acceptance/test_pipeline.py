@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -86,6 +87,7 @@ class Worker:
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so stop() reaches the pool too
         )
         self.lines: list[str] = []
         self.ready = threading.Event()
@@ -102,12 +104,17 @@ class Worker:
                 self.ready.set()
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        """Warm shutdown of the whole process group; SIGKILL for whatever is left after 30 s."""
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(wait)
+                os.killpg(self.process.pid, 0)  # anything left in the group (a pool child)?
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                continue
         if self.process.stdout is not None:
             self.process.stdout.close()
 
@@ -160,3 +167,38 @@ def test_an_unknown_model_fails_its_job_with_a_reason_and_the_worker_goes_on(
     good = producer.submit(["the worker is still up"])
     assert good.wait(timeout=120)["state"] == "succeeded"
     assert worker.process.poll() is None
+
+
+def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(
+    pipeline_env: dict[str, str], corpus: list[str], database_url: str
+) -> None:
+    from tasks import producer
+
+    # Short timeouts so the killed worker's unacknowledged batch comes back within seconds.
+    fast = {
+        **pipeline_env,
+        "EMBEDQ_TASK_TIME_LIMIT": "5",
+        "EMBEDQ_VISIBILITY_TIMEOUT": "8",
+        "EMBEDQ_UNACKED_RESTORE_INTERVAL": "1",
+    }
+    first = Worker(fast, "doomed")
+    texts = corpus[1000:3000]
+    job = producer.submit(texts)
+    deadline = time.monotonic() + 300
+    while job.status()["done"] < 400:
+        assert time.monotonic() < deadline, "the first worker made no progress"
+        time.sleep(0.05)
+    assert first.process.poll() is None, "".join(first.lines[-40:])
+    os.killpg(first.process.pid, signal.SIGKILL)  # the main process and its pool child
+    first.stop()
+    assert job.status()["done"] < len(texts), "the job finished before the kill"
+
+    second = Worker(fast, "rescuer")
+    try:
+        status = job.wait(timeout=300)
+    finally:
+        second.stop()
+    assert (status["state"], status["done"], status["failed"]) == ("succeeded", 2000, 0)
+    ids, vectors = job.embeddings()
+    assert ids == [str(i) for i in range(2000)]  # every item exactly once, in order
+    assert vectors.shape == (2000, 384)
