@@ -202,3 +202,25 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(
     ids, vectors = job.embeddings()
     assert ids == [str(i) for i in range(2000)]  # every item exactly once, in order
     assert vectors.shape == (2000, 384)
+
+
+def test_interactive_work_is_served_ahead_of_a_bulk_backlog(
+    worker: Worker, corpus: list[str]
+) -> None:
+    from tasks import producer
+
+    backlog = producer.submit(corpus[5000:8000], queue="bulk", tag="backfill")
+    deadline = time.monotonic() + 300
+    while backlog.status()["done"] == 0:  # the worker is busy with the backlog
+        assert time.monotonic() < deadline, "the bulk job never started"
+        time.sleep(0.05)
+    # Five interactive batches, queued behind about forty bulk ones.
+    before = backlog.status()["done"]
+    urgent = producer.submit(corpus[9000:9320])
+    assert urgent.wait(timeout=120)["state"] == "succeeded"
+    left = backlog.status()
+    assert left["done"] < left["total"], "the backlog finished first"
+    # Served back to back: at most the bulk batch in flight (and one racing it) ran meanwhile.
+    # Round-robin between the queues would have interleaved about five bulk batches.
+    assert left["done"] - before <= 2 * get_settings().job_batch_size
+    assert backlog.wait(timeout=600)["state"] == "succeeded"
