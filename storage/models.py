@@ -52,6 +52,17 @@ class Base(DeclarativeBase):
     }
 
 
+def _state_column(states: type[StrEnum], name: str) -> Enum:
+    """A state enum stored as its values in a VARCHAR (no native enum type to migrate)."""
+    return Enum(
+        states,
+        name=name,
+        values_callable=lambda e: [m.value for m in e],
+        native_enum=False,
+        length=20,
+    )
+
+
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -75,13 +86,7 @@ class Job(Base):
     model_name: Mapped[str] = mapped_column(String(200), index=True)
     model_sha256: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[JobState] = mapped_column(
-        Enum(
-            JobState,
-            name="job_state",
-            values_callable=lambda e: [m.value for m in e],
-            native_enum=False,
-            length=20,
-        ),
+        _state_column(JobState, "job_state"),
         default=JobState.QUEUED,
         index=True,
     )
@@ -147,15 +152,8 @@ class PreparedModel(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200))
     host: Mapped[str] = mapped_column(String(255))
-    state: Mapped[ModelState] = mapped_column(
-        Enum(
-            ModelState,
-            name="model_state",
-            values_callable=lambda e: [m.value for m in e],
-            native_enum=False,
-            length=20,
-        )
-    )
+    state: Mapped[ModelState] = mapped_column(_state_column(ModelState, "model_state"))
+
     source: Mapped[str | None] = mapped_column(Text)
     onnx_sha256: Mapped[str | None] = mapped_column(String(64))
     dim: Mapped[int | None] = mapped_column(Integer)

@@ -119,31 +119,26 @@ def run_payload(raw: dict[str, Any]) -> dict[str, Any]:
         payload = EmbedPayload.model_validate(raw)
     except ValidationError as exc:
         job_id = raw.get("job_id") if isinstance(raw, dict) else None
-        if isinstance(job_id, str):
-            count = len(raw.get("texts") or []) if isinstance(raw.get("texts"), list) else 0
-            with scope(sessions) as session:
-                repository.add_progress(
-                    session,
-                    job_id,
-                    done=0,
-                    failed=count,
-                    error=f"malformed batch: {exc.error_count()} errors: {exc}",
-                )
-        return {"job_id": job_id, "failed": "malformed batch"}
+        if not isinstance(job_id, str):
+            return {"job_id": None, "failed": "malformed batch without a job id"}
+        texts = raw.get("texts")
+        count = len(texts) if isinstance(texts, list) else 0
+        return _fail(sessions, job_id, count, f"malformed batch: {exc}")
     try:
         engine = lifecycle.get_engine(payload.model)
     except (ModelError, ProviderError) as exc:
-        with scope(sessions) as session:
-            repository.add_progress(
-                session,
-                payload.job_id,
-                done=0,
-                failed=len(payload.texts),
-                error=f"model {payload.model}: {exc}",
-            )
-        return {"job_id": payload.job_id, "failed": str(exc)}
+        return _fail(sessions, payload.job_id, len(payload.texts), f"model {payload.model}: {exc}")
     with scope(sessions) as session:
         return embed_batch(session, engine, payload, provider=engine.provider)
+
+
+def _fail(sessions: Any, job_id: str, count: int, reason: str) -> dict[str, Any]:
+    """Record ``count`` items of ``job_id`` as failed for ``reason``; the worker goes on."""
+    from storage.session import scope
+
+    with scope(sessions) as session:
+        repository.add_progress(session, job_id, done=0, failed=count, error=reason)
+    return {"job_id": job_id, "failed": reason}
 
 
 @app.task(  # type: ignore[untyped-decorator]

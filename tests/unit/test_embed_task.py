@@ -65,3 +65,25 @@ def test_a_bad_text_fails_the_batch_with_a_stored_reason(sessions: sessionmaker[
         assert job is not None
         assert (job.state, job.done_items, job.failed_items) == ("failed", 0, 3)
         assert job.error is not None and "index 1 are empty or whitespace only" in job.error
+
+
+def test_a_malformed_message_fails_its_items_with_a_readable_reason(
+    sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.embed import run_payload
+    from worker import lifecycle
+    from worker.settings import get_settings
+
+    monkeypatch.setenv("EMBEDQ_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    get_settings.cache_clear()
+    try:
+        summary = run_payload({"job_id": "j", "batch_index": -1, "texts": ["a", "b", "c"]})
+        assert run_payload({"no": "job id"})["failed"] == "malformed batch without a job id"
+    finally:
+        lifecycle._close()
+    assert summary["failed"].startswith("malformed batch")
+    with scope(sessions) as session:
+        job = repository.get_job(session, "j")
+        assert job is not None
+        assert (job.state, job.failed_items) == ("failed", 3)
+        assert job.error is not None and "batch_index" in job.error and "model" in job.error
