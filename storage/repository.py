@@ -100,3 +100,33 @@ def add_progress(
             ),
         )
     )
+
+
+def list_jobs(session: Session, limit: int = 20) -> Sequence[Job]:
+    """The most recent jobs, newest first."""
+    return session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)).all()
+
+
+def job_timing(session: Session, job_id: str) -> dict[str, float]:
+    """A job's batch statistics summed: batches, texts, tokens and milliseconds per stage."""
+    row = session.execute(
+        select(
+            func.count(BatchStat.id),
+            func.coalesce(func.sum(BatchStat.texts), 0),
+            func.coalesce(func.sum(BatchStat.tokens), 0),
+            func.coalesce(func.sum(BatchStat.padded_tokens), 0),
+            func.coalesce(func.avg(BatchStat.queue_wait_ms), 0.0),
+            func.coalesce(func.sum(BatchStat.inference_ms), 0.0),
+            func.coalesce(func.sum(BatchStat.total_ms), 0.0),
+        ).where(BatchStat.job_id == job_id)
+    ).one()
+    keys = (
+        "batches",
+        "texts",
+        "tokens",
+        "padded_tokens",
+        "mean_queue_wait_ms",
+        "inference_ms",
+        "total_ms",
+    )
+    return {key: float(value) for key, value in zip(keys, row, strict=True)}

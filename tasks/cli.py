@@ -128,6 +128,83 @@ def _redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+@app.command("embed")
+def embed(
+    texts: Annotated[list[str] | None, typer.Argument(help="texts to embed")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="JSON Lines input")] = None,
+    model: Annotated[str | None, typer.Option(help="default: EMBEDQ_DEFAULT_MODEL")] = None,
+    queue: Annotated[str, typer.Option(help="interactive or bulk")] = "interactive",
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait for the vectors")] = True,
+    out: Annotated[Path | None, typer.Option(help="write float32 vectors to this .npy")] = None,
+) -> None:
+    """Submit a job (through the queue, or in-process when no broker is configured)."""
+    import numpy as np
+
+    from tasks import producer
+
+    try:
+        items = list(texts or []) + (read_jsonl(file) if file else [])
+        job = producer.submit(items, model=model, queue=queue)
+        typer.echo(f"job {job.id} submitted: {len(items)} texts", err=True)
+        if not wait:
+            typer.echo(job.id)
+            return
+        status = job.wait()
+    except EmbedqError as exc:
+        raise _fail(exc) from exc
+    typer.echo(
+        f"job {job.id} {status['state']}: {status['done']} done, {status['failed']} failed"
+        + (f" ({status['error']})" if status["error"] else ""),
+        err=True,
+    )
+    if out is not None:
+        _, vectors = job.embeddings()
+        np.save(out, vectors)
+        typer.echo(f"wrote {vectors.shape[0]}x{vectors.shape[1]} float32 to {out}", err=True)
+    if status["state"] != "succeeded":
+        raise typer.Exit(code=1)
+
+
+@app.command("jobs")
+def jobs(limit: Annotated[int, typer.Option(help="how many")] = 20) -> None:
+    """List recent jobs, newest first."""
+    from storage import repository
+
+    with _store_session() as session:
+        for job in repository.list_jobs(session, limit):
+            typer.echo(
+                f"{job.id}\t{job.state}\t{job.done_items}/{job.total_items}"
+                f"\t{job.failed_items} failed\t{job.model_name}\t{job.queue}"
+                f"\t{job.created_at:%Y-%m-%d %H:%M:%S}"
+            )
+
+
+@app.command("job")
+def job(job_id: str) -> None:
+    """Show a job's state, counts and timing summary."""
+    from storage import repository
+
+    with _store_session() as session:
+        found = repository.get_job(session, job_id)
+        if found is None:
+            raise _fail(EmbedqError(f"job {job_id} is not in the store"))
+        timing = repository.job_timing(session, job_id)
+        typer.echo(f"job {found.id}: {found.state}, model {found.model_name}, queue {found.queue}")
+        typer.echo(
+            f"items: {found.total_items} total, {found.done_items} done,"
+            f" {found.failed_items} failed"
+        )
+        if found.error:
+            typer.echo(f"error: {found.error}")
+        typer.echo(", ".join(f"{key} {value:g}" for key, value in timing.items()))
+
+
+def _store_session() -> Any:
+    from storage.session import make_engine, scope, session_factory
+
+    return scope(session_factory(make_engine(get_settings().database_url)))
+
+
 @app.command("encode")
 def encode(
     model: Annotated[str, typer.Option("--model", help="a prepared model's name")],

@@ -15,11 +15,16 @@ from worker.engine import Engine
 pytestmark = pytest.mark.model
 
 
-def embedq(*args: str, store: Path) -> subprocess.CompletedProcess[str]:
+def embedq(*args: str, store: Path, **extra: str) -> subprocess.CompletedProcess[str]:
     # The entry point installed beside this interpreter (the venv need not be on PATH).
     executable = shutil.which("embedq", path=str(Path(sys.executable).parent))
     assert executable, "the embedq entry point is not installed (pip install -e .)"
-    env = {**os.environ, "EMBEDQ_MODEL_DIR": str(store), "EMBEDQ_PROVIDERS": "CPUExecutionProvider"}
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "EMBEDQ_BROKER_URL"},
+        "EMBEDQ_MODEL_DIR": str(store),
+        "EMBEDQ_PROVIDERS": "CPUExecutionProvider",
+        **extra,
+    }
     return subprocess.run([executable, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -80,3 +85,39 @@ def test_pull_refuses_a_wrong_checksum(store_root: Path, tmp_path: Path) -> None
     assert result.returncode == 2
     assert "refusing to install" in result.stderr
     assert not (store_root / "bad").exists()
+
+
+def test_embed_in_local_mode_then_jobs_and_job(
+    minilm: Path, store_root: Path, engine: Engine, tmp_path: Path
+) -> None:
+    env = {
+        "EMBEDQ_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'embedq.db'}",
+        "EMBEDQ_DEFAULT_MODEL": "minilm",
+    }
+    out = tmp_path / "vectors.npy"
+    result = embedq(
+        "embed", "first text", "second text", "--out", str(out), store=store_root, **env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "succeeded: 2 done, 0 failed" in result.stderr
+    np.testing.assert_allclose(
+        np.load(out), engine.encode(["first text", "second text"]).vectors, atol=1e-5
+    )
+
+    listed = embedq("jobs", store=store_root, **env)
+    assert listed.returncode == 0, listed.stderr
+    job_id, state, counts = listed.stdout.split("\t")[:3]
+    assert (state, counts) == ("succeeded", "2/2")
+
+    shown = embedq("job", job_id, store=store_root, **env)
+    assert shown.returncode == 0, shown.stderr
+    assert "succeeded" in shown.stdout and "batches 1, texts 2" in shown.stdout
+
+
+def test_embed_reports_a_failed_job_and_exits_non_zero(
+    minilm: Path, store_root: Path, tmp_path: Path
+) -> None:
+    env = {"EMBEDQ_DATABASE_URL": f"sqlite:///{tmp_path / 'embedq.db'}"}
+    result = embedq("embed", "text", "--model", "missing", store=store_root, **env)
+    assert result.returncode == 1
+    assert "failed: 0 done, 1 failed" in result.stderr and "model missing" in result.stderr
