@@ -8,6 +8,7 @@ shared across a fork.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -43,3 +44,30 @@ def scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One transaction: committed when the block ends, rolled back when it raises."""
     with factory() as session, session.begin():
         yield session
+
+
+# One engine per URL per process. A forked child must not use its parent's pooled connections:
+# it drops them without closing them (closing would cut the parent's sockets), as SQLAlchemy
+# documents for multiprocessing, and opens its own.
+_owner_pid = 0
+_engines: dict[str, Engine] = {}
+
+
+def sessions_for(url: str) -> sessionmaker[Session]:
+    """A session factory on ``url``, sharing this process's engine for it."""
+    global _owner_pid
+    if _owner_pid != os.getpid():
+        for inherited in _engines.values():
+            inherited.dispose(close=False)
+        _engines.clear()
+        _owner_pid = os.getpid()
+    if url not in _engines:
+        _engines[url] = make_engine(url)
+    return session_factory(_engines[url])
+
+
+def dispose_all() -> None:
+    """Close every connection this process holds (at shutdown, or between tests)."""
+    for engine in _engines.values():
+        engine.dispose()
+    _engines.clear()

@@ -18,7 +18,7 @@ import numpy as np
 
 from storage import repository
 from storage.models import Job, JobState
-from storage.session import make_engine, scope, session_factory
+from storage.session import dispose_all, scope, sessions_for
 from tasks import names
 from worker.errors import EmbedqError, InputError
 from worker.settings import get_settings
@@ -41,7 +41,7 @@ class JobHandle:
     database_url: str
 
     def _scope(self) -> Any:
-        return scope(session_factory(_engine(self.database_url)))
+        return scope(sessions_for(self.database_url))
 
     def status(self) -> dict[str, Any]:
         with self._scope() as session:
@@ -80,15 +80,6 @@ class JobHandle:
         return ids, vectors
 
 
-_engines: dict[str, Any] = {}
-
-
-def _engine(url: str) -> Any:
-    if url not in _engines:
-        _engines[url] = make_engine(url)
-    return _engines[url]
-
-
 def submit(
     texts: Sequence[str],
     model: str | None = None,
@@ -110,7 +101,7 @@ def submit(
     url = settings.database_url
     if settings.broker_url is None:
         _ensure_schema(url)  # local mode: a laptop needs no separate `embedq db upgrade`
-    with scope(session_factory(_engine(url))) as session:
+    with scope(sessions_for(url)) as session:
         repository.create_job(
             session,
             Job(id=job_id, model_name=model, queue=queue, tag=tag, total_items=len(clean), meta={}),
@@ -133,10 +124,8 @@ def submit(
 
 
 def dispose() -> None:
-    """Close the database connections this module keeps (call at application shutdown)."""
-    for engine in _engines.values():
-        engine.dispose()
-    _engines.clear()
+    """Close the database connections this process keeps (call at application shutdown)."""
+    dispose_all()
 
 
 _migrated: set[str] = set()

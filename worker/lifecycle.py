@@ -13,10 +13,9 @@ import os
 from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown
-from sqlalchemy import Engine as SqlEngine
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.session import make_engine, session_factory
+from storage import session
 from worker.engine import Engine
 from worker.model_store import ModelStore
 from worker.settings import get_settings
@@ -25,7 +24,6 @@ logger = logging.getLogger(__name__)
 
 _pid = 0
 _engines: dict[str, Engine] = {}
-_databases: dict[str, tuple[SqlEngine, sessionmaker[Session]]] = {}
 
 
 def _own_process() -> None:
@@ -33,7 +31,6 @@ def _own_process() -> None:
     if _pid != os.getpid():
         _pid = os.getpid()
         _engines.clear()
-        _databases.clear()  # pooled connections never cross a fork
 
 
 def get_engine(model: str) -> Engine:
@@ -49,12 +46,7 @@ def get_engine(model: str) -> Engine:
 
 def get_sessions() -> sessionmaker[Session]:
     """This process's session factory on ``EMBEDQ_DATABASE_URL``."""
-    _own_process()
-    url = get_settings().database_url
-    if url not in _databases:
-        engine = make_engine(url)
-        _databases[url] = (engine, session_factory(engine))
-    return _databases[url][1]
+    return session.sessions_for(get_settings().database_url)
 
 
 def _warm(**_: Any) -> None:
@@ -67,9 +59,7 @@ def _warm(**_: Any) -> None:
 
 
 def _close(**_: Any) -> None:
-    for engine, _factory in _databases.values():
-        engine.dispose()
-    _databases.clear()
+    session.dispose_all()
 
 
 worker_process_init.connect(_warm, weak=False)
