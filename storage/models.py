@@ -1,4 +1,5 @@
-"""The SQL schema: jobs, their embeddings, per-batch timing statistics, and prepared models.
+"""The SQL schema: jobs, their embeddings, per-batch timing statistics, the fleet's model catalog
+and what each host has prepared.
 
 One declarative base with a naming convention, so constraint names are the same on SQLite and
 PostgreSQL and migrations can refer to them. Vectors are stored as raw float32 bytes with their
@@ -161,3 +162,18 @@ class PreparedModel(Base):
     manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+
+class ModelSource(Base):
+    """Where the fleet gets a model: a worker host that lacks ``name`` prepares it from here.
+
+    One row per name, written by ``embedq models register``; the options are the ones
+    ``embedq models pull`` takes (precision, sha256, max_seq_length, pooling, normalize).
+    """
+
+    __tablename__ = "model_sources"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    registered_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)

@@ -12,11 +12,19 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Insert, case, func, select, update
+from sqlalchemy import Insert, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from storage.models import BatchStat, Embedding, Job, JobState
+from storage.models import (
+    BatchStat,
+    Embedding,
+    Job,
+    JobState,
+    ModelSource,
+    ModelState,
+    PreparedModel,
+)
 
 
 def _insert(session: Session, table: Any) -> Insert:
@@ -130,3 +138,47 @@ def job_timing(session: Session, job_id: str) -> dict[str, float]:
         "total_ms",
     )
     return {key: float(value) for key, value in zip(keys, row, strict=True)}
+
+
+def register_source(session: Session, name: str, source: str, options: dict[str, Any]) -> None:
+    """Record where the fleet gets model ``name``, and forget earlier failures to prepare it so
+    hosts try again with the new source."""
+    insert: Any = _insert(session, ModelSource).values(name=name, source=source, options=options)
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"source": source, "options": options, "registered_at": datetime.now(UTC)},
+        )
+    )
+    session.execute(
+        delete(PreparedModel).where(
+            PreparedModel.name == name, PreparedModel.state == ModelState.FAILED
+        )
+    )
+
+
+def get_source(session: Session, name: str) -> ModelSource | None:
+    return session.get(ModelSource, name)
+
+
+def get_prepared(session: Session, name: str, host: str) -> PreparedModel | None:
+    """What ``host`` has recorded about model ``name``: preparing, ready or failed."""
+    return session.scalars(
+        select(PreparedModel).where(PreparedModel.name == name, PreparedModel.host == host)
+    ).first()
+
+
+def set_prepared(session: Session, name: str, host: str, state: ModelState, **fields: Any) -> None:
+    """Record ``host``'s state for model ``name`` (one row per pair, replaced each time)."""
+    values = {"name": name, "host": host, "state": state, **fields}
+    values.setdefault("error", None)
+    insert: Any = _insert(session, PreparedModel).values(**values)
+    update_ = {k: insert.excluded[k] for k in values if k not in ("name", "host")}
+    update_["updated_at"] = datetime.now(UTC)
+    session.execute(insert.on_conflict_do_update(index_elements=["name", "host"], set_=update_))
+
+
+def list_prepared(session: Session) -> Sequence[PreparedModel]:
+    return session.scalars(
+        select(PreparedModel).order_by(PreparedModel.name, PreparedModel.host)
+    ).all()
