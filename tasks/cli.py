@@ -47,36 +47,59 @@ def _store() -> Any:
     return ModelStore(get_settings().model_dir)
 
 
-@models_app.command("pull")
-def models_pull(
-    source: Annotated[str, typer.Argument(help="hf://ORG/NAME[@REV], a URL, or a folder")],
-    name: Annotated[str, typer.Option("--name", help="name to install the model under")],
-    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 for CPUs")] = None,
-    fp16: Annotated[bool, typer.Option("--fp16", help="half precision, for GPUs")] = False,
-    sha256: Annotated[str | None, typer.Option(help="expected sha256 of a URL download")] = None,
-    max_seq_length: Annotated[int | None, typer.Option(help="override the model's")] = None,
-    pooling: Annotated[Pooling | None, typer.Option(help="override the model's")] = None,
-    normalize: Annotated[
-        bool | None, typer.Option("--normalize/--no-normalize", help="override the model's")
-    ] = None,
-) -> None:
-    """Fetch or export a model and install it in the model store under NAME."""
-    from worker.model_store import PullOptions
+Source = Annotated[str, typer.Argument(help="hf://ORG/NAME[@REV], a URL, or a folder")]
+Name = Annotated[str, typer.Option("--name", help="name to install the model under")]
+Quantize = Annotated[str | None, typer.Option(help="int8: dynamic int8 for CPUs")]
+Fp16 = Annotated[bool, typer.Option("--fp16", help="half precision, for GPUs")]
+Sha256 = Annotated[str | None, typer.Option(help="expected sha256 of a URL download")]
+MaxSeqLength = Annotated[int | None, typer.Option(help="override the model's")]
+PoolingOption = Annotated[Pooling | None, typer.Option(help="override the model's")]
+Normalize = Annotated[
+    bool | None, typer.Option("--normalize/--no-normalize", help="override the model's")
+]
 
+
+def _options(
+    quantize: str | None,
+    fp16: bool,
+    sha256: str | None,
+    max_seq_length: int | None,
+    pooling: Pooling | None,
+    normalize: bool | None,
+) -> dict[str, Any]:
+    """The pull options as the catalog stores them (JSON), checked."""
     if quantize not in (None, "int8"):
         raise typer.BadParameter("only int8 is supported", param_hint="--quantize")
     if quantize and fp16:
         raise typer.BadParameter("choose one of --quantize int8 and --fp16")
     precision = Precision.INT8 if quantize else Precision.FP16 if fp16 else Precision.FP32
-    options = PullOptions(
-        precision=precision,
-        sha256=sha256,
-        max_seq_length=max_seq_length,
-        pooling=pooling,
-        normalize=normalize,
-    )
+    options = {
+        "precision": str(precision),
+        "sha256": sha256,
+        "max_seq_length": max_seq_length,
+        "pooling": None if pooling is None else str(pooling),
+        "normalize": normalize,
+    }
+    return {key: value for key, value in options.items() if value is not None}
+
+
+@models_app.command("pull")
+def models_pull(
+    source: Source,
+    name: Name,
+    quantize: Quantize = None,
+    fp16: Fp16 = False,
+    sha256: Sha256 = None,
+    max_seq_length: MaxSeqLength = None,
+    pooling: PoolingOption = None,
+    normalize: Normalize = None,
+) -> None:
+    """Fetch or export a model and install it in this machine's model store under NAME."""
+    from tasks.download import pull_options
+
+    options = _options(quantize, fp16, sha256, max_seq_length, pooling, normalize)
     try:
-        manifest = _store().pull(source, name, options, get_settings())
+        manifest = _store().pull(source, name, pull_options(options), get_settings())
     except EmbedqError as exc:
         raise _fail(exc) from exc
     typer.echo(
@@ -84,6 +107,65 @@ def models_pull(
         f" pooling {manifest.behaviour.pooling}, normalize {manifest.behaviour.normalize},"
         f" max_seq_length {manifest.behaviour.max_seq_length}"
     )
+
+
+@models_app.command("register")
+def models_register(
+    source: Source,
+    name: Name,
+    quantize: Quantize = None,
+    fp16: Fp16 = False,
+    sha256: Sha256 = None,
+    max_seq_length: MaxSeqLength = None,
+    pooling: PoolingOption = None,
+    normalize: Normalize = None,
+) -> None:
+    """Tell the fleet where NAME comes from: a worker host that lacks it prepares it from
+    SOURCE (with these options) when a job first asks for it. Clears earlier failures."""
+    from tasks import producer
+
+    options = _options(quantize, fp16, sha256, max_seq_length, pooling, normalize)
+    try:
+        producer.register_model(source, name, options)
+    except EmbedqError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"registered {name}: {source} {json.dumps(options)}")
+
+
+@models_app.command("hosts")
+def models_hosts() -> None:
+    """What each worker host has prepared (or is preparing, or failed to prepare, and why)."""
+    from storage import repository
+
+    with _store_session() as session:
+        rows = repository.list_prepared(session)
+        if not rows:
+            typer.echo("no worker host has recorded a model yet")
+        for row in rows:
+            typer.echo(
+                f"{row.name}\t{row.host}\t{row.state}\t{row.dim or '-'}\t{row.precision or '-'}"
+                f"\t{row.updated_at:%Y-%m-%d %H:%M:%S}" + (f"\t{row.error}" if row.error else "")
+            )
+
+
+@models_app.command("probe")
+def models_probe(
+    name: str,
+    device: Annotated[int | None, typer.Option(help="GPU device id to bind to")] = None,
+) -> None:
+    """Load NAME as a worker would (on DEVICE) and embed one text; exits non-zero when the
+    engine cannot be built, e.g. a GPU provider that fell back under the error policy."""
+    from worker.engine import Engine
+
+    settings = get_settings()
+    try:
+        store = _store()
+        store.get(name)
+        engine = Engine.load(store.path(name), settings, device)
+        engine.encode(["probe"])
+    except EmbedqError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"{name} runs on {engine.provider}" + ("" if device is None else f" ({device})"))
 
 
 @models_app.command("list")
@@ -200,9 +282,75 @@ def job(job_id: str) -> None:
 
 
 def _store_session() -> Any:
-    from storage.session import make_engine, scope, session_factory
+    from storage.session import scope, sessions_for
 
-    return scope(session_factory(make_engine(get_settings().database_url)))
+    return scope(sessions_for(get_settings().database_url))
+
+
+@app.command("worker")
+def worker(
+    queues: Annotated[str, typer.Option("--queues", "-Q", help="comma-separated")] = (
+        "interactive,bulk"
+    ),
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", "-c", help="default: one per GPU, else EMBEDQ_PROCESSES"),
+    ] = None,
+    name: Annotated[str, typer.Option("--name", "-n", help="Celery node name")] = "embedq@%h",
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
+) -> None:
+    """Start a Celery worker with embedq's defaults, printed first: prefork, one process per
+    GPU (each bound to its device) or EMBEDQ_PROCESSES x intra-op threads fitted to the cores.
+    A GPU worker first checks that each device really runs the default model on the GPU."""
+    import os
+    import subprocess
+
+    settings = get_settings()
+    processes = concurrency or settings.worker_processes()
+    if processes != settings.processes and not settings.gpu_devices:
+        # Children size their ONNX thread pools from EMBEDQ_PROCESSES.
+        os.environ["EMBEDQ_PROCESSES"] = str(processes)
+        get_settings.cache_clear()
+        settings = get_settings()
+    from tasks.names import download_queue
+
+    shown = {
+        "broker": _redacted(settings.celery_broker()),
+        "database": _redacted(settings.database_url),
+        "queues": f"{queues} + {download_queue(settings.host_name)}",
+        "pool": f"prefork x {processes}",
+        "gpu devices": ",".join(map(str, settings.gpu_devices)) or "none (CPU worker)",
+        "providers": ",".join(settings.providers) or "auto (CUDA when listed, else CPU)",
+        "provider fallback": settings.fallback_policy(),
+        "intra-op threads": f"{settings.threads()} per process (cores: {os.cpu_count()})",
+        "default model": settings.default_model or "none",
+        "model dir": str(settings.model_dir),
+        "time limits": f"batch {settings.task_time_limit}s, download"
+        f" {settings.download_time_limit}s, visibility {settings.visibility()}s",
+    }
+    width = max(map(len, shown))
+    for key, value in shown.items():
+        typer.echo(f"{key:>{width}}  {value}", err=True)
+    if settings.gpu_devices and settings.default_model:
+        # In throwaway processes: the worker's parent must create no CUDA context before fork.
+        for device in settings.gpu_devices:
+            probe = [sys.executable, "-m", "tasks.cli", "models", "probe"]
+            done = subprocess.run([*probe, settings.default_model, "--device", str(device)])
+            if done.returncode != 0:
+                typer.echo(f"error: GPU {device} cannot run {settings.default_model}", err=True)
+                raise typer.Exit(code=3)
+    from worker.app import app as celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            "--pool=prefork",
+            f"--concurrency={processes}",
+            f"--queues={queues}",
+            f"--hostname={name}",
+            f"--loglevel={loglevel}",
+        ]
+    )
 
 
 @app.command("encode")
@@ -266,3 +414,7 @@ def read_jsonl(path: Path) -> list[str]:
     if not texts:
         raise InputError(f"{path} holds no texts")
     return texts
+
+
+if __name__ == "__main__":
+    app()

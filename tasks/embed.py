@@ -19,9 +19,16 @@ from sqlalchemy.orm import Session
 
 from storage import repository
 from tasks import names
+from worker import lifecycle  # connects the signals that warm each pool process
 from worker.app import app
 from worker.engine import Embedder
-from worker.errors import EmbedqError, InputError, ModelError, ProviderError
+from worker.errors import (
+    EmbedqError,
+    InputError,
+    ModelError,
+    ModelNotFoundError,
+    ProviderError,
+)
 from worker.settings import get_settings
 
 
@@ -35,6 +42,8 @@ class EmbedPayload(BaseModel):
     item_ids: list[str]
     positions: list[int]
     enqueued_at: float
+    model_wait_since: float | None = None
+    """Set by the worker when it re-enqueues a batch whose model its host is preparing."""
 
 
 def embed_batch(
@@ -108,12 +117,18 @@ def embed_batch(
     }
 
 
-def run_payload(raw: dict[str, Any]) -> dict[str, Any]:
+def run_payload(raw: dict[str, Any], *, local: bool = False) -> dict[str, Any]:
     """Validate ``raw`` and run it with this process's engine and database; a batch that can
-    never succeed (bad payload, unknown model) fails its items with a stored reason."""
-    from storage.session import scope
-    from worker import lifecycle
+    never succeed (bad payload, unknown model) fails its items with a stored reason.
 
+    A model missing on this host is prepared from the catalog: in this process when ``local``
+    (local mode), else by a download on this host's queue while ``ModelPendingError`` tells the
+    caller to try the batch again later.
+    """
+    from storage.session import scope
+    from tasks import download
+
+    settings = get_settings()
     sessions = lifecycle.get_sessions()
     try:
         payload = EmbedPayload.model_validate(raw)
@@ -125,7 +140,21 @@ def run_payload(raw: dict[str, Any]) -> dict[str, Any]:
         count = len(texts) if isinstance(texts, list) else 0
         return _fail(sessions, job_id, count, f"malformed batch: {exc}")
     try:
-        engine = lifecycle.get_engine(payload.model)
+        try:
+            engine = lifecycle.get_engine(payload.model)
+        except ModelNotFoundError:
+            if local:
+                download.prepare_here(payload.model, sessions, settings)
+                engine = lifecycle.get_engine(payload.model)
+            else:
+                waited = time.time() - (payload.model_wait_since or time.time())
+                if waited > settings.download_time_limit + 60:
+                    raise ModelError(
+                        f"model {payload.model!r} was still not ready on"
+                        f" {settings.host_name} after {waited:.0f}s"
+                    ) from None
+                download.request(payload.model, sessions, settings)
+                raise  # unreachable: request raises
     except (ModelError, ProviderError) as exc:
         return _fail(sessions, payload.job_id, len(payload.texts), f"model {payload.model}: {exc}")
     with scope(sessions) as session:
@@ -143,11 +172,27 @@ def _fail(sessions: Any, job_id: str, count: int, reason: str) -> dict[str, Any]
 
 @app.task(  # type: ignore[untyped-decorator]
     name=names.EMBED,
+    bind=True,
     ignore_result=True,
     throws=(EmbedqError,),
     max_retries=get_settings().max_retries,
     default_retry_delay=1,
 )
-def embed(payload: dict[str, Any]) -> dict[str, Any]:
+def embed(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """Embed one batch of a job (see ``EmbedPayload``) and store the vectors."""
-    return run_payload(payload)
+    from tasks.download import ModelPendingError
+
+    try:
+        return run_payload(payload)
+    except ModelPendingError as pending:
+        # Sent again under the same task id with a countdown; this message is acknowledged
+        # when the task returns, so the batch is never without a message. Not ``retry()``:
+        # that would spend the retries that bound a batch which keeps killing its worker.
+        delivery = self.request.delivery_info or {}
+        self.apply_async(
+            args=[{**payload, "model_wait_since": payload.get("model_wait_since") or time.time()}],
+            countdown=get_settings().model_wait_interval,
+            queue=delivery.get("routing_key") or names.Queue.INTERACTIVE,
+            task_id=self.request.id,
+        )
+        return {"job_id": payload.get("job_id"), "waiting_for_model": pending.name}

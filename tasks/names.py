@@ -13,3 +13,11 @@ class Queue(StrEnum):
 
     INTERACTIVE = "interactive"
     BULK = "bulk"
+
+
+DOWNLOAD = "embedq.download"
+
+
+def download_queue(host: str) -> str:
+    """The queue of model downloads for one host's workers (``EMBEDQ_HOST_NAME``)."""
+    return f"download.{host}"

@@ -58,16 +58,22 @@ class JobHandle:
                 "error": job.error,
             }
 
-    def wait(self, timeout: float | None = None, poll: float = 0.05) -> dict[str, Any]:
-        """Block until the job is finished (succeeded, failed or partially failed)."""
+    def wait(self, timeout: float | None = None, poll: float = 0.1) -> dict[str, Any]:
+        """Block until the job is finished (succeeded, failed or partially failed).
+
+        The store is polled every millisecond at first, backing off to ``poll`` seconds: a
+        one-text job is back in a few milliseconds, and a long one costs a query per ``poll``.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
         while True:
             status = self.status()
             if JobState(status["state"]) in TERMINAL:
                 return status
             if deadline is not None and time.monotonic() > deadline:
                 raise JobTimeoutError(f"job {self.id} not finished after {timeout}s: {status}")
-            time.sleep(poll)
+            time.sleep(pause)
+            pause = min(poll, pause * 1.5)
 
     def embeddings(self) -> tuple[list[str], np.ndarray]:
         """The item ids and a float32 array of their vectors, in input order."""
@@ -123,6 +129,21 @@ def submit(
     return JobHandle(job_id, url)
 
 
+def register_model(source: str, name: str, options: dict[str, Any] | None = None) -> None:
+    """Record where the fleet gets model ``name``: a worker host that lacks it prepares it from
+    ``source`` with ``options`` (those of ``embedq models pull``) when a batch first needs it."""
+    from tasks.download import check_options
+
+    if not name or name.startswith(".") or any(c in name for c in "/\\"):
+        raise InputError(f"{name!r} is not a usable model name")
+    checked = check_options(options or {})
+    url = get_settings().database_url
+    if get_settings().broker_url is None:
+        _ensure_schema(url)
+    with scope(sessions_for(url)) as session:
+        repository.register_source(session, name, source, checked)
+
+
 def dispose() -> None:
     """Close the database connections this process keeps (call at application shutdown)."""
     dispose_all()
@@ -149,7 +170,7 @@ def _send(payloads: list[dict[str, Any]], queue: names.Queue) -> None:
         from tasks.embed import run_payload  # local mode: the same code, in this process
 
         for payload in payloads:
-            run_payload(payload)
+            run_payload(payload, local=True)
         return
     from worker.app import app
 

@@ -10,18 +10,23 @@ Reliability settings, each for a reason (see ../shared/notes/celery-fleet.md):
 - ``queue_order_strategy=priority``: a worker consuming ``interactive,bulk`` drains interactive
   first, so application requests are served ahead of backfills.
 - Results are ignored: vectors and progress go to the SQL store, never the result backend.
+- Every worker also consumes its host's download queue (``download.<EMBEDQ_HOST_NAME>``), added
+  when it starts whatever ``-Q`` says, so a batch can ask its own host to prepare a model.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import celeryd_after_setup
 from kombu.entity import Exchange, Queue
 
 from worker.settings import get_settings
 
 settings = get_settings()
 
-app = Celery("embedq", include=["tasks.embed"])
+app = Celery("embedq", include=["tasks.embed", "tasks.download"])
 app.conf.update(
     broker_url=settings.celery_broker(),
     task_serializer="json",
@@ -58,3 +63,12 @@ app.conf.update(
     # Loading a model (and a CUDA context) in each child takes longer than the 4 s default.
     worker_proc_alive_timeout=120,
 )
+
+
+def _consume_host_download_queue(sender: str, instance: Any, **_: Any) -> None:
+    from tasks.names import download_queue
+
+    instance.app.amqp.queues.select_add(download_queue(get_settings().host_name))
+
+
+celeryd_after_setup.connect(_consume_host_download_queue, weak=False)

@@ -84,22 +84,27 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = settings.threads()
     options.inter_op_num_threads = 1
-    if settings.processes > 1:
+    if settings.worker_processes() > 1:
         # Spinning threads burn the cores that sibling worker processes need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only; provider failures are reported by embedq
     return options
 
 
-def open_session(path: Path, settings: Settings) -> tuple[ort.InferenceSession, str]:
-    """An inference session on the best provider obtainable, and the provider it runs on."""
+def open_session(
+    path: Path, settings: Settings, device_id: int | None = None
+) -> tuple[ort.InferenceSession, str]:
+    """An inference session on the best provider obtainable, and the provider it runs on;
+    ``device_id`` binds a GPU provider to that device."""
     built_in = providers.available()
     requested = providers.choose(settings.providers, built_in)
     usable = [p for p in requested if p in built_in]
     with providers.NativeStderr() as captured:
         try:
             session = ort.InferenceSession(
-                str(path), sess_options=session_options(settings), providers=usable
+                str(path),
+                sess_options=session_options(settings),
+                providers=providers.with_options(usable, device_id),
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"onnxruntime cannot load {path}: {exc}") from exc
@@ -109,7 +114,7 @@ def open_session(path: Path, settings: Settings) -> tuple[ort.InferenceSession, 
         else f"this onnxruntime build does not include it; it has {built_in}"
     )
     active = providers.check_obtained(
-        requested, session.get_providers(), settings.provider_fallback, reason
+        requested, session.get_providers(), settings.fallback_policy(), reason
     )
     return session, active
 
@@ -164,20 +169,26 @@ class Engine:
         self._micro_tokens = settings.micro_batch_tokens
 
     @classmethod
-    def load(cls, folder: Path, settings: Settings) -> Engine:
-        """Build the engine for the model prepared in ``folder``."""
+    def load(cls, folder: Path, settings: Settings, device_id: int | None = None) -> Engine:
+        """Build the engine for the model prepared in ``folder`` (on GPU ``device_id``)."""
         started = time.perf_counter()
         manifest = Manifest.read(folder)
         tokenizer = load_tokenizer(folder / TOKENIZER_FILE, manifest.behaviour.max_seq_length)
-        session, provider = open_session(folder / ONNX_FILE, settings)
+        session, provider = open_session(folder / ONNX_FILE, settings, device_id)
         load_ms = (time.perf_counter() - started) * 1000
         logger.info(
-            "engine loaded: model=%s provider=%s threads=%d load_ms=%.0f",
+            "engine loaded: model=%s provider=%s device=%s threads=%d load_ms=%.0f",
             manifest.name,
             provider,
+            "-" if device_id is None else device_id,
             settings.threads(),
             load_ms,
-            extra={"model": manifest.name, "provider": provider, "load_ms": load_ms},
+            extra={
+                "model": manifest.name,
+                "provider": provider,
+                "device": device_id,
+                "load_ms": load_ms,
+            },
         )
         return cls(manifest, session, tokenizer, provider, settings)
 

@@ -1,9 +1,13 @@
 """What each worker process builds once and keeps: engines per model and a database engine.
 
-Nothing here runs in the Celery parent: ONNX Runtime sessions and pooled connections do not
-survive ``fork()``. Getters build lazily in the process that calls them (keyed by its pid, so a
-forked child never reuses its parent's), and ``worker_process_init`` warms the default model so
-the first job is not slow.
+Nothing here runs in the Celery parent: ONNX Runtime sessions, CUDA contexts and pooled
+connections do not survive ``fork()``. Getters build lazily in the process that calls them
+(keyed by its pid, so a forked child never reuses its parent's), and ``worker_process_init``
+warms the default model so the first job is not slow.
+
+On a GPU worker (``EMBEDQ_GPU_DEVICES=0,1``) the pool has one child per device and each child
+binds its sessions to the device at its pool index; a child that replaces a dead one inherits
+the freed index, so the devices stay covered one process each.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import os
 from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown
+from celery.utils.log import current_process_index
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import session
 from worker.engine import Engine
 from worker.model_store import ModelStore
-from worker.settings import get_settings
+from worker.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +38,18 @@ def _own_process() -> None:
         _engines.clear()
 
 
+def device_for(settings: Settings, index: int | None) -> int | None:
+    """The GPU a pool child at ``index`` binds to: the worker's devices, one per child."""
+    if not settings.gpu_devices:
+        return None
+    return settings.gpu_devices[(index or 0) % len(settings.gpu_devices)]
+
+
+def this_device() -> int | None:
+    """This process's GPU (``None`` on a CPU worker)."""
+    return device_for(get_settings(), current_process_index(base=0))
+
+
 def get_engine(model: str) -> Engine:
     """This process's engine for ``model``, loaded on first use and kept."""
     _own_process()
@@ -40,7 +57,7 @@ def get_engine(model: str) -> Engine:
         settings = get_settings()
         store = ModelStore(settings.model_dir)
         store.get(model)  # ModelNotFoundError, with how to pull it, before anything loads
-        _engines[model] = Engine.load(store.path(model), settings)
+        _engines[model] = Engine.load(store.path(model), settings, this_device())
     return _engines[model]
 
 
@@ -50,7 +67,11 @@ def get_sessions() -> sessionmaker[Session]:
 
 
 def _warm(**_: Any) -> None:
-    model = get_settings().default_model
+    settings = get_settings()
+    device = this_device()
+    if device is not None:
+        logger.info("pool process %d bound to GPU %d", current_process_index(base=0) or 0, device)
+    model = settings.default_model
     if model:
         try:
             get_engine(model)

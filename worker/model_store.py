@@ -83,13 +83,24 @@ class ModelStore:
             if not folder.name.startswith(".") and (folder / MANIFEST_FILE).is_file()
         ]
 
-    def pull(self, source: str, name: str, options: PullOptions, settings: Settings) -> Manifest:
-        """Prepare ``source`` under ``name`` (replacing any model of that name) and return its
-        manifest."""
+    def pull(
+        self,
+        source: str,
+        name: str,
+        options: PullOptions,
+        settings: Settings,
+        *,
+        replace: bool = True,
+    ) -> Manifest:
+        """Prepare ``source`` under ``name`` and return its manifest. ``replace=False`` keeps a
+        model already prepared under that name, including one another process finished while
+        this one waited for the lock."""
         target = self.path(name)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / ".locks").mkdir(exist_ok=True)
         with FileLock(str(self.root / ".locks" / f"{name}.lock")):
+            if not replace and (target / MANIFEST_FILE).is_file():
+                return Manifest.read(target)
             staging = self.root / f"{_STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
             try:
                 manifest = _prepare(source, name, options, staging, settings)

@@ -43,6 +43,22 @@ def choose(requested: Sequence[str], built_in: Sequence[str]) -> list[str]:
     return chosen
 
 
+# Providers that take a ``device_id`` option; the CPU takes none.
+_DEVICE_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "DmlExecutionProvider")
+
+
+def with_options(
+    names: Sequence[str], device_id: int | None
+) -> list[str | tuple[str, dict[str, str]]]:
+    """The provider list for ``InferenceSession``, binding GPU providers to ``device_id``."""
+    if device_id is None:
+        return list(names)
+    return [
+        (name, {"device_id": str(device_id)}) if name in _DEVICE_PROVIDERS else name
+        for name in names
+    ]
+
+
 def check_obtained(
     requested: Sequence[str], obtained: Sequence[str], policy: FallbackPolicy, reason: str
 ) -> str:

@@ -11,6 +11,7 @@ compose files and systemd units, and the issues that specify them name them that
 from __future__ import annotations
 
 import os
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -62,17 +63,32 @@ class Settings(BaseSettings):
     max_retries: int = Field(default=3, ge=0)
     """Times a batch whose worker process died is retried before its job records it failed."""
 
+    # --- models on worker hosts ----------------------------------------------------------------
+    host_name: str = Field(default_factory=socket.gethostname)
+    """This host's name in the ``models`` table and its download queue (``download.<name>``).
+    Workers that share one model folder (containers on one host) should share it."""
+    download_time_limit: int = Field(default=900, ge=1)
+    """Hard limit in seconds for preparing one model (fetch, export, verify)."""
+    model_wait_interval: float = Field(default=2.0, gt=0)
+    """Seconds before a batch whose model is being prepared on its host is tried again."""
+
     # --- inference ---------------------------------------------------------------------------
     providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """ONNX Runtime execution providers in order of preference, comma-separated. Empty: CUDA
     when onnxruntime lists it, else CoreML / DirectML where present, else CPU."""
-    provider_fallback: FallbackPolicy = "warn"
+    provider_fallback: FallbackPolicy | None = None
     """What to do when a requested GPU provider cannot be used: log a warning and run on the
-    provider obtained (``warn``), or refuse to build the engine (``error``)."""
+    provider obtained (``warn``), or refuse to build the engine (``error``). Default: ``error``
+    on a GPU worker (``EMBEDQ_GPU_DEVICES`` set), ``warn`` elsewhere."""
+    gpu_devices: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    """CUDA device ids for this worker, comma-separated (``0,1``): one process per device,
+    each child bound to its own. Empty: a CPU worker (or onnxruntime's device 0)."""
     processes: int = Field(default=1, ge=1)
-    """Worker processes sharing this machine's cores; sizes the default thread count."""
+    """Worker processes sharing this machine's cores; sizes the default thread count. A GPU
+    worker runs one process per device instead."""
     intra_op_threads: int | None = Field(default=None, ge=1)
-    """ONNX Runtime intra-op threads per process. Default: cores // processes (at least 1)."""
+    """ONNX Runtime intra-op threads per process. Default: cores // processes (at least 1); on
+    a GPU worker, 1."""
     max_batch_items: int = Field(default=1024, ge=1)
     """Most texts one ``encode`` call accepts; more is an input error, not a silent split."""
     # Small micro-batches win on CPU: on the 2-core development machine, 8-16 texts with a
@@ -83,24 +99,40 @@ class Settings(BaseSettings):
     micro_batch_tokens: int = Field(default=4096, ge=1)
     """Most padded tokens (rows x longest row) in one session run."""
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "gpu_devices", mode="before")
     @classmethod
-    def _split_providers(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def fallback_policy(self) -> FallbackPolicy:
+        """``provider_fallback``, or its default: a GPU worker must not quietly run on the CPU."""
+        if self.provider_fallback is not None:
+            return self.provider_fallback
+        return "error" if self.gpu_devices else "warn"
+
+    def worker_processes(self) -> int:
+        """Pool processes for a worker on this machine: one per GPU, else ``processes``."""
+        return len(self.gpu_devices) or self.processes
 
     def celery_broker(self) -> str:
         """The broker URL workers connect to: the setting, else Redis on localhost."""
         return self.broker_url or "redis://127.0.0.1:6379/0"
 
     def visibility(self) -> int:
-        return self.visibility_timeout or self.task_time_limit * 2 + 60
+        """Seconds Redis waits before redelivering an unacknowledged message: above the longest
+        task's hard limit (embedding or model download), so a running task is never handed out
+        twice."""
+        longest = max(self.task_time_limit, self.download_time_limit)
+        return self.visibility_timeout or longest * 2 + 60
 
     def threads(self) -> int:
         """The intra-op thread count to use: explicit, or this process's share of the cores."""
         if self.intra_op_threads is not None:
             return self.intra_op_threads
+        if self.gpu_devices:
+            return 1  # the GPU does the work; a CPU thread feeds it
         return max(1, (os.cpu_count() or 1) // self.processes)
 
 

@@ -60,8 +60,8 @@ def pipeline_env(
 class Worker:
     """A real ``celery -A worker worker`` process, its log collected for assertions."""
 
-    def __init__(self, env: dict[str, str], name: str) -> None:
-        command = [
+    def __init__(self, env: dict[str, str], name: str, command: list[str] | None = None) -> None:
+        command = command or [
             sys.executable,
             "-m",
             "celery",
@@ -224,3 +224,84 @@ def test_interactive_work_is_served_ahead_of_a_bulk_backlog(
     # Round-robin between the queues would have interleaved about five bulk batches.
     assert left["done"] - before <= 2 * get_settings().job_batch_size
     assert backlog.wait(timeout=600)["state"] == "succeeded"
+
+
+def test_a_registered_model_is_prepared_on_the_worker_host_when_a_job_needs_it(
+    worker: Worker, minilm: Path, engine: Engine, corpus: list[str], database_url: str
+) -> None:
+    """The worker lacks "minilm-copy"; the catalog says it comes from a folder of ONNX files.
+    The first batch asks its host for it, the download task prepares it, the batch runs."""
+    from storage import repository
+    from tasks import producer
+
+    producer.register_model(str(minilm), "minilm-copy")
+    producer.register_model("/nowhere/such-model", "broken")
+    texts = corpus[100:300]
+    job = producer.submit(texts, model="minilm-copy")
+    broken = producer.submit(["a text for a model that cannot be prepared"], model="broken")
+
+    status = job.wait(timeout=300)
+    assert (status["state"], status["done"]) == ("succeeded", 200), "".join(worker.lines[-30:])
+    _, vectors = job.embeddings()
+    assert float(np.min(cosines(vectors, engine.encode(texts).vectors))) >= 0.9999
+
+    failed = broken.wait(timeout=120)
+    assert failed["state"] == "failed"
+    assert "could not be prepared" in failed["error"] and "/nowhere/such-model" in failed["error"]
+    with scope(session_factory(database := make_engine(database_url))) as session:
+        states = {(row.name, str(row.state)) for row in repository.list_prepared(session)}
+    database.dispose()
+    assert {("minilm", "ready"), ("minilm-copy", "ready"), ("broken", "failed")} <= states
+    log = "".join(worker.lines)
+    assert log.count("Task embedq.download[") >= 2  # one each; received and succeeded lines
+    assert worker.process.poll() is None
+
+
+def embedq_worker(*options: str) -> list[str]:
+    return [sys.executable, "-m", "tasks.cli", "worker", "-n", "gpu@%h", *options]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_gpu_worker_binds_one_process_to_each_device(
+    pipeline_env: dict[str, str],
+) -> None:
+    """``embedq worker`` with two devices: two pool processes, each warmed on its own device.
+    There is no GPU here, so the sessions fall back to the CPU (allowed by the warn policy);
+    what is checked is the binding and the warm start, which are the same on a GPU host."""
+    from tasks import producer
+
+    env = {**pipeline_env, "EMBEDQ_GPU_DEVICES": "0,1", "EMBEDQ_PROVIDER_FALLBACK": "warn"}
+    gpu = Worker(env, "gpu", embedq_worker())
+    try:
+        assert producer.submit(["bound and warm"]).wait(timeout=120)["state"] == "succeeded"
+        deadline = time.monotonic() + 60
+        wanted = [f"pool process {i} bound to GPU {i}" for i in (0, 1)]
+        wanted += [f"model=minilm provider=CPUExecutionProvider device={i}" for i in (0, 1)]
+        while not all(any(w in line for line in gpu.lines) for w in wanted):
+            assert time.monotonic() < deadline, "".join(gpu.lines[-40:])
+            time.sleep(0.2)
+        log = "".join(gpu.lines)
+        assert "pool  prefork x 2" in log and "gpu devices  0,1" in log
+    finally:
+        gpu.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_gpu_worker_refuses_to_start_on_the_cpu(pipeline_env: dict[str, str]) -> None:
+    if Path("/dev/nvidia0").exists():
+        pytest.skip("this host has a GPU: nothing falls back")
+    env = {**os.environ, **pipeline_env, "EMBEDQ_GPU_DEVICES": "0"}
+    for unset in ("EMBEDQ_PROVIDER_FALLBACK", "EMBEDQ_PROVIDERS"):  # defaults: CUDA, error
+        env.pop(unset, None)
+    process = subprocess.Popen(
+        embedq_worker(), env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # it started a worker after all
+        process.communicate()
+        pytest.fail("the GPU worker started on the CPU")
+    assert process.returncode == 3, stderr[-2000:]
+    assert "refusing to run on CPUExecutionProvider" in stderr
+    assert "GPU 0 cannot run minilm" in stderr

@@ -1,5 +1,7 @@
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -7,14 +9,17 @@ from tasks import producer
 from worker.errors import InputError
 
 
-def test_importing_the_producer_loads_no_inference_library() -> None:
+def test_importing_the_producer_loads_no_inference_library(tmp_path: Path) -> None:
     code = (
         "import sys; from tasks import producer; "
+        "producer.register_model('hf://org/m', 'm', {'precision': 'int8'}); "
         "print(sorted(m for m in ('onnxruntime', 'tokenizers', 'torch', 'transformers') "
         "if m in sys.modules))"
     )
+    env = {**os.environ, "EMBEDQ_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"}
+    env.pop("EMBEDQ_BROKER_URL", None)
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert result.stdout.strip() == "[]"
 

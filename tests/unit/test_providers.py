@@ -55,3 +55,21 @@ def test_native_stderr_reason_is_the_loader_error() -> None:
         " object file\x1b[m\n"
     )
     assert captured.reason().startswith("Failed to load library libonnxruntime_providers_cuda.so")
+
+
+def test_gpu_providers_are_bound_to_the_device_and_the_cpu_is_left_alone() -> None:
+    names = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert providers.with_options(names, None) == names
+    assert providers.with_options(names, 3) == [
+        ("CUDAExecutionProvider", {"device_id": "3"}),
+        "CPUExecutionProvider",
+    ]
+
+
+@pytest.mark.parametrize(("index", "device"), [(0, 4), (1, 6), (2, 4), (None, 4)])
+def test_each_pool_process_takes_the_device_at_its_index(index: int | None, device: int) -> None:
+    from worker.lifecycle import device_for
+    from worker.settings import Settings
+
+    assert device_for(Settings(gpu_devices=[4, 6]), index) == device
+    assert device_for(Settings(), index) is None

@@ -27,3 +27,17 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMBEDQ_PROVIDER_FALLBACK", "ignore")
     with pytest.raises(ValueError, match="provider_fallback"):
         Settings()
+
+
+def test_a_gpu_worker_runs_one_process_per_device_and_refuses_a_cpu_fallback() -> None:
+    gpu = Settings(gpu_devices="2,3", processes=5)  # type: ignore[arg-type]
+    assert gpu.gpu_devices == [2, 3]
+    assert (gpu.worker_processes(), gpu.threads(), gpu.fallback_policy()) == (2, 1, "error")
+    assert Settings(gpu_devices=[0], provider_fallback="warn").fallback_policy() == "warn"
+    cpu = Settings(processes=2)
+    assert (cpu.worker_processes(), cpu.fallback_policy()) == (2, "warn")
+
+
+def test_the_visibility_timeout_outlasts_the_longest_task() -> None:
+    assert Settings(task_time_limit=100, download_time_limit=900).visibility() == 1860
+    assert Settings(task_time_limit=1000, download_time_limit=900).visibility() == 2060

@@ -1,0 +1,225 @@
+"""Models on worker hosts: the ``download`` task, and what an ``embed`` batch does when its host
+lacks the model it names.
+
+The fleet's catalog (``model_sources``, written by ``embedq models register``) says where each
+model comes from; the ``models`` table says what each host has prepared. A batch whose model is
+missing on its host asks for it (``request``): it records the host as preparing, sends one
+``download`` to that host's queue (``download.<host>``, which every worker there consumes) and
+is re-enqueued with a countdown, so no worker slot waits for the download. The download goes
+through the model store, whose file lock keeps two workers on a host from preparing a model at
+once; it records the host ready, or failed with the reason, and a batch that finds its host
+failed fails its items with that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from celery.signals import worker_ready
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage import repository
+from storage.models import ModelState
+from storage.session import dispose_all, scope
+from tasks import names
+from worker.app import app
+from worker.errors import (
+    EmbedqError,
+    InputError,
+    ModelError,
+    ModelNotFoundError,
+    TransientError,
+)
+from worker.manifest import Manifest, Pooling, Precision
+from worker.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+class ModelPendingError(TransientError):
+    """The batch's model is being prepared on this host; try the batch again later."""
+
+    def __init__(self, name: str, host: str) -> None:
+        super().__init__(f"model {name!r} is being prepared on {host}")
+        self.name = name
+
+
+_OPTIONS = ("precision", "sha256", "max_seq_length", "pooling", "normalize")
+
+
+def check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Catalog options, checked: the names and values ``embedq models pull`` accepts."""
+    unknown = set(options) - set(_OPTIONS)
+    if unknown:
+        raise InputError(f"unknown model options {sorted(unknown)}; known: {list(_OPTIONS)}")
+    try:
+        if options.get("precision") is not None:
+            Precision(options["precision"])
+        if options.get("pooling") is not None:
+            Pooling(options["pooling"])
+    except ValueError as exc:
+        raise InputError(f"bad model option: {exc}") from exc
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def pull_options(options: dict[str, Any]) -> Any:
+    """Catalog options as the model store's ``PullOptions``."""
+    from worker.model_store import PullOptions
+
+    values = check_options(options)
+    if "precision" in values:
+        values["precision"] = Precision(values["precision"])
+    if "pooling" in values:
+        values["pooling"] = Pooling(values["pooling"])
+    return PullOptions(**values)
+
+
+def _age_s(moment: datetime) -> float:
+    if moment.tzinfo is None:  # SQLite hands back naive UTC
+        moment = moment.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - moment).total_seconds()
+
+
+def record_ready(session: Session, manifest: Manifest, host: str) -> None:
+    repository.set_prepared(
+        session,
+        manifest.name,
+        host,
+        ModelState.READY,
+        source=manifest.source,
+        onnx_sha256=manifest.onnx_sha256,
+        dim=manifest.dim,
+        precision=str(manifest.precision),
+        manifest=manifest.model_dump(mode="json"),
+    )
+
+
+def _unregistered(name: str, host: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {name!r} is not prepared on {host} and no source is registered for it: run"
+        f" `embedq models register SOURCE --name {name}` to have workers prepare it, or"
+        f" `embedq models pull SOURCE --name {name}` on each worker host"
+    )
+
+
+def prepare_here(name: str, sessions: sessionmaker[Session], settings: Settings) -> Manifest:
+    """Prepare ``name`` on this host from its catalog entry and record the outcome.
+
+    A model already prepared (by another worker that held the lock first) is kept. A permanent
+    failure is recorded as the host's state with its reason and raised; a transient one
+    (``SourceUnavailableError``) is raised for the caller to retry.
+    """
+    from worker.model_store import ModelStore
+
+    host = settings.host_name
+    with scope(sessions) as session:
+        entry = repository.get_source(session, name)
+        if entry is None:
+            raise _unregistered(name, host)
+        source, options = entry.source, dict(entry.options)
+        repository.set_prepared(session, name, host, ModelState.PREPARING, source=source)
+    started = time.perf_counter()
+    try:
+        manifest = ModelStore(settings.model_dir).pull(
+            source, name, pull_options(options), settings, replace=False
+        )
+    except TransientError:
+        raise
+    except EmbedqError as exc:
+        with scope(sessions) as session:
+            repository.set_prepared(
+                session, name, host, ModelState.FAILED, source=source, error=str(exc)
+            )
+        raise
+    with scope(sessions) as session:
+        record_ready(session, manifest, host)
+    logger.info(
+        "model %s ready on %s in %.1fs",
+        name,
+        host,
+        time.perf_counter() - started,
+        extra={"model": name, "host": host},
+    )
+    return manifest
+
+
+def record_failed(name: str, reason: str) -> None:
+    settings = get_settings()
+    with scope(_sessions()) as session:
+        repository.set_prepared(session, name, settings.host_name, ModelState.FAILED, error=reason)
+
+
+def request(name: str, sessions: sessionmaker[Session], settings: Settings) -> None:
+    """Called by a batch whose model this host lacks: make sure a download is on its way and
+    raise ``ModelPendingError``; or raise a ``ModelError`` that says why it never will be."""
+    host = settings.host_name
+    with scope(sessions) as session:
+        row = repository.get_prepared(session, name, host)
+        if row is not None and row.state == ModelState.FAILED:
+            raise ModelError(f"model {name!r} could not be prepared on {host}: {row.error}")
+        if repository.get_source(session, name) is None:
+            raise _unregistered(name, host)
+        in_progress = (
+            row is not None
+            and row.state == ModelState.PREPARING
+            and _age_s(row.updated_at) < settings.download_time_limit + 60
+        )
+        if not in_progress:  # never asked, lost (its worker died), or deleted since
+            repository.set_prepared(session, name, host, ModelState.PREPARING)
+    if not in_progress:
+        app.send_task(names.DOWNLOAD, args=[name], queue=names.download_queue(host))
+        logger.info("model %s missing on %s: download requested", name, host)
+    raise ModelPendingError(name, host)
+
+
+def _sessions() -> sessionmaker[Session]:
+    from worker import lifecycle
+
+    return lifecycle.get_sessions()
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name=names.DOWNLOAD,
+    bind=True,
+    ignore_result=True,
+    max_retries=3,
+    time_limit=get_settings().download_time_limit,
+    soft_time_limit=max(1, get_settings().download_time_limit - 30),
+)
+def download(self: Any, name: str) -> dict[str, Any]:
+    """Prepare model ``name`` on this host from the catalog; transient source errors are
+    retried with backoff, then recorded as the host's failure."""
+    settings = get_settings()
+    try:
+        manifest = prepare_here(name, _sessions(), settings)
+    except TransientError as exc:
+        if self.request.retries < self.max_retries:
+            raise self.retry(exc=exc, countdown=10 * 2**self.request.retries) from exc
+        record_failed(name, f"gave up after {self.max_retries + 1} tries: {exc}")
+        return {"model": name, "host": settings.host_name, "failed": str(exc)}
+    except EmbedqError as exc:  # recorded by prepare_here; the worker goes on
+        return {"model": name, "host": settings.host_name, "failed": str(exc)}
+    return {"model": name, "host": settings.host_name, "dim": manifest.dim}
+
+
+def _report_models(sender: Any, **_: Any) -> None:
+    """Record this host's prepared models once the worker is up, so the ``models`` table shows
+    what each host can serve without waiting for a batch."""
+    from worker.model_store import ModelStore
+
+    settings = get_settings()
+    try:
+        manifests = ModelStore(settings.model_dir).list()
+        with scope(_sessions()) as session:
+            for manifest in manifests:
+                record_ready(session, manifest, settings.host_name)
+    except Exception:  # the store may be down at start; batches will say why later
+        logger.exception("could not record this host's models in the store")
+    finally:
+        dispose_all()  # the parent keeps no connections for its children to inherit
+
+
+worker_ready.connect(_report_models, weak=False)
