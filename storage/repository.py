@@ -79,8 +79,9 @@ def upsert_batch_stat(session: Session, row: dict[str, Any]) -> None:
 
 def add_progress(
     session: Session, job_id: str, *, done: int, failed: int, error: str | None
-) -> None:
-    """Count items just stored or failed, and settle the job's state when none are left.
+) -> bool:
+    """Count items just stored or failed, and settle the job's state when none are left;
+    true when this call finished the job.
 
     The increments are one UPDATE each, so concurrent batches of one job never lose a count;
     ``done`` must be the rows this batch really inserted, so a redelivery adds nothing.
@@ -96,7 +97,7 @@ def add_progress(
         values["error"] = func.coalesce(Job.error, error)
     session.execute(update(Job).where(Job.id == job_id).values(**values))
     finished = Job.done_items + Job.failed_items >= Job.total_items
-    session.execute(
+    settled = session.execute(
         update(Job)
         .where(Job.id == job_id, finished, Job.finished_at.is_(None))
         .values(
@@ -108,6 +109,7 @@ def add_progress(
             ),
         )
     )
+    return bool(getattr(settled, "rowcount", 0) == 1)
 
 
 def list_jobs(session: Session, limit: int = 20) -> Sequence[Job]:

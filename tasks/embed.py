@@ -54,14 +54,19 @@ def embed_batch(
     try:
         result = engine.encode(payload.texts)
     except InputError as exc:
-        repository.add_progress(
+        finished = repository.add_progress(
             session,
             payload.job_id,
             done=0,
             failed=len(payload.texts),
             error=f"batch {payload.batch_index}: {exc}",
         )
-        return {"job_id": payload.job_id, "batch": payload.batch_index, "failed": str(exc)}
+        return {
+            "job_id": payload.job_id,
+            "batch": payload.batch_index,
+            "failed": str(exc),
+            "finished": finished,
+        }
     stats = result.stats
     w0 = time.perf_counter()
     rows = [
@@ -106,7 +111,7 @@ def embed_batch(
             "total_ms": stats.total_ms + write_ms,
         },
     )
-    repository.add_progress(session, payload.job_id, done=inserted, failed=0, error=None)
+    finished = repository.add_progress(session, payload.job_id, done=inserted, failed=0, error=None)
     return {
         "job_id": payload.job_id,
         "batch": payload.batch_index,
@@ -114,6 +119,7 @@ def embed_batch(
         "tokens": stats.tokens,
         "ms": round(stats.total_ms + write_ms, 1),
         "provider": provider,
+        "finished": finished,
     }
 
 
@@ -166,8 +172,8 @@ def _fail(sessions: Any, job_id: str, count: int, reason: str) -> dict[str, Any]
     from storage.session import scope
 
     with scope(sessions) as session:
-        repository.add_progress(session, job_id, done=0, failed=count, error=reason)
-    return {"job_id": job_id, "failed": reason}
+        finished = repository.add_progress(session, job_id, done=0, failed=count, error=reason)
+    return {"job_id": job_id, "failed": reason, "finished": finished}
 
 
 @app.task(  # type: ignore[untyped-decorator]
@@ -180,10 +186,11 @@ def _fail(sessions: Any, job_id: str, count: int, reason: str) -> dict[str, Any]
 )
 def embed(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """Embed one batch of a job (see ``EmbedPayload``) and store the vectors."""
+    from tasks import completion
     from tasks.download import ModelPendingError
 
     try:
-        return run_payload(payload)
+        summary = run_payload(payload)
     except ModelPendingError as pending:
         # Sent again under the same task id with a countdown; this message is acknowledged
         # when the task returns, so the batch is never without a message. Not ``retry()``:
@@ -196,3 +203,6 @@ def embed(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
             task_id=self.request.id,
         )
         return {"job_id": payload.get("job_id"), "waiting_for_model": pending.name}
+    if summary.get("finished"):  # committed: wake whoever waits for this job
+        completion.signal(get_settings().celery_broker(), summary["job_id"])
+    return summary

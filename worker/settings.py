@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     ``celery -A worker worker`` connects to Redis on localhost."""
     default_model: str | None = None
     """Model a job uses when it names none; workers load it at start."""
-    job_batch_size: int = Field(default=64, ge=1)
+    job_batch_size: int = Field(default=128, ge=1)
     """Texts per queue message: the producer splits a job into batches of this size."""
     task_time_limit: int = Field(default=600, ge=1)
     """Hard limit in seconds for one batch; the Redis visibility timeout is set above it."""

@@ -38,9 +38,12 @@ def payload(texts: list[str]) -> EmbedPayload:
 
 def test_a_redelivered_batch_writes_each_item_once(sessions: sessionmaker[Session]) -> None:
     batch = payload(["alpha", "beta gamma", "delta"])
+    finished = []
     for _ in range(2):  # delivered twice, as after a lost acknowledgement
         with scope(sessions) as session:
-            embed_batch(session, FakeEngine(), batch, provider="FakeProvider")
+            summary = embed_batch(session, FakeEngine(), batch, provider="FakeProvider")
+            finished.append(summary["finished"])
+    assert finished == [True, False]  # only the delivery that finished the job signals it
     with scope(sessions) as session:
         job = repository.get_job(session, "j")
         assert job is not None
