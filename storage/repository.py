@@ -8,11 +8,11 @@ statement is picked by the session's dialect here and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Insert, case, delete, func, select, update
+from sqlalchemy import Insert, Text, bindparam, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -36,16 +36,32 @@ def _insert(session: Session, table: Any) -> Insert:
     raise NotImplementedError(f"embedq stores on SQLite or PostgreSQL, not {dialect}")
 
 
+# The statements every batch runs are built once per dialect and executed with parameters:
+# building them per call (and a multi-row VALUES that compiles anew for each batch size) cost
+# about as much as embedding one short text.
+_built: dict[tuple[str, str], Any] = {}
+
+
+def _prepared(session: Session, name: str, build: Callable[[Session], Any]) -> Any:
+    key = (session.get_bind().dialect.name, name)
+    if key not in _built:
+        _built[key] = build(session)
+    return _built[key]
+
+
+def _embeddings_upsert(session: Session) -> Any:
+    table: Any = Embedding.__table__
+    insert: Any = _insert(session, table)
+    # RETURNING yields only the rows this statement inserted (PostgreSQL; SQLite >= 3.35).
+    return insert.on_conflict_do_nothing(index_elements=["job_id", "item_id"]).returning(table.c.id)
+
+
 def upsert_embeddings(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     """Insert embedding rows, skipping (job, item) pairs already stored; returns rows inserted."""
     if not rows:
         return 0
-    insert: Any = _insert(session, Embedding).values(list(rows))
-    # RETURNING yields only the rows this statement inserted (PostgreSQL; SQLite >= 3.35).
-    statement = insert.on_conflict_do_nothing(index_elements=["job_id", "item_id"]).returning(
-        Embedding.id
-    )
-    return len(session.execute(statement).all())
+    statement = _prepared(session, "embeddings", _embeddings_upsert)
+    return len(session.connection().execute(statement, list(rows)).all())
 
 
 def count_embeddings(session: Session, job_id: str) -> int:
@@ -68,13 +84,71 @@ def create_job(session: Session, job: Job) -> Job:
     return job
 
 
-def upsert_batch_stat(session: Session, row: dict[str, Any]) -> None:
-    """Store a batch's timing; a redelivered batch replaces its earlier row."""
-    insert: Any = _insert(session, BatchStat).values(**row)
-    update = {k: insert.excluded[k] for k in row if k not in ("job_id", "batch_index")}
-    session.execute(
-        insert.on_conflict_do_update(index_elements=["job_id", "batch_index"], set_=update)
+BATCH_STAT_FIELDS = (
+    "host",
+    "pid",
+    "provider",
+    "texts",
+    "tokens",
+    "padded_tokens",
+    "queue_wait_ms",
+    "tokenize_ms",
+    "inference_ms",
+    "pool_ms",
+    "write_ms",
+    "total_ms",
+)
+
+
+def _batch_stat_upsert(session: Session) -> Any:
+    insert: Any = _insert(session, BatchStat.__table__)
+    return insert.on_conflict_do_update(
+        index_elements=["job_id", "batch_index"],
+        set_={field: insert.excluded[field] for field in BATCH_STAT_FIELDS},
     )
+
+
+def upsert_batch_stat(session: Session, row: dict[str, Any]) -> None:
+    """Store a batch's timing (``job_id``, ``batch_index`` and every ``BATCH_STAT_FIELDS``); a
+    redelivered batch replaces its earlier row."""
+    missing = {"job_id", "batch_index", *BATCH_STAT_FIELDS} - set(row)
+    if missing:
+        raise ValueError(f"batch stat row lacks {sorted(missing)}")
+    statement = _prepared(session, "batch_stat", _batch_stat_upsert)
+    session.connection().execute(statement, {**row, "created_at": datetime.now(UTC)})
+
+
+_jobs: Any = Job.__table__
+_COUNT = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("job"))
+    .values(
+        done_items=_jobs.c.done_items + bindparam("done"),
+        failed_items=_jobs.c.failed_items + bindparam("failed"),
+        started_at=func.coalesce(_jobs.c.started_at, bindparam("now")),
+        state=case(
+            (_jobs.c.state == JobState.QUEUED.value, JobState.RUNNING.value),
+            else_=_jobs.c.state,
+        ),
+        error=func.coalesce(_jobs.c.error, bindparam("error", type_=Text)),
+    )
+)
+_SETTLE = (
+    update(_jobs)
+    .where(
+        _jobs.c.id == bindparam("job"),
+        _jobs.c.done_items + _jobs.c.failed_items >= _jobs.c.total_items,
+        _jobs.c.finished_at.is_(None),
+    )
+    .values(
+        finished_at=bindparam("now"),
+        state=case(
+            (_jobs.c.failed_items == 0, JobState.SUCCEEDED.value),
+            (_jobs.c.done_items == 0, JobState.FAILED.value),
+            else_=JobState.PARTIALLY_FAILED.value,
+        ),
+    )
+)
 
 
 def add_progress(
@@ -84,32 +158,15 @@ def add_progress(
     true when this call finished the job.
 
     The increments are one UPDATE each, so concurrent batches of one job never lose a count;
-    ``done`` must be the rows this batch really inserted, so a redelivery adds nothing.
+    ``done`` must be the rows this batch really inserted, so a redelivery adds nothing. The
+    first error recorded is kept.
     """
     now = datetime.now(UTC)
-    values: dict[str, Any] = {
-        "done_items": Job.done_items + done,
-        "failed_items": Job.failed_items + failed,
-        "started_at": func.coalesce(Job.started_at, now),
-        "state": case((Job.state == JobState.QUEUED, JobState.RUNNING), else_=Job.state),
-    }
-    if error:
-        values["error"] = func.coalesce(Job.error, error)
-    session.execute(update(Job).where(Job.id == job_id).values(**values))
-    finished = Job.done_items + Job.failed_items >= Job.total_items
-    settled = session.execute(
-        update(Job)
-        .where(Job.id == job_id, finished, Job.finished_at.is_(None))
-        .values(
-            finished_at=now,
-            state=case(
-                (Job.failed_items == 0, JobState.SUCCEEDED),
-                (Job.done_items == 0, JobState.FAILED),
-                else_=JobState.PARTIALLY_FAILED,
-            ),
-        )
-    )
-    return bool(getattr(settled, "rowcount", 0) == 1)
+    connection = session.connection()
+    params = {"job": job_id, "done": done, "failed": failed, "now": now, "error": error}
+    connection.execute(_COUNT, params)
+    settled = connection.execute(_SETTLE, {"job": job_id, "now": now})
+    return bool(settled.rowcount == 1)
 
 
 def list_jobs(session: Session, limit: int = 20) -> Sequence[Job]:

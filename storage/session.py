@@ -2,8 +2,10 @@
 
 ``storage`` never reads settings: callers hand it a URL. SQLite gets WAL and a busy timeout on
 every connection, so a reader never blocks the writer and concurrent writers wait instead of
-failing with "database is locked". Engines are made per process (after a worker forks), never
-shared across a fork.
+failing with "database is locked"; and ``synchronous=NORMAL``, the setting SQLite recommends
+with WAL: no fsync per commit (2 ms here, a tenth of a one-text job), never a corrupt file, and
+a commit survives a killed process; only a power loss or OS crash can undo the last commits.
+Engines are made per process (after a worker forks), never shared across a fork.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
