@@ -28,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import true
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -72,6 +73,13 @@ class JobState(StrEnum):
     PARTIALLY_FAILED = "partially_failed"
 
 
+class BatchState(StrEnum):
+    SENT = "sent"
+    DONE = "done"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+
 class ModelState(StrEnum):
     PREPARING = "preparing"
     READY = "ready"
@@ -94,6 +102,10 @@ class Job(Base):
     total_items: Mapped[int] = mapped_column(Integer, default=0)
     done_items: Mapped[int] = mapped_column(Integer, default=0)
     failed_items: Mapped[int] = mapped_column(Integer, default=0)
+    reused_items: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Items whose vector was copied from the content cache instead of computed."""
+    sealed: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    """False while a backfill is still adding items: workers never settle an unsealed job."""
     queue: Mapped[str] = mapped_column(String(50))
     tag: Mapped[str | None] = mapped_column(String(200), index=True)
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -177,3 +189,62 @@ class ModelSource(Base):
     source: Mapped[str] = mapped_column(Text)
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     registered_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+
+class Batch(Base):
+    """A batch a backfill sent: which items it carries, so a resumed run knows what is in flight,
+    what is stuck, and how often an item's batch was lost."""
+
+    __tablename__ = "batches"
+    __table_args__ = (UniqueConstraint("job_id", "batch_index"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_index: Mapped[int] = mapped_column(Integer)
+    state: Mapped[BatchState] = mapped_column(
+        _state_column(BatchState, "batch_state"), default=BatchState.SENT, index=True
+    )
+    item_ids: Mapped[list[str]] = mapped_column(JSON)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    sent_at: Mapped[datetime] = mapped_column(default=_now)
+    finished_at: Mapped[datetime | None]
+
+
+class FailedItem(Base):
+    """An item that could not be embedded, with the reason; ``--retry-failed`` retries these."""
+
+    __tablename__ = "failed_items"
+    __table_args__ = (UniqueConstraint("job_id", "item_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    item_id: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class CachedVector(Base):
+    """The content cache: the first stored vector of a text under a model, by text sha256."""
+
+    __tablename__ = "vector_cache"
+
+    model_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    text_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    embedding_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("embeddings.id", ondelete="CASCADE")
+    )
+
+
+class Backfill(Base):
+    """A named backfill and the job that holds its items; running it again resumes it."""
+
+    __tablename__ = "backfills"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    model_name: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(Text)
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)

@@ -9,16 +9,20 @@ statement is picked by the session's dialect here and nowhere else.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Insert, Text, bindparam, case, delete, func, select, update
+from sqlalchemy import DateTime, Insert, Text, bindparam, case, delete, func, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage.models import (
+    Batch,
     BatchStat,
+    BatchState,
+    CachedVector,
     Embedding,
+    FailedItem,
     Job,
     JobState,
     ModelSource,
@@ -53,15 +57,80 @@ def _embeddings_upsert(session: Session) -> Any:
     table: Any = Embedding.__table__
     insert: Any = _insert(session, table)
     # RETURNING yields only the rows this statement inserted (PostgreSQL; SQLite >= 3.35).
-    return insert.on_conflict_do_nothing(index_elements=["job_id", "item_id"]).returning(table.c.id)
+    return insert.on_conflict_do_nothing(index_elements=["job_id", "item_id"]).returning(
+        table.c.id, table.c.text_sha256
+    )
 
 
-def upsert_embeddings(session: Session, rows: Sequence[dict[str, Any]]) -> int:
-    """Insert embedding rows, skipping (job, item) pairs already stored; returns rows inserted."""
+def upsert_embeddings(session: Session, rows: Sequence[dict[str, Any]]) -> list[tuple[int, str]]:
+    """Insert embedding rows, skipping (job, item) pairs already stored; returns the (id, text
+    sha256) of the rows inserted."""
     if not rows:
-        return 0
+        return []
     statement = _prepared(session, "embeddings", _embeddings_upsert)
-    return len(session.connection().execute(statement, list(rows)).all())
+    return [(row[0], row[1]) for row in session.connection().execute(statement, list(rows))]
+
+
+def _cache_insert(session: Session) -> Any:
+    insert: Any = _insert(session, CachedVector.__table__)
+    return insert.on_conflict_do_nothing(index_elements=["model_name", "text_sha256"])
+
+
+def cache_vectors(session: Session, model: str, stored: Sequence[tuple[int, str]]) -> None:
+    """Remember the first vector of each text under ``model`` (the content cache)."""
+    if stored:
+        rows = [{"model_name": model, "text_sha256": h, "embedding_id": i} for i, h in stored]
+        session.connection().execute(_prepared(session, "cache", _cache_insert), rows)
+
+
+def cached_vectors(session: Session, model: str, hashes: Sequence[str]) -> dict[str, Embedding]:
+    """Stored embeddings of these texts under ``model``, by text sha256."""
+    if not hashes:
+        return {}
+    rows = session.execute(
+        select(CachedVector.text_sha256, Embedding)
+        .join(Embedding, Embedding.id == CachedVector.embedding_id)
+        .where(CachedVector.model_name == model, CachedVector.text_sha256.in_(set(hashes)))
+    ).all()
+    return {sha: embedding for sha, embedding in rows}
+
+
+def _failure_insert(session: Session) -> Any:
+    insert: Any = _insert(session, FailedItem.__table__)
+    return insert.on_conflict_do_nothing(index_elements=["job_id", "item_id"]).returning(
+        FailedItem.__table__.c.id
+    )
+
+
+def record_failures(session: Session, job_id: str, item_ids: Sequence[str], reason: str) -> int:
+    """Record items of ``job_id`` as failed for ``reason``; returns how many were not already
+    recorded (so a redelivered failing batch counts its items once)."""
+    if not item_ids:
+        return 0
+    now = datetime.now(UTC)
+    rows = [{"job_id": job_id, "item_id": i, "reason": reason, "created_at": now} for i in item_ids]
+    statement = _prepared(session, "failure", _failure_insert)
+    return len(session.connection().execute(statement, rows).all())
+
+
+_batches: Any = Batch.__table__
+_FINISH_BATCH = (
+    update(_batches)
+    .where(
+        _batches.c.job_id == bindparam("job"),
+        _batches.c.batch_index == bindparam("index"),
+        _batches.c.state == BatchState.SENT.value,
+    )
+    .values(state=bindparam("state"), finished_at=bindparam("now", type_=DateTime(timezone=True)))
+)
+
+
+def finish_batch(session: Session, job_id: str, batch_index: int, state: BatchState) -> None:
+    """Mark a backfill's batch done or failed (a no-op for batches no backfill tracks)."""
+    session.connection().execute(
+        _FINISH_BATCH,
+        {"job": job_id, "index": batch_index, "state": state.value, "now": datetime.now(UTC)},
+    )
 
 
 def count_embeddings(session: Session, job_id: str) -> int:
@@ -125,7 +194,9 @@ _COUNT = (
     .values(
         done_items=_jobs.c.done_items + bindparam("done"),
         failed_items=_jobs.c.failed_items + bindparam("failed"),
-        started_at=func.coalesce(_jobs.c.started_at, bindparam("now")),
+        started_at=func.coalesce(
+            _jobs.c.started_at, bindparam("now", type_=DateTime(timezone=True))
+        ),
         state=case(
             (_jobs.c.state == JobState.QUEUED.value, JobState.RUNNING.value),
             else_=_jobs.c.state,
@@ -139,9 +210,10 @@ _SETTLE = (
         _jobs.c.id == bindparam("job"),
         _jobs.c.done_items + _jobs.c.failed_items >= _jobs.c.total_items,
         _jobs.c.finished_at.is_(None),
+        _jobs.c.sealed.is_(true()),
     )
     .values(
-        finished_at=bindparam("now"),
+        finished_at=bindparam("now", type_=DateTime(timezone=True)),
         state=case(
             (_jobs.c.failed_items == 0, JobState.SUCCEEDED.value),
             (_jobs.c.done_items == 0, JobState.FAILED.value),
@@ -241,3 +313,24 @@ def list_prepared(session: Session) -> Sequence[PreparedModel]:
     return session.scalars(
         select(PreparedModel).order_by(PreparedModel.name, PreparedModel.host)
     ).all()
+
+
+def stuck_batches(session: Session, job_id: str, older_than_s: float) -> int:
+    """Batches of ``job_id`` unfinished for longer than ``older_than_s`` while none of the job's
+    batches finished in that time: no worker is on them."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+    recent = session.scalar(
+        select(func.count()).where(Batch.job_id == job_id, Batch.finished_at >= cutoff)
+    )
+    if recent:
+        return 0
+    return int(
+        session.scalar(
+            select(func.count()).where(
+                Batch.job_id == job_id,
+                Batch.state == BatchState.SENT,
+                Batch.sent_at < cutoff,
+            )
+        )
+        or 0
+    )

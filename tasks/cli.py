@@ -279,6 +279,15 @@ def job(job_id: str) -> None:
         if found.error:
             typer.echo(f"error: {found.error}")
         typer.echo(", ".join(f"{key} {value:g}" for key, value in timing.items()))
+        stuck_after = get_settings().stuck_after
+        stuck = repository.stuck_batches(session, job_id, stuck_after)
+        if stuck:
+            typer.echo(
+                f"stuck: {stuck} batches in flight for more than {stuck_after}s and none of this"
+                f" job's batches finished in that time: no worker is on them (is one consuming"
+                f" {found.queue!r}?). Running the backfill again ({found.tag or 'its name'})"
+                f" sends them again."
+            )
 
 
 def _store_session() -> Any:
@@ -351,6 +360,145 @@ def worker(
             f"--loglevel={loglevel}",
         ]
     )
+
+
+@app.command("backfill")
+def backfill(
+    name: Annotated[str, typer.Argument(help="the backfill's name; run it again to resume")],
+    source: Annotated[
+        str | None, typer.Option(help="a .jsonl/.csv/.parquet file, or a SQLAlchemy URL")
+    ] = None,
+    sql: Annotated[str | None, typer.Option(help="query to run against --source")] = None,
+    id_field: Annotated[str | None, typer.Option(help="id field or column (default id)")] = None,
+    text_field: Annotated[
+        str | None, typer.Option(help="text field or column (default text)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="default: EMBEDQ_DEFAULT_MODEL")] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="send the failed items again")
+    ] = False,
+    max_in_flight: Annotated[int | None, typer.Option(help="unfinished batches at most")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Embed a whole source into the store as one resumable job on the bulk queue, with a live
+    progress bar; with only NAME, show that backfill's summary and failed items."""
+    from tasks import backfill as backfills
+    from tasks import readers
+
+    settings = get_settings()
+    try:
+        if source is not None:
+            from tasks.producer import ensure_schema
+
+            if settings.broker_url is None:
+                ensure_schema(settings.database_url)
+            reader = readers.open_source(source, id_field=id_field, text_field=text_field, sql=sql)
+            options = backfills.Options(
+                name=name,
+                model=model or settings.default_model or "",
+                batch_size=settings.job_batch_size,
+                max_in_flight=max_in_flight or settings.backfill_max_in_flight,
+                stuck_after=settings.stuck_after,
+                max_attempts=settings.max_retries,
+                retry_failed=retry_failed,
+            )
+            if not options.model:
+                raise EmbedqError("no --model given and EMBEDQ_DEFAULT_MODEL is not set")
+            run = backfills.BackfillRun(reader, options, settings)
+            if as_json:
+                run.run()
+            else:
+                _run_with_bar(run)
+        outcome = backfills.summary(settings.database_url, name)
+    except EmbedqError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(outcome, indent=2))
+    else:
+        _print_summary(outcome)
+    if outcome["state"] != "succeeded":
+        raise typer.Exit(code=1)
+
+
+def _run_with_bar(run: Any) -> None:
+    import time
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    started = time.monotonic()
+    first: dict[str, int] = {}
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("failed {task.fields[failed]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(run.options.name, total=None, rate="", failed=0)
+
+        def report(progress: Any) -> None:
+            first.setdefault("done", progress.done)
+            first.setdefault("tokens", progress.tokens)
+            elapsed = max(time.monotonic() - started, 1e-3)
+            texts = (progress.done - first["done"]) / elapsed
+            tokens = (progress.tokens - first["tokens"]) / elapsed
+            bar.update(
+                task,
+                total=progress.total,
+                completed=progress.done + progress.failed,
+                rate=f"{texts:,.0f} texts/s {tokens:,.0f} tok/s",
+                failed=progress.failed,
+            )
+
+        run.run(report)
+
+
+def _print_summary(outcome: dict[str, Any]) -> None:
+    items = outcome["items"] if outcome["items"] is not None else "unsealed"
+    typer.echo(
+        f"backfill {outcome['name']} ({outcome['state']}, run {outcome['runs']}): items {items},"
+        f" done {outcome['done']} (reused {outcome['reused']}), failed {outcome['failed']}"
+    )
+    if outcome["wall_s"] is not None:
+        typer.echo(f"wall {outcome['wall_s']}s, {outcome['items_per_s']} items/s")
+    for worker in outcome["workers"]:
+        typer.echo(
+            f"  worker {worker['host']}:{worker['pid']}: {worker['texts']} texts in"
+            f" {worker['batches']} batches"
+        )
+    for reason, count in outcome["failure_reasons"].items():
+        typer.echo(f"  failed {count}: {reason}")
+    if outcome["failed_examples"]:
+        typer.echo(f"  e.g. items {', '.join(outcome['failed_examples'])}")
+    if outcome["in_flight_batches"]:
+        typer.echo(f"  {outcome['in_flight_batches']} batches still in flight")
+
+
+@app.command("export")
+def export(
+    job_or_name: Annotated[str, typer.Argument(help="a job id or a backfill name")],
+    out: Annotated[Path, typer.Option(help="file to write")],
+    fmt: Annotated[str, typer.Option("--format", help="npy, jsonl or parquet")] = "npy",
+) -> None:
+    """Write a job's ids and vectors to a file, streamed from the store."""
+    from tasks.export import export as write
+
+    try:
+        written = write(get_settings().database_url, job_or_name, fmt, out)
+    except EmbedqError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"wrote {written} vectors to {out}", err=True)
 
 
 @app.command("encode")

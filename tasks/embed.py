@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.orm import Session
 
 from storage import repository
+from storage.models import BatchState
 from tasks import names
 from worker import lifecycle  # connects the signals that warm each pool process
 from worker.app import app
@@ -54,19 +55,7 @@ def embed_batch(
     try:
         result = engine.encode(payload.texts)
     except InputError as exc:
-        finished = repository.add_progress(
-            session,
-            payload.job_id,
-            done=0,
-            failed=len(payload.texts),
-            error=f"batch {payload.batch_index}: {exc}",
-        )
-        return {
-            "job_id": payload.job_id,
-            "batch": payload.batch_index,
-            "failed": str(exc),
-            "finished": finished,
-        }
+        return fail_items(session, payload, f"batch {payload.batch_index}: {exc}")
     stats = result.stats
     w0 = time.perf_counter()
     rows = [
@@ -90,7 +79,9 @@ def embed_batch(
             strict=True,
         )
     ]
-    inserted = repository.upsert_embeddings(session, rows)
+    stored = repository.upsert_embeddings(session, rows)
+    repository.cache_vectors(session, payload.model, stored)
+    repository.finish_batch(session, payload.job_id, payload.batch_index, BatchState.DONE)
     write_ms = (time.perf_counter() - w0) * 1000
     repository.upsert_batch_stat(
         session,
@@ -111,7 +102,9 @@ def embed_batch(
             "total_ms": stats.total_ms + write_ms,
         },
     )
-    finished = repository.add_progress(session, payload.job_id, done=inserted, failed=0, error=None)
+    finished = repository.add_progress(
+        session, payload.job_id, done=len(stored), failed=0, error=None
+    )
     return {
         "job_id": payload.job_id,
         "batch": payload.batch_index,
@@ -119,6 +112,20 @@ def embed_batch(
         "tokens": stats.tokens,
         "ms": round(stats.total_ms + write_ms, 1),
         "provider": provider,
+        "finished": finished,
+    }
+
+
+def fail_items(session: Session, payload: EmbedPayload, reason: str) -> dict[str, Any]:
+    """Record every item of the batch as failed for ``reason`` (once, however often the batch
+    is delivered) and count them in the job."""
+    failed = repository.record_failures(session, payload.job_id, payload.item_ids, reason)
+    repository.finish_batch(session, payload.job_id, payload.batch_index, BatchState.FAILED)
+    finished = repository.add_progress(session, payload.job_id, done=0, failed=failed, error=reason)
+    return {
+        "job_id": payload.job_id,
+        "batch": payload.batch_index,
+        "failed": reason,
         "finished": finished,
     }
 
@@ -162,7 +169,8 @@ def run_payload(raw: dict[str, Any], *, local: bool = False) -> dict[str, Any]:
                 download.request(payload.model, sessions, settings)
                 raise  # unreachable: request raises
     except (ModelError, ProviderError) as exc:
-        return _fail(sessions, payload.job_id, len(payload.texts), f"model {payload.model}: {exc}")
+        with scope(sessions) as session:
+            return fail_items(session, payload, f"model {payload.model}: {exc}")
     with scope(sessions) as session:
         return embed_batch(session, engine, payload, provider=engine.provider)
 

@@ -111,7 +111,7 @@ def submit(
     job_id = str(uuid.uuid4())
     url = settings.database_url
     if settings.broker_url is None:
-        _ensure_schema(url)  # local mode: a laptop needs no separate `embedq db upgrade`
+        ensure_schema(url)  # local mode: a laptop needs no separate `embedq db upgrade`
     with scope(sessions_for(url)) as session:
         repository.create_job(
             session,
@@ -135,7 +135,7 @@ def submit(
             order[start : start + size] for start in range(0, len(order), size)
         )
     ]
-    _send(payloads, queue)
+    send_payloads(payloads, queue)
     return JobHandle(job_id, url, settings.broker_url)
 
 
@@ -149,7 +149,7 @@ def register_model(source: str, name: str, options: dict[str, Any] | None = None
     checked = check_options(options or {})
     url = get_settings().database_url
     if get_settings().broker_url is None:
-        _ensure_schema(url)
+        ensure_schema(url)
     with scope(sessions_for(url)) as session:
         repository.register_source(session, name, source, checked)
 
@@ -167,7 +167,8 @@ def dispose() -> None:
 _migrated: set[str] = set()
 
 
-def _ensure_schema(url: str) -> None:
+def ensure_schema(url: str) -> None:
+    """Create or migrate the schema once per process (local mode needs no `db upgrade`)."""
     if url not in _migrated:
         from storage import schema
 
@@ -179,7 +180,8 @@ def _ensure_schema(url: str) -> None:
         _migrated.add(url)
 
 
-def _send(payloads: list[dict[str, Any]], queue: names.Queue) -> None:
+def send_payloads(payloads: list[dict[str, Any]], queue: names.Queue) -> None:
+    """Send batches by task name, or run them here in local mode (no broker configured)."""
     settings = get_settings()
     if settings.broker_url is None:
         from tasks.embed import run_payload  # local mode: the same code, in this process

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     max_retries: int = Field(default=3, ge=0)
     """Times a batch whose worker process died is retried before its job records it failed."""
 
+    backfill_max_in_flight: int = Field(default=8, ge=1)
+    """Most unfinished batches one backfill keeps on the queue (its backpressure)."""
+    stuck_after: int = Field(default=300, ge=1)
+    """Seconds a batch may stay unfinished, with none of its job's batches finishing, before
+    it is reported stuck (and re-sent when its backfill is run again)."""
+
     # --- models on worker hosts ----------------------------------------------------------------
     host_name: str = Field(default_factory=socket.gethostname)
     """This host's name in the ``models`` table and its download queue (``download.<name>``).

@@ -53,9 +53,9 @@ def test_a_redelivered_batch_writes_each_item_once(database_url: str) -> None:
     with scope(factory) as session:
         session.add(Job(id="job-1", model_name="minilm", queue="interactive", total_items=3))
     with scope(factory) as session:
-        assert repository.upsert_embeddings(session, rows) == 3
+        assert len(repository.upsert_embeddings(session, rows)) == 3
     with scope(factory) as session:  # the same batch again, as after a lost worker
-        assert repository.upsert_embeddings(session, rows) == 0
+        assert repository.upsert_embeddings(session, rows) == []
         assert repository.count_embeddings(session, "job-1") == 3
         stored = repository.list_embeddings(session, "job-1")
         assert [e.item_id for e in stored] == ["item-0", "item-1", "item-2"]

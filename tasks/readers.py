@@ -1,0 +1,224 @@
+"""Backfill sources, read as a stream of rows: JSON Lines, CSV, a SQL query, Parquet.
+
+Nothing here holds a whole source in memory: files are read line by line, SQL with a
+server-side cursor (``stream_results`` + ``yield_per``), Parquet by record batch. A row that
+cannot be used (no id, no text, not JSON) is still yielded, with the problem, so the backfill
+records it as a failed item with its reason instead of stopping or skipping it silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from worker.errors import InputError
+
+SQL_FETCH = 1000
+
+
+@dataclass(frozen=True)
+class Row:
+    """One source row: its position in the source, its id, its text, or what is wrong with it."""
+
+    position: int
+    item_id: str
+    text: str
+    problem: str | None = None
+
+
+class Reader(Protocol):
+    @property
+    def description(self) -> str: ...
+
+    def count(self) -> int | None: ...
+
+    def rows(self) -> Iterator[Row]: ...
+
+
+def _row(position: int, record: dict[str, Any], id_field: str, text_field: str) -> Row:
+    raw_id = record.get(id_field)
+    item_id = str(raw_id) if raw_id is not None else f"#{position}"
+    text = record.get(text_field)
+    if raw_id is None:
+        return Row(position, item_id, "", f"row {position} has no {id_field!r}")
+    if not isinstance(text, str):
+        what = "no" if text is None else f"a non-text ({type(text).__name__})"
+        return Row(position, item_id, "", f"row {position} has {what} {text_field!r}")
+    return Row(position, item_id, text)
+
+
+@dataclass
+class JsonLines:
+    """Objects with an id and a text field; a line that is a bare JSON string gets its line
+    number as its id."""
+
+    path: Path
+    id_field: str = "id"
+    text_field: str = "text"
+
+    @property
+    def description(self) -> str:
+        return f"{self.path} (JSON Lines)"
+
+    def count(self) -> int | None:
+        with self.path.open("rb") as handle:
+            return sum(1 for line in handle if line.strip())
+
+    def rows(self) -> Iterator[Row]:
+        with self.path.open(encoding="utf-8") as handle:
+            position = 0
+            for line in handle:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    yield Row(position, f"#{position}", "", f"row {position} is not JSON: {exc}")
+                else:
+                    if isinstance(record, str):
+                        yield Row(position, str(position), record)
+                    elif isinstance(record, dict):
+                        yield _row(position, record, self.id_field, self.text_field)
+                    else:
+                        yield Row(position, f"#{position}", "", f"row {position} is not an object")
+                position += 1
+
+
+@dataclass
+class Csv:
+    path: Path
+    id_field: str = "id"
+    text_field: str = "text"
+
+    @property
+    def description(self) -> str:
+        return f"{self.path} (CSV)"
+
+    def _reader(self, handle: Any) -> csv.DictReader[str]:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        missing = [c for c in (self.id_field, self.text_field) if c not in columns]
+        if missing:
+            raise InputError(f"{self.path} has no column {missing}; its columns: {columns}")
+        return reader
+
+    def count(self) -> int | None:
+        with self.path.open(encoding="utf-8", newline="") as handle:
+            return sum(1 for _ in self._reader(handle))
+
+    def rows(self) -> Iterator[Row]:
+        with self.path.open(encoding="utf-8", newline="") as handle:
+            for position, record in enumerate(self._reader(handle)):
+                yield _row(position, record, self.id_field, self.text_field)
+
+
+@dataclass
+class Sql:
+    """A query against any SQLAlchemy URL; the id and text are the named columns, or the first
+    and second."""
+
+    url: str
+    query: str
+    id_field: str | None = None
+    text_field: str | None = None
+
+    @property
+    def description(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        return f"{make_url(self.url).render_as_string(hide_password=True)}: {self.query}"
+
+    def count(self) -> int | None:
+        from sqlalchemy import text
+
+        from storage.session import make_engine
+
+        engine = make_engine(self.url)
+        try:
+            with engine.connect() as connection:
+                total = connection.execute(text(f"select count(*) from ({self.query}) as q"))
+                return int(total.scalar_one())
+        finally:
+            engine.dispose()
+
+    def rows(self) -> Iterator[Row]:
+        from sqlalchemy import text
+
+        from storage.session import make_engine
+
+        engine = make_engine(self.url)
+        try:
+            with engine.connect() as connection:
+                result = connection.execution_options(
+                    stream_results=True, yield_per=SQL_FETCH
+                ).execute(text(self.query))
+                columns = list(result.keys())
+                id_field = self.id_field or columns[0]
+                text_field = self.text_field or columns[min(1, len(columns) - 1)]
+                for field in (id_field, text_field):
+                    if field not in columns:
+                        raise InputError(f"the query returns no column {field!r}: {columns}")
+                for position, record in enumerate(result.mappings()):
+                    yield _row(position, dict(record), id_field, text_field)
+        finally:
+            engine.dispose()
+
+
+@dataclass
+class Parquet:
+    path: Path
+    id_field: str = "id"
+    text_field: str = "text"
+
+    @property
+    def description(self) -> str:
+        return f"{self.path} (Parquet)"
+
+    def _file(self) -> Any:
+        try:
+            import pyarrow.parquet as pq  # type: ignore[import-not-found, unused-ignore]
+        except ImportError as exc:
+            raise InputError(
+                "reading Parquet needs pyarrow: pip install 'embedq[parquet]'"
+            ) from exc
+        return pq.ParquetFile(self.path)
+
+    def count(self) -> int | None:
+        return int(self._file().metadata.num_rows)
+
+    def rows(self) -> Iterator[Row]:
+        position = 0
+        columns = [self.id_field, self.text_field]
+        for batch in self._file().iter_batches(batch_size=SQL_FETCH, columns=columns):
+            for record in batch.to_pylist():
+                yield _row(position, record, self.id_field, self.text_field)
+                position += 1
+
+
+def open_source(
+    source: str,
+    *,
+    id_field: str | None = None,
+    text_field: str | None = None,
+    sql: str | None = None,
+) -> Reader:
+    """The reader for ``source``: a SQLAlchemy URL when ``sql`` is given, else a file whose
+    suffix says its format (.jsonl/.ndjson/.json, .csv, .parquet)."""
+    if sql is not None:
+        return Sql(source, sql, id_field, text_field)
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"backfill source {source!r} is not a file (for SQL, pass --sql)")
+    fields = {"id_field": id_field or "id", "text_field": text_field or "text"}
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return JsonLines(path, **fields)
+    if suffix == ".csv":
+        return Csv(path, **fields)
+    if suffix == ".parquet":
+        return Parquet(path, **fields)
+    raise InputError(f"cannot tell the format of {source!r}: use .jsonl, .csv or .parquet")
