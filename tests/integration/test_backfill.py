@@ -161,3 +161,25 @@ def test_csv_and_sql_sources_are_read_by_the_named_fields(
     opts = backfill.Options(name="from-sql", model="minilm", batch_size=5)
     progress = backfill.BackfillRun(query, opts).run()
     assert (progress.sent, backfill.summary(local, "from-sql")["state"]) == (12, "succeeded")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_parquet_in_and_out(local: str, tmp_path: Path, corpus: list[str], engine: Engine) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = tmp_path / "docs.parquet"
+    texts = corpus[300:340]
+    table = pa.table({"doc": [f"p{i}" for i in range(40)], "body": texts})
+    pq.write_table(table, source, row_group_size=16)
+    reader = readers.open_source(str(source), id_field="doc", text_field="body")
+    assert reader.count() == 40
+    opts = backfill.Options(name="pq", model="minilm", batch_size=16)
+    assert backfill.BackfillRun(reader, opts).run().sent == 40
+
+    out = tmp_path / "out.parquet"
+    assert export(local, "pq", "parquet", out) == 40
+    written = pq.read_table(out)
+    assert written.column("id").to_pylist() == [f"p{i}" for i in range(40)]
+    vectors = np.array(written.column("vector").to_pylist(), dtype=np.float32)
+    assert float(np.min(cosines(vectors, engine.encode(texts).vectors))) >= 0.9999
