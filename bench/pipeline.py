@@ -41,10 +41,11 @@ TARGET_SHARE = 0.85  # pipeline texts/s as a share of the engine's
 TARGET_P50_MS = 25.0
 
 
-def start_worker(env: dict[str, str]) -> subprocess.Popen[str]:
+def start_worker(env: dict[str, str], queues: str = "interactive,bulk") -> subprocess.Popen[str]:
     """A real worker, as an operator would start one on this machine: prefork, one process."""
     command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "1"]
-    command += ["-Q", "interactive,bulk", "--without-gossip", "--without-mingle", "-l", "WARNING"]
+    command += ["-Q", queues, "-n", f"{queues.replace(',', '-')}@%h"]
+    command += ["--without-gossip", "--without-mingle", "-l", "WARNING"]
     process = subprocess.Popen(
         command,
         env={**os.environ, **env},

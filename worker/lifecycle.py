@@ -68,6 +68,8 @@ def get_sessions() -> sessionmaker[Session]:
 
 def _warm(**_: Any) -> None:
     settings = get_settings()
+    if settings.worker_nice:
+        os.nice(settings.worker_nice)
     device = this_device()
     if device is not None:
         logger.info("pool process %d bound to GPU %d", current_process_index(base=0) or 0, device)

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     """What to do when a requested GPU provider cannot be used: log a warning and run on the
     provider obtained (``warn``), or refuse to build the engine (``error``). Default: ``error``
     on a GPU worker (``EMBEDQ_GPU_DEVICES`` set), ``warn`` elsewhere."""
+    worker_nice: int = Field(default=0, ge=0, le=19)
+    """Niceness of each pool process. Give a bulk-only fleet sharing cores with an interactive
+    one a high value (10-19) so the operating system runs interactive batches first."""
     gpu_devices: Annotated[list[int], NoDecode] = Field(default_factory=list)
     """CUDA device ids for this worker, comma-separated (``0,1``): one process per device,
     each child bound to its own. Empty: a CPU worker (or onnxruntime's device 0)."""
