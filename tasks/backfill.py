@@ -85,10 +85,25 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _chunks(rows: Iterator[Row], size: int, chars: int) -> Iterator[list[Row]]:
-    chunk: list[Row] = []
+def _chunks(rows: Iterator[Row], size: int, chars: int, window: int = 8) -> Iterator[list[Row]]:
+    """Batches of at most ``size`` rows and ``chars`` characters. Rows are taken a window of
+    ``window`` batches at a time and sorted by length within it, so each batch pads little (as
+    the producer does for a job); memory stays one window."""
+    pending: list[Row] = []
     budget = 0
     for row in rows:
+        pending.append(row)
+        budget += len(row.text)
+        if len(pending) >= size * window or budget >= chars * window:
+            yield from _cut(pending, size, chars)
+            pending, budget = [], 0
+    yield from _cut(pending, size, chars)
+
+
+def _cut(rows: list[Row], size: int, chars: int) -> Iterator[list[Row]]:
+    chunk: list[Row] = []
+    budget = 0
+    for row in sorted(rows, key=lambda r: len(r.text)):
         chunk.append(row)
         budget += len(row.text)
         if len(chunk) >= size or budget >= chars:
@@ -107,6 +122,7 @@ class BackfillRun:
         self.settings = settings or get_settings()
         self.sessions: sessionmaker[Session] = sessions_for(self.settings.database_url)
         self.lost_attempts: dict[str, int] = {}
+        self._refreshed = 0.0
         self.in_flight_items: set[str] = set()
 
     # --- setup -------------------------------------------------------------------------------
@@ -187,7 +203,7 @@ class BackfillRun:
                 self._wait_for_room(progress, report)
                 self._send(progress, next_index, batch)
                 next_index += 1
-            self._refresh(progress)
+            self._refresh(progress, every=0.5)
             report(progress)
         self._wait_for_room(progress, report, room=1)  # every batch finished
         self._seal(progress)
@@ -288,7 +304,8 @@ class BackfillRun:
         give up with a ``BackfillError`` when nothing finishes for ``stuck_after`` seconds."""
         room = room or self.options.max_in_flight
         seen, since = (progress.done, progress.failed), time.monotonic()
-        while self._refresh(progress).in_flight >= room:
+        while self._in_flight(progress) >= room:
+            self._refresh(progress, every=0.5)
             report(progress)
             if (progress.done, progress.failed) != seen:
                 seen, since = (progress.done, progress.failed), time.monotonic()
@@ -326,7 +343,24 @@ class BackfillRun:
         progress.sent += len(rows)
         progress.batches += 1
 
-    def _refresh(self, progress: Progress) -> Progress:
+    def _in_flight(self, progress: Progress) -> int:
+        with scope(self.sessions) as session:
+            progress.in_flight = int(
+                session.scalar(
+                    select(func.count()).where(
+                        Batch.job_id == progress.job_id, Batch.state == BatchState.SENT
+                    )
+                )
+                or 0
+            )
+        return progress.in_flight
+
+    def _refresh(self, progress: Progress, every: float = 0.0) -> Progress:
+        """Read the job's counts (at most once per ``every`` seconds)."""
+        now = time.monotonic()
+        if now - self._refreshed < every:
+            return progress
+        self._refreshed = now
         with scope(self.sessions) as session:
             job = session.get(Job, progress.job_id)
             if job is None:

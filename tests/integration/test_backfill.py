@@ -6,6 +6,7 @@ back in source order. The queue, worker kills and backpressure are in tests/acce
 import csv
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def write_jsonl(path: Path, texts: list[str], bad: bool = True) -> Path:
 
 def run(path: Path, name: str, **options: object) -> backfill.Progress:
     settings = get_settings()
-    opts = backfill.Options(name=name, model="minilm", batch_size=32, **options)  # type: ignore[arg-type]
+    values: dict[str, object] = {"batch_size": 32, **options}
+    opts = backfill.Options(name=name, model="minilm", **values)  # type: ignore[arg-type]
     return backfill.BackfillRun(readers.open_source(str(path)), opts, settings).run()
 
 
@@ -183,3 +185,40 @@ def test_parquet_in_and_out(local: str, tmp_path: Path, corpus: list[str], engin
     assert written.column("id").to_pylist() == [f"p{i}" for i in range(40)]
     vectors = np.array(written.column("vector").to_pylist(), dtype=np.float32)
     assert float(np.min(cosines(vectors, engine.encode(texts).vectors))) >= 0.9999
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_lost_batches_are_reported_stuck_then_sent_again_or_failed_for_good(
+    local: str, corpus: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage import repository
+    from tasks import producer
+
+    source = write_jsonl(tmp_path / "lost.jsonl", corpus[500:520], bad=False)
+    monkeypatch.setattr(producer, "send_payloads", lambda payloads, queue: None)  # lost
+    with pytest.raises(backfill.BackfillError, match="none finished for 1s"):
+        run(source, "lost", stuck_after=1, max_in_flight=2, batch_size=8)
+    summary = backfill.summary(local, "lost")
+    assert summary["state"] == "queued" and summary["in_flight_batches"] == 2
+    time.sleep(1.1)
+    with scope(sessions_for(local)) as session:
+        assert repository.stuck_batches(session, summary["job_id"], 1) == 2
+
+    monkeypatch.undo()  # messages arrive again; the resumed run re-sends the stuck batches
+    again = run(source, "lost", stuck_after=1, batch_size=8)
+    assert again.sent == 20 and backfill.summary(local, "lost")["state"] == "succeeded"
+
+    write_jsonl(tmp_path / "lost2.jsonl", corpus[600:610], bad=False)
+    monkeypatch.setattr(producer, "send_payloads", lambda payloads, queue: None)
+    for _ in range(2):  # lost twice: with max_attempts=2 the items fail for good
+        with pytest.raises(backfill.BackfillError):
+            run(tmp_path / "lost2.jsonl", "lost2", stuck_after=1, max_attempts=2)
+        time.sleep(1.1)
+    monkeypatch.undo()
+    final = run(tmp_path / "lost2.jsonl", "lost2", stuck_after=1, max_attempts=2)
+    assert final.sent == 0
+    outcome = backfill.summary(local, "lost2")
+    assert (outcome["state"], outcome["failed"]) == ("failed", 10)
+    assert list(outcome["failure_reasons"]) == [
+        "its batch was lost 2 times (a worker died or the batch was never run)"
+    ]
