@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= all-MiniLM-L6-v2
 
-.PHONY: setup run test lint bench bench-pipeline clean
+.PHONY: setup run test lint bench bench-pipeline bench-backfill clean
 
 $(BIN)/embedq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench: setup
 # Needs Redis on 127.0.0.1:6379 (database 13 is flushed); starts and stops its own worker.
 bench-pipeline: setup
 	$(BIN)/python bench/pipeline.py
+
+bench-backfill: setup
+	$(BIN)/python bench/backfill.py
 
 clean:
 	rm -rf $(VENV) vectors.npy .pytest_cache .mypy_cache .ruff_cache
