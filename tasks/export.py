@@ -93,8 +93,8 @@ def _jsonl(pages: Iterator[list[tuple[str, int, bytes]]], out: Path) -> int:
 
 def _parquet(pages: Iterator[list[tuple[str, int, bytes]]], out: Path, dim: int) -> int:
     try:
-        import pyarrow as pa  # type: ignore[import-not-found, unused-ignore]
-        import pyarrow.parquet as pq  # type: ignore[import-not-found, unused-ignore]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
     except ImportError as exc:
         raise InputError("writing Parquet needs pyarrow: pip install 'embedq[parquet]'") from exc
     schema = pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dim))])

@@ -180,7 +180,7 @@ class Parquet:
 
     def _file(self) -> Any:
         try:
-            import pyarrow.parquet as pq  # type: ignore[import-not-found, unused-ignore]
+            import pyarrow.parquet as pq
         except ImportError as exc:
             raise InputError(
                 "reading Parquet needs pyarrow: pip install 'embedq[parquet]'"
