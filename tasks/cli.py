@@ -29,11 +29,14 @@ app.add_typer(db_app, name="db")
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    from worker.logs import use_json
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    use_json()
 
 
 def _fail(exc: EmbedqError) -> typer.Exit:
@@ -499,6 +502,76 @@ def export(
     except EmbedqError as exc:
         raise _fail(exc) from exc
     typer.echo(f"wrote {written} vectors to {out}", err=True)
+
+
+@app.command("stats")
+def stats(
+    since: Annotated[str | None, typer.Option(help="e.g. 15m, 1h, 7d")] = None,
+    model: Annotated[str | None, typer.Option(help="one model")] = None,
+    job_id: Annotated[str | None, typer.Option("--job", help="one job")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Per model, worker and provider: texts/s, tokens/s, padding waste and p50/p95/p99 of each
+    batch stage and of the queue wait, from the store's batch statistics."""
+    from tasks import stats as report
+
+    try:
+        window = report.parse_since(since) if since else None
+        rows = report.report(get_settings().database_url, window, model, job_id)
+    except EmbedqError as exc:
+        raise _fail(exc) from exc
+    typer.echo(json.dumps(rows, indent=2) if as_json else report.render(rows))
+
+
+@app.command("health")
+def health(
+    timeout: Annotated[float, typer.Option(help="seconds to wait for workers")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Ping the workers; list what each consumes and serves, and the queue depths. Exits 1 when
+    a queue holds messages that no answering worker consumes."""
+    from tasks import health as fleet
+    from worker.app import app as celery_app
+
+    result = fleet.check(celery_app, get_settings().database_url, timeout)
+    typer.echo(json.dumps(result, indent=2) if as_json else fleet.render(result))
+    if not result["ok"]:
+        raise typer.Exit(code=1)
+
+
+@app.command("flower")
+def flower(
+    port: Annotated[int, typer.Option(help="HTTP port")] = 5555,
+    address: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="no login, for local use only")
+    ] = False,
+) -> None:
+    """Start Flower on this app with basic authentication (EMBEDQ_FLOWER_USER and
+    EMBEDQ_FLOWER_PASSWORD), bound to loopback by default: Flower serves /metrics and
+    /healthcheck without authentication."""
+    import os
+
+    settings = get_settings()
+    argv = ["flower", f"--port={port}", f"--address={address}"]
+    if settings.flower_user and settings.flower_password:
+        argv.append(f"--basic-auth={settings.flower_user}:{settings.flower_password}")
+    elif insecure_no_auth:
+        os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
+        typer.echo("warning: Flower runs without authentication", err=True)
+    else:
+        raise _fail(
+            EmbedqError(
+                "set EMBEDQ_FLOWER_USER and EMBEDQ_FLOWER_PASSWORD (or pass --insecure-no-auth"
+                " for local use)"
+            )
+        )
+    from worker.app import app as celery_app
+
+    typer.echo(
+        f"Flower on http://{address}:{port} for {_redacted(settings.celery_broker())}", err=True
+    )
+    celery_app.start(argv)
 
 
 @app.command("encode")

@@ -9,6 +9,7 @@ it directly. Vectors, statistics and the job's counts are written in that one tr
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import time
@@ -20,7 +21,10 @@ from sqlalchemy.orm import Session
 from storage import repository
 from storage.models import BatchState
 from tasks import names
-from worker import lifecycle  # connects the signals that warm each pool process
+from worker import (
+    lifecycle,  # connects the signals that warm each pool process
+    logs,  # noqa: F401  (JSON log lines when EMBEDQ_LOG_JSON is set)
+)
 from worker.app import app
 from worker.engine import Embedder
 from worker.errors import (
@@ -31,6 +35,8 @@ from worker.errors import (
     ProviderError,
 )
 from worker.settings import get_settings
+
+logger = logging.getLogger(__name__)
 
 
 class EmbedPayload(BaseModel):
@@ -104,6 +110,26 @@ def embed_batch(
     )
     finished = repository.add_progress(
         session, payload.job_id, done=len(stored), failed=0, error=None
+    )
+    total_ms = stats.total_ms + write_ms
+    logger.info(
+        "batch done: job=%s batch=%d texts=%d tokens=%d padded=%d ms=%.1f provider=%s",
+        payload.job_id,
+        payload.batch_index,
+        stats.texts,
+        stats.tokens,
+        stats.padded_tokens,
+        total_ms,
+        provider,
+        extra={
+            "job": payload.job_id,
+            "batch": payload.batch_index,
+            "texts": stats.texts,
+            "tokens": stats.tokens,
+            "padded_tokens": stats.padded_tokens,
+            "ms": round(total_ms, 1),
+            "provider": provider,
+        },
     )
     return {
         "job_id": payload.job_id,
@@ -196,6 +222,7 @@ def embed(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     """Embed one batch of a job (see ``EmbedPayload``) and store the vectors."""
     from tasks import completion
     from tasks.download import ModelPendingError
+    from tasks.producer import shown
 
     try:
         summary = run_payload(payload)
@@ -209,6 +236,7 @@ def embed(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
             countdown=get_settings().model_wait_interval,
             queue=delivery.get("routing_key") or names.Queue.INTERACTIVE,
             task_id=self.request.id,
+            argsrepr=shown(payload),
         )
         return {"job_id": payload.get("job_id"), "waiting_for_model": pending.name}
     if summary.get("finished"):  # committed: wake whoever waits for this job

@@ -193,7 +193,23 @@ def send_payloads(payloads: list[dict[str, Any]], queue: names.Queue) -> None:
 
     connection = _connection(settings.broker_url)
     for payload in payloads:
-        app.send_task(names.EMBED, args=[payload], queue=str(queue), connection=connection)
+        app.send_task(
+            names.EMBED,
+            args=[payload],
+            queue=str(queue),
+            connection=connection,
+            argsrepr=shown(payload),
+        )
+
+
+def shown(payload: dict[str, Any]) -> str:
+    """What Flower and the logs show of a batch: ids and sizes, never whole texts."""
+    texts = payload["texts"]
+    first = texts[0][:40] + ("..." if len(texts[0]) > 40 else "") if texts else ""
+    return (
+        f"job={payload['job_id']} batch={payload['batch_index']} model={payload['model']}"
+        f" texts={len(texts)} first={first!r}"
+    )
 
 
 _connections: dict[tuple[int, int, str], Any] = {}

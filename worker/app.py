@@ -20,6 +20,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import celeryd_after_setup
+from celery.worker.control import inspect_command
 from kombu.entity import Exchange, Queue
 
 from worker.settings import get_settings
@@ -72,3 +73,17 @@ def _consume_host_download_queue(sender: str, instance: Any, **_: Any) -> None:
 
 
 celeryd_after_setup.connect(_consume_host_download_queue, weak=False)
+
+
+def embedq_config(state: Any, **_: Any) -> dict[str, Any]:
+    """Remote control (``inspect``): the settings ``embedq health`` compares with what ran."""
+    current = get_settings()
+    return {
+        "host_name": current.host_name,
+        "gpu_devices": current.gpu_devices,
+        "providers": current.providers,
+        "default_model": current.default_model,
+    }
+
+
+inspect_command()(embedq_config)

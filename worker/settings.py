@@ -69,6 +69,16 @@ class Settings(BaseSettings):
     """Seconds a batch may stay unfinished, with none of its job's batches finishing, before
     it is reported stuck (and re-sent when its backfill is run again)."""
 
+    # --- operations ----------------------------------------------------------------------------
+    log_json: bool = False
+    """Log one JSON object per line (fields: time, level, logger, message, and per batch: job,
+    batch, texts, tokens, padded_tokens, ms, provider)."""
+    flower_user: str | None = None
+    """Flower's basic-auth user; ``embedq flower`` refuses to start without user and password
+    unless told ``--insecure-no-auth``."""
+    flower_password: str | None = None
+    """Flower's basic-auth password."""
+
     # --- models on worker hosts ----------------------------------------------------------------
     host_name: str = Field(default_factory=socket.gethostname)
     """This host's name in the ``models`` table and its download queue (``download.<name>``).

@@ -41,3 +41,18 @@ def test_a_gpu_worker_runs_one_process_per_device_and_refuses_a_cpu_fallback() -
 def test_the_visibility_timeout_outlasts_the_longest_task() -> None:
     assert Settings(task_time_limit=100, download_time_limit=900).visibility() == 1860
     assert Settings(task_time_limit=1000, download_time_limit=900).visibility() == 2060
+
+
+def test_json_logs_carry_the_batch_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import logging
+
+    from worker.logs import JsonFormatter
+
+    record = logging.makeLogRecord(
+        {"msg": "batch done: %s", "args": ("j1",), "levelname": "INFO", "name": "tasks.embed"}
+    )
+    record.job, record.texts, record.provider = "j1", 128, "CPUExecutionProvider"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "batch done: j1" and line["level"] == "INFO"
+    assert (line["job"], line["texts"], line["provider"]) == ("j1", 128, "CPUExecutionProvider")

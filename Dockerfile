@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# Worker, producer and Flower images for embedq. Two runtime targets:
+#   cpu: onnxruntime on the CPU (also used for migrations and Flower)
+#   gpu: onnxruntime-gpu with the CUDA and cuDNN libraries from PyPI (needs the NVIDIA runtime)
+# No torch and no transformers: workers run prepared ONNX models; export happens elsewhere
+# (`pip install 'embedq[export]'`) or from hub repositories that ship ONNX files.
+
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md alembic.ini ./
+COPY worker ./worker
+COPY tasks ./tasks
+COPY storage ./storage
+COPY migrations ./migrations
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install . \
+    && /opt/venv/bin/pip uninstall -y onnxruntime-gpu \
+    && /opt/venv/bin/pip install "onnxruntime>=1.20"
+
+FROM build AS build-gpu
+RUN /opt/venv/bin/pip uninstall -y onnxruntime \
+    && /opt/venv/bin/pip install "onnxruntime-gpu[cuda,cudnn]>=1.20"
+
+FROM python:3.11-slim AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    EMBEDQ_MODEL_DIR=/models
+RUN useradd --create-home --uid 10001 embedq \
+    && mkdir -p /models \
+    && chown embedq /models
+WORKDIR /home/embedq
+
+FROM runtime AS cpu
+COPY --from=build /opt/venv /opt/venv
+USER embedq
+CMD ["embedq", "worker"]
+
+FROM runtime AS gpu
+COPY --from=build-gpu /opt/venv /opt/venv
+USER embedq
+CMD ["embedq", "worker"]

@@ -1,0 +1,92 @@
+"""Fleet health: which workers answer, what they consume and serve, and whether work is piling
+up where nobody listens.
+
+Workers are asked over the broker (Celery's remote control: ``ping``, ``active_queues`` and
+embedq's own ``embedq_config``); queue depths are read from the broker; models and the provider
+each host last ran on come from the store. ``unserved`` lists queues that hold messages while no
+answering worker consumes them: ``embedq health`` exits non-zero when it is not empty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from storage.models import BatchStat, ModelState, PreparedModel
+from storage.session import scope, sessions_for
+from tasks import names
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def queue_depths(app: Any, queues: list[str]) -> dict[str, int]:
+    """Ready messages per queue (kombu's passive declare counts Redis priority sub-lists too)."""
+    depths: dict[str, int] = {}
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        for queue in queues:
+            try:
+                depths[queue] = int(channel.queue_declare(queue, passive=True).message_count)
+            except Exception:  # a queue no one declared yet holds nothing
+                depths[queue] = 0
+    return depths
+
+
+def check(app: Any, database_url: str, timeout: float = 2.0) -> dict[str, Any]:
+    inspect = app.control.inspect(timeout=timeout)
+    answered = inspect.ping() or {}
+    active = inspect.active_queues() or {}
+    configs = inspect._request("embedq_config") or {}
+    consumed = {queue["name"] for queues in active.values() for queue in queues}
+    queues = [str(q) for q in names.Queue] + sorted(
+        q for q in consumed if q.startswith("download.")
+    )
+    depths = queue_depths(app, queues)
+    workers = []
+    with scope(sessions_for(database_url)) as session:
+        for node in sorted(answered):
+            config = configs.get(node, {})
+            host = config.get("host_name") or node.split("@", 1)[-1]
+            models = session.scalars(
+                select(PreparedModel.name).where(
+                    PreparedModel.host == host, PreparedModel.state == ModelState.READY
+                )
+            ).all()
+            provider = session.scalar(
+                select(BatchStat.provider)
+                .where(BatchStat.host == host)
+                .order_by(BatchStat.created_at.desc())
+                .limit(1)
+            )
+            gpu = bool(config.get("gpu_devices"))
+            workers.append(
+                {
+                    "name": node,
+                    "queues": sorted(q["name"] for q in active.get(node, [])),
+                    "models": sorted(models),
+                    "default_model": config.get("default_model"),
+                    "gpu_devices": config.get("gpu_devices", []),
+                    "last_provider": provider,
+                    "fell_back_from_gpu": bool(gpu and provider and provider not in GPU_PROVIDERS),
+                }
+            )
+    unserved = [queue for queue, depth in depths.items() if depth and queue not in consumed]
+    return {"workers": workers, "queues": depths, "unserved": unserved, "ok": not unserved}
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = []
+    for worker in result["workers"]:
+        fallback = "  FELL BACK FROM GPU" if worker["fell_back_from_gpu"] else ""
+        lines.append(
+            f"worker {worker['name']}: queues {','.join(worker['queues'])}; models"
+            f" {','.join(worker['models']) or '-'}; last provider"
+            f" {worker['last_provider'] or '-'}{fallback}"
+        )
+    if not result["workers"]:
+        lines.append("no worker answered")
+    for queue, depth in result["queues"].items():
+        flag = "  NO WORKER CONSUMES IT" if queue in result["unserved"] else ""
+        lines.append(f"queue {queue}: {depth} messages{flag}")
+    return "\n".join(lines)

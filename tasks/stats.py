@@ -1,0 +1,114 @@
+"""Timing reports from ``batch_stats``: per model, worker and provider, the throughput, padding
+waste and latency percentiles of each stage, and how long batches waited in the queue."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from storage.models import BatchStat, Job
+from storage.session import scope, sessions_for
+from worker.errors import InputError
+
+STAGES = ("queue_wait_ms", "tokenize_ms", "inference_ms", "pool_ms", "write_ms", "total_ms")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str) -> timedelta:
+    """``90s``, ``15m``, ``1h``, ``7d`` as a duration."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if not match:
+        raise InputError(f"--since wants a number and a unit (s, m, h, d), not {text!r}")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+@dataclass(frozen=True)
+class Group:
+    model: str
+    host: str
+    pid: int
+    provider: str
+
+
+def report(
+    database_url: str,
+    since: timedelta | None = None,
+    model: str | None = None,
+    job_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (model, worker host and pid, provider) over the matching batches."""
+    columns = [getattr(BatchStat, stage) for stage in STAGES]
+    query = select(
+        Job.model_name,
+        BatchStat.host,
+        BatchStat.pid,
+        BatchStat.provider,
+        BatchStat.texts,
+        BatchStat.tokens,
+        BatchStat.padded_tokens,
+        *columns,
+    ).join(Job, Job.id == BatchStat.job_id)
+    if since is not None:
+        query = query.where(BatchStat.created_at >= datetime.now(UTC) - since)
+    if model is not None:
+        query = query.where(Job.model_name == model)
+    if job_id is not None:
+        query = query.where(BatchStat.job_id == job_id)
+    groups: dict[Group, list[tuple[Any, ...]]] = defaultdict(list)
+    with scope(sessions_for(database_url)) as session:
+        for row in session.execute(query.execution_options(yield_per=5000)):
+            groups[Group(row[0], row[1], row[2], row[3])].append(tuple(row[4:]))
+    return [_summarise(group, rows) for group, rows in sorted(groups.items(), key=_order)]
+
+
+def _order(item: tuple[Group, list[tuple[Any, ...]]]) -> tuple[str, str, int]:
+    group = item[0]
+    return (group.model, group.host, group.pid)
+
+
+def _summarise(group: Group, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    values = np.array(rows, dtype=np.float64)
+    texts, tokens, padded = values[:, 0].sum(), values[:, 1].sum(), values[:, 2].sum()
+    busy_s = values[:, 3 + STAGES.index("total_ms")].sum() / 1000
+    stages = {
+        stage.removesuffix("_ms"): {
+            f"p{q}": round(float(np.percentile(values[:, 3 + i], q)), 2) for q in (50, 95, 99)
+        }
+        for i, stage in enumerate(STAGES)
+    }
+    return {
+        "model": group.model,
+        "host": group.host,
+        "pid": group.pid,
+        "provider": group.provider,
+        "batches": len(rows),
+        "texts": int(texts),
+        "tokens": int(tokens),
+        "texts_per_s": round(texts / busy_s, 1) if busy_s else None,
+        "tokens_per_s": round(tokens / busy_s, 1) if busy_s else None,
+        "padding_waste_pct": round(100 * (1 - tokens / padded), 1) if padded else 0.0,
+        "ms": stages,
+    }
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    """The report as a plain-text table (rates are per second of batch time)."""
+    if not rows:
+        return "no batches match"
+    lines = []
+    for row in rows:
+        lines.append(
+            f"{row['model']}  {row['host']}:{row['pid']}  {row['provider']}  {row['batches']}"
+            f" batches, {row['texts']} texts, {row['texts_per_s']} texts/s,"
+            f" {row['tokens_per_s']} tokens/s, padding waste {row['padding_waste_pct']}%"
+        )
+        lines.append(f"  {'ms':<12}{'p50':>10}{'p95':>10}{'p99':>10}")
+        for stage, cut in row["ms"].items():
+            lines.append(f"  {stage:<12}{cut['p50']:>10}{cut['p95']:>10}{cut['p99']:>10}")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Real Flower on loopback, with basic auth, watching a real worker: the embedq tasks appear in
+its HTTP API with readable names, short argument summaries and their results."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.acceptance.conftest import Worker
+
+pytestmark = pytest.mark.model
+
+PORT = 5599
+AUTH = {"EMBEDQ_FLOWER_USER": "ops", "EMBEDQ_FLOWER_PASSWORD": "s3cret-pass"}
+
+
+def get(path: str, auth: bool = True) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}")
+    if auth:
+        token = base64.b64encode(b"ops:s3cret-pass").decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+@pytest.fixture
+def flower(pipeline_env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tasks.cli", "flower", "--port", str(PORT)],
+        env={**os.environ, **pipeline_env, **AUTH},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if get("/healthcheck", auth=False)[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, "Flower did not start"
+        time.sleep(0.3)
+    yield process
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(30)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_flower_shows_the_embedq_tasks_behind_a_login(
+    worker: Worker, flower: subprocess.Popen[str], corpus: list[str]
+) -> None:
+    from tasks import producer
+
+    jobs = [producer.submit(corpus[i * 10 : i * 10 + 10]) for i in range(3)]
+    assert all(job.wait(timeout=120)["state"] == "succeeded" for job in jobs)
+
+    assert get("/api/tasks", auth=False)[0] == 401
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = get("/api/tasks?taskname=embedq.embed&state=SUCCESS")
+        tasks = json.loads(body) if status == 200 else {}
+        if len(tasks) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(tasks) >= 3, (status, body[:500])
+    shown = " ".join(str(task.get("args")) for task in tasks.values())
+    for job in jobs:
+        assert f"job={job.id} batch=0 model=minilm texts=10" in shown
+    assert all(len(str(task.get("args"))) < 300 for task in tasks.values())  # never whole texts
+    one = next(iter(tasks.values()))
+    assert one["name"] == "embedq.embed" and "'provider': 'CPUExecutionProvider'" in one["result"]
+
+    status, body = get("/api/workers?refresh=1")
+    assert status == 200 and any(name.startswith("embedq-test@") for name in json.loads(body))
+
+
+def test_flower_refuses_to_start_without_credentials() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_FLOWER_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "flower"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "EMBEDQ_FLOWER_USER" in done.stderr

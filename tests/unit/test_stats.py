@@ -1,0 +1,69 @@
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from storage import repository, schema
+from storage.models import Job
+from storage.session import dispose_all, scope, sessions_for
+from tasks import stats
+from worker.errors import InputError
+
+
+def stat(job: str, index: int, pid: int, total: float) -> dict[str, object]:
+    return {
+        "job_id": job,
+        "batch_index": index,
+        "host": "h1",
+        "pid": pid,
+        "provider": "CPUExecutionProvider",
+        "texts": 10,
+        "tokens": 75,
+        "padded_tokens": 100,
+        "queue_wait_ms": 5.0 * index,
+        "tokenize_ms": 1.0,
+        "inference_ms": total - 2,
+        "pool_ms": 0.5,
+        "write_ms": 0.5,
+        "total_ms": total,
+    }
+
+
+def test_the_report_groups_by_worker_and_gives_rates_waste_and_percentiles(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    schema.upgrade(url)
+    with scope(sessions_for(url)) as session:
+        for job, model in (("a", "minilm"), ("b", "other")):
+            session.add(Job(id=job, model_name=model, queue="bulk", total_items=0, meta={}))
+        session.flush()
+        for index in range(100):
+            repository.upsert_batch_stat(session, stat("a", index, 1 + index % 2, 100.0 + index))
+        repository.upsert_batch_stat(session, stat("b", 0, 9, 50.0))
+    rows = stats.report(url, since=timedelta(hours=1), model="minilm")
+    dispose_all()
+    assert [(r["model"], r["pid"], r["batches"]) for r in rows] == [
+        ("minilm", 1, 50),
+        ("minilm", 2, 50),
+    ]
+    first = rows[0]  # batches 0, 2, ..., 98: total 100, 102, ..., 198 ms
+    assert first["texts"] == 500 and first["padding_waste_pct"] == 25.0
+    assert first["texts_per_s"] == pytest.approx(
+        500 / (sum(100 + i for i in range(0, 100, 2)) / 1000), abs=0.1
+    )
+    assert first["ms"]["total"]["p50"] == pytest.approx(149.0)
+    assert first["ms"]["queue_wait"]["p99"] == pytest.approx(485.1)  # 0, 10, .., 490 ms
+    assert "padding waste 25.0%" in stats.render(rows)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("15m", 900), ("1h", 3600), ("2d", 172800)]
+)
+def test_since_takes_a_number_and_a_unit(text: str, seconds: int) -> None:
+    assert stats.parse_since(text).total_seconds() == seconds
+
+
+def test_a_bad_since_is_refused() -> None:
+    with pytest.raises(InputError, match="unit"):
+        stats.parse_since("an hour")
