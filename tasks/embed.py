@@ -26,7 +26,7 @@ from worker import (
     logs,  # noqa: F401  (JSON log lines when EMBEDQ_LOG_JSON is set)
 )
 from worker.app import app
-from worker.engine import Embedder
+from worker.engine import Embedder, Progress
 from worker.errors import (
     EmbedqError,
     InputError,
@@ -54,12 +54,17 @@ class EmbedPayload(BaseModel):
 
 
 def embed_batch(
-    session: Session, engine: Embedder, payload: EmbedPayload, *, provider: str
+    session: Session,
+    engine: Embedder,
+    payload: EmbedPayload,
+    *,
+    provider: str,
+    on_progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Embed one batch and store vectors, statistics and progress in ``session``."""
     started = time.time()
     try:
-        result = engine.encode(payload.texts)
+        result = engine.encode(payload.texts, on_progress)
     except InputError as exc:
         return fail_items(session, payload, f"batch {payload.batch_index}: {exc}")
     stats = result.stats
@@ -156,7 +161,9 @@ def fail_items(session: Session, payload: EmbedPayload, reason: str) -> dict[str
     }
 
 
-def run_payload(raw: dict[str, Any], *, local: bool = False) -> dict[str, Any]:
+def run_payload(
+    raw: dict[str, Any], *, local: bool = False, on_progress: Progress | None = None
+) -> dict[str, Any]:
     """Validate ``raw`` and run it with this process's engine and database; a batch that can
     never succeed (bad payload, unknown model) fails its items with a stored reason.
 
@@ -198,7 +205,9 @@ def run_payload(raw: dict[str, Any], *, local: bool = False) -> dict[str, Any]:
         with scope(sessions) as session:
             return fail_items(session, payload, f"model {payload.model}: {exc}")
     with scope(sessions) as session:
-        return embed_batch(session, engine, payload, provider=engine.provider)
+        return embed_batch(
+            session, engine, payload, provider=engine.provider, on_progress=on_progress
+        )
 
 
 def _fail(sessions: Any, job_id: str, count: int, reason: str) -> dict[str, Any]:
@@ -225,7 +234,7 @@ def embed(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     from tasks.producer import shown
 
     try:
-        summary = run_payload(payload)
+        summary = run_payload(payload, on_progress=_progress_events(self))
     except ModelPendingError as pending:
         # Sent again under the same task id with a countdown; this message is acknowledged
         # when the task returns, so the batch is never without a message. Not ``retry()``:
@@ -242,3 +251,17 @@ def embed(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     if summary.get("finished"):  # committed: wake whoever waits for this job
         completion.signal(get_settings().celery_broker(), summary["job_id"])
     return summary
+
+
+def _progress_events(task: Any, every_s: float = 1.0) -> Progress:
+    """A ``task-progress`` event at most once a second while a batch runs: Flower shows custom
+    task events (``update_state`` alone sends none); the job's own progress is in SQL."""
+    last = [time.monotonic()]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s and done < total:
+            last[0] = now
+            task.send_event("task-progress", current=done, total=total)
+
+    return report

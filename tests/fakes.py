@@ -23,7 +23,7 @@ class FakeEngine:
     def dim(self) -> int:
         return self._dim
 
-    def encode(self, texts: Sequence[object]) -> Encoding:
+    def encode(self, texts: Sequence[object], on_progress: object = None) -> Encoding:
         clean = validate(texts, 1024)
         rows = []
         for text in clean:

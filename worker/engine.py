@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -68,13 +68,17 @@ class Encoding:
     """Whether each text was cut to the model's length, in input order."""
 
 
+Progress = Callable[[int, int], None]
+"""Called after each micro-batch with (texts done, texts in the call)."""
+
+
 class Embedder(Protocol):
     """What a task needs of an engine; tests pass a deterministic fake."""
 
     @property
     def dim(self) -> int: ...
 
-    def encode(self, texts: Sequence[object]) -> Encoding: ...
+    def encode(self, texts: Sequence[object], on_progress: Progress | None = None) -> Encoding: ...
 
 
 def session_options(settings: Settings) -> ort.SessionOptions:
@@ -196,7 +200,7 @@ class Engine:
     def dim(self) -> int:
         return self.manifest.dim
 
-    def encode(self, texts: Sequence[object]) -> Encoding:
+    def encode(self, texts: Sequence[object], on_progress: Progress | None = None) -> Encoding:
         """Vectors for ``texts`` in input order; raises ``InputError`` before any work if the
         batch is unusable."""
         t0 = time.perf_counter()
@@ -215,6 +219,7 @@ class Engine:
         vectors = np.empty((len(clean), self.dim), dtype=np.float32)
         padded = 0
         run_s = 0.0
+        done = 0
         for indices in plan:
             feeds, mask = pad([encodings[i] for i in indices], self.manifest.inputs)
             padded += mask.size
@@ -223,6 +228,9 @@ class Engine:
             run_s += time.perf_counter() - r0
             pooled = pooling.pool(np.asarray(tokens, dtype=np.float32), mask, behaviour.pooling)
             vectors[indices] = pooled
+            done += len(indices)
+            if on_progress is not None:
+                on_progress(done, len(clean))
         if behaviour.normalize:
             vectors = pooling.l2_normalize(vectors)
         t2 = time.perf_counter()

@@ -1,5 +1,6 @@
 """The engine on the real exported all-MiniLM-L6-v2."""
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -122,3 +123,10 @@ def test_a_provider_missing_from_the_build_is_named_as_such(
         engine = Engine.load(minilm, settings)
     assert engine.provider == "CPUExecutionProvider"
     assert "this onnxruntime build does not include it" in caplog.text
+
+
+def test_progress_is_reported_after_each_micro_batch(engine: Engine, corpus: list[str]) -> None:
+    seen: list[tuple[int, int]] = []
+    result = engine.encode(corpus[:100], on_progress=lambda done, total: seen.append((done, total)))
+    assert len(seen) == result.stats.micro_batches and seen[-1] == (100, 100)
+    assert all(a[0] < b[0] for a, b in itertools.pairwise(seen))

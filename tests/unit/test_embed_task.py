@@ -90,3 +90,24 @@ def test_a_malformed_message_fails_its_items_with_a_readable_reason(
         assert job is not None
         assert (job.state, job.failed_items) == ("failed", 3)
         assert job.error is not None and "batch_index" in job.error and "model" in job.error
+
+
+def test_progress_events_go_to_flower_at_most_every_interval() -> None:
+    from tasks.embed import _progress_events
+
+    class Task:
+        def __init__(self) -> None:
+            self.events: list[tuple[str, dict[str, int]]] = []
+
+        def send_event(self, kind: str, **fields: int) -> None:
+            self.events.append((kind, fields))
+
+    eager, slow = Task(), Task()
+    report = _progress_events(eager, every_s=0.0)
+    for done in (16, 32, 48, 64):
+        report(done, 64)
+    assert eager.events == [("task-progress", {"current": n, "total": 64}) for n in (16, 32, 48)]
+    throttled = _progress_events(slow, every_s=60.0)
+    for done in (16, 32, 48, 64):
+        throttled(done, 64)
+    assert slow.events == []
