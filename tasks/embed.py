@@ -24,6 +24,7 @@ from tasks import names
 from worker import (
     lifecycle,  # connects the signals that warm each pool process
     logs,  # noqa: F401  (JSON log lines when EMBEDQ_LOG_JSON is set)
+    metrics,  # serves /metrics from the worker's parent when EMBEDQ_METRICS_PORT is set
 )
 from worker.app import app
 from worker.engine import Embedder, Progress
@@ -117,6 +118,8 @@ def embed_batch(
         session, payload.job_id, done=len(stored), failed=0, error=None
     )
     total_ms = stats.total_ms + write_ms
+    wait_ms = max(0.0, (started - payload.enqueued_at) * 1000)
+    metrics.observe_batch(payload.model, provider, stats, write_ms, wait_ms)
     logger.info(
         "batch done: job=%s batch=%d texts=%d tokens=%d padded=%d ms=%.1f provider=%s",
         payload.job_id,
@@ -147,10 +150,13 @@ def embed_batch(
     }
 
 
-def fail_items(session: Session, payload: EmbedPayload, reason: str) -> dict[str, Any]:
+def fail_items(
+    session: Session, payload: EmbedPayload, reason: str, kind: str = "input"
+) -> dict[str, Any]:
     """Record every item of the batch as failed for ``reason`` (once, however often the batch
     is delivered) and count them in the job."""
     failed = repository.record_failures(session, payload.job_id, payload.item_ids, reason)
+    metrics.observe_failure(payload.model, kind, failed)
     repository.finish_batch(session, payload.job_id, payload.batch_index, BatchState.FAILED)
     finished = repository.add_progress(session, payload.job_id, done=0, failed=failed, error=reason)
     return {
@@ -203,7 +209,7 @@ def run_payload(
                 raise  # unreachable: request raises
     except (ModelError, ProviderError) as exc:
         with scope(sessions) as session:
-            return fail_items(session, payload, f"model {payload.model}: {exc}")
+            return fail_items(session, payload, f"model {payload.model}: {exc}", kind="model")
     with scope(sessions) as session:
         return embed_batch(
             session, engine, payload, provider=engine.provider, on_progress=on_progress

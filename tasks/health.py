@@ -16,21 +16,9 @@ from sqlalchemy import select
 from storage.models import BatchStat, ModelState, PreparedModel
 from storage.session import scope, sessions_for
 from tasks import names
+from worker.app import queue_depths
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-
-
-def queue_depths(app: Any, queues: list[str]) -> dict[str, int]:
-    """Ready messages per queue (kombu's passive declare counts Redis priority sub-lists too)."""
-    depths: dict[str, int] = {}
-    with app.connection_for_read() as connection:
-        channel = connection.default_channel
-        for queue in queues:
-            try:
-                depths[queue] = int(channel.queue_declare(queue, passive=True).message_count)
-            except Exception:  # a queue no one declared yet holds nothing
-                depths[queue] = 0
-    return depths
 
 
 def check(app: Any, database_url: str, timeout: float = 2.0) -> dict[str, Any]:

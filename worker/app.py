@@ -87,3 +87,16 @@ def embedq_config(state: Any, **_: Any) -> dict[str, Any]:
 
 
 inspect_command()(embedq_config)
+
+
+def queue_depths(app: Celery, queues: list[str]) -> dict[str, int]:
+    """Ready messages per queue (kombu's passive declare counts Redis priority sub-lists too)."""
+    depths: dict[str, int] = {}
+    with app.connection_for_read() as connection:
+        channel: Any = connection.default_channel
+        for queue in queues:
+            try:
+                depths[queue] = int(channel.queue_declare(queue, passive=True).message_count)
+            except Exception:  # a queue no one declared yet holds nothing
+                depths[queue] = 0
+    return depths

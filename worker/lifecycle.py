@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown
@@ -21,6 +22,7 @@ from celery.utils.log import current_process_index
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import session
+from worker import metrics
 from worker.engine import Engine
 from worker.model_store import ModelStore
 from worker.settings import Settings, get_settings
@@ -57,7 +59,10 @@ def get_engine(model: str) -> Engine:
         settings = get_settings()
         store = ModelStore(settings.model_dir)
         store.get(model)  # ModelNotFoundError, with how to pull it, before anything loads
-        _engines[model] = Engine.load(store.path(model), settings, this_device())
+        started = time.perf_counter()
+        engine = Engine.load(store.path(model), settings, this_device())
+        metrics.observe_load(model, engine.provider, this_device(), time.perf_counter() - started)
+        _engines[model] = engine
     return _engines[model]
 
 

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     it is reported stuck (and re-sent when its backfill is run again)."""
 
     # --- operations ----------------------------------------------------------------------------
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port of the worker's Prometheus ``/metrics`` (served by the worker's parent, summing its
+    pool processes). Unset: no metrics."""
+    metrics_address: str = "127.0.0.1"
+    """Interface ``/metrics`` binds to; ``0.0.0.0`` to let a Prometheus on another host scrape."""
     log_json: bool = False
     """Log one JSON object per line (fields: time, level, logger, message, and per batch: job,
     batch, texts, tokens, padded_tokens, ms, provider)."""

@@ -1,0 +1,61 @@
+"""Prometheus metrics from a real two-process worker: what both pool processes did is summed on
+the parent's /metrics, with queue depths read from the broker."""
+
+from __future__ import annotations
+
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.acceptance.conftest import Worker
+
+pytestmark = pytest.mark.model
+
+PORT = 9817
+
+
+def scrape() -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def total(values: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in values.items() if k.startswith(prefix))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_worker_metrics_sum_the_pool_processes(
+    pipeline_env: dict[str, str], corpus: list[str]
+) -> None:
+    from tasks import producer
+
+    env = {**pipeline_env, "EMBEDQ_METRICS_PORT": str(PORT), "EMBEDQ_PROCESSES": "2"}
+    command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "2"]
+    command += ["-n", "metrics@%h", "--without-gossip", "--without-mingle", "-l", "INFO"]
+    worker = Worker(env, "metrics", command)
+    try:
+        jobs = [producer.submit(corpus[i * 200 : i * 200 + 200]) for i in range(3)]
+        assert all(job.wait(timeout=300)["state"] == "succeeded" for job in jobs)
+        assert producer.submit(["x"], model="not-there").wait(timeout=60)["state"] == "failed"
+        time.sleep(0.5)
+        values = scrape()
+    finally:
+        worker.stop()
+    assert total(values, "embedq_texts_total{") == 600
+    batches = total(values, "embedq_batches_total{")
+    assert batches == 6  # 3 jobs x 2 batches of at most 128
+    assert values['embedq_batch_seconds_count{model="minilm",stage="inference"}'] == batches
+    assert total(values, 'embedq_errors_total{kind="model"') == 1
+    engines = [k for k in values if k.startswith("embedq_engine_info{")]
+    assert len(engines) == 2 and all('provider="CPUExecutionProvider"' in k for k in engines)
+    assert 'embedq_queue_messages{queue="interactive"}' in values
+    pids = {k.split('pid="')[1].split('"')[0] for k in engines}
+    assert len(pids) == 2  # both pool processes reported

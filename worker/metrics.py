@@ -1,0 +1,157 @@
+"""Prometheus metrics for workers, correct under the prefork pool.
+
+With ``EMBEDQ_METRICS_PORT`` set, the worker's parent (Celery's ``worker_init``) points
+prometheus_client's multiprocess mode at a fresh folder (``PROMETHEUS_MULTIPROC_DIR``) before the
+pool forks, and serves ``/metrics`` on that port from a registry that sums what every pool process
+wrote there, plus the broker's queue depths read at scrape time (Flower has no queue-length
+metric). Pool processes create their metrics lazily, after the fork; a process that exits is
+marked dead so its live gauges disappear. Without the setting every call here does nothing.
+
+Scrape target: ``http://<worker host>:<EMBEDQ_METRICS_PORT>/metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from typing import Any
+
+from celery.signals import worker_init, worker_process_shutdown
+
+from worker.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("tokenize", "inference", "pool", "write", "total")
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def enabled() -> bool:
+    return bool(get_settings().metrics_port and os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+@lru_cache(maxsize=1)
+def _metrics() -> dict[str, Any]:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    labels = ("model", "provider")
+    return {
+        "texts": Counter("embedq_texts", "Texts embedded", labels),
+        "tokens": Counter("embedq_tokens", "Real tokens embedded", labels),
+        "padded": Counter("embedq_padded_tokens", "Tokens run, padding included", labels),
+        "batches": Counter("embedq_batches", "Batches embedded", labels),
+        "errors": Counter("embedq_errors", "Items failed, by kind", ("model", "kind")),
+        "stage": Histogram(
+            "embedq_batch_seconds", "Batch time by stage", ("model", "stage"), buckets=_BUCKETS
+        ),
+        "queue_wait": Histogram(
+            "embedq_queue_wait_seconds", "From enqueue to start", ("model",), buckets=_BUCKETS
+        ),
+        "load": Gauge(
+            "embedq_model_load_seconds",
+            "Time to load a model into a pool process",
+            ("model", "provider"),
+            multiprocess_mode="liveall",
+        ),
+        "engine": Gauge(
+            "embedq_engine_info",
+            "1 per pool process and loaded model, labelled with the active provider",
+            ("model", "provider", "device"),
+            multiprocess_mode="liveall",
+        ),
+    }
+
+
+def observe_batch(model: str, provider: str, stats: Any, write_ms: float, wait_ms: float) -> None:
+    """Record one embedded batch (``stats`` is the engine's ``EncodeStats``)."""
+    if not enabled():
+        return
+    m = _metrics()
+    m["texts"].labels(model, provider).inc(stats.texts)
+    m["tokens"].labels(model, provider).inc(stats.tokens)
+    m["padded"].labels(model, provider).inc(stats.padded_tokens)
+    m["batches"].labels(model, provider).inc()
+    seconds = {
+        "tokenize": stats.tokenize_ms,
+        "inference": stats.inference_ms,
+        "pool": stats.pool_ms,
+        "write": write_ms,
+        "total": stats.total_ms + write_ms,
+    }
+    for stage, ms in seconds.items():
+        m["stage"].labels(model, stage).observe(ms / 1000)
+    m["queue_wait"].labels(model).observe(wait_ms / 1000)
+
+
+def observe_failure(model: str, kind: str, items: int) -> None:
+    if enabled() and items:
+        _metrics()["errors"].labels(model, kind).inc(items)
+
+
+def observe_load(model: str, provider: str, device: int | None, seconds: float) -> None:
+    if enabled():
+        m = _metrics()
+        m["load"].labels(model, provider).set(seconds)
+        m["engine"].labels(model, provider, "-" if device is None else str(device)).set(1)
+
+
+class QueueDepths:
+    """A collector: messages waiting in each embedq queue, read from the broker per scrape."""
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from worker.app import app, queue_depths
+
+        family = GaugeMetricFamily(
+            "embedq_queue_messages", "Messages waiting in the queue", labels=["queue"]
+        )
+        queues = ["interactive", "bulk", f"download.{get_settings().host_name}"]
+        try:
+            for queue, depth in queue_depths(app, queues).items():
+                family.add_metric([queue], depth)
+        except Exception:  # the broker is down: the scrape still answers
+            logger.warning("could not read queue depths for /metrics", exc_info=True)
+        yield family
+
+
+def _serve(**_: Any) -> None:
+    settings = get_settings()
+    if not settings.metrics_port:
+        return
+    folder = tempfile.mkdtemp(prefix="embedq-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    from prometheus_client import CollectorRegistry, start_http_server, values
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    # prometheus_client picks its value storage when first imported, which in a Celery worker
+    # happens before this signal: pick again now that the folder is set, before the pool forks.
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(QueueDepths())
+    start_http_server(settings.metrics_port, addr=settings.metrics_address, registry=registry)
+    logger.info(
+        "metrics on http://%s:%d/metrics (multiprocess files in %s)",
+        settings.metrics_address,
+        settings.metrics_port,
+        folder,
+    )
+    import atexit
+
+    atexit.register(shutil.rmtree, folder, True)
+
+
+def _process_gone(**_: Any) -> None:
+    if enabled():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+worker_init.connect(_serve, weak=False)
+worker_process_shutdown.connect(_process_gone, weak=False)
