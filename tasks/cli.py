@@ -510,17 +510,24 @@ def stats(
     model: Annotated[str | None, typer.Option(help="one model")] = None,
     job_id: Annotated[str | None, typer.Option("--job", help="one job")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="also draw throughput and latency over time (PNG)")
+    ] = None,
 ) -> None:
     """Per model, worker and provider: texts/s, tokens/s, padding waste and p50/p95/p99 of each
     batch stage and of the queue wait, from the store's batch statistics."""
     from tasks import stats as report
 
+    url = get_settings().database_url
     try:
         window = report.parse_since(since) if since else None
-        rows = report.report(get_settings().database_url, window, model, job_id)
+        rows = report.report(url, window, model, job_id)
+        drawn = report.plot(url, plot, window, model, job_id) if plot else 0
     except EmbedqError as exc:
         raise _fail(exc) from exc
     typer.echo(json.dumps(rows, indent=2) if as_json else report.render(rows))
+    if plot:
+        typer.echo(f"plotted {drawn} batches to {plot}", err=True)
 
 
 @app.command("health")

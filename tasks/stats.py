@@ -7,6 +7,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -112,3 +113,71 @@ def render(rows: list[dict[str, Any]]) -> str:
         for stage, cut in row["ms"].items():
             lines.append(f"  {stage:<12}{cut['p50']:>10}{cut['p95']:>10}{cut['p99']:>10}")
     return "\n".join(lines)
+
+
+def plot(
+    database_url: str,
+    out: Path,
+    since: timedelta | None = None,
+    model: str | None = None,
+    job_id: str | None = None,
+    buckets: int = 40,
+) -> int:
+    """Draw texts/s and batch latency (p50, p95) over time into ``out`` (a PNG); returns the
+    number of batches drawn. Needs matplotlib (``pip install 'embedq[plot]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise InputError("plotting needs matplotlib: pip install 'embedq[plot]'") from exc
+    query = select(BatchStat.created_at, BatchStat.texts, BatchStat.total_ms).join(
+        Job, Job.id == BatchStat.job_id
+    )
+    if since is not None:
+        query = query.where(BatchStat.created_at >= datetime.now(UTC) - since)
+    if model is not None:
+        query = query.where(Job.model_name == model)
+    if job_id is not None:
+        query = query.where(BatchStat.job_id == job_id)
+    with scope(sessions_for(database_url)) as session:
+        rows = session.execute(query.order_by(BatchStat.created_at)).all()
+    if not rows:
+        raise InputError("no batches match: nothing to plot")
+    start = rows[0][0]
+    seconds = np.array([(r[0] - start).total_seconds() for r in rows])
+    texts = np.array([r[1] for r in rows], dtype=np.float64)
+    latency = np.array([r[2] for r in rows], dtype=np.float64)
+    buckets = max(1, min(buckets, len(rows) // 5))  # about 5 batches per point at least
+    edges = np.linspace(0, max(seconds.max(), 1e-3), buckets + 1)
+    width = edges[1] - edges[0]
+    which = np.clip(np.digitize(seconds, edges) - 1, 0, buckets - 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    rate = np.array([texts[which == b].sum() / width for b in range(buckets)])
+    p50 = np.array(
+        [
+            np.percentile(latency[which == b], 50) if (which == b).any() else np.nan
+            for b in range(buckets)
+        ]
+    )
+    p95 = np.array(
+        [
+            np.percentile(latency[which == b], 95) if (which == b).any() else np.nan
+            for b in range(buckets)
+        ]
+    )
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    top.plot(centres, rate, color="tab:blue")
+    top.set_ylabel("texts/s")
+    top.set_title(f"embedq: {len(rows)} batches from {start:%Y-%m-%d %H:%M:%S}")
+    seen = ~np.isnan(p50)
+    bottom.plot(centres[seen], p50[seen], "o-", label="p50", color="tab:green")
+    bottom.plot(centres[seen], p95[seen], "o-", label="p95", color="tab:red")
+    bottom.set_ylabel("batch ms")
+    bottom.set_xlabel("seconds since the first batch")
+    bottom.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return len(rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.acceptance.conftest import Worker
+from tests.conftest import require
 
 pytestmark = pytest.mark.model
 
@@ -95,3 +98,37 @@ def test_flower_refuses_to_start_without_credentials() -> None:
         [sys.executable, "-m", "tasks.cli", "flower"], env=env, capture_output=True, text=True
     )
     assert done.returncode == 2 and "EMBEDQ_FLOWER_USER" in done.stderr
+
+
+ARTIFACTS = Path(
+    os.environ.get("EMBEDQ_ARTIFACTS", Path(__file__).resolve().parents[2] / "artifacts")
+)
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    require(browser is not None, "Debian's chromium is not installed (apt-get install chromium)")
+    assert browser is not None
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    flags += ["--window-size=1600,900", "--virtual-time-budget=8000"]
+    return subprocess.run(
+        [browser, *flags, *args], capture_output=True, text=True, timeout=120, check=True
+    )
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_flower_dashboard_shows_the_embedq_tasks_in_a_browser(
+    worker: Worker, flower: subprocess.Popen[str], corpus: list[str]
+) -> None:
+    from tasks import producer
+
+    jobs = [producer.submit(corpus[i * 5 : i * 5 + 5]) for i in range(4)]
+    assert all(job.wait(timeout=120)["state"] == "succeeded" for job in jobs)
+    time.sleep(1)  # Flower has the events
+    page = f"http://ops:s3cret-pass@127.0.0.1:{PORT}/tasks"
+    dom = chromium("--dump-dom", page).stdout
+    assert dom.count("embedq.embed") >= 4 and "SUCCESS" in dom
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "flower-tasks.png"
+    chromium(f"--screenshot={shot}", page)
+    assert shot.stat().st_size > 20_000

@@ -56,6 +56,13 @@ def test_the_report_groups_by_worker_and_gives_rates_waste_and_percentiles(
     assert first["ms"]["queue_wait"]["p99"] == pytest.approx(485.1)  # 0, 10, .., 490 ms
     assert "padding waste 25.0%" in stats.render(rows)
 
+    png = tmp_path / "stats.png"
+    assert stats.plot(url, png, model="minilm") == 100
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    with pytest.raises(InputError, match="nothing to plot"):
+        stats.plot(url, png, model="no-such-model")
+    dispose_all()
+
 
 @pytest.mark.parametrize(
     ("text", "seconds"), [("90s", 90), ("15m", 900), ("1h", 3600), ("2d", 172800)]
