@@ -32,7 +32,16 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import repository
-from storage.models import Backfill, Batch, BatchStat, BatchState, Embedding, FailedItem, Job
+from storage.models import (
+    Backfill,
+    Batch,
+    BatchStat,
+    BatchState,
+    Embedding,
+    FailedItem,
+    Job,
+    as_utc,
+)
 from storage.session import scope, sessions_for
 from tasks import names
 from tasks.readers import Reader, Row
@@ -75,10 +84,6 @@ class Progress:
 
 
 Report = Callable[[Progress], None]
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite gives naive UTC
 
 
 def _sha(text: str) -> str:
@@ -178,7 +183,7 @@ class BackfillRun:
             select(Batch).where(Batch.job_id == job_id, Batch.state == BatchState.SENT)
         ).all()
         for batch in pending:
-            if _utc(batch.sent_at) < cutoff:
+            if as_utc(batch.sent_at) < cutoff:
                 batch.state = BatchState.ABANDONED
                 for item in batch.item_ids:
                     self.lost_attempts[item] = max(self.lost_attempts.get(item, 0), batch.attempt)
@@ -425,7 +430,9 @@ def summary(database_url: str, name: str, limit: int = 10) -> dict[str, Any]:
             select(func.count()).where(Batch.job_id == job.id, Batch.state == BatchState.SENT)
         )
         started, finished = job.started_at, job.finished_at
-        wall = (_utc(finished) - _utc(started)).total_seconds() if started and finished else None
+        wall = (
+            (as_utc(finished) - as_utc(started)).total_seconds() if started and finished else None
+        )
         return {
             "name": name,
             "job_id": job.id,

@@ -324,12 +324,10 @@ def worker(
         os.environ["EMBEDQ_PROCESSES"] = str(processes)
         get_settings.cache_clear()
         settings = get_settings()
-    from tasks.names import download_queue
-
     shown = {
         "broker": _redacted(settings.celery_broker()),
         "database": _redacted(settings.database_url),
-        "queues": f"{queues} + {download_queue(settings.host_name)}",
+        "queues": f"{queues} + {settings.download_queue()}",
         "pool": f"prefork x {processes}",
         "gpu devices": ",".join(map(str, settings.gpu_devices)) or "none (CPU worker)",
         "providers": ",".join(settings.providers) or "auto (CUDA when listed, else CPU)",

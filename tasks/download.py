@@ -22,7 +22,7 @@ from celery.signals import worker_ready
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import repository
-from storage.models import ModelState
+from storage.models import ModelState, as_utc
 from storage.session import dispose_all, scope
 from tasks import names
 from worker.app import app
@@ -75,12 +75,6 @@ def pull_options(options: dict[str, Any]) -> Any:
     if "pooling" in values:
         values["pooling"] = Pooling(values["pooling"])
     return PullOptions(**values)
-
-
-def _age_s(moment: datetime) -> float:
-    if moment.tzinfo is None:  # SQLite hands back naive UTC
-        moment = moment.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - moment).total_seconds()
 
 
 def record_ready(session: Session, manifest: Manifest, host: str) -> None:
@@ -165,12 +159,13 @@ def request(name: str, sessions: sessionmaker[Session], settings: Settings) -> N
         in_progress = (
             row is not None
             and row.state == ModelState.PREPARING
-            and _age_s(row.updated_at) < settings.download_time_limit + 60
+            and (datetime.now(UTC) - as_utc(row.updated_at)).total_seconds()
+            < settings.download_time_limit + 60
         )
         if not in_progress:  # never asked, lost (its worker died), or deleted since
             repository.set_prepared(session, name, host, ModelState.PREPARING)
     if not in_progress:
-        app.send_task(names.DOWNLOAD, args=[name], queue=names.download_queue(host))
+        app.send_task(names.DOWNLOAD, args=[name], queue=settings.download_queue())
         logger.info("model %s missing on %s: download requested", name, host)
     raise ModelPendingError(name, host)
 

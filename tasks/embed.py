@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import time
 from typing import Any
 
@@ -100,7 +99,7 @@ def embed_batch(
         {
             "job_id": payload.job_id,
             "batch_index": payload.batch_index,
-            "host": socket.gethostname(),
+            "host": get_settings().host_name,  # as in `models` and the download queue
             "pid": os.getpid(),
             "provider": provider,
             "texts": stats.texts,

@@ -16,8 +16,3 @@ class Queue(StrEnum):
 
 
 DOWNLOAD = "embedq.download"
-
-
-def download_queue(host: str) -> str:
-    """The queue of model downloads for one host's workers (``EMBEDQ_HOST_NAME``)."""
-    return f"download.{host}"

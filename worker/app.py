@@ -67,9 +67,7 @@ app.conf.update(
 
 
 def _consume_host_download_queue(sender: str, instance: Any, **_: Any) -> None:
-    from tasks.names import download_queue
-
-    instance.app.amqp.queues.select_add(download_queue(get_settings().host_name))
+    instance.app.amqp.queues.select_add(get_settings().download_queue())
 
 
 celeryd_after_setup.connect(_consume_host_download_queue, weak=False)

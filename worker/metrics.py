@@ -109,7 +109,7 @@ class QueueDepths:
         family = GaugeMetricFamily(
             "embedq_queue_messages", "Messages waiting in the queue", labels=["queue"]
         )
-        queues = ["interactive", "bulk", f"download.{get_settings().host_name}"]
+        queues = ["interactive", "bulk", get_settings().download_queue()]
         try:
             for queue, depth in queue_depths(app, queues).items():
                 family.add_metric([queue], depth)

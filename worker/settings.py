@@ -136,6 +136,10 @@ class Settings(BaseSettings):
             return self.provider_fallback
         return "error" if self.gpu_devices else "warn"
 
+    def download_queue(self) -> str:
+        """This host's queue of model downloads, consumed by every worker on the host."""
+        return f"download.{self.host_name}"
+
     def worker_processes(self) -> int:
         """Pool processes for a worker on this machine: one per GPU, else ``processes``."""
         return len(self.gpu_devices) or self.processes
