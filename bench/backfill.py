@@ -16,26 +16,26 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import redis
 from sqlalchemy import delete
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import DEFAULT_CORPUS, DEFAULT_STORE, load_texts, prepared
-from bench.pipeline import MODEL, TARGET_SHARE, start_worker, stop_worker
-from storage import schema
+from bench.engine import DEFAULT_CORPUS, DEFAULT_STORE
+from bench.pipeline import (
+    MODEL,
+    TARGET_SHARE,
+    engine_seconds,
+    prepare,
+    start_worker,
+    stop_worker,
+)
 from storage.models import CachedVector
 from storage.session import scope, sessions_for
 from tasks import backfill, readers
-from worker.engine import Engine
-from worker.manifest import Precision
-from worker.model_store import ModelStore
-from worker.settings import Settings, get_settings
 
 
 def round_trips(texts: list[str], count: int) -> list[float]:
@@ -49,6 +49,21 @@ def round_trips(texts: list[str], count: int) -> list[float]:
         job.embeddings()
         times.append((time.perf_counter() - started) * 1000)
     return times
+
+
+def uncached_backfill(
+    name: str, args: argparse.Namespace, source: Path, settings: Any
+) -> backfill.BackfillRun:
+    """A new backfill of ``source`` with the content cache emptied, so every text is embedded."""
+    with scope(sessions_for(settings.database_url)) as session:
+        session.execute(delete(CachedVector))
+    options = backfill.Options(
+        name=f"{name}-{int(time.time())}",
+        model=MODEL,
+        batch_size=settings.job_batch_size,
+        max_in_flight=args.max_in_flight,
+    )
+    return backfill.BackfillRun(readers.open_source(str(source)), options)
 
 
 def interactive_latency(
@@ -66,15 +81,7 @@ def interactive_latency(
     try:
         round_trips(texts, 10)  # warm
         idle = round_trips(texts, args.round_trips)
-        with scope(sessions_for(env["EMBEDQ_DATABASE_URL"])) as session:
-            session.execute(delete(CachedVector))
-        options = backfill.Options(
-            name=f"bench-busy-{int(time.time())}",
-            model=MODEL,
-            batch_size=settings.job_batch_size,
-            max_in_flight=args.max_in_flight,
-        )
-        run = backfill.BackfillRun(readers.open_source(str(source)), options)
+        run = uncached_backfill("bench-busy", args, source, settings)
         thread = threading.Thread(target=run.run, daemon=True)
         thread.start()
         time.sleep(2)  # the bulk worker is busy
@@ -93,31 +100,13 @@ def interactive_latency(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    texts = load_texts(args.corpus, args.texts)
-    folder = prepared(
-        ModelStore(args.model_dir), MODEL, Precision.FP32, Settings(model_dir=args.model_dir)
-    )
-    work = Path(tempfile.mkdtemp(prefix="embedq-bench-"))
-    source = work / "texts.jsonl"
+    bench = prepare(args)
+    texts, env, settings, engine = bench.texts, bench.env, bench.settings, bench.engine
+    database_url = bench.database_url
+    source = bench.work / "texts.jsonl"
     with source.open("w", encoding="utf-8") as handle:
         for i, text in enumerate(texts):
             handle.write(json.dumps({"id": f"t{i}", "text": text}) + "\n")
-    database_url = args.database_url or f"sqlite:///{work / 'bench.db'}"
-    env = {
-        "EMBEDQ_BROKER_URL": args.broker_url,
-        "EMBEDQ_DATABASE_URL": database_url,
-        "EMBEDQ_MODEL_DIR": str(args.model_dir),
-        "EMBEDQ_DEFAULT_MODEL": MODEL,
-        "EMBEDQ_PROVIDERS": "CPUExecutionProvider",
-    }
-    os.environ.update(env)
-    get_settings.cache_clear()
-    settings = get_settings()
-    client = redis.Redis.from_url(args.broker_url)
-    client.flushdb()
-    client.close()
-    schema.upgrade(database_url)
-    engine = Engine.load(folder, settings)
     worker = start_worker(env)
     engine_s, backfill_s = [], []
     try:
@@ -126,21 +115,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         producer.submit(texts[:64]).wait(timeout=300)  # the worker's child is warm
         engine.encode(texts[:64])
         for repeat in range(args.repeats):
-            started = time.perf_counter()
-            for start in range(0, len(texts), settings.max_batch_items):
-                engine.encode(texts[start : start + settings.max_batch_items])
-            engine_s.append(time.perf_counter() - started)
+            engine_s.append(engine_seconds(bench))
 
-            with scope(sessions_for(database_url)) as session:
-                session.execute(delete(CachedVector))
-            options = backfill.Options(
-                name=f"bench-{repeat}-{int(time.time())}",
-                model=MODEL,
-                batch_size=settings.job_batch_size,
-                max_in_flight=args.max_in_flight,
-            )
+            run = uncached_backfill(f"bench-{repeat}", args, source, settings)
             started = time.perf_counter()
-            progress = backfill.BackfillRun(readers.open_source(str(source)), options).run()
+            progress = run.run()
             backfill_s.append(time.perf_counter() - started)
             if progress.done != len(texts) or progress.reused:
                 raise SystemExit(f"backfill did not embed every text: {progress}")

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ TARGET_SHARE = 0.85  # pipeline texts/s as a share of the engine's
 TARGET_P50_MS = 25.0
 
 
-def start_worker(env: dict[str, str], queues: str = "interactive,bulk") -> subprocess.Popen[str]:
+def start_worker(env: dict[str, str], queues: str = "interactive,bulk") -> subprocess.Popen[bytes]:
     """A real worker, as an operator would start one on this machine: prefork, one process."""
     command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "1"]
     command += ["-Q", queues, "-n", f"{queues.replace(',', '-')}@%h"]
@@ -56,7 +57,7 @@ def start_worker(env: dict[str, str], queues: str = "interactive,bulk") -> subpr
     return process
 
 
-def stop_worker(process: subprocess.Popen[str]) -> None:
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(30)
@@ -80,7 +81,20 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Bench:
+    """What a pipeline benchmark runs on: the texts, a work folder, the settings the worker and
+    this process share (as ``env``), a fresh Redis database and store, and the bare engine."""
+
+    texts: list[str]
+    work: Path
+    env: dict[str, str]
+    database_url: str
+    settings: Settings
+    engine: Engine
+
+
+def prepare(args: argparse.Namespace) -> Bench:
     texts = load_texts(args.corpus, args.texts)
     store = ModelStore(args.model_dir)
     folder = prepared(store, MODEL, Precision.FP32, Settings(model_dir=args.model_dir))
@@ -100,7 +114,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     client.flushdb()
     client.close()
     schema.upgrade(database_url)
-    engine = Engine.load(folder, settings)
+    return Bench(texts, work, env, database_url, settings, Engine.load(folder, settings))
+
+
+def engine_seconds(bench: Bench) -> float:
+    """One pass of the bare engine over the texts, in calls as large as it accepts."""
+    step = bench.settings.max_batch_items
+    started = time.perf_counter()
+    for start in range(0, len(bench.texts), step):
+        bench.engine.encode(bench.texts[start : start + step])
+    return time.perf_counter() - started
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    bench = prepare(args)
+    texts, env, settings, engine = bench.texts, bench.env, bench.settings, bench.engine
+    database_url = bench.database_url
 
     from tasks import producer
 
@@ -112,10 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         engine_s, pipeline_s = [], []
         for _ in range(args.repeats):
-            started = time.perf_counter()
-            for start in range(0, len(texts), settings.max_batch_items):
-                engine.encode(texts[start : start + settings.max_batch_items])
-            engine_s.append(time.perf_counter() - started)
+            engine_s.append(engine_seconds(bench))
 
             started = time.perf_counter()
             job = producer.submit(texts, queue="bulk")
