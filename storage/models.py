@@ -20,15 +20,21 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
     Text,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.expression import true
+
+ID_LENGTH = 200
+"""Longest item id, model name or tag the schema holds."""
+JOB_ID_LENGTH = 36
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -96,26 +102,29 @@ class Job(Base):
 
     __tablename__ = "jobs"
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    id: Mapped[str] = mapped_column(String(JOB_ID_LENGTH), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
     model_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Server defaults as well as Python ones, so an application without embedq can insert a job
+    # with only id, model_name, queue and total_items (README, "Message format").
     state: Mapped[JobState] = mapped_column(
         _state_column(JobState, "job_state"),
         default=JobState.QUEUED,
+        server_default=JobState.QUEUED.value,
         index=True,
     )
-    total_items: Mapped[int] = mapped_column(Integer, default=0)
-    done_items: Mapped[int] = mapped_column(Integer, default=0)
-    failed_items: Mapped[int] = mapped_column(Integer, default=0)
+    total_items: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    done_items: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failed_items: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     reused_items: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     """Items whose vector was copied from the content cache instead of computed."""
     sealed: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     """False while a backfill is still adding items: workers never settle an unsealed job."""
     queue: Mapped[str] = mapped_column(String(50))
-    tag: Mapped[str | None] = mapped_column(String(200), index=True)
-    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    tag: Mapped[str | None] = mapped_column(String(ID_LENGTH), index=True)
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(default=_now)
+    created_at: Mapped[datetime] = mapped_column(default=_now, server_default=func.now())
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 
@@ -128,7 +137,7 @@ class Embedding(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    item_id: Mapped[str] = mapped_column(String(200))
+    item_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     position: Mapped[int] = mapped_column(Integer)
     text_sha256: Mapped[str] = mapped_column(String(64), index=True)
     dim: Mapped[int] = mapped_column(Integer)
@@ -197,22 +206,50 @@ class ModelSource(Base):
 
 
 class Batch(Base):
-    """A batch a backfill sent: which items it carries, so a resumed run knows what is in flight,
-    what is stuck, and how often an item's batch was lost."""
+    """The ledger of a job's batches: what each carries, whether it ended, how often it was tried.
+
+    Written with the job, before any message is published, so the store (not the broker) is the
+    record of pending work. ``payload`` holds the texts and positions while the batch is pending,
+    so a batch whose message was lost can be published again, and is cleared when it ends.
+    """
 
     __tablename__ = "batches"
-    __table_args__ = (UniqueConstraint("job_id", "batch_index"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "batch_index"),
+        Index("ix_batches_state_updated_at", "state", "updated_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     batch_index: Mapped[int] = mapped_column(Integer)
     state: Mapped[BatchState] = mapped_column(
-        _state_column(BatchState, "batch_state"), default=BatchState.SENT, index=True
+        _state_column(BatchState, "batch_state"), default=BatchState.SENT
     )
+    item_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     item_ids: Mapped[list[str]] = mapped_column(JSON)
-    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """``{"texts": [...], "positions": [...]}`` until the batch ends."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Times a worker process started the batch (claimed it in this ledger)."""
+    sends: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """Times the batch was published: once by its producer, then once per re-publish."""
+    last_error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    """``host:pid`` of the process that last started the batch."""
     sent_at: Mapped[datetime] = mapped_column(default=_now)
+    updated_at: Mapped[datetime] = mapped_column(default=_now)
+    """Last progress: sent, started, retried, re-published or ended."""
     finished_at: Mapped[datetime | None]
+
+
+class Lease(Base):
+    """A named lease, held by one process at a time until it expires (the reconciler's)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime]
 
 
 class FailedItem(Base):
@@ -223,7 +260,7 @@ class FailedItem(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    item_id: Mapped[str] = mapped_column(String(200))
+    item_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
@@ -251,5 +288,7 @@ class Backfill(Base):
     source: Mapped[str] = mapped_column(Text)
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     runs: Mapped[int] = mapped_column(Integer, default=0)
+    duplicates: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Rows the last run skipped because their id was met before in the source."""
     created_at: Mapped[datetime] = mapped_column(default=_now)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)

@@ -9,7 +9,7 @@ statement is picked by the session's dialect here and nowhere else.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import DateTime, Insert, Text, bindparam, case, delete, func, select, true, update
@@ -17,9 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage.models import (
-    Batch,
     BatchStat,
-    BatchState,
     CachedVector,
     Embedding,
     FailedItem,
@@ -113,26 +111,6 @@ def record_failures(session: Session, job_id: str, item_ids: Sequence[str], reas
     return len(session.connection().execute(statement, rows).all())
 
 
-_batches: Any = Batch.__table__
-_FINISH_BATCH = (
-    update(_batches)
-    .where(
-        _batches.c.job_id == bindparam("job"),
-        _batches.c.batch_index == bindparam("index"),
-        _batches.c.state == BatchState.SENT.value,
-    )
-    .values(state=bindparam("state"), finished_at=bindparam("now", type_=DateTime(timezone=True)))
-)
-
-
-def finish_batch(session: Session, job_id: str, batch_index: int, state: BatchState) -> None:
-    """Mark a backfill's batch done or failed (a no-op for batches no backfill tracks)."""
-    session.connection().execute(
-        _FINISH_BATCH,
-        {"job": job_id, "index": batch_index, "state": state.value, "now": datetime.now(UTC)},
-    )
-
-
 def count_embeddings(session: Session, job_id: str) -> int:
     return int(session.scalar(select(func.count()).where(Embedding.job_id == job_id)) or 0)
 
@@ -150,6 +128,7 @@ def list_embeddings(session: Session, job_id: str) -> Sequence[Embedding]:
 
 def create_job(session: Session, job: Job) -> Job:
     session.add(job)
+    session.flush()  # its batches refer to it
     return job
 
 
@@ -241,6 +220,18 @@ def add_progress(
     return bool(settled.rowcount == 1)
 
 
+def fail_rest(session: Session, job_id: str, reason: str) -> bool:
+    """Count every item of a sealed job that is not done as failed (when which items a broken
+    batch carried cannot be told, the job cannot complete otherwise) and settle it; true when
+    this call finished the job."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.sealed.is_(true()), Job.finished_at.is_(None))
+        .values(failed_items=Job.total_items - Job.done_items)
+    )
+    return add_progress(session, job_id, done=0, failed=0, error=reason)
+
+
 def list_jobs(session: Session, limit: int = 20) -> Sequence[Job]:
     """The most recent jobs, newest first."""
     return session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)).all()
@@ -313,24 +304,3 @@ def list_prepared(session: Session) -> Sequence[PreparedModel]:
     return session.scalars(
         select(PreparedModel).order_by(PreparedModel.name, PreparedModel.host)
     ).all()
-
-
-def stuck_batches(session: Session, job_id: str, older_than_s: float) -> int:
-    """Batches of ``job_id`` unfinished for longer than ``older_than_s`` while none of the job's
-    batches finished in that time: no worker is on them."""
-    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
-    recent = session.scalar(
-        select(func.count()).where(Batch.job_id == job_id, Batch.finished_at >= cutoff)
-    )
-    if recent:
-        return 0
-    return int(
-        session.scalar(
-            select(func.count()).where(
-                Batch.job_id == job_id,
-                Batch.state == BatchState.SENT,
-                Batch.sent_at < cutoff,
-            )
-        )
-        or 0
-    )

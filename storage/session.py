@@ -23,6 +23,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url``; SQLite connections are set up for concurrent use."""
+    if url.startswith("postgresql"):
+        # A server that does not answer (not one that refuses) must not hang a worker forever.
+        kwargs.setdefault("connect_args", {"connect_timeout": 10})
     engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"), **kwargs)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)

@@ -6,16 +6,17 @@
 - copies the vector of any text the content cache already holds for the model (counted as
   reused; the model does not run);
 - records unusable rows (no id, no text, empty text) as failed items with their reason;
-- sends the rest as one ``bulk`` batch, recorded in ``batches`` with its item ids, after waiting
-  until fewer than ``max_in_flight`` of the job's batches are unfinished.
+- sends the rest as one ``bulk`` batch, recorded in the batch ledger with its items and texts,
+  after waiting until fewer than ``max_in_flight`` of the job's batches are unfinished.
 The producer therefore holds one chunk and Redis at most ``max_in_flight`` messages of the job,
 whatever the source's size. At the end it waits for the batches in flight, then seals the job
 (its total is the items accounted for) so its state settles.
 
-Resuming (running the same name again) marks batches unfinished for longer than
-``stuck_after`` as abandoned: their items are not stored, so the stream sends them again, in a
-new batch that carries the attempt number; an item whose batch was lost ``max_attempts`` times
-is failed with that reason instead of cycling.
+Batches are the same ledger rows every job has: a batch whose message is lost is re-published
+by the reconciler in the workers (and failed after too many losses), so a resumed run (the same
+name again) sends only what no batch holds: items neither stored, failed nor in a pending batch.
+A publish that fails (the broker is down) stops the run with ``UnavailableError``; its batch is
+already in the ledger, so the reconciler or the next run picks it up.
 """
 
 from __future__ import annotations
@@ -25,18 +26,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import repository
+from storage import ledger, repository
 from storage.models import (
     Backfill,
-    Batch,
     BatchStat,
-    BatchState,
     Embedding,
     FailedItem,
     Job,
@@ -44,6 +42,7 @@ from storage.models import (
 )
 from storage.session import scope, sessions_for
 from tasks import names
+from tasks.message import BatchMessage
 from tasks.readers import Reader, Row
 from worker.errors import EmbedqError, InputError
 from worker.settings import Settings, get_settings
@@ -61,7 +60,6 @@ class Options:
     batch_chars: int = 128 * 2000
     max_in_flight: int = 8
     stuck_after: float = 300.0
-    max_attempts: int = 3
     retry_failed: bool = False
 
 
@@ -75,6 +73,9 @@ class Progress:
     reused: int = 0
     failed_here: int = 0
     skipped: int = 0
+    """Items already stored, failed or in a pending batch when this run met them."""
+    duplicates: int = 0
+    """Rows whose id this run had already met (repeated in the source): skipped."""
     batches: int = 0
     done: int = 0
     failed: int = 0
@@ -126,9 +127,14 @@ class BackfillRun:
         self.options = options
         self.settings = settings or get_settings()
         self.sessions: sessionmaker[Session] = sessions_for(self.settings.database_url)
-        self.lost_attempts: dict[str, int] = {}
         self._refreshed = 0.0
         self.in_flight_items: set[str] = set()
+        """Items in batches an earlier run left pending (the reconciler sees to them)."""
+        self.sent_here: dict[int, list[str]] = {}
+        """Items of the batches this run sent that are still pending, by batch index."""
+        self.marks = (0, 0)
+        """The highest embedding and failed-item row ids when this run started: a row above
+        them was written during this run, so meeting its id again is a duplicate."""
 
     # --- setup -------------------------------------------------------------------------------
     def _open(self, total: int | None) -> Progress:
@@ -176,19 +182,10 @@ class BackfillRun:
         return Progress(job_id=job_id, total=total)
 
     def _take_over_batches(self, session: Session, job_id: str) -> None:
-        """Batches an earlier run left unfinished: recent ones are still in flight (their items
-        are skipped), stale ones are abandoned (their items are sent again)."""
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.options.stuck_after)
-        pending = session.scalars(
-            select(Batch).where(Batch.job_id == job_id, Batch.state == BatchState.SENT)
-        ).all()
-        for batch in pending:
-            if as_utc(batch.sent_at) < cutoff:
-                batch.state = BatchState.ABANDONED
-                for item in batch.item_ids:
-                    self.lost_attempts[item] = max(self.lost_attempts.get(item, 0), batch.attempt)
-            else:
-                self.in_flight_items.update(batch.item_ids)
+        """Batches an earlier run left pending: their items are in flight (a lost message is the
+        reconciler's to send again), so this run skips them."""
+        for batch in ledger.pending_batches(session, job_id):
+            self.in_flight_items.update(batch.item_ids)
 
     # --- the stream --------------------------------------------------------------------------
     def run(self, report: Report | None = None) -> Progress:
@@ -198,10 +195,11 @@ class BackfillRun:
         if self.options.retry_failed:
             self._forget_failures(progress.job_id)
         with scope(self.sessions) as session:
-            last = session.scalar(
-                select(func.max(Batch.batch_index)).where(Batch.job_id == progress.job_id)
+            next_index = ledger.next_index(session, progress.job_id)
+            self.marks = (
+                int(session.scalar(select(func.coalesce(func.max(Embedding.id), 0))) or 0),
+                int(session.scalar(select(func.coalesce(func.max(FailedItem.id), 0))) or 0),
             )
-        next_index = (last if last is not None else -1) + 1
         for chunk in _chunks(self.reader.rows(), self.options.batch_size, self.options.batch_chars):
             batch = self._settle_chunk(progress, chunk)
             if batch:
@@ -230,38 +228,36 @@ class BackfillRun:
         job_id, model = progress.job_id, self.options.model
         ids = [row.item_id for row in chunk]
         with scope(self.sessions) as session:
-            known = set(
-                session.scalars(
-                    select(Embedding.item_id).where(
-                        Embedding.job_id == job_id, Embedding.item_id.in_(ids)
-                    )
+            stored = session.execute(
+                select(Embedding.item_id, Embedding.id).where(
+                    Embedding.job_id == job_id, Embedding.item_id.in_(ids)
                 )
-            )
-            known |= set(
-                session.scalars(
-                    select(FailedItem.item_id).where(
-                        FailedItem.job_id == job_id, FailedItem.item_id.in_(ids)
-                    )
+            ).all()
+            failed_before = session.execute(
+                select(FailedItem.item_id, FailedItem.id).where(
+                    FailedItem.job_id == job_id, FailedItem.item_id.in_(ids)
                 )
-            )
+            ).all()
+            # Met before in this run: written since it started, or in a batch it sent.
+            seen_here = {i for i, row_id in stored if row_id > self.marks[0]}
+            seen_here |= {i for i, row_id in failed_before if row_id > self.marks[1]}
+            for items in self.sent_here.values():
+                seen_here.update(i for i in items if i in set(ids))
+            known = {i for i, _ in stored} | {i for i, _ in failed_before}
             known |= self.in_flight_items.intersection(ids)
             fresh: list[Row] = []
             failures: dict[str, list[str]] = {}
             for row in chunk:
+                if row.item_id in seen_here:
+                    progress.duplicates += 1
+                    continue
                 if row.item_id in known:
                     progress.skipped += 1
                     continue
-                known.add(row.item_id)  # a repeated id in one chunk counts once
+                seen_here.add(row.item_id)  # a repeated id later in this chunk is a duplicate
                 problem = row.problem or (
                     "empty or whitespace-only text" if not row.text.strip() else None
                 )
-                if problem is None and self.lost_attempts.get(row.item_id, 0) >= (
-                    self.options.max_attempts
-                ):
-                    problem = (
-                        f"its batch was lost {self.options.max_attempts} times (a worker died"
-                        " or the batch was never run)"
-                    )
                 if problem:
                     failures.setdefault(problem, []).append(row.item_id)
                 else:
@@ -306,58 +302,45 @@ class BackfillRun:
 
     def _wait_for_room(self, progress: Progress, report: Report, room: int | None = None) -> None:
         """Wait until fewer than ``room`` (default: the in-flight bound) batches are unfinished;
-        give up with a ``BackfillError`` when nothing finishes for ``stuck_after`` seconds."""
+        give up with a ``BackfillError`` when nothing finishes for long enough that the
+        reconciler would have re-sent a lost batch (twice ``stuck_after`` and a sweep)."""
         room = room or self.options.max_in_flight
+        patience = 2 * self.options.stuck_after + self.settings.sweep_interval
         seen, since = (progress.done, progress.failed), time.monotonic()
         while self._in_flight(progress) >= room:
             self._refresh(progress, every=0.5)
             report(progress)
             if (progress.done, progress.failed) != seen:
                 seen, since = (progress.done, progress.failed), time.monotonic()
-            elif time.monotonic() - since > self.options.stuck_after:
+            elif time.monotonic() - since > patience:
                 raise BackfillError(
                     f"{progress.in_flight} batches of backfill {self.options.name!r} are in"
-                    f" flight and none finished for {self.options.stuck_after:.0f}s: is a worker"
-                    f" consuming the bulk queue? Run the backfill again to send them again."
+                    f" flight and none finished for {patience:.0f}s: is a worker consuming the"
+                    " bulk queue? (workers re-send batches whose message was lost.) Run the"
+                    " backfill again to go on."
                 )
             time.sleep(0.05)
 
     def _send(self, progress: Progress, index: int, rows: list[Row]) -> None:
-        from tasks.producer import send_payloads
+        from tasks.producer import message_for, publish
 
-        attempt = 1 + max((self.lost_attempts.get(row.item_id, 0) for row in rows), default=0)
-        payload = {
-            "job_id": progress.job_id,
-            "batch_index": index,
-            "model": self.options.model,
-            "texts": [row.text for row in rows],
-            "item_ids": [row.item_id for row in rows],
-            "positions": [row.position for row in rows],
-            "enqueued_at": time.time(),
-        }
+        batch = ledger.NewBatch(
+            index=index,
+            item_ids=[row.item_id for row in rows],
+            texts=[row.text for row in rows],
+            positions=[row.position for row in rows],
+        )
         with scope(self.sessions) as session:
-            session.add(
-                Batch(
-                    job_id=progress.job_id,
-                    batch_index=index,
-                    item_ids=payload["item_ids"],
-                    attempt=attempt,
-                )
-            )
-        send_payloads([payload], names.Queue.BULK)
+            ledger.add_batches(session, progress.job_id, [batch])
+        self.sent_here[index] = batch.item_ids
+        message: BatchMessage = message_for(progress.job_id, self.options.model, batch, time.time())
+        publish([message], names.Queue.BULK)
         progress.sent += len(rows)
         progress.batches += 1
 
     def _in_flight(self, progress: Progress) -> int:
         with scope(self.sessions) as session:
-            progress.in_flight = int(
-                session.scalar(
-                    select(func.count()).where(
-                        Batch.job_id == progress.job_id, Batch.state == BatchState.SENT
-                    )
-                )
-                or 0
-            )
+            progress.in_flight = ledger.count_pending(session, progress.job_id)
         return progress.in_flight
 
     def _refresh(self, progress: Progress, every: float = 0.0) -> Progress:
@@ -371,14 +354,9 @@ class BackfillRun:
             if job is None:
                 raise BackfillError(f"job {progress.job_id} vanished from the store")
             progress.done, progress.failed = job.done_items, job.failed_items
-            progress.in_flight = int(
-                session.scalar(
-                    select(func.count()).where(
-                        Batch.job_id == progress.job_id, Batch.state == BatchState.SENT
-                    )
-                )
-                or 0
-            )
+            pending = ledger.pending_indexes(session, progress.job_id)
+            progress.in_flight = len(pending)
+            self.sent_here = {i: items for i, items in self.sent_here.items() if i in pending}
             progress.tokens = int(
                 session.scalar(
                     select(func.coalesce(func.sum(BatchStat.tokens), 0)).where(
@@ -396,6 +374,9 @@ class BackfillRun:
             assert job is not None
             job.total_items = job.done_items + job.failed_items
             job.sealed = True
+            found = session.get(Backfill, self.options.name)
+            if found is not None:
+                found.duplicates = progress.duplicates
             session.flush()
             repository.add_progress(session, progress.job_id, done=0, failed=0, error=None)
         progress.finished = True
@@ -426,9 +407,7 @@ def summary(database_url: str, name: str, limit: int = 10) -> dict[str, Any]:
             .group_by(BatchStat.host, BatchStat.pid)
             .order_by(func.sum(BatchStat.texts).desc())
         ).all()
-        stuck = session.scalar(
-            select(func.count()).where(Batch.job_id == job.id, Batch.state == BatchState.SENT)
-        )
+        stuck = ledger.count_pending(session, job.id)
         started, finished = job.started_at, job.finished_at
         wall = (
             (as_utc(finished) - as_utc(started)).total_seconds() if started and finished else None
@@ -446,7 +425,8 @@ def summary(database_url: str, name: str, limit: int = 10) -> dict[str, Any]:
             "failed": job.failed_items,
             "failure_reasons": {reason: count for reason, count in reasons},
             "failed_examples": list(examples),
-            "in_flight_batches": int(stuck or 0),
+            "in_flight_batches": stuck,
+            "duplicates": found.duplicates,
             "wall_s": None if wall is None else round(wall, 1),
             "items_per_s": round(job.done_items / wall, 1) if wall else None,
             "workers": [

@@ -18,7 +18,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import repository
@@ -46,6 +47,9 @@ class ModelPendingError(TransientError):
         super().__init__(f"model {name!r} is being prepared on {host}")
         self.name = name
 
+
+# Errors a later try may not meet: a source or the store that could not be reached.
+TRANSIENT = (TransientError, OperationalError, InterfaceError, ConnectionError, TimeoutError)
 
 _OPTIONS = ("precision", "sha256", "max_seq_length", "pooling", "normalize")
 
@@ -103,8 +107,9 @@ def prepare_here(name: str, sessions: sessionmaker[Session], settings: Settings)
     """Prepare ``name`` on this host from its catalog entry and record the outcome.
 
     A model already prepared (by another worker that held the lock first) is kept. A permanent
-    failure is recorded as the host's state with its reason and raised; a transient one
-    (``SourceUnavailableError``) is raised for the caller to retry.
+    failure is recorded as the host's state with its reason and raised as a ``ModelError``
+    (an unexpected exception, such as an ``OSError`` from a damaged file, is one too); a
+    transient one (``SourceUnavailableError``) is raised for the caller to retry.
     """
     from worker.model_store import ModelStore
 
@@ -120,14 +125,25 @@ def prepare_here(name: str, sessions: sessionmaker[Session], settings: Settings)
         manifest = ModelStore(settings.model_dir).pull(
             source, name, pull_options(options), settings, replace=False
         )
-    except TransientError:
+    except TRANSIENT:
         raise
-    except EmbedqError as exc:
+    except Exception as exc:  # every other way out is a recorded failure, expected or not
+        if isinstance(exc, SoftTimeLimitExceeded):
+            reason = f"not prepared within download_time_limit ({settings.download_time_limit}s)"
+        elif isinstance(exc, EmbedqError):
+            reason = str(exc)
+        else:
+            reason = f"preparing it failed unexpectedly: {type(exc).__name__}: {exc}"
+        logger.warning(
+            "model %s failed on %s: %s", name, host, reason, extra={"model": name, "host": host}
+        )
         with scope(sessions) as session:
             repository.set_prepared(
-                session, name, host, ModelState.FAILED, source=source, error=str(exc)
+                session, name, host, ModelState.FAILED, source=source, error=reason
             )
-        raise
+        if isinstance(exc, ModelError):
+            raise
+        raise ModelError(reason) from exc
     with scope(sessions) as session:
         record_ready(session, manifest, host)
     logger.info(
@@ -185,24 +201,35 @@ def _sessions() -> sessionmaker[Session]:
     soft_time_limit=max(1, get_settings().download_time_limit - 30),
 )
 def download(self: Any, name: str) -> dict[str, Any]:
-    """Prepare model ``name`` on this host from the catalog; transient source errors are
-    retried with backoff, then recorded as the host's failure."""
+    """Prepare model ``name`` on this host from the catalog. Every way out records the host's
+    state: ready; failed at once with the reason (a permanent error, or an unexpected one);
+    or, for a transient error, retried with backoff and then recorded failed."""
     settings = get_settings()
+    host = settings.host_name
     try:
         manifest = prepare_here(name, _sessions(), settings)
-    except TransientError as exc:
+    except TRANSIENT as exc:
         if self.request.retries < self.max_retries:
             raise self.retry(exc=exc, countdown=10 * 2**self.request.retries) from exc
-        record_failed(name, f"gave up after {self.max_retries + 1} tries: {exc}")
-        return {"model": name, "host": settings.host_name, "failed": str(exc)}
+        reason = f"gave up after {self.max_retries + 1} tries: {exc}"
+        try:
+            record_failed(name, reason)
+        except TRANSIENT:  # the store is still down: the row stays preparing until it expires
+            logger.exception("could not record model %s as failed on %s", name, host)
+        return {"model": name, "host": host, "failed": reason}
     except EmbedqError as exc:  # recorded by prepare_here; the worker goes on
-        return {"model": name, "host": settings.host_name, "failed": str(exc)}
-    return {"model": name, "host": settings.host_name, "dim": manifest.dim}
+        return {"model": name, "host": host, "failed": str(exc)}
+    except Exception as exc:  # raised around the pull, where prepare_here records nothing
+        logger.exception("download of model %s failed on %s", name, host)
+        reason = f"preparing it failed unexpectedly: {type(exc).__name__}: {exc}"
+        record_failed(name, reason)
+        return {"model": name, "host": host, "failed": reason}
+    return {"model": name, "host": host, "dim": manifest.dim}
 
 
-def _report_models(sender: Any, **_: Any) -> None:
-    """Record this host's prepared models once the worker is up, so the ``models`` table shows
-    what each host can serve without waiting for a batch."""
+def report_models() -> None:
+    """Record this host's prepared models when a worker starts, so the ``models`` table shows
+    what each host can serve without waiting for a batch (``tasks.fleet``)."""
     from worker.model_store import ModelStore
 
     settings = get_settings()
@@ -215,6 +242,3 @@ def _report_models(sender: Any, **_: Any) -> None:
         logger.exception("could not record this host's models in the store")
     finally:
         dispose_all()  # the parent keeps no connections for its children to inherit
-
-
-worker_ready.connect(_report_models, weak=False)

@@ -1,9 +1,19 @@
 """The ``embed`` task: one queue message is one batch of one job.
 
-The task is a thin shell: it validates the JSON payload, opens a transaction and calls
-``embed_batch``, which takes its collaborators (session, engine) as arguments so tests can run
-it directly. Vectors, statistics and the job's counts are written in that one transaction; the
-(job, item) upsert makes a redelivered batch a no-op.
+The task is a thin shell over ``run_message``, which parses the message, claims the batch in
+the ledger, embeds it and stores vectors, statistics, the batch's end and the job's counts in
+one transaction; the (job, item) upsert makes a redelivered batch a no-op, and the claim skips
+a batch that already ended without running the model.
+
+Every way out of the task is a recorded outcome (see ``tasks.retry`` for the classes):
+- done, or failed with a reason for a permanent error (the items are recorded failed at once);
+- sent again with backoff for a transient error, at most ``EMBEDQ_TRANSIENT_RETRIES`` times,
+  then failed with the last reason;
+- sent again later while its host prepares the batch's model;
+- a pool process that dies on the batch: Celery sends it again up to ``EMBEDQ_MAX_RETRIES``
+  times, then the worker's parent fails it (``tasks.fleet``);
+- whatever could not be recorded (the store down for good, the broker down while sending
+  again) stays pending in the ledger, where the reconciler finds it.
 """
 
 from __future__ import annotations
@@ -12,66 +22,67 @@ import hashlib
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
-from sqlalchemy.orm import Session
+from celery import Task
+from pydantic import ValidationError
+from sqlalchemy.orm import Session, sessionmaker
 
-from storage import repository
+from storage import ledger, repository
 from storage.models import BatchState
-from tasks import names
-from worker import (
-    lifecycle,  # connects the signals that warm each pool process
-    logs,  # noqa: F401  (JSON log lines when EMBEDQ_LOG_JSON is set)
-    metrics,  # serves /metrics from the worker's parent when EMBEDQ_METRICS_PORT is set
-)
+from storage.session import scope
+from tasks import completion, names, retry
+from tasks.message import BatchMessage, task_id
+from worker import lifecycle, metrics
 from worker.app import app
 from worker.engine import Embedder, Progress
-from worker.errors import (
-    EmbedqError,
-    InputError,
-    ModelError,
-    ModelNotFoundError,
-    ProviderError,
-)
+from worker.errors import InputError, ModelError, ModelNotFoundError, ProviderError
 from worker.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
 
-class EmbedPayload(BaseModel):
-    """The JSON a producer sends for one batch (see README, "Message format")."""
+@dataclass(frozen=True)
+class Outcome:
+    """How one delivery of a batch ended; the task returns it as a dict for Flower."""
 
-    job_id: str
-    batch_index: int = Field(ge=0)
-    model: str
-    texts: list[str] = Field(min_length=1)
-    item_ids: list[str]
-    positions: list[int]
-    enqueued_at: float
-    model_wait_since: float | None = None
-    """Set by the worker when it re-enqueues a batch whose model its host is preparing."""
+    job_id: str | None
+    batch: int | None
+    state: str
+    """``done``, ``failed``, ``skipped`` (it had ended before), ``retrying``, ``waiting``
+    (for its model) or ``dropped`` (a message without a job to record it in)."""
+    finished: bool = False
+    """True when this delivery settled the job (its completion is then signalled)."""
+    texts: int = 0
+    tokens: int = 0
+    ms: float = 0.0
+    provider: str = ""
+    reason: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if value not in (None, "", 0)}
 
 
 def embed_batch(
     session: Session,
     engine: Embedder,
-    payload: EmbedPayload,
+    message: BatchMessage,
     *,
     provider: str,
     on_progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Embed one batch and store vectors, statistics and progress in ``session``."""
+) -> Outcome:
+    """Embed one batch and store vectors, statistics, the batch's end and the job's progress."""
     started = time.time()
     try:
-        result = engine.encode(payload.texts, on_progress)
+        result = engine.encode(message.texts, on_progress)
     except InputError as exc:
-        return fail_items(session, payload, f"batch {payload.batch_index}: {exc}")
+        return fail_batch(session, message, f"batch {message.batch_index}: {exc}")
     stats = result.stats
     w0 = time.perf_counter()
     rows = [
         {
-            "job_id": payload.job_id,
+            "job_id": message.job_id,
             "item_id": item_id,
             "position": position,
             "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
@@ -81,9 +92,9 @@ def embed_batch(
             "truncated": cut,
         }
         for item_id, position, text, vector, tokens, cut in zip(
-            payload.item_ids,
-            payload.positions,
-            payload.texts,
+            message.item_ids,
+            message.positions,
+            message.texts,
             result.vectors,
             result.token_counts,
             result.truncated,
@@ -91,21 +102,22 @@ def embed_batch(
         )
     ]
     stored = repository.upsert_embeddings(session, rows)
-    repository.cache_vectors(session, payload.model, stored)
-    repository.finish_batch(session, payload.job_id, payload.batch_index, BatchState.DONE)
+    repository.cache_vectors(session, message.model, stored)
+    ledger.finish(session, message.job_id, message.batch_index, BatchState.DONE)
     write_ms = (time.perf_counter() - w0) * 1000
+    wait_ms = max(0.0, (started - message.enqueued_at) * 1000)
     repository.upsert_batch_stat(
         session,
         {
-            "job_id": payload.job_id,
-            "batch_index": payload.batch_index,
+            "job_id": message.job_id,
+            "batch_index": message.batch_index,
             "host": get_settings().host_name,  # as in `models` and the download queue
             "pid": os.getpid(),
             "provider": provider,
             "texts": stats.texts,
             "tokens": stats.tokens,
             "padded_tokens": stats.padded_tokens,
-            "queue_wait_ms": max(0.0, (started - payload.enqueued_at) * 1000),
+            "queue_wait_ms": wait_ms,
             "tokenize_ms": stats.tokenize_ms,
             "inference_ms": stats.inference_ms,
             "pool_ms": stats.pool_ms,
@@ -114,23 +126,22 @@ def embed_batch(
         },
     )
     finished = repository.add_progress(
-        session, payload.job_id, done=len(stored), failed=0, error=None
+        session, message.job_id, done=len(stored), failed=0, error=None
     )
     total_ms = stats.total_ms + write_ms
-    wait_ms = max(0.0, (started - payload.enqueued_at) * 1000)
-    metrics.observe_batch(payload.model, provider, stats, write_ms, wait_ms)
+    metrics.observe_batch(message.model, provider, stats, write_ms, wait_ms)
     logger.info(
         "batch done: job=%s batch=%d texts=%d tokens=%d padded=%d ms=%.1f provider=%s",
-        payload.job_id,
-        payload.batch_index,
+        message.job_id,
+        message.batch_index,
         stats.texts,
         stats.tokens,
         stats.padded_tokens,
         total_ms,
         provider,
         extra={
-            "job": payload.job_id,
-            "batch": payload.batch_index,
+            "job": message.job_id,
+            "batch": message.batch_index,
             "texts": stats.texts,
             "tokens": stats.tokens,
             "padded_tokens": stats.padded_tokens,
@@ -138,135 +149,259 @@ def embed_batch(
             "provider": provider,
         },
     )
-    return {
-        "job_id": payload.job_id,
-        "batch": payload.batch_index,
-        "texts": stats.texts,
-        "tokens": stats.tokens,
-        "ms": round(stats.total_ms + write_ms, 1),
-        "provider": provider,
-        "finished": finished,
-    }
+    return Outcome(
+        message.job_id,
+        message.batch_index,
+        "done",
+        finished=finished,
+        texts=stats.texts,
+        tokens=stats.tokens,
+        ms=round(total_ms, 1),
+        provider=provider,
+    )
 
 
-def fail_items(
-    session: Session, payload: EmbedPayload, reason: str, kind: str = "input"
-) -> dict[str, Any]:
+def fail_batch(
+    session: Session, message: BatchMessage, reason: str, kind: str = "input"
+) -> Outcome:
     """Record every item of the batch as failed for ``reason`` (once, however often the batch
-    is delivered) and count them in the job."""
-    failed = repository.record_failures(session, payload.job_id, payload.item_ids, reason)
-    metrics.observe_failure(payload.model, kind, failed)
-    repository.finish_batch(session, payload.job_id, payload.batch_index, BatchState.FAILED)
-    finished = repository.add_progress(session, payload.job_id, done=0, failed=failed, error=reason)
-    return {
-        "job_id": payload.job_id,
-        "batch": payload.batch_index,
-        "failed": reason,
-        "finished": finished,
-    }
+    is delivered), end the batch, and count the items in the job."""
+    failed, finished = ledger.fail_batch(
+        session, message.job_id, message.batch_index, message.item_ids, reason
+    )
+    metrics.observe_failure(message.model, kind, failed)
+    logger.warning(
+        "batch failed: job=%s batch=%d items=%d reason=%s",
+        message.job_id,
+        message.batch_index,
+        len(message.item_ids),
+        reason,
+        extra={"job": message.job_id, "batch": message.batch_index, "kind": kind},
+    )
+    return Outcome(message.job_id, message.batch_index, "failed", finished, reason=reason)
 
 
-def run_payload(
-    raw: dict[str, Any], *, local: bool = False, on_progress: Progress | None = None
-) -> dict[str, Any]:
-    """Validate ``raw`` and run it with this process's engine and database; a batch that can
-    never succeed (bad payload, unknown model) fails its items with a stored reason.
+def run_message(
+    raw: object, *, local: bool = False, on_progress: Progress | None = None
+) -> Outcome:
+    """Parse ``raw``, claim its batch and run it with this process's engine and database.
 
-    A model missing on this host is prepared from the catalog: in this process when ``local``
-    (local mode), else by a download on this host's queue while ``ModelPendingError`` tells the
-    caller to try the batch again later.
+    Permanent failures (a malformed message, an unknown or broken model, bad input) are recorded
+    and returned; transient errors are raised for the caller's retry policy. A model missing on
+    this host is prepared from the catalog: in this process when ``local`` (local mode), else by
+    a download on this host's queue while ``ModelPendingError`` tells the caller to wait.
     """
-    from storage.session import scope
+    sessions = lifecycle.get_sessions()
+    try:
+        message = BatchMessage.model_validate(raw)
+    except ValidationError as exc:
+        return fail_raw(sessions, raw, f"malformed batch: {_errors(exc)}")
+    try:
+        engine = _engine_for(message, sessions, local)
+    except (ModelError, ProviderError) as exc:
+        with scope(sessions) as session:
+            return fail_batch(session, message, f"model {message.model}: {exc}", kind="model")
+    worker = f"{get_settings().host_name}:{os.getpid()}"
+    with scope(sessions) as session:
+        claim = ledger.claim(session, message.job_id, message.batch_index, worker)
+        if not claim.job_exists:
+            logger.error("dropped batch %d of job %s, which is not in the store", *_ids(message))
+            return Outcome(message.job_id, message.batch_index, "dropped", reason="no such job")
+        if claim.state is None:  # an application's raw message: the ledger learns of it now
+            ledger.adopt(session, message.job_id, message.batch_index, message.item_ids, worker)
+        elif not claim.claimed:
+            return Outcome(message.job_id, message.batch_index, "skipped", reason=claim.state)
+    if claim.job_total is not None and max(message.positions) >= claim.job_total:
+        reason = f"positions up to {max(message.positions)} in a job of {claim.job_total} items"
+        with scope(sessions) as session:
+            return fail_batch(session, message, f"malformed batch: {reason}")
+    with scope(sessions) as session:
+        return embed_batch(
+            session, engine, message, provider=engine.provider, on_progress=on_progress
+        )
+
+
+def _ids(message: BatchMessage) -> tuple[int, str]:
+    return message.batch_index, message.job_id
+
+
+def _engine_for(message: BatchMessage, sessions: sessionmaker[Session], local: bool) -> Any:
     from tasks import download
 
     settings = get_settings()
-    sessions = lifecycle.get_sessions()
     try:
-        payload = EmbedPayload.model_validate(raw)
-    except ValidationError as exc:
-        job_id = raw.get("job_id") if isinstance(raw, dict) else None
-        if not isinstance(job_id, str):
-            return {"job_id": None, "failed": "malformed batch without a job id"}
-        texts = raw.get("texts")
-        count = len(texts) if isinstance(texts, list) else 0
-        return _fail(sessions, job_id, count, f"malformed batch: {exc}")
+        return lifecycle.get_engine(message.model)
+    except ModelNotFoundError:
+        if local:
+            download.prepare_here(message.model, sessions, settings)
+            return lifecycle.get_engine(message.model)
+        waited = time.time() - (message.model_wait_since or time.time())
+        if waited > settings.download_time_limit + 60:
+            raise ModelError(
+                f"model {message.model!r} was still not ready on"
+                f" {settings.host_name} after {waited:.0f}s"
+            ) from None
+        download.request(message.model, sessions, settings)
+        raise  # unreachable: request raises
+    except ModelError as exc:  # present but unusable (corrupt, unreadable): this host says so
+        download.record_failed(message.model, str(exc))
+        raise
+
+
+def fail_raw(sessions: sessionmaker[Session], raw: object, reason: str) -> Outcome:
+    """Fail what a message that may not parse stands for: its batch when it names one the
+    ledger (or its item ids) can tell, else the rest of its job; a message without a job id
+    cannot be recorded anywhere and is dropped with a log line."""
+    fields = raw if isinstance(raw, dict) else {}
+    job_id, index = fields.get("job_id"), fields.get("batch_index")
+    if not (isinstance(job_id, str) and 0 < len(job_id) <= 36 and "\x00" not in job_id):
+        logger.error("dropped a batch message without a usable job id: %s", reason)
+        return Outcome(None, None, "dropped", reason=reason)
     try:
-        try:
-            engine = lifecycle.get_engine(payload.model)
-        except ModelNotFoundError:
-            if local:
-                download.prepare_here(payload.model, sessions, settings)
-                engine = lifecycle.get_engine(payload.model)
-            else:
-                waited = time.time() - (payload.model_wait_since or time.time())
-                if waited > settings.download_time_limit + 60:
-                    raise ModelError(
-                        f"model {payload.model!r} was still not ready on"
-                        f" {settings.host_name} after {waited:.0f}s"
-                    ) from None
-                download.request(payload.model, sessions, settings)
-                raise  # unreachable: request raises
-    except (ModelError, ProviderError) as exc:
-        with scope(sessions) as session:
-            return fail_items(session, payload, f"model {payload.model}: {exc}", kind="model")
+        message = BatchMessage.model_validate(raw)
+    except ValidationError:
+        message = None
     with scope(sessions) as session:
-        return embed_batch(
-            session, engine, payload, provider=engine.provider, on_progress=on_progress
-        )
+        if repository.get_job(session, job_id) is None:
+            logger.error("dropped a batch of job %s, which is not in the store: %s", job_id, reason)
+            return Outcome(job_id, None, "dropped", reason=reason)
+        if message is not None:
+            return fail_batch(session, message, reason)
+        if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
+            found = ledger.get_batch(session, job_id, index)
+            if found is not None:
+                _, finished = ledger.fail_batch(session, job_id, index, found.item_ids, reason)
+                return Outcome(job_id, index, "failed", finished, reason=reason)
+        # Which items it carried cannot be told: the job cannot complete, so it ends here.
+        ledger.fail_pending(session, job_id, reason)
+        finished = repository.fail_rest(session, job_id, reason)
+        return Outcome(job_id, None, "failed", finished, reason=reason)
 
 
-def _fail(sessions: Any, job_id: str, count: int, reason: str) -> dict[str, Any]:
-    """Record ``count`` items of ``job_id`` as failed for ``reason``; the worker goes on."""
-    from storage.session import scope
+def _errors(exc: ValidationError) -> str:
+    """Pydantic's errors in one line: where and what, without echoing the (large) input."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(part) for part in error["loc"]) or "message"
+        parts.append(f"{where}: {error['msg']}")
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
-    with scope(sessions) as session:
-        finished = repository.add_progress(session, job_id, done=0, failed=count, error=reason)
-    return {"job_id": job_id, "failed": reason, "finished": finished}
+
+class EmbedTask(Task):  # type: ignore[misc]
+    """The task class: its retry bound for lost worker processes is read from the settings when
+    Celery asks (after a pool process died), not when this module is imported."""
+
+    @property
+    def max_retries(self) -> int:
+        return get_settings().max_retries
 
 
-@app.task(  # type: ignore[untyped-decorator]
-    name=names.EMBED,
-    bind=True,
-    ignore_result=True,
-    throws=(EmbedqError,),
-    max_retries=get_settings().max_retries,
-    default_retry_delay=1,
-)
-def embed(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """Embed one batch of a job (see ``EmbedPayload``) and store the vectors."""
-    from tasks import completion
+@app.task(name=names.EMBED, base=EmbedTask, bind=True, ignore_result=True, default_retry_delay=1)  # type: ignore[untyped-decorator]
+def embed(self: Any, raw: dict[str, Any]) -> dict[str, Any]:
+    """Embed one batch of a job (see ``tasks.message.BatchMessage``) and store the vectors."""
     from tasks.download import ModelPendingError
-    from tasks.producer import shown
 
+    settings = get_settings()
     try:
-        summary = run_payload(payload, on_progress=_progress_events(self))
+        outcome = run_message(raw, on_progress=_progress_events(self))
     except ModelPendingError as pending:
         # Sent again under the same task id with a countdown; this message is acknowledged
-        # when the task returns, so the batch is never without a message. Not ``retry()``:
-        # that would spend the retries that bound a batch which keeps killing its worker.
-        delivery = self.request.delivery_info or {}
-        self.apply_async(
-            args=[{**payload, "model_wait_since": payload.get("model_wait_since") or time.time()}],
-            countdown=get_settings().model_wait_interval,
-            queue=delivery.get("routing_key") or names.Queue.INTERACTIVE,
-            task_id=self.request.id,
-            argsrepr=shown(payload),
+        # when the task returns, so the batch always has a message. The lost-worker retries
+        # are carried over unspent.
+        since = raw.get("model_wait_since") or time.time()
+        _send_again(self, {**raw, "model_wait_since": since}, settings.model_wait_interval)
+        _note(lifecycle.get_sessions(), raw, str(pending))  # alive, not overdue
+        return {"job_id": raw.get("job_id"), "waiting_for_model": pending.name}
+    except Exception as exc:  # every other way out is recorded: see the module's docstring
+        return after_error(self, raw, exc).summary()
+    if outcome.finished:  # committed: wake whoever waits for this job
+        completion.signal(settings.celery_broker(), str(outcome.job_id))
+    return outcome.summary()
+
+
+def after_error(task: Any, raw: dict[str, Any], exc: Exception) -> Outcome:
+    """Send the batch again after a transient error (bounded, with backoff), or fail it with
+    the reason; what cannot be recorded is left pending for the reconciler."""
+    settings = get_settings()
+    sessions = lifecycle.get_sessions()
+    reason = retry.describe(exc)
+    counted = raw.get("tries")
+    tries = counted if isinstance(counted, int) else 0
+    job_id, index = raw.get("job_id"), raw.get("batch_index")
+    transient = retry.is_transient(exc)
+    if not transient:
+        logger.error("batch %s/%s failed: %s", job_id, index, reason, exc_info=exc)
+    if transient and tries < settings.transient_retries:
+        countdown = retry.backoff(tries, settings)
+        try:
+            _send_again(task, {**raw, "tries": tries + 1}, countdown)
+        except Exception as send_exc:  # the broker is gone too
+            note = f"{reason}; could not be sent again ({retry.describe(send_exc)})"
+            logger.warning("batch %s/%s: %s: left for the reconciler", job_id, index, note)
+            _note(sessions, raw, note)
+            return Outcome(job_id, index, "retrying", reason=note)
+        logger.warning(
+            "batch %s/%s try %d failed (%s); trying again in %.1fs",
+            job_id,
+            index,
+            tries + 1,
+            reason,
+            countdown,
         )
-        return {"job_id": payload.get("job_id"), "waiting_for_model": pending.name}
-    if summary.get("finished"):  # committed: wake whoever waits for this job
-        completion.signal(get_settings().celery_broker(), summary["job_id"])
-    return summary
+        _note(sessions, raw, f"try {tries + 1}: {reason}")
+        return Outcome(job_id, index, "retrying", reason=reason)
+    final = f"gave up after {tries + 1} tries: {reason}" if transient else reason
+    try:
+        return fail_raw(sessions, raw, final)
+    except Exception as record_exc:  # the store is down for good: the ledger still says sent
+        logger.error(
+            "batch %s/%s could not be recorded failed (%s); left for the reconciler",
+            job_id,
+            index,
+            retry.describe(record_exc),
+        )
+        return Outcome(job_id, index, "retrying", reason=final)
+
+
+def _send_again(task: Any, raw: dict[str, Any], countdown: float) -> None:
+    delivery = task.request.delivery_info or {}
+    job_id, index = raw.get("job_id"), raw.get("batch_index")
+    task.apply_async(
+        args=[raw],
+        countdown=countdown,
+        queue=delivery.get("routing_key") or names.Queue.INTERACTIVE,
+        task_id=task.request.id or task_id(str(job_id), int(index or 0)),
+        retries=task.request.retries,
+        argsrepr=f"job={job_id} batch={index} model={raw.get('model')}",
+    )
+
+
+def _note(sessions: sessionmaker[Session], raw: dict[str, Any], note: str) -> None:
+    """Record on the ledger why a try failed, when the store can be reached."""
+    job_id, index = raw.get("job_id"), raw.get("batch_index")
+    if not (isinstance(job_id, str) and isinstance(index, int)):
+        return
+    try:
+        with scope(sessions) as session:
+            ledger.note_error(session, job_id, index, note)
+    except Exception:  # the store is what failed; the log line above says why
+        logger.debug("could not note the error of batch %s/%s", job_id, index, exc_info=True)
 
 
 def _progress_events(task: Any, every_s: float = 1.0) -> Progress:
     """A ``task-progress`` event at most once a second while a batch runs: Flower shows custom
-    task events (``update_state`` alone sends none); the job's own progress is in SQL."""
+    task events (``update_state`` alone sends none); the job's own progress is in SQL. An event
+    that cannot be sent (the broker is away) never fails the batch."""
     last = [time.monotonic()]
 
     def report(done: int, total: int) -> None:
         now = time.monotonic()
         if now - last[0] >= every_s and done < total:
             last[0] = now
-            task.send_event("task-progress", current=done, total=total)
+            try:
+                task.send_event("task-progress", current=done, total=total)
+            except Exception as exc:  # a lost event costs nothing; a failed batch would
+                logger.debug("task-progress event not sent: %s", exc)
 
     return report

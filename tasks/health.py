@@ -4,7 +4,8 @@ up where nobody listens.
 Workers are asked over the broker (Celery's remote control: ``ping``, ``active_queues`` and
 embedq's own ``embedq_config``); queue depths are read from the broker; models and the provider
 each host last ran on come from the store. ``unserved`` lists queues that hold messages while no
-answering worker consumes them: ``embedq health`` exits non-zero when it is not empty.
+answering worker consumes them, and ``overdue`` counts batches in the ledger with no progress for
+``EMBEDQ_STUCK_AFTER`` seconds: ``embedq health`` exits non-zero while either is not empty.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from storage import ledger
 from storage.models import BatchStat, ModelState, PreparedModel
 from storage.session import scope, sessions_for
 from tasks import names
@@ -21,7 +23,9 @@ from worker.app import queue_depths
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
-def check(app: Any, database_url: str, timeout: float = 2.0) -> dict[str, Any]:
+def check(
+    app: Any, database_url: str, timeout: float = 2.0, stuck_after: float = 300.0
+) -> dict[str, Any]:
     inspect = app.control.inspect(timeout=timeout)
     answered = inspect.ping() or {}
     active = inspect.active_queues() or {}
@@ -33,6 +37,7 @@ def check(app: Any, database_url: str, timeout: float = 2.0) -> dict[str, Any]:
     depths = queue_depths(app, queues)
     workers = []
     with scope(sessions_for(database_url)) as session:
+        overdue = ledger.count_overdue(session, stuck_after)
         for node in sorted(answered):
             config = configs.get(node, {})
             host = config.get("host_name") or node.split("@", 1)[-1]
@@ -60,7 +65,14 @@ def check(app: Any, database_url: str, timeout: float = 2.0) -> dict[str, Any]:
                 }
             )
     unserved = [queue for queue, depth in depths.items() if depth and queue not in consumed]
-    return {"workers": workers, "queues": depths, "unserved": unserved, "ok": not unserved}
+    return {
+        "workers": workers,
+        "queues": depths,
+        "unserved": unserved,
+        "overdue_batches": overdue,
+        "stuck_after_s": stuck_after,
+        "ok": not unserved and not overdue,
+    }
 
 
 def render(result: dict[str, Any]) -> str:
@@ -77,4 +89,9 @@ def render(result: dict[str, Any]) -> str:
     for queue, depth in result["queues"].items():
         flag = "  NO WORKER CONSUMES IT" if queue in result["unserved"] else ""
         lines.append(f"queue {queue}: {depth} messages{flag}")
+    if result["overdue_batches"]:
+        lines.append(
+            f"OVERDUE: {result['overdue_batches']} batches with no progress for over"
+            f" {result['stuck_after_s']:g}s (see `embedq job ID`; workers re-send lost ones)"
+        )
     return "\n".join(lines)

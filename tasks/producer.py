@@ -8,6 +8,7 @@ so the main job works on a laptop with nothing else running.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -16,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from storage import repository
+from storage import ledger, repository
 from storage.models import Job, JobState
 from storage.session import dispose_all, scope, sessions_for
 from tasks import completion, names
-from worker.errors import EmbedqError, InputError
+from tasks.message import BatchMessage, check_ids, check_name, task_id
+from worker.errors import EmbedqError, InputError, UnavailableError
 from worker.settings import get_settings
 from worker.validation import validate
 
@@ -75,10 +77,33 @@ class JobHandle:
                 return status
             now = time.monotonic()
             if deadline is not None and now > deadline:
-                raise JobTimeoutError(f"job {self.id} not finished after {timeout}s: {status}")
+                raise JobTimeoutError(
+                    f"job {self.id} not finished after {timeout:g}s: {self.pending()}"
+                )
             pause = poll if deadline is None else max(0.0, min(poll, deadline - now))
             if not completion.block(self.broker_url, self.id, pause):
                 time.sleep(min(pause, max(0.001, (now - started) / 10)))
+
+    def pending(self) -> str:
+        """What the job still waits for, in words: items done, batches pending, overdue ones."""
+        stuck_after = get_settings().stuck_after
+        with self._scope() as session:
+            job = repository.get_job(session, self.id)
+            if job is None:
+                return "the job is not in the store"
+            batches = ledger.job_batches(session, self.id)
+            overdue = ledger.overdue_batches(session, stuck_after, job_id=self.id, limit=5)
+            words = (
+                f"{job.done_items} of {job.total_items} items done, {job.failed_items} failed;"
+                f" {batches.get('sent', 0)} of {sum(batches.values())} batches pending"
+            )
+            if overdue:
+                shown = ", ".join(str(b.batch_index) for b in overdue)
+                words += (
+                    f"; overdue (no progress for over {stuck_after:g}s): batch {shown} (is a worker"
+                    f" consuming {job.queue!r}? workers re-send lost batches)"
+                )
+            return words
 
     def embeddings(self) -> tuple[list[str], np.ndarray]:
         """The item ids and a float32 array of their vectors, in input order."""
@@ -98,45 +123,76 @@ def submit(
     queue: str = names.Queue.INTERACTIVE,
     tag: str | None = None,
 ) -> JobHandle:
-    """Enqueue ``texts`` for embedding as one job and return its handle."""
+    """Enqueue ``texts`` for embedding as one job and return its handle.
+
+    Raises ``InputError`` (nothing stored) for input the store cannot hold, naming the item;
+    ``UnavailableError`` when the broker cannot be reached (the job is recorded failed).
+    """
     settings = get_settings()
-    clean = validate(texts, MAX_JOB_ITEMS)
+    clean = validate(texts, MAX_JOB_ITEMS, "the job limit of {} texts")
     model = model or settings.default_model
     if not model:
         raise InputError("no model given and EMBEDQ_DEFAULT_MODEL is not set")
-    item_ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(clean))]
-    if len(item_ids) != len(clean) or len(set(item_ids)) != len(item_ids):
-        raise InputError("ids must be unique and as many as the texts")
-    queue = names.Queue(queue)
+    check_name(model, "model name")
+    if tag is not None:
+        check_name(tag, "tag")
+    item_ids = check_ids(ids, len(clean)) if ids is not None else list(map(str, range(len(clean))))
+    try:
+        queue = names.Queue(queue)
+    except ValueError:
+        raise InputError(f"unknown queue {queue!r}: use {[str(q) for q in names.Queue]}") from None
     job_id = str(uuid.uuid4())
     url = settings.database_url
     if settings.broker_url is None:
         ensure_schema(url)  # local mode: a laptop needs no separate `embedq db upgrade`
+    batches = plan_batches(clean, item_ids, settings.job_batch_size)
     with scope(sessions_for(url)) as session:
         repository.create_job(
             session,
             Job(id=job_id, model_name=model, queue=queue, tag=tag, total_items=len(clean), meta={}),
         )
-    size = settings.job_batch_size
-    # Batches of texts of similar length: each message's padding stays small (the engine pads
-    # a micro-batch to its longest text). Positions carry the input order back.
-    order = sorted(range(len(clean)), key=lambda i: len(clean[i]))
-    payloads = [
-        {
-            "job_id": job_id,
-            "batch_index": index,
-            "model": model,
-            "texts": [clean[i] for i in chunk],
-            "item_ids": [item_ids[i] for i in chunk],
-            "positions": chunk,
-            "enqueued_at": time.time(),
-        }
+        ledger.add_batches(session, job_id, batches)
+    now = time.time()
+    messages = [message_for(job_id, model, batch, now) for batch in batches]
+    try:
+        publish(messages, queue)
+    except UnavailableError as exc:
+        with scope(sessions_for(url)) as session:
+            ledger.fail_pending(session, job_id, f"not enqueued: {exc}")
+        raise
+    return JobHandle(job_id, url, settings.broker_url)
+
+
+def plan_batches(texts: list[str], item_ids: list[str], size: int) -> list[ledger.NewBatch]:
+    """Batches of texts of similar length: each message's padding stays small (the engine pads
+    a micro-batch to its longest text). Positions carry the input order back."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [
+        ledger.NewBatch(
+            index=index,
+            item_ids=[item_ids[i] for i in chunk],
+            texts=[texts[i] for i in chunk],
+            positions=chunk,
+        )
         for index, chunk in enumerate(
             order[start : start + size] for start in range(0, len(order), size)
         )
     ]
-    send_payloads(payloads, queue)
-    return JobHandle(job_id, url, settings.broker_url)
+
+
+def message_for(job_id: str, model: str, batch: ledger.NewBatch, now: float) -> BatchMessage:
+    """The message of a batch already checked and recorded (built without validating again)."""
+    return BatchMessage.model_construct(
+        job_id=job_id,
+        batch_index=batch.index,
+        model=model,
+        texts=batch.texts,
+        item_ids=batch.item_ids,
+        positions=batch.positions,
+        enqueued_at=now,
+        model_wait_since=None,
+        tries=0,
+    )
 
 
 def register_model(source: str, name: str, options: dict[str, Any] | None = None) -> None:
@@ -180,36 +236,52 @@ def ensure_schema(url: str) -> None:
         _migrated.add(url)
 
 
-def send_payloads(payloads: list[dict[str, Any]], queue: names.Queue) -> None:
-    """Send batches by task name, or run them here in local mode (no broker configured)."""
+def publish(messages: Sequence[BatchMessage], queue: names.Queue) -> None:
+    """Send batches by task name, or run them here in local mode (no broker configured).
+    Raises ``UnavailableError`` when the broker cannot be reached."""
     settings = get_settings()
     if settings.broker_url is None:
-        from tasks.embed import run_payload  # local mode: the same code, in this process
+        from tasks import retry
+        from tasks.embed import fail_raw, run_message  # local mode: the task's code, here
+        from worker import lifecycle
 
-        for payload in payloads:
-            run_payload(payload, local=True)
+        for message in messages:
+            raw = message.model_dump(mode="json")
+            try:
+                run_message(raw, local=True)
+            except Exception as exc:  # no retries in local mode: the batch ends with the reason
+                fail_raw(lifecycle.get_sessions(), raw, retry.describe(exc))
         return
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
     from worker.app import app
 
-    connection = _connection(settings.broker_url)
-    for payload in payloads:
-        app.send_task(
-            names.EMBED,
-            args=[payload],
-            queue=str(queue),
-            connection=connection,
-            argsrepr=shown(payload),
-        )
+    try:
+        connection = _connection(settings.broker_url)
+        for message in messages:
+            app.send_task(
+                names.EMBED,
+                args=[message.model_dump(mode="json")],
+                queue=str(queue),
+                task_id=task_id(message.job_id, message.batch_index),
+                connection=connection,
+                argsrepr=message.shown(),
+            )
+    except (OperationalError, RedisError, OSError) as exc:
+        _drop_connection(settings.broker_url)
+        raise UnavailableError(
+            f"the broker at {_redacted(settings.broker_url)} cannot be reached: {exc}"
+        ) from exc
 
 
-def shown(payload: dict[str, Any]) -> str:
-    """What Flower and the logs show of a batch: ids and sizes, never whole texts."""
-    texts = payload["texts"]
-    first = texts[0][:40] + ("..." if len(texts[0]) > 40 else "") if texts else ""
-    return (
-        f"job={payload['job_id']} batch={payload['batch_index']} model={payload['model']}"
-        f" texts={len(texts)} first={first!r}"
-    )
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: show its scheme only
+        return url.split("://", 1)[0] + "://..."
 
 
 _connections: dict[tuple[int, int, str], Any] = {}
@@ -228,3 +300,14 @@ def _connection(url: str) -> Any:
     if key not in _connections:
         _connections[key] = app.connection_for_write(url)
     return _connections[key]
+
+
+def _drop_connection(url: str) -> None:
+    """Forget this thread's broken connection, so the next send opens a new one."""
+    import os
+    import threading
+
+    connection = _connections.pop((os.getpid(), threading.get_ident(), url), None)
+    if connection is not None:
+        with contextlib.suppress(Exception):  # already broken; nothing to release
+            connection.release()

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tasks.message import check_name
 from worker.errors import InputError
+from worker.validation import is_unicode
 
 SQL_FETCH = 1000
 
@@ -41,13 +43,24 @@ class Reader(Protocol):
 
 def _row(position: int, record: dict[str, Any], id_field: str, text_field: str) -> Row:
     raw_id = record.get(id_field)
-    item_id = str(raw_id) if raw_id is not None else f"#{position}"
     text = record.get(text_field)
     if raw_id is None:
-        return Row(position, item_id, "", f"row {position} has no {id_field!r}")
+        return Row(position, f"#{position}", "", f"row {position} has no {id_field!r}")
+    try:  # an id the store cannot hold is recorded under the row's position instead
+        item_id = check_name(str(raw_id), f"row {position}: id")
+    except InputError as exc:
+        return Row(position, f"#{position}", "", str(exc))
     if not isinstance(text, str):
         what = "no" if text is None else f"a non-text ({type(text).__name__})"
         return Row(position, item_id, "", f"row {position} has {what} {text_field!r}")
+    if not is_unicode(text):
+        return Row(
+            position,
+            item_id,
+            "",
+            f"row {position} has text that is not valid Unicode (bytes that are not UTF-8, or"
+            " a lone surrogate)",
+        )
     return Row(position, item_id, text)
 
 
@@ -69,7 +82,8 @@ class JsonLines:
             return sum(1 for line in handle if line.strip())
 
     def rows(self) -> Iterator[Row]:
-        with self.path.open(encoding="utf-8") as handle:
+        # Bytes that are not UTF-8 become lone surrogates, which _row fails for that row alone.
+        with self.path.open(encoding="utf-8", errors="surrogateescape") as handle:
             position = 0
             for line in handle:
                 if not line.strip():
@@ -80,7 +94,7 @@ class JsonLines:
                     yield Row(position, f"#{position}", "", f"row {position} is not JSON: {exc}")
                 else:
                     if isinstance(record, str):
-                        yield Row(position, str(position), record)
+                        yield _row(position, {"id": position, "text": record}, "id", "text")
                     elif isinstance(record, dict):
                         yield _row(position, record, self.id_field, self.text_field)
                     else:
@@ -107,11 +121,11 @@ class Csv:
         return reader
 
     def count(self) -> int | None:
-        with self.path.open(encoding="utf-8", newline="") as handle:
+        with self.path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
             return sum(1 for _ in self._reader(handle))
 
     def rows(self) -> Iterator[Row]:
-        with self.path.open(encoding="utf-8", newline="") as handle:
+        with self.path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
             for position, record in enumerate(self._reader(handle)):
                 yield _row(position, record, self.id_field, self.text_field)
 

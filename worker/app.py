@@ -12,6 +12,11 @@ Reliability settings, each for a reason (see ../shared/notes/celery-fleet.md):
 - Results are ignored: vectors and progress go to the SQL store, never the result backend.
 - Every worker also consumes its host's download queue (``download.<EMBEDQ_HOST_NAME>``), added
   when it starts whatever ``-Q`` says, so a batch can ask its own host to prepare a model.
+
+Wiring: ``connect_signals`` connects every worker-side signal handler in one place, when a
+worker starts (``celeryd_init``), never in a producer that imports this app to send by name;
+the fleet's own duties (the reconciler, recording batches a pool process died on, reporting
+this host's models) run as a worker bootstep named here like the task modules, by name.
 """
 
 from __future__ import annotations
@@ -19,7 +24,15 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    celeryd_after_setup,
+    celeryd_init,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 from celery.worker.control import inspect_command
 from kombu.entity import Exchange, Queue
 
@@ -70,7 +83,22 @@ def _consume_host_download_queue(sender: str, instance: Any, **_: Any) -> None:
     instance.app.amqp.queues.select_add(get_settings().download_queue())
 
 
-celeryd_after_setup.connect(_consume_host_download_queue, weak=False)
+def connect_signals(**_: Any) -> None:
+    """Connect the worker's signal handlers: warm engines in each pool process and close them
+    at exit, JSON logs, Prometheus metrics, and this host's download queue."""
+    from worker import lifecycle, logs, metrics
+
+    after_setup_logger.connect(logs.on_setup, weak=False)
+    after_setup_task_logger.connect(logs.on_setup, weak=False)
+    celeryd_after_setup.connect(_consume_host_download_queue, weak=False)
+    worker_init.connect(metrics.serve, weak=False)
+    worker_process_init.connect(lifecycle.warm, weak=False)
+    worker_process_shutdown.connect(lifecycle.close, weak=False)
+    worker_process_shutdown.connect(metrics.process_gone, weak=False)
+
+
+celeryd_init.connect(connect_signals, weak=False)
+app.steps["worker"].add("tasks.fleet:FleetStep")
 
 
 def embedq_config(state: Any, **_: Any) -> dict[str, Any]:

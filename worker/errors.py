@@ -40,6 +40,15 @@ class ExportError(ModelError):
     """Raised when a checkpoint cannot be exported to ONNX, or the export does not match it."""
 
 
+class ModelCorruptError(ModelError):
+    """Raised when a prepared model's file no longer matches the sha256 its manifest records:
+    it was damaged or changed after it was prepared, and must be pulled again."""
+
+
+class UnavailableError(TransientError):
+    """Raised when the broker or the job store cannot be reached; the same call may work later."""
+
+
 class SourceUnavailableError(TransientError):
     """Raised when a model source (hub, URL) could not be reached or failed on its side."""
 

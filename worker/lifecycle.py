@@ -15,17 +15,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery.signals import worker_process_init, worker_process_shutdown
 from celery.utils.log import current_process_index
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import session
 from worker import metrics
-from worker.engine import Engine
-from worker.model_store import ModelStore
 from worker.settings import Settings, get_settings
+
+if TYPE_CHECKING:  # onnxruntime loads with the engine, in pool processes, not at import
+    from worker.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ def this_device() -> int | None:
 
 def get_engine(model: str) -> Engine:
     """This process's engine for ``model``, loaded on first use and kept."""
+    from worker.engine import Engine
+    from worker.model_store import ModelStore
+
     _own_process()
     if model not in _engines:
         settings = get_settings()
@@ -71,7 +74,8 @@ def get_sessions() -> sessionmaker[Session]:
     return session.sessions_for(get_settings().database_url)
 
 
-def _warm(**_: Any) -> None:
+def warm(**_: Any) -> None:
+    """``worker_process_init``: niceness, the GPU binding, and the default model loaded."""
     settings = get_settings()
     if settings.worker_nice:
         os.nice(settings.worker_nice)
@@ -86,9 +90,6 @@ def _warm(**_: Any) -> None:
             logger.exception("could not load the default model %s at start", model)
 
 
-def _close(**_: Any) -> None:
+def close(**_: Any) -> None:
+    """``worker_process_shutdown``: close this process's database connections."""
     session.dispose_all()
-
-
-worker_process_init.connect(_warm, weak=False)
-worker_process_shutdown.connect(_close, weak=False)

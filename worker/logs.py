@@ -8,8 +8,6 @@ import json
 import logging
 from typing import Any
 
-from celery.signals import after_setup_logger, after_setup_task_logger
-
 from worker.settings import get_settings
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -36,9 +34,6 @@ def use_json(logger: logging.Logger | None = None) -> None:
             handler.setFormatter(JsonFormatter())
 
 
-def _on_setup(logger: logging.Logger, **_: Any) -> None:
+def on_setup(logger: logging.Logger, **_: Any) -> None:
+    """``after_setup_logger`` / ``after_setup_task_logger``: JSON lines when configured."""
     use_json(logger)
-
-
-after_setup_logger.connect(_on_setup, weak=False)
-after_setup_task_logger.connect(_on_setup, weak=False)

@@ -19,8 +19,6 @@ import tempfile
 from functools import lru_cache
 from typing import Any
 
-from celery.signals import worker_init, worker_process_shutdown
-
 from worker.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -55,6 +53,12 @@ def _metrics() -> dict[str, Any]:
             "Time to load a model into a pool process",
             ("model", "provider"),
             multiprocess_mode="liveall",
+        ),
+        "reconciled": Counter(
+            "embedq_reconciled_batches",
+            "Batches the fleet ended or re-sent for a worker: re-published after their message"
+            " was lost, failed after too many losses, or failed after their process died",
+            ("action",),
         ),
         "engine": Gauge(
             "embedq_engine_info",
@@ -91,6 +95,12 @@ def observe_failure(model: str, kind: str, items: int) -> None:
         _metrics()["errors"].labels(model, kind).inc(items)
 
 
+def observe_reconciled(action: str, batches: int) -> None:
+    """Count batches the reconciler re-published or failed, or lost with their process."""
+    if enabled() and batches:
+        _metrics()["reconciled"].labels(action).inc(batches)
+
+
 def observe_load(model: str, provider: str, device: int | None, seconds: float) -> None:
     if enabled():
         m = _metrics()
@@ -118,7 +128,8 @@ class QueueDepths:
         yield family
 
 
-def _serve(**_: Any) -> None:
+def serve(**_: Any) -> None:
+    """``worker_init``: serve ``/metrics`` from the worker's parent when configured."""
     settings = get_settings()
     if not settings.metrics_port:
         return
@@ -146,12 +157,9 @@ def _serve(**_: Any) -> None:
     atexit.register(shutil.rmtree, folder, True)
 
 
-def _process_gone(**_: Any) -> None:
+def process_gone(**_: Any) -> None:
+    """``worker_process_shutdown``: drop an exiting pool process's live gauges."""
     if enabled():
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
-
-
-worker_init.connect(_serve, weak=False)
-worker_process_shutdown.connect(_process_gone, weak=False)

@@ -65,9 +65,26 @@ class Settings(BaseSettings):
 
     backfill_max_in_flight: int = Field(default=8, ge=1)
     """Most unfinished batches one backfill keeps on the queue (its backpressure)."""
-    stuck_after: int = Field(default=300, ge=1)
-    """Seconds a batch may stay unfinished, with none of its job's batches finishing, before
-    it is reported stuck (and re-sent when its backfill is run again)."""
+    stuck_after: float = Field(default=300, gt=0)
+    """Seconds a batch may go without progress (sent, started, retried or finished) before it
+    is overdue: ``embedq job`` names it, ``embedq health`` fails, and the reconciler checks
+    whether its message is still on the broker and re-publishes it when it is not."""
+    sweep_interval: float = Field(default=30, gt=0)
+    """Seconds between the reconciler's sweeps of the batch ledger. Every worker runs the
+    reconciler; a lease in the store lets one sweep at a time across the fleet."""
+    transient_retries: int = Field(default=8, ge=0)
+    """Times a batch is tried again after a transient error (database or broker unreachable,
+    a lock timeout), with exponential backoff and jitter, before its items are failed."""
+    retry_backoff_max: float = Field(default=60, gt=0)
+    """Longest pause in seconds between two tries of a batch after transient errors (also
+    kept under half the visibility timeout, so a waiting retry is never handed out twice)."""
+
+    # --- model archives --------------------------------------------------------------------
+    archive_max_bytes: int = Field(default=32 * 1024**3, ge=1)
+    """Most bytes a model archive may unpack to (its members' sizes added up); a larger one
+    is refused before anything is written."""
+    archive_max_members: int = Field(default=10_000, ge=1)
+    """Most files and folders a model archive may hold."""
 
     # --- operations ----------------------------------------------------------------------------
     metrics_port: int | None = Field(default=None, ge=1, le=65535)

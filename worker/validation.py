@@ -7,16 +7,20 @@ from collections.abc import Sequence
 from worker.errors import InputError
 
 
-def validate(texts: Sequence[object], max_items: int) -> list[str]:
-    """The texts as a list of str, or an ``InputError`` that says what is wrong and where."""
+def validate(
+    texts: Sequence[object],
+    max_items: int,
+    limit_name: str = "the batch limit of {} (EMBEDQ_MAX_BATCH_ITEMS)",
+) -> list[str]:
+    """The texts as a list of str, or an ``InputError`` that says what is wrong and where;
+    ``limit_name`` says which limit ``max_items`` is, for the error."""
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
         raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
     if not texts:
         raise InputError("texts is empty: give at least one text")
     if len(texts) > max_items:
         raise InputError(
-            f"{len(texts)} texts is more than the batch limit of {max_items}"
-            " (EMBEDQ_MAX_BATCH_ITEMS); split the request"
+            f"{len(texts)} texts is more than {limit_name.format(max_items)}; split the request"
         )
     not_str = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if not_str:
@@ -25,7 +29,22 @@ def validate(texts: Sequence[object], max_items: int) -> list[str]:
     blank = [i for i, t in enumerate(texts) if not str(t).strip()]
     if blank:
         raise InputError(f"texts at {_first(blank)} are empty or whitespace only")
+    broken = [i for i, t in enumerate(texts) if not is_unicode(str(t))]
+    if broken:
+        raise InputError(
+            f"texts at {_first(broken)} hold lone surrogates (half of a UTF-16 pair), which are"
+            " not Unicode text: decode the source with errors='replace' or fix it"
+        )
     return [str(t) for t in texts]
+
+
+def is_unicode(text: str) -> bool:
+    """False for a str holding lone surrogates, which no tokenizer or database accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _first(indices: list[int], shown: int = 5) -> str:

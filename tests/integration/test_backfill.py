@@ -188,37 +188,57 @@ def test_parquet_in_and_out(local: str, tmp_path: Path, corpus: list[str], engin
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_lost_batches_are_reported_stuck_then_sent_again_or_failed_for_good(
+def test_lost_batches_are_sent_again_by_the_reconciler_then_failed_after_too_many_losses(
     local: str, corpus: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from storage import repository
     from tasks import producer
+    from tasks.embed import run_message
+    from tasks.reconciler import Reconciler
 
+    monkeypatch.setenv("EMBEDQ_SWEEP_INTERVAL", "0.1")
+    monkeypatch.setenv("EMBEDQ_STUCK_AFTER", "0.5")
+    monkeypatch.setenv("EMBEDQ_MAX_RETRIES", "1")
+    get_settings.cache_clear()
     source = write_jsonl(tmp_path / "lost.jsonl", corpus[500:520], bad=False)
-    monkeypatch.setattr(producer, "send_payloads", lambda payloads, queue: None)  # lost
-    with pytest.raises(backfill.BackfillError, match="none finished for 1s"):
-        run(source, "lost", stuck_after=1, max_in_flight=2, batch_size=8)
+    with monkeypatch.context() as patch:
+        patch.setattr(producer, "publish", lambda messages, queue: None)  # every message lost
+        with pytest.raises(backfill.BackfillError, match="none finished for 1s"):
+            run(source, "lost", stuck_after=0.5, max_in_flight=2, batch_size=8)
     summary = backfill.summary(local, "lost")
     assert summary["state"] == "queued" and summary["in_flight_batches"] == 2
-    time.sleep(1.1)
-    with scope(sessions_for(local)) as session:
-        assert repository.stuck_batches(session, summary["job_id"], 1) == 2
 
-    monkeypatch.undo()  # messages arrive again; the resumed run re-sends the stuck batches
-    again = run(source, "lost", stuck_after=1, batch_size=8)
-    assert again.sent == 20 and backfill.summary(local, "lost")["state"] == "succeeded"
+    # A worker's reconciler finds both overdue and publishes them again (here: into this
+    # process, as local mode runs batches); nobody re-runs the backfill for them.
+    def deliver(message: object, queue: str) -> None:
+        run_message(message.model_dump(mode="json"), local=True)  # type: ignore[attr-defined]
 
+    reconciler = Reconciler(get_settings(), sessions_for(local), deliver, None, holder="test")
+    time.sleep(0.6)
+    report = reconciler.sweep()
+    assert (report.overdue, report.republished, report.failed) == (2, 2, 0)
+    assert backfill.summary(local, "lost")["done"] == 16
+    again = run(source, "lost", stuck_after=0.5, batch_size=8)  # the 4 items never sent
+    assert again.sent == 4 and again.skipped == 16
+    assert backfill.summary(local, "lost")["state"] == "succeeded"
+
+    # Lost on every send: after EMBEDQ_MAX_RETRIES re-publishes the batch fails with the reason.
     write_jsonl(tmp_path / "lost2.jsonl", corpus[600:610], bad=False)
-    monkeypatch.setattr(producer, "send_payloads", lambda payloads, queue: None)
-    for _ in range(2):  # lost twice: with max_attempts=2 the items fail for good
+    with monkeypatch.context() as patch:
+        patch.setattr(producer, "publish", lambda messages, queue: None)
         with pytest.raises(backfill.BackfillError):
-            run(tmp_path / "lost2.jsonl", "lost2", stuck_after=1, max_attempts=2)
-        time.sleep(1.1)
-    monkeypatch.undo()
-    final = run(tmp_path / "lost2.jsonl", "lost2", stuck_after=1, max_attempts=2)
+            run(tmp_path / "lost2.jsonl", "lost2", stuck_after=0.5, max_in_flight=1)
+    dropping = Reconciler(
+        get_settings(), sessions_for(local), lambda m, q: None, None, holder="test"
+    )
+    outcomes = []
+    for _ in range(2):
+        time.sleep(0.6)
+        report = dropping.sweep()
+        outcomes.append((report.republished, report.failed))
+    assert outcomes == [(1, 0), (0, 1)]
+    final = run(tmp_path / "lost2.jsonl", "lost2", stuck_after=0.5)
     assert final.sent == 0
     outcome = backfill.summary(local, "lost2")
     assert (outcome["state"], outcome["failed"]) == ("failed", 10)
-    assert list(outcome["failure_reasons"]) == [
-        "its batch was lost 2 times (a worker died or the batch was never run)"
-    ]
+    (reason,) = outcome["failure_reasons"]
+    assert reason.startswith("its message was lost 2 times")

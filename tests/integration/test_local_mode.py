@@ -29,7 +29,7 @@ def local_env(
     from tasks import producer
 
     producer.dispose()
-    lifecycle._close()
+    lifecycle.close()
 
 
 def test_local_mode_needs_no_broker_and_no_prepared_database(

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import repository, schema
+from storage import ledger, repository, schema
 from storage.models import Job
 from storage.session import make_engine, scope, session_factory
-from tasks.embed import EmbedPayload, embed_batch
+from tasks.embed import embed_batch
+from tasks.message import BatchMessage
 from tests.fakes import FakeEngine
 
 
@@ -24,8 +25,8 @@ def sessions(tmp_path: Path) -> sessionmaker[Session]:
     engine.dispose()
 
 
-def payload(texts: list[str]) -> EmbedPayload:
-    return EmbedPayload(
+def payload(texts: list[str]) -> BatchMessage:
+    return BatchMessage(
         job_id="j",
         batch_index=0,
         model="fake",
@@ -41,8 +42,8 @@ def test_a_redelivered_batch_writes_each_item_once(sessions: sessionmaker[Sessio
     finished = []
     for _ in range(2):  # delivered twice, as after a lost acknowledgement
         with scope(sessions) as session:
-            summary = embed_batch(session, FakeEngine(), batch, provider="FakeProvider")
-            finished.append(summary["finished"])
+            outcome = embed_batch(session, FakeEngine(), batch, provider="FakeProvider")
+            finished.append(outcome.finished)
     assert finished == [True, False]  # only the delivery that finished the job signals it
     with scope(sessions) as session:
         job = repository.get_job(session, "j")
@@ -59,10 +60,10 @@ def test_a_redelivered_batch_writes_each_item_once(sessions: sessionmaker[Sessio
 
 def test_a_bad_text_fails_the_batch_with_a_stored_reason(sessions: sessionmaker[Session]) -> None:
     with scope(sessions) as session:
-        summary = embed_batch(
+        outcome = embed_batch(
             session, FakeEngine(), payload(["fine", "   ", "ok"]), provider="FakeProvider"
         )
-    assert "whitespace only" in summary["failed"]
+    assert outcome.state == "failed" and outcome.reason and "whitespace only" in outcome.reason
     with scope(sessions) as session:
         job = repository.get_job(session, "j")
         assert job is not None
@@ -73,23 +74,27 @@ def test_a_bad_text_fails_the_batch_with_a_stored_reason(sessions: sessionmaker[
 def test_a_malformed_message_fails_its_items_with_a_readable_reason(
     sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks.embed import run_payload
+    from tasks.embed import run_message
     from worker import lifecycle
     from worker.settings import get_settings
 
     monkeypatch.setenv("EMBEDQ_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
     get_settings.cache_clear()
     try:
-        summary = run_payload({"job_id": "j", "batch_index": -1, "texts": ["a", "b", "c"]})
-        assert run_payload({"no": "job id"})["failed"] == "malformed batch without a job id"
+        outcome = run_message({"job_id": "j", "batch_index": -1, "texts": ["a", "b", "c"]})
+        dropped = run_message({"no": "job id"})
     finally:
-        lifecycle._close()
-    assert summary["failed"].startswith("malformed batch")
+        lifecycle.close()
+    assert dropped.state == "dropped" and dropped.job_id is None
+    assert outcome.state == "failed" and outcome.reason
+    assert outcome.reason.startswith("malformed batch")
     with scope(sessions) as session:
         job = repository.get_job(session, "j")
         assert job is not None
+        # Which items the broken batch carried cannot be told: the rest of the job fails.
         assert (job.state, job.failed_items) == ("failed", 3)
         assert job.error is not None and "batch_index" in job.error and "model" in job.error
+        assert ledger.job_batches(session, "j") == {}
 
 
 def test_progress_events_go_to_flower_at_most_every_interval() -> None:

@@ -47,7 +47,9 @@ def test_a_job_is_split_into_batches_of_similar_length_that_carry_the_input_orde
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     sent: list[dict[str, object]] = []
-    monkeypatch.setattr(producer, "send_payloads", lambda payloads, queue: sent.extend(payloads))
+    monkeypatch.setattr(
+        producer, "publish", lambda messages, queue: sent.extend(m.model_dump() for m in messages)
+    )
     monkeypatch.setenv("EMBEDQ_BROKER_URL", "redis://127.0.0.1:1/0")  # never reached
     monkeypatch.setenv("EMBEDQ_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
     monkeypatch.setenv("EMBEDQ_JOB_BATCH_SIZE", "2")

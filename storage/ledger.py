@@ -1,0 +1,288 @@
+"""The batch ledger: every batch of every job, from the producer's commit to its end.
+
+A producer writes a job's batch rows in the job's own transaction, before it publishes a single
+message, so the store knows what is pending even when the broker forgets. A worker *claims* a
+batch before running it (attempts + 1, who, when) and ends it in the transaction that stores its
+vectors (or its failures), clearing the texts it kept for a re-publish. The reconciler reads the
+rows that stopped moving (``overdue_batches``) and re-publishes or fails them under a lease.
+
+Like ``repository``, functions take the session first and never commit. The statements a batch
+runs on the hot path are built once and executed with parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import DateTime, Text, bindparam, func, insert, select, text, update
+from sqlalchemy.orm import Session
+
+from storage.models import Batch, BatchState, Job, Lease
+
+_batches: Any = Batch.__table__
+_jobs: Any = Job.__table__
+_NOW = bindparam("now", type_=DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    """A batch as its producer records it: its index in the job, its items, its texts."""
+
+    index: int
+    item_ids: list[str]
+    texts: list[str]
+    positions: list[int]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker learns when it claims a batch."""
+
+    state: BatchState | None
+    """The batch's state before the claim (``None``: no ledger row, e.g. a raw message)."""
+    claimed: bool
+    """True when the batch was pending and is now this worker's to run."""
+    job_total: int | None
+    """The job's item count once known (sealed), to check positions against; else ``None``."""
+    job_exists: bool = True
+
+
+def add_batches(session: Session, job_id: str, batches: Sequence[NewBatch]) -> None:
+    """Record a job's batches as sent, with what a re-publish needs."""
+    if not batches:
+        return
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "job_id": job_id,
+            "batch_index": batch.index,
+            "state": BatchState.SENT.value,
+            "item_count": len(batch.item_ids),
+            "item_ids": batch.item_ids,
+            "payload": {"texts": batch.texts, "positions": batch.positions},
+            "attempts": 0,
+            "sends": 1,
+            "sent_at": now,
+            "updated_at": now,
+        }
+        for batch in batches
+    ]
+    session.connection().execute(insert(_batches), rows)
+
+
+_CLAIM = (
+    update(_batches)
+    .where(
+        _batches.c.job_id == bindparam("job"),
+        _batches.c.batch_index == bindparam("index"),
+        _batches.c.state == BatchState.SENT.value,
+    )
+    .values(attempts=_batches.c.attempts + 1, worker=bindparam("worker"), updated_at=_NOW)
+)
+_STATE = select(_batches.c.state).where(
+    _batches.c.job_id == bindparam("job"), _batches.c.batch_index == bindparam("index")
+)
+_JOB = select(_jobs.c.total_items, _jobs.c.sealed).where(_jobs.c.id == bindparam("job"))
+
+
+def claim(session: Session, job_id: str, index: int, worker: str) -> Claim:
+    """Take a pending batch for ``worker``: count the attempt and record who runs it.
+
+    A batch that already ended (done, failed) is not claimed: a redelivered message is then
+    skipped without running the model. The claim is not worth an fsync: on PostgreSQL it commits
+    asynchronously (a crash may forget an attempt, never a result).
+    """
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
+    params = {"job": job_id, "index": index, "worker": worker, "now": datetime.now(UTC)}
+    claimed = connection.execute(_CLAIM, params).rowcount == 1
+    state = BatchState.SENT if claimed else None
+    if not claimed:
+        found = connection.execute(_STATE, params).scalar()
+        state = None if found is None else BatchState(found)
+    job = connection.execute(_JOB, params).first()
+    total = int(job.total_items) if job is not None and job.sealed else None
+    return Claim(state=state, claimed=claimed, job_total=total, job_exists=job is not None)
+
+
+def adopt(session: Session, job_id: str, index: int, item_ids: Sequence[str], worker: str) -> None:
+    """Record a batch that arrived without a ledger row (sent by an application that wrote only
+    the job), claimed by ``worker``; its texts are in its message, not here."""
+    now = datetime.now(UTC)
+    session.connection().execute(
+        insert(_batches),
+        {
+            "job_id": job_id,
+            "batch_index": index,
+            "state": BatchState.SENT.value,
+            "item_count": len(item_ids),
+            "item_ids": list(item_ids),
+            "payload": None,
+            "attempts": 1,
+            "sends": 1,
+            "worker": worker,
+            "sent_at": now,
+            "updated_at": now,
+        },
+    )
+
+
+_FINISH = (
+    update(_batches)
+    .where(
+        _batches.c.job_id == bindparam("job"),
+        _batches.c.batch_index == bindparam("index"),
+        _batches.c.state == BatchState.SENT.value,
+    )
+    .values(
+        state=bindparam("state"),
+        payload=None,
+        finished_at=_NOW,
+        updated_at=_NOW,
+        last_error=func.coalesce(bindparam("error", type_=Text), _batches.c.last_error),
+    )
+)
+
+
+def finish(
+    session: Session, job_id: str, index: int, state: BatchState, error: str | None = None
+) -> bool:
+    """End a pending batch as done or failed (``error`` says why); true when this call ended it."""
+    params = {
+        "job": job_id,
+        "index": index,
+        "state": state.value,
+        "now": datetime.now(UTC),
+        "error": error,
+    }
+    return bool(session.connection().execute(_FINISH, params).rowcount == 1)
+
+
+def note_error(session: Session, job_id: str, index: int, error: str) -> None:
+    """Record why a pending batch's last try failed (it will be tried again)."""
+    session.execute(
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_index == index, Batch.state == BatchState.SENT)
+        .values(last_error=error, updated_at=datetime.now(UTC))
+    )
+
+
+def get_batch(session: Session, job_id: str, index: int) -> Batch | None:
+    return session.scalars(
+        select(Batch).where(Batch.job_id == job_id, Batch.batch_index == index)
+    ).first()
+
+
+def pending_batches(session: Session, job_id: str) -> Sequence[Batch]:
+    """A job's batches that have not ended."""
+    return session.scalars(
+        select(Batch)
+        .where(Batch.job_id == job_id, Batch.state == BatchState.SENT)
+        .order_by(Batch.batch_index)
+    ).all()
+
+
+def pending_indexes(session: Session, job_id: str) -> set[int]:
+    """The indexes of a job's batches that have not ended (no payloads loaded)."""
+    return set(
+        session.scalars(
+            select(Batch.batch_index).where(Batch.job_id == job_id, Batch.state == BatchState.SENT)
+        )
+    )
+
+
+def overdue_batches(
+    session: Session, older_than_s: float, job_id: str | None = None, limit: int = 100
+) -> Sequence[Batch]:
+    """Pending batches with no progress (sent, started, retried, re-published) for longer than
+    ``older_than_s`` seconds, oldest first."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+    query = select(Batch).where(Batch.state == BatchState.SENT, Batch.updated_at < cutoff)
+    if job_id is not None:
+        query = query.where(Batch.job_id == job_id)
+    return session.scalars(query.order_by(Batch.updated_at).limit(limit)).all()
+
+
+def count_overdue(session: Session, older_than_s: float, job_id: str | None = None) -> int:
+    """How many batches ``overdue_batches`` would list (of one job, or of all)."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+    query = select(func.count()).where(Batch.state == BatchState.SENT, Batch.updated_at < cutoff)
+    if job_id is not None:
+        query = query.where(Batch.job_id == job_id)
+    return int(session.scalar(query) or 0)
+
+
+def count_pending(session: Session, job_id: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count()).where(Batch.job_id == job_id, Batch.state == BatchState.SENT)
+        )
+        or 0
+    )
+
+
+def job_batches(session: Session, job_id: str) -> dict[str, int]:
+    """A job's batches counted by state, e.g. ``{"done": 10, "sent": 3}``."""
+    rows = session.execute(
+        select(Batch.state, func.count()).where(Batch.job_id == job_id).group_by(Batch.state)
+    ).all()
+    return {str(state): int(count) for state, count in rows}
+
+
+def next_index(session: Session, job_id: str) -> int:
+    """The index a new batch of ``job_id`` gets."""
+    last = session.scalar(select(func.max(Batch.batch_index)).where(Batch.job_id == job_id))
+    return 0 if last is None else int(last) + 1
+
+
+def mark_resent(session: Session, batch_id: int, note: str) -> None:
+    """Count one more publish of a batch whose message was lost."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state == BatchState.SENT)
+        .values(sends=Batch.sends + 1, last_error=note, updated_at=datetime.now(UTC))
+    )
+
+
+def take_lease(session: Session, name: str, holder: str, ttl_s: float) -> bool:
+    """Hold lease ``name`` for ``ttl_s`` seconds unless another holder's has not expired."""
+    now = datetime.now(UTC)
+    until = now + timedelta(seconds=ttl_s)
+    taken = session.execute(
+        update(Lease)
+        .where(Lease.name == name, (Lease.holder == holder) | (Lease.expires_at < now))
+        .values(holder=holder, expires_at=until)
+    )
+    if getattr(taken, "rowcount", 0) == 1:
+        return True
+    if session.get(Lease, name) is not None:
+        return False
+    session.add(Lease(name=name, holder=holder, expires_at=until))
+    session.flush()
+    return True
+
+
+def fail_batch(
+    session: Session, job_id: str, index: int, item_ids: Sequence[str], reason: str
+) -> tuple[int, bool]:
+    """End a batch as failed: its items recorded failed with ``reason`` (once, however often
+    this is called) and counted in the job. Returns (items newly failed, whether this finished
+    the job)."""
+    from storage import repository
+
+    failed = repository.record_failures(session, job_id, item_ids, reason)
+    finish(session, job_id, index, BatchState.FAILED, reason)
+    finished = repository.add_progress(session, job_id, done=0, failed=failed, error=reason)
+    return failed, finished
+
+
+def fail_pending(session: Session, job_id: str, reason: str) -> int:
+    """Fail every batch of ``job_id`` that has not ended; returns the items failed."""
+    total = 0
+    for batch in pending_batches(session, job_id):
+        total += fail_batch(session, job_id, batch.batch_index, batch.item_ids, reason)[0]
+    return total

@@ -1,0 +1,139 @@
+"""What every worker does for the fleet besides running tasks, as one Celery bootstep in the
+worker's parent process (``worker.app`` adds it by name):
+
+- records a batch failed when its pool process died on it more often than
+  ``EMBEDQ_MAX_RETRIES`` allows, or when it ran past the hard time limit: Celery reports both in
+  the parent (``task_failure``), where the dead child can no longer write anything;
+- runs the reconciler every ``EMBEDQ_SWEEP_INTERVAL`` seconds in a thread (one sweep at a time
+  across the fleet, by a lease in the store), so lost messages are re-published with no extra
+  process to deploy;
+- records this host's prepared models once the worker is up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+from typing import Any
+
+from billiard.exceptions import TimeLimitExceeded, WorkerLostError
+from celery import bootsteps
+from celery.signals import task_failure
+
+from tasks import completion, names
+from tasks.message import BatchMessage, task_id
+from worker import lifecycle, metrics
+from worker.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+
+def record_lost(sender: Any, exception: BaseException, args: Any = None, **_: Any) -> None:
+    """``task_failure`` in the worker's parent: end a batch its pool process could not."""
+    if getattr(sender, "name", None) != names.EMBED:
+        return
+    if isinstance(exception, WorkerLostError):
+        deaths = getattr(sender.request, "retries", 0) + 1
+        reason = f"worker process died {deaths} times on this batch ({exception})"
+    elif isinstance(exception, TimeLimitExceeded):
+        reason = f"the batch ran past the hard time limit ({exception}s) and was stopped"
+    else:
+        return  # the task itself recorded every other failure
+    from tasks.embed import fail_raw
+
+    raw = args[0] if args else None
+    try:
+        outcome = fail_raw(lifecycle.get_sessions(), raw, reason)
+    except Exception as exc:  # the store is away: the ledger still says sent
+        logger.error("could not record a lost batch (%s): left for the reconciler", exc)
+        return
+    metrics.observe_reconciled("worker_lost", 1)
+    if outcome.finished and outcome.job_id:
+        completion.signal(get_settings().celery_broker(), outcome.job_id)
+
+
+class ReconcilerThread(threading.Thread):
+    """Sweeps the ledger every interval until stopped; a failed sweep is logged and retried."""
+
+    def __init__(self) -> None:
+        super().__init__(name="embedq-reconciler", daemon=True)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        from tasks.reconciler import Reconciler, redis_presence
+
+        settings = get_settings()
+        broker = settings.celery_broker()
+        presence = redis_presence(broker) if broker.startswith(("redis://", "rediss://")) else None
+        reconciler = Reconciler(
+            settings,
+            lifecycle.get_sessions(),
+            _Publisher().send,
+            presence,
+            holder=f"{settings.host_name}:{os.getpid()}",
+        )
+        # Workers started together spread their sweeps over the interval.
+        pause = random.uniform(0, settings.sweep_interval)
+        while not self.stopping.wait(pause):
+            pause = settings.sweep_interval
+            try:
+                report = reconciler.sweep()
+            except Exception:  # the store or broker is away: the next sweep tries again
+                logger.warning("reconciler sweep failed", exc_info=True)
+                continue
+            metrics.observe_reconciled("republished", report.republished)
+            metrics.observe_reconciled("failed", report.failed)
+            for job_id in report.finished_jobs:
+                completion.signal(broker, job_id)
+
+
+class _Publisher:
+    """Publishes from the reconciler's thread on a broker connection of its own."""
+
+    def __init__(self) -> None:
+        self._connection: Any = None
+
+    def send(self, message: BatchMessage, queue: str) -> None:
+        from worker.app import app
+
+        if self._connection is None:
+            self._connection = app.connection_for_write()
+        try:
+            app.send_task(
+                names.EMBED,
+                args=[message.model_dump(mode="json")],
+                queue=queue,
+                task_id=task_id(message.job_id, message.batch_index),
+                connection=self._connection,
+                argsrepr=message.shown(),
+            )
+        except Exception:
+            self._connection.release()
+            self._connection = None
+            raise
+
+
+class FleetStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """The worker's fleet duties: lost-batch records, the reconciler, this host's models."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.thread: ReconcilerThread | None = None
+
+    def start(self, parent: Any) -> None:
+        from tasks import download
+
+        task_failure.connect(record_lost, weak=False)
+        download.report_models()
+        self.thread = ReconcilerThread()
+        self.thread.start()
+
+    def stop(self, parent: Any) -> None:
+        if self.thread is not None:
+            self.thread.stopping.set()
+            self.thread.join(timeout=5)
+            self.thread = None

@@ -1,0 +1,128 @@
+"""The batch message: the one JSON shape a producer, a backfill and the reconciler send and the
+``embed`` task reads (README, "Message format").
+
+Light on purpose: a producer imports it without onnxruntime or tokenizers. Everything the
+schema constrains is checked here, at the edge, so a bad id or text fails its job with a reason
+naming the item instead of an error from the database driver in the worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from storage.models import ID_LENGTH, JOB_ID_LENGTH
+from worker.errors import InputError
+from worker.validation import is_unicode
+
+
+def task_id(job_id: str, batch_index: int) -> str:
+    """The Celery task id of a batch: the same for every send, so the broker can be asked
+    whether a batch's message is still there, and Flower shows one task per batch."""
+    return f"{job_id}.{batch_index}"
+
+
+def check_name(value: str, what: str, limit: int = ID_LENGTH) -> str:
+    """``value`` if the schema can hold it as ``what`` (an id, a model name, a tag)."""
+    if not value:
+        raise InputError(f"{what} is empty")
+    if len(value) > limit:
+        raise InputError(f"{what} {value[:40]!r}... is {len(value)} characters, over {limit}")
+    if "\x00" in value:
+        raise InputError(f"{what} {value[:40]!r} holds a NUL character")
+    if not is_unicode(value):
+        raise InputError(f"{what} {value[:40]!r} holds a lone surrogate (not valid Unicode text)")
+    return value
+
+
+def check_ids(ids: Sequence[object], count: int) -> list[str]:
+    """Item ids as strings, one per text, unique, each one the schema can hold."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise InputError(f"ids must be a list of strings, got {type(ids).__name__}")
+    if len(ids) != count:
+        raise InputError(f"{len(ids)} ids for {count} texts: give one id per text")
+    clean = []
+    for index, raw in enumerate(ids):
+        if not isinstance(raw, (str, int)) or isinstance(raw, bool):
+            raise InputError(f"id at index {index} is a {type(raw).__name__}, not a string")
+        clean.append(check_name(str(raw), f"id at index {index}"))
+    seen: set[str] = set()
+    for item in clean:
+        if item in seen:
+            raise InputError(f"ids must be unique: {item!r} is given more than once")
+        seen.add(item)
+    return clean
+
+
+class BatchMessage(BaseModel):
+    """One batch of one job: the ``embed`` task's only argument, as JSON."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str = Field(min_length=1, max_length=JOB_ID_LENGTH)
+    batch_index: int = Field(ge=0)
+    model: str
+    texts: list[str] = Field(min_length=1)
+    item_ids: list[str]
+    positions: list[int]
+    enqueued_at: float
+    model_wait_since: float | None = None
+    """Set by the worker when it sends a batch again because its host is preparing the model."""
+    tries: int = Field(default=0, ge=0)
+    """Tries that ended in a transient error (set by the worker when it sends the batch again)."""
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, value: str) -> str:
+        return _checked(value, "job id", JOB_ID_LENGTH)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return _checked(value, "model name", ID_LENGTH)
+
+    @field_validator("item_ids")
+    @classmethod
+    def _item_ids(cls, value: list[str]) -> list[str]:
+        for index, item in enumerate(value):
+            _checked(item, f"id at index {index}", ID_LENGTH)
+        if len(set(value)) != len(value):
+            raise ValueError("item ids repeat within the batch")
+        return value
+
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, value: list[str]) -> list[str]:
+        bad = [i for i, text in enumerate(value) if not is_unicode(text)]
+        if bad:
+            raise ValueError(f"texts at index {bad[:5]} hold lone surrogates (not valid Unicode)")
+        return value
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        counts = {len(self.texts), len(self.item_ids), len(self.positions)}
+        if len(counts) != 1:
+            raise ValueError(
+                f"texts, item_ids and positions differ in length ({len(self.texts)},"
+                f" {len(self.item_ids)}, {len(self.positions)})"
+            )
+        if min(self.positions) < 0 or len(set(self.positions)) != len(self.positions):
+            raise ValueError("positions must be distinct and not negative")
+        return self
+
+    def shown(self) -> str:
+        """What Flower and the logs show of a batch: ids and sizes, never whole texts."""
+        first = self.texts[0][:40] + ("..." if len(self.texts[0]) > 40 else "")
+        return (
+            f"job={self.job_id} batch={self.batch_index} model={self.model}"
+            f" texts={len(self.texts)} first={first!r}"
+        )
+
+
+def _checked(value: str, what: str, limit: int) -> str:
+    try:
+        return check_name(value, what, limit)
+    except InputError as exc:  # pydantic wants ValueError from a validator
+        raise ValueError(str(exc)) from None
