@@ -1,10 +1,11 @@
 """The inference engine: one warm ONNX Runtime session and one tokenizer, built once per process.
 
 ``Engine.load`` reads a prepared model folder (its manifest settles length, pooling and
-normalisation), opens the session with explicit options and checks which execution provider it
-really got. ``Engine.encode`` validates a list of texts, tokenises with truncation at the
-model's length, runs length-sorted micro-batches, pools, normalises and returns the vectors in
-input order with the statistics of the call.
+normalisation), checks the ONNX file against the manifest's sha256, opens the session with
+explicit options and checks which execution provider it really got. ``Engine.encode`` validates
+a list of texts, tokenises with truncation at the model's length, runs length-sorted
+micro-batches, pools, normalises and returns the vectors in input order with the statistics of
+the call.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tokenizers import Tokenizer
 
 from worker import batching, pooling, providers
 from worker.errors import ModelError
-from worker.manifest import ONNX_FILE, TOKENIZER_FILE, Manifest
+from worker.manifest import ONNX_FILE, TOKENIZER_FILE, Manifest, verify_onnx
 from worker.settings import Settings
 from worker.validation import validate
 
@@ -174,24 +175,29 @@ class Engine:
 
     @classmethod
     def load(cls, folder: Path, settings: Settings, device_id: int | None = None) -> Engine:
-        """Build the engine for the model prepared in ``folder`` (on GPU ``device_id``)."""
+        """Build the engine for the model prepared in ``folder`` (on GPU ``device_id``); a model
+        file that does not match its manifest raises ``ModelCorruptError``."""
         started = time.perf_counter()
         manifest = Manifest.read(folder)
+        verify_onnx(folder, manifest)
+        verify_ms = (time.perf_counter() - started) * 1000
         tokenizer = load_tokenizer(folder / TOKENIZER_FILE, manifest.behaviour.max_seq_length)
         session, provider = open_session(folder / ONNX_FILE, settings, device_id)
         load_ms = (time.perf_counter() - started) * 1000
         logger.info(
-            "engine loaded: model=%s provider=%s device=%s threads=%d load_ms=%.0f",
+            "engine loaded: model=%s provider=%s device=%s threads=%d load_ms=%.0f verify_ms=%.0f",
             manifest.name,
             provider,
             "-" if device_id is None else device_id,
             settings.threads(),
             load_ms,
+            verify_ms,
             extra={
                 "model": manifest.name,
                 "provider": provider,
                 "device": device_id,
                 "load_ms": load_ms,
+                "verify_ms": verify_ms,
             },
         )
         return cls(manifest, session, tokenizer, provider, settings)

@@ -119,7 +119,13 @@ class ModelStore:
 def _prepare(
     source: str, name: str, options: PullOptions, staging: Path, settings: Settings
 ) -> Manifest:
-    fetched = sources.fetch(source, staging / "source", sha256=options.sha256)
+    fetched = sources.fetch(
+        source,
+        staging / "source",
+        sha256=options.sha256,
+        max_bytes=settings.archive_max_bytes,
+        max_members=settings.archive_max_members,
+    )
     behaviour = model_config.resolve_behaviour(
         fetched.folder,
         max_seq_length=options.max_seq_length,

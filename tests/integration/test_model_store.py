@@ -7,6 +7,7 @@ import http.server
 import shutil
 import tarfile
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,6 +131,42 @@ def test_a_corrupted_download_is_refused_and_nothing_is_installed(
     assert leftovers(store) == []
     with pytest.raises(ModelNotFoundError, match="embedq models pull"):
         store.get("corrupt")
+
+
+def archive_of(folder: Path, path: Path) -> Path:
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zipped:
+            for file in sorted(folder.rglob("*")):
+                zipped.write(file, f"m/{file.relative_to(folder)}")
+    else:
+        with tarfile.open(path, "w:gz") as tarred:
+            tarred.add(folder, arcname="m")
+    return path
+
+
+@pytest.mark.parametrize("name", ["minilm.tar.gz", "minilm.zip"])
+def test_a_truncated_archive_is_refused_as_unreadable(
+    minilm: Path, tmp_path: Path, store: ModelStore, settings: Settings, name: str
+) -> None:
+    archive = archive_of(onnx_folder(minilm, tmp_path / "plain"), tmp_path / name)
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) * 3 // 4])  # a transfer cut short, no sha256 to tell
+    with pytest.raises(ModelError, match=f"{name} is not a readable archive"):
+        store.pull(archive.as_uri(), "cut", PullOptions(), settings)
+    assert store.list() == []
+    assert leftovers(store) == []
+
+
+def test_a_model_archive_over_the_byte_cap_is_refused(
+    minilm: Path, tmp_path: Path, store: ModelStore
+) -> None:
+    archive = archive_of(onnx_folder(minilm, tmp_path / "plain"), tmp_path / "minilm.tar.gz")
+    capped = Settings(
+        model_dir=store.root, providers=["CPUExecutionProvider"], archive_max_bytes=50 * 1024**2
+    )
+    with pytest.raises(ModelError, match="EMBEDQ_ARCHIVE_MAX_BYTES"):
+        store.pull(str(archive), "big", PullOptions(), capped)
+    assert store.list() == [] and leftovers(store) == []
 
 
 def test_a_lone_onnx_file_without_tokenizer_is_refused_clearly(

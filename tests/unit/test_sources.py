@@ -1,5 +1,7 @@
 import hashlib
 import io
+import stat
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -54,3 +56,77 @@ def test_a_zip_with_an_escaping_path_is_refused(tmp_path: Path) -> None:
 def test_a_url_that_is_neither_onnx_nor_archive_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"neither an \.onnx file nor an archive"):
         sources.fetch("https://example.invalid/model.bin", tmp_path / "staging")
+
+
+def small_model(folder: Path) -> Path:
+    """A folder that looks like a model to the archive code (its contents are never run)."""
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(bytes(range(256)) * 4096)
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    return folder
+
+
+def cut_in_half(archive: Path) -> Path:
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    return archive
+
+
+def test_a_truncated_tar_gz_is_not_a_readable_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tarred:
+        tarred.add(small_model(tmp_path / "m"), arcname="m")
+    with pytest.raises(ModelError, match=r"model\.tar\.gz is not a readable archive"):
+        sources.fetch(str(cut_in_half(archive)), tmp_path / "staging")
+    assert not (tmp_path / "staging" / "files").exists()
+
+
+def test_a_truncated_zip_is_not_a_readable_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for path in small_model(tmp_path / "m").iterdir():
+            zipped.write(path, f"m/{path.name}")
+    with pytest.raises(ModelError, match=r"model\.zip is not a readable archive"):
+        sources.fetch(str(cut_in_half(archive)), tmp_path / "staging")
+
+
+def test_a_zip_member_with_a_bad_crc_is_not_a_readable_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
+        zipped.writestr("model.onnx", b"a" * 100_000)
+    data = bytearray(archive.read_bytes())
+    data[50_000] ^= 0xFF  # one byte of the stored member, as a bad disk would
+    archive.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="not a readable archive: Bad CRC-32"):
+        sources.fetch(str(archive), tmp_path / "staging")
+
+
+def test_a_zip_holding_a_symbolic_link_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "model.zip"
+    link = zipfile.ZipInfo("tokenizer.json")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("model.onnx", b"x")
+        zipped.writestr(link, "/etc/passwd")
+    with pytest.raises(ModelError, match=r"symbolic link 'tokenizer\.json'"):
+        sources.fetch(str(archive), tmp_path / "staging")
+    assert not (tmp_path / "staging" / "files").exists()
+
+
+def test_a_tar_with_a_link_out_of_its_folder_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "model.tar"
+    link = tarfile.TarInfo("m/tokenizer.json")
+    link.type, link.linkname = tarfile.SYMTYPE, "../../outside.json"
+    with tarfile.open(archive, "w") as tarred:
+        tarred.addfile(link)
+    with pytest.raises(ModelError, match=r"model\.tar holds an unsafe entry"):
+        sources.fetch(str(archive), tmp_path / "staging")
+
+
+def test_a_readable_archive_is_unpacked_to_its_model_folder(tmp_path: Path) -> None:
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tarred:
+        tarred.add(small_model(tmp_path / "m"), arcname="m")
+    fetched = sources.fetch(str(archive), tmp_path / "staging")
+    assert fetched.onnx == tmp_path / "staging" / "files" / "m" / "model.onnx"
+    assert fetched.onnx.read_bytes() == (tmp_path / "m" / "model.onnx").read_bytes()

@@ -1,0 +1,102 @@
+"""A prepared model loads only while its ONNX file is the one its manifest describes.
+
+Each test copies the exported reference model into its own store and damages the copy as a bad
+disk, an interrupted copy or a hand edit would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker import sources
+from worker.engine import Engine
+from worker.errors import ModelCorruptError
+from worker.manifest import Manifest
+from worker.model_store import ModelStore, PullOptions
+from worker.settings import Settings
+
+pytestmark = pytest.mark.model
+
+PROBES = ["A short sentence.", "Embeddings map text to vectors."]
+
+
+@pytest.fixture
+def copy(minilm: Path, tmp_path: Path) -> Path:
+    """The reference model, copied with its manifest into a fresh store."""
+    return Path(shutil.copytree(minilm, tmp_path / "store" / "minilm"))
+
+
+def overwrite_middle(path: Path, size: int = 4096) -> None:
+    """Replace ``size`` bytes in the middle of ``path`` with other bytes; length and header stay."""
+    with path.open("r+b") as handle:
+        handle.seek(path.stat().st_size // 2)
+        original = handle.read(size)
+        handle.seek(-size, os.SEEK_CUR)
+        handle.write(bytes(b ^ 0x5A for b in original))
+
+
+def test_an_unchanged_copy_loads_and_embeds_as_the_original(
+    copy: Path, engine: Engine, cpu_settings: Settings
+) -> None:
+    loaded = Engine.load(copy, cpu_settings)
+    np.testing.assert_array_equal(loaded.encode(PROBES).vectors, engine.encode(PROBES).vectors)
+
+
+def test_a_model_damaged_in_the_middle_is_refused_with_how_to_fix_it(
+    copy: Path, cpu_settings: Settings
+) -> None:
+    manifest = Manifest.read(copy)
+    onnx = copy / "model.onnx"
+    size = onnx.stat().st_size
+    overwrite_middle(onnx)
+    damaged = sources.sha256_of(onnx)
+    assert onnx.stat().st_size == size
+
+    with pytest.raises(ModelCorruptError) as caught:
+        Engine.load(copy, cpu_settings)
+    message = str(caught.value)
+    assert "model.onnx does not match its manifest" in message
+    assert f"its sha256 is {damaged[:12]}..." in message
+    assert f"the manifest says {manifest.onnx_sha256[:12]}..." in message
+    assert f"pull the model again: embedq models pull {manifest.source} --name minilm" in message
+
+
+def test_damage_that_keeps_the_size_and_modification_time_is_still_caught(
+    copy: Path, cpu_settings: Settings
+) -> None:
+    # The file is hashed on every load, with no cache keyed on (size, mtime, inode): such a key
+    # could not see this edit, nor a bit flipped on disk, which changes none of them.
+    onnx = copy / "model.onnx"
+    before = onnx.stat()
+    overwrite_middle(onnx, size=1)
+    os.utime(onnx, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = onnx.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    with pytest.raises(ModelCorruptError, match="does not match its manifest"):
+        Engine.load(copy, cpu_settings)
+
+
+def test_a_model_folder_without_its_onnx_file_is_refused(
+    copy: Path, cpu_settings: Settings
+) -> None:
+    (copy / "model.onnx").unlink()
+    with pytest.raises(ModelCorruptError, match=r"cannot read .*model\.onnx.*pull the model again"):
+        Engine.load(copy, cpu_settings)
+
+
+def test_the_fix_the_message_gives_repairs_the_model(copy: Path, cpu_settings: Settings) -> None:
+    overwrite_middle(copy / "model.onnx")
+    with pytest.raises(ModelCorruptError):
+        Engine.load(copy, cpu_settings)
+    source = Manifest.read(copy).source  # `embedq models pull SOURCE --name minilm` does this:
+    ModelStore(copy.parent).pull(source, "minilm", PullOptions(), cpu_settings)
+    assert Engine.load(copy, cpu_settings).dim == 384
