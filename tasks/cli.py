@@ -2,6 +2,19 @@
 
 Commands import the heavy parts (onnxruntime, tokenizers, torch) inside their bodies, so
 ``embedq --help`` stays fast and a producer-only install can use the queue commands.
+
+Every failure ends with one line on stderr, ``error: ...``, and an exit code a script can act
+on (``main`` maps what escapes a command; ``--verbose`` adds the traceback). Secrets never
+appear: URLs are shown with the password hidden, and passwords are scrubbed from driver text.
+
+    0   done
+    1   the job (or backfill) ended with failed items; ``health`` found a problem
+    2   bad input or usage: a file, a line, an option, a model name, a setting
+    3   a GPU cannot run the default model (``worker``)
+    4   the job store, the broker or a model source cannot be reached, or refuses us: try later
+    5   ``embed --timeout`` passed: the job goes on (see ``embedq job ID``)
+    70  an unexpected error (a bug): its type and first line; ``--verbose`` for the traceback
+    130 interrupted
 """
 
 from __future__ import annotations
@@ -9,16 +22,45 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from worker.errors import EmbedqError
+from tasks.names import Queue
+from worker.errors import EmbedqError, InputError, TransientError, UnavailableError
 from worker.manifest import Pooling, Precision
 from worker.settings import get_settings
 
-app = typer.Typer(help="Text embeddings as background jobs.", no_args_is_help=True)
+
+class Code(IntEnum):
+    """Exit codes (see the table above)."""
+
+    OK = 0
+    FAILED = 1
+    INPUT = 2
+    GPU = 3
+    UNREACHABLE = 4
+    TIMEOUT = 5
+    BUG = 70
+    INTERRUPTED = 130
+
+
+# Locals are never shown: they hold URLs with passwords.
+app = typer.Typer(
+    help="Text embeddings as background jobs.",
+    epilog="Exit codes: 0 done, 1 the job ended with failures, 2 bad input or usage,"
+    " 4 the job store, broker or a model source cannot be reached, 5 --timeout passed (the job"
+    " goes on), 70 an unexpected error (--verbose shows its traceback), 130 interrupted.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 models_app = typer.Typer(
     help="Prepare and inspect models in the model store.", no_args_is_help=True
 )
@@ -27,8 +69,18 @@ db_app = typer.Typer(help="Create and migrate the job store's schema.", no_args_
 app.add_typer(db_app, name="db")
 
 
+_verbose = False
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def setup(
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="debug logs, and the traceback of a failure"),
+    ] = False,
+) -> None:
+    global _verbose
+    _verbose = verbose
     from worker.logs import use_json
 
     logging.basicConfig(
@@ -36,12 +88,194 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:  # migrations in local mode are chatter around a command's own lines
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     use_json()
 
 
+def main() -> None:
+    """The ``embedq`` program: run the command line, and end every failure with one line on
+    stderr and an exit code (see the module's table), never a traceback unless ``--verbose``."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # usage: an unknown command or option, a bad value
+        code = exc.exit_code
+        if type(exc).__name__ != "NoArgsIsHelpError":  # whose help is already printed
+            ctx: typer.Context | None = getattr(exc, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"error: {_one_line(exc.format_message())}{where}", err=True)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        code = Code.INTERRUPTED
+    except Exception as exc:
+        if _verbose:
+            traceback.print_exception(exc)
+        line, code = _ending(exc)
+        typer.echo(f"error: {line}", err=True)
+    sys.exit(code if isinstance(code, int) else Code.OK)
+
+
 def _fail(exc: EmbedqError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code=2)
+    line, code = _ending(exc)
+    typer.echo(f"error: {line}", err=True)
+    return typer.Exit(code=code)
+
+
+def _ending(exc: BaseException) -> tuple[str, int]:
+    """The line (after ``error:``) and the exit code that end a command failing with ``exc``."""
+    import pydantic
+    import sqlalchemy.exc
+
+    if isinstance(exc, TransientError):  # the store, the broker, a model source: try later
+        refused = _password_problem(exc)
+        return refused or _scrub(_one_line(str(exc))), Code.UNREACHABLE
+    if isinstance(exc, EmbedqError):
+        return _scrub(_one_line(str(exc))), Code.INPUT
+    if isinstance(exc, UnicodeDecodeError):
+        return f"the input is not UTF-8 text ({_bad_byte(exc)})", Code.INPUT
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return _file_problem(exc), Code.INPUT
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and _is_store_failure(exc):
+        return _store_problem(exc), Code.UNREACHABLE
+    broker = _broker_problem(exc)
+    if broker is not None:
+        return broker, Code.UNREACHABLE
+    if isinstance(exc, pydantic.ValidationError) and exc.title == "Settings":
+        first = exc.errors()[0]
+        name = "EMBEDQ_" + "_".join(map(str, first["loc"])).upper()
+        return _scrub(f"setting {name} is invalid: {first['msg']}"), Code.INPUT
+    return (
+        f"unexpected {type(exc).__name__}: {_scrub(_one_line(str(exc)))}"
+        " (run `embedq --verbose ...` for the traceback)",
+        Code.BUG,
+    )
+
+
+def _one_line(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return "; ".join(lines) if lines else "(no message)"
+
+
+def _first_line(message: object) -> str:
+    return next((line.strip() for line in str(message).splitlines() if line.strip()), "")
+
+
+def _secrets() -> list[str]:
+    """Passwords the settings hold (in URLs or as secrets), longest first."""
+    from pydantic import SecretStr
+
+    try:
+        settings = get_settings()
+    except Exception:  # invalid settings: nothing was read, so nothing to hide
+        return []
+    found: list[str] = []
+    for value in dict(settings).values():
+        if isinstance(value, SecretStr):
+            found.append(value.get_secret_value())
+        elif isinstance(value, str) and "://" in value and (password := _password(value)):
+            found.append(password)
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def _scrub(line: str) -> str:
+    for secret in _secrets():
+        line = line.replace(secret, "***")
+    return line
+
+
+def _bad_byte(exc: UnicodeDecodeError, offset: int | None = None) -> str:
+    byte = f"byte 0x{exc.object[exc.start]:02x}"
+    return byte if offset is None else f"{byte} at offset {offset}"
+
+
+def _file_problem(exc: OSError) -> str:
+    path = exc.filename
+    if isinstance(exc, FileNotFoundError):
+        return f"{path} does not exist"
+    if isinstance(exc, IsADirectoryError):
+        return f"{path} is a folder, not a file"
+    if isinstance(exc, NotADirectoryError):
+        return f"{path}: a part of the path is not a folder"
+    if isinstance(exc, PermissionError):
+        return f"{path} cannot be read or written: permission denied"
+    return _scrub(f"{path}: {exc.strerror or _first_line(exc)}")
+
+
+def _is_store_failure(exc: Any) -> bool:
+    import sqlalchemy.exc
+
+    if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+        return True
+    return type(exc.orig).__name__ == "UndefinedTable"  # PostgreSQL without the schema
+
+
+def _store_problem(exc: Any) -> str:
+    """What an unusable job store says, with its URL (password hidden)."""
+    try:
+        url = get_settings().database_url
+    except Exception:  # invalid settings: name no URL
+        url = None
+    where = "the job store" + (f" at {_redacted(url)}" if url else "")
+    said = _scrub(_first_line(exc.orig) or _first_line(exc))
+    if "no such table" in said or type(exc.orig).__name__ == "UndefinedTable":
+        return f"{where} has no embedq schema (run `embedq db upgrade`): {said}"
+    if exc.statement is not None and not exc.connection_invalidated:
+        return f"{where} failed: {said}"
+    if url and url.startswith("sqlite:///") and "unable to open" in said:
+        folder = Path(url.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            said += f" (the folder {folder} does not exist)"
+    return f"{where} cannot be reached: {said}"
+
+
+def _broker_problem(exc: BaseException) -> str | None:
+    """What an unusable broker says, with its URL (password hidden); ``None``: not the broker."""
+    import kombu.exceptions
+    import redis.exceptions
+
+    if not isinstance(
+        exc,
+        redis.exceptions.ConnectionError
+        | redis.exceptions.TimeoutError
+        | redis.exceptions.AuthenticationError
+        | kombu.exceptions.OperationalError,
+    ):
+        return None
+    try:
+        where = f"the broker at {_redacted(get_settings().celery_broker())}"
+    except Exception:  # invalid settings: name no URL
+        where = "the broker"
+    said = _scrub(_first_line(exc)) or type(exc).__name__
+    return _password_problem(exc) or f"{where} cannot be reached: {said}"
+
+
+def _password_problem(exc: BaseException) -> str | None:
+    """The line for a broker that refused our password (or asked for one), if it did."""
+    import redis.exceptions
+
+    seen: BaseException | None = exc
+    for _ in range(10):  # the driver's error, wrapped by kombu and by the producer
+        if seen is None or isinstance(seen, redis.exceptions.AuthenticationError):
+            break
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    try:
+        url = get_settings().celery_broker()
+        where, password = f"the broker at {_redacted(url)}", _password(url)
+    except Exception:  # invalid settings: name no URL
+        where, password = "the broker", None
+    said = _scrub(_first_line(seen)) or type(seen).__name__
+    return f"{where} {'refuses the password' if password else 'asks for a password'}: {said}"
+
+
+def _password(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password
+    except Exception:  # not a URL SQLAlchemy parses
+        return None
 
 
 def _store() -> Any:
@@ -208,9 +442,14 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 
 
 def _redacted(url: str) -> str:
+    """``url`` with its password hidden (SQLAlchemy and Redis URLs alike)."""
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: keep the scheme and the host only
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}" if rest else "(not a URL)"
 
 
 @app.command("embed")
@@ -218,8 +457,17 @@ def embed(
     texts: Annotated[list[str] | None, typer.Argument(help="texts to embed")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="JSON Lines input")] = None,
     model: Annotated[str | None, typer.Option(help="default: EMBEDQ_DEFAULT_MODEL")] = None,
-    queue: Annotated[str, typer.Option(help="interactive or bulk")] = "interactive",
+    queue: Annotated[Queue, typer.Option(help="the queue to send the batches to")] = (
+        Queue.INTERACTIVE
+    ),
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="wait for the vectors")] = True,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="seconds to wait at most (0: no limit); past it, exit 5 and the job goes on",
+        ),
+    ] = 600,
     out: Annotated[Path | None, typer.Option(help="write float32 vectors to this .npy")] = None,
 ) -> None:
     """Submit a job (through the queue, or in-process when no broker is configured)."""
@@ -230,24 +478,37 @@ def embed(
     try:
         items = list(texts or []) + (read_jsonl(file) if file else [])
         job = producer.submit(items, model=model, queue=queue)
-        typer.echo(f"job {job.id} submitted: {len(items)} texts", err=True)
+        if get_settings().broker_url is not None:  # local mode ran it already
+            typer.echo(f"job {job.id} submitted: {len(items)} texts", err=True)
         if not wait:
             typer.echo(job.id)
             return
-        status = job.wait()
+        try:
+            status = job.wait(timeout=timeout or None)
+        except KeyboardInterrupt:
+            goes_on = f"the job goes on; see `embedq job {job.id}`"
+            typer.echo(f"error: interrupted ({goes_on})", err=True)
+            raise typer.Exit(code=Code.INTERRUPTED) from None
+    except producer.JobTimeoutError as exc:
+        typer.echo(
+            f"error: {_ending(exc)[0]} (the job goes on; see `embedq job {job.id}`)", err=True
+        )
+        raise typer.Exit(code=Code.TIMEOUT) from exc
     except EmbedqError as exc:
         raise _fail(exc) from exc
-    typer.echo(
-        f"job {job.id} {status['state']}: {status['done']} done, {status['failed']} failed"
-        + (f" ({status['error']})" if status["error"] else ""),
-        err=True,
+    ended = f"job {job.id} {status['state']}: {status['done']} done, {status['failed']} failed" + (
+        f" ({status['error']})" if status["error"] else ""
     )
+    succeeded = status["state"] == "succeeded"
+    if succeeded:
+        typer.echo(ended, err=True)
     if out is not None:
         _, vectors = job.embeddings()
         np.save(out, vectors)
         typer.echo(f"wrote {vectors.shape[0]}x{vectors.shape[1]} float32 to {out}", err=True)
-    if status["state"] != "succeeded":
-        raise typer.Exit(code=1)
+    if not succeeded:
+        typer.echo(f"error: {_scrub(_one_line(ended))}", err=True)
+        raise typer.Exit(code=Code.FAILED)
 
 
 @app.command("jobs")
@@ -264,11 +525,16 @@ def jobs(limit: Annotated[int, typer.Option(help="how many")] = 20) -> None:
             )
 
 
+SHOWN_OVERDUE = 10  # batches ``embedq job`` lists; the rest are counted
+
+
 @app.command("job")
 def job(job_id: str) -> None:
-    """Show a job's state, counts and timing summary."""
-    from storage import repository
+    """Show a job's state, counts, batches and timing, and the batches that stopped moving."""
+    from storage import ledger, repository
+    from storage.models import as_utc
 
+    stuck_after = get_settings().stuck_after
     with _store_session() as session:
         found = repository.get_job(session, job_id)
         if found is None:
@@ -279,17 +545,31 @@ def job(job_id: str) -> None:
             f"items: {found.total_items} total, {found.done_items} done,"
             f" {found.failed_items} failed"
         )
+        batches = ledger.job_batches(session, job_id)
+        if batches:
+            order = ["done", "sent", "failed", "abandoned"]
+            states = sorted(batches, key=lambda s: (order.index(s) if s in order else 99, s))
+            typer.echo("batches: " + ", ".join(f"{batches[s]} {s}" for s in states))
         if found.error:
             typer.echo(f"error: {found.error}")
         typer.echo(", ".join(f"{key} {value:g}" for key, value in timing.items()))
-        stuck_after = get_settings().stuck_after
-        stuck = repository.stuck_batches(session, job_id, stuck_after)
-        if stuck:
+        overdue = ledger.overdue_batches(session, stuck_after, job_id=job_id, limit=SHOWN_OVERDUE)
+        count = ledger.count_overdue(session, stuck_after, job_id=job_id)
+        now = datetime.now(UTC)
+        for batch in overdue:
+            idle = (now - as_utc(batch.updated_at)).total_seconds()
+            last = f", last error: {_one_line(batch.last_error)}" if batch.last_error else ""
             typer.echo(
-                f"stuck: {stuck} batches in flight for more than {stuck_after}s and none of this"
-                f" job's batches finished in that time: no worker is on them (is one consuming"
-                f" {found.queue!r}?). Running the backfill again ({found.tag or 'its name'})"
-                f" sends them again."
+                f"overdue: batch {batch.batch_index} ({batch.item_count} items, no progress for"
+                f" {idle:.0f}s, attempts {batch.attempts}, sends {batch.sends}{last})"
+            )
+        if count > len(overdue):
+            typer.echo(f"and {count - len(overdue)} more")
+        if overdue:
+            typer.echo(
+                "workers re-send lost batches every EMBEDQ_SWEEP_INTERVAL"
+                f" ({get_settings().sweep_interval:g}s); `embedq health` fails while any is"
+                f" overdue (no progress for over EMBEDQ_STUCK_AFTER, {stuck_after:g}s)"
             )
 
 
@@ -393,14 +673,16 @@ def backfill(
 
             if settings.broker_url is None:
                 ensure_schema(settings.database_url)
-            reader = readers.open_source(source, id_field=id_field, text_field=text_field, sql=sql)
+            reader = _NamedSource(
+                readers.open_source(source, id_field=id_field, text_field=text_field, sql=sql),
+                source,
+            )
             options = backfills.Options(
                 name=name,
                 model=model or settings.default_model or "",
                 batch_size=settings.job_batch_size,
                 max_in_flight=max_in_flight or settings.backfill_max_in_flight,
                 stuck_after=settings.stuck_after,
-                max_attempts=settings.max_retries,
                 retry_failed=retry_failed,
             )
             if not options.model:
@@ -418,7 +700,49 @@ def backfill(
     else:
         _print_summary(outcome)
     if outcome["state"] != "succeeded":
-        raise typer.Exit(code=1)
+        ended = "ended" if outcome["state"] in ("failed", "partially_failed") else "is"
+        typer.echo(
+            f"error: backfill {name} {ended} {outcome['state']}: {outcome['done']} done,"
+            f" {outcome['failed']} failed of {outcome['items'] or 'unsealed'} items",
+            err=True,
+        )
+        raise typer.Exit(code=Code.FAILED)
+
+
+@dataclass(frozen=True)
+class _NamedSource:
+    """A backfill source whose failures name it, not the job store: undecodable bytes, or a
+    SQL source that cannot be reached or whose query fails."""
+
+    reader: Any
+    source: str
+
+    @property
+    def description(self) -> str:
+        return str(self.reader.description)
+
+    def count(self) -> int | None:
+        with self._named():
+            return self.reader.count()  # type: ignore[no-any-return]
+
+    def rows(self) -> Iterator[Any]:
+        with self._named():
+            yield from self.reader.rows()
+
+    @contextmanager
+    def _named(self) -> Iterator[None]:
+        import sqlalchemy.exc
+
+        try:
+            yield
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{self.source} is not UTF-8 text ({_bad_byte(exc)})") from exc
+        except sqlalchemy.exc.DBAPIError as exc:
+            where = f"the source at {_redacted(self.source)}"
+            said = _scrub(_first_line(exc.orig) or _first_line(exc))
+            if exc.statement is None or exc.connection_invalidated:
+                raise UnavailableError(f"{where} cannot be reached: {said}") from exc
+            raise InputError(f"the query on {where} fails: {said}") from exc
 
 
 def _run_with_bar(run: Any) -> None:
@@ -471,6 +795,8 @@ def _print_summary(outcome: dict[str, Any]) -> None:
         f"backfill {outcome['name']} ({outcome['state']}, run {outcome['runs']}): items {items},"
         f" done {outcome['done']} (reused {outcome['reused']}), failed {outcome['failed']}"
     )
+    if outcome.get("duplicates"):
+        typer.echo(f"skipped {outcome['duplicates']} duplicate ids")
     if outcome["wall_s"] is not None:
         typer.echo(f"wall {outcome['wall_s']}s, {outcome['items_per_s']} items/s")
     for worker in outcome["workers"]:
@@ -534,14 +860,19 @@ def health(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Ping the workers; list what each consumes and serves, and the queue depths. Exits 1 when
-    a queue holds messages that no answering worker consumes."""
+    a queue holds messages that no answering worker consumes, or a batch is overdue."""
     from tasks import health as fleet
     from worker.app import app as celery_app
 
-    result = fleet.check(celery_app, get_settings().database_url, timeout)
+    settings = get_settings()
+    result = fleet.check(celery_app, settings.database_url, timeout, settings.stuck_after)
     typer.echo(json.dumps(result, indent=2) if as_json else fleet.render(result))
     if not result["ok"]:
-        raise typer.Exit(code=1)
+        problems = [f"no worker consumes {queue}" for queue in result.get("unserved", [])]
+        if result.get("overdue_batches"):
+            problems.append(f"{result['overdue_batches']} batches overdue")
+        typer.echo(f"error: the fleet is not healthy: {'; '.join(problems)}", err=True)
+        raise typer.Exit(code=Code.FAILED)
 
 
 @app.command("flower")
@@ -620,18 +951,24 @@ def encode(
 
 
 def read_jsonl(path: Path) -> list[str]:
-    """Texts from JSON Lines: each line a JSON string or an object with a ``text`` field."""
-    from worker.errors import InputError
-
+    """Texts from JSON Lines in UTF-8: each line a JSON string or an object with a ``text``
+    field. A bad line raises ``InputError`` naming the file and the line."""
     texts: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM is fine
+            except UnicodeDecodeError as exc:
+                where = _bad_byte(exc, offset + len(raw) - len(exc.object) + exc.start)
+                raise InputError(f"{path}:{number} is not UTF-8 text ({where})") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
             except ValueError as exc:
-                raise InputError(f"{path}:{number} is not JSON: {exc}") from exc
+                raise InputError(f"{path}:{number} is not JSON: {exc}") from None
             if isinstance(item, dict):
                 item = item.get("text")
             if not isinstance(item, str):
@@ -643,4 +980,4 @@ def read_jsonl(path: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    app()
+    main()

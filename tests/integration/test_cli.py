@@ -120,4 +120,6 @@ def test_embed_reports_a_failed_job_and_exits_non_zero(
     env = {"EMBEDQ_DATABASE_URL": f"sqlite:///{tmp_path / 'embedq.db'}"}
     result = embedq("embed", "text", "--model", "missing", store=store_root, **env)
     assert result.returncode == 1
-    assert "failed: 0 done, 1 failed" in result.stderr and "model missing" in result.stderr
+    ending = result.stderr.splitlines()[-1]
+    assert ending.startswith("error: job ") and "failed: 0 done, 1 failed" in ending
+    assert "model missing" in ending
