@@ -1,0 +1,179 @@
+"""Properties of the batch message: whatever is well formed survives the wire unchanged, and
+whatever breaks one constraint is refused by pydantic with an error that names the field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from storage.models import ID_LENGTH, JOB_ID_LENGTH
+from tasks.message import BatchMessage
+
+Raw = dict[str, Any]
+
+# Valid Unicode (no lone surrogates); texts may hold NUL, names may not.
+TEXT_CHARS = st.characters(codec="utf-8")
+NAME_CHARS = st.characters(codec="utf-8", exclude_characters="\x00")
+FLOATS = st.floats(allow_nan=False, allow_infinity=False)
+
+
+def names(limit: int) -> st.SearchStrategy[str]:
+    return st.text(NAME_CHARS, min_size=1, max_size=limit)
+
+
+@st.composite
+def well_formed(draw: st.DrawFn) -> Raw:
+    """A message as a producer sends it: aligned lists, unique ids, distinct positions."""
+    count = draw(st.integers(1, 8))
+    return {
+        "job_id": draw(names(JOB_ID_LENGTH)),
+        "batch_index": draw(st.integers(0, 2**31)),
+        "model": draw(names(ID_LENGTH)),
+        "texts": draw(st.lists(st.text(TEXT_CHARS, max_size=30), min_size=count, max_size=count)),
+        "item_ids": draw(st.lists(names(ID_LENGTH), min_size=count, max_size=count, unique=True)),
+        "positions": draw(
+            st.lists(st.integers(0, 10**9), min_size=count, max_size=count, unique=True)
+        ),
+        "enqueued_at": draw(FLOATS),
+        "model_wait_since": draw(st.none() | FLOATS),
+        "tries": draw(st.integers(0, 100)),
+    }
+
+
+def through_the_wire(message: BatchMessage) -> BatchMessage:
+    wire = json.dumps(message.model_dump(mode="json"))
+    return BatchMessage.model_validate(json.loads(wire))
+
+
+AT_THE_LIMITS: Raw = {
+    "job_id": "j" * JOB_ID_LENGTH,
+    "batch_index": 0,
+    "model": "m" * ID_LENGTH,
+    "texts": ["nul \x00 inside", "\x00", "", "emoji \U0001f600 and \u00e9"],
+    "item_ids": ["i" * ID_LENGTH, "\U0001f600", "\u00e9", " "],
+    "positions": [0, 10**9, 7, 3],
+    "enqueued_at": 0.0,
+    "model_wait_since": None,
+    "tries": 0,
+}
+
+
+@settings(max_examples=150, deadline=None)
+@given(well_formed())
+@example(AT_THE_LIMITS)
+def test_a_well_formed_message_validates_and_round_trips_unchanged(raw: Raw) -> None:
+    message = BatchMessage.model_validate(raw)
+    assert message.model_dump() == raw
+    again = through_the_wire(message)
+    assert again == message
+    assert again.model_dump() == raw
+
+
+# --- one constraint broken at a time ----------------------------------------------------------
+# Each breaker takes a well-formed message and an index into its items, and breaks exactly one
+# rule; the expected words name the field (and, where there is one, the problem).
+
+
+def _add_item(raw: Raw, item_id: str, position: int) -> None:
+    raw["texts"].append("another text")
+    raw["item_ids"].append(item_id)
+    raw["positions"].append(position)
+
+
+def _fresh_id(raw: Raw) -> str:
+    n = 0
+    while f"extra-{n}" in raw["item_ids"]:
+        n += 1
+    return f"extra-{n}"
+
+
+def lengths_differ(raw: Raw, i: int) -> None:
+    if len(raw["texts"]) > 1:
+        raw["texts"].pop(i % len(raw["texts"]))
+    else:
+        raw["texts"].append("one text too many")
+
+
+def duplicate_id(raw: Raw, i: int) -> None:
+    _add_item(raw, raw["item_ids"][i], max(raw["positions"]) + 1)
+
+
+def overlong_id(raw: Raw, i: int) -> None:
+    raw["item_ids"][i] = "x" * (ID_LENGTH + 1)
+
+
+def nul_in_id(raw: Raw, i: int) -> None:
+    raw["item_ids"][i] = raw["item_ids"][i][: ID_LENGTH - 1] + "\x00"
+
+
+def surrogate_in_text(raw: Raw, i: int) -> None:
+    raw["texts"][i] = raw["texts"][i] + "\ud800"
+
+
+def surrogate_in_id(raw: Raw, i: int) -> None:
+    raw["item_ids"][i] = raw["item_ids"][i][: ID_LENGTH - 1] + "\udc00"
+
+
+def negative_position(raw: Raw, i: int) -> None:
+    raw["positions"][i] = -1 - i
+
+
+def repeated_position(raw: Raw, i: int) -> None:
+    count = len(raw["positions"])
+    if count > 1:
+        raw["positions"][(i + 1) % count] = raw["positions"][i]
+    else:
+        _add_item(raw, _fresh_id(raw), raw["positions"][i])
+
+
+def empty_texts(raw: Raw, i: int) -> None:
+    raw["texts"], raw["item_ids"], raw["positions"] = [], [], []
+
+
+def overlong_job_id(raw: Raw, i: int) -> None:
+    raw["job_id"] = (raw["job_id"] * (JOB_ID_LENGTH + 1))[: JOB_ID_LENGTH + 1 + i]
+
+
+def overlong_model(raw: Raw, i: int) -> None:
+    raw["model"] = "m" * (ID_LENGTH + 1)
+
+
+def negative_batch_index(raw: Raw, i: int) -> None:
+    raw["batch_index"] = -1 - i
+
+
+Breaker = Callable[[Raw, int], None]
+BROKEN: list[tuple[str, Breaker, tuple[str, ...]]] = [
+    ("lengths-differ", lengths_differ, ("texts, item_ids and positions differ in length",)),
+    ("duplicate-id", duplicate_id, ("item_ids", "repeat")),
+    ("id-201-chars", overlong_id, ("item_ids", "201 characters, over 200")),
+    ("id-with-nul", nul_in_id, ("item_ids", "NUL")),
+    ("text-lone-surrogate", surrogate_in_text, ("texts", "lone surrogate")),
+    ("id-lone-surrogate", surrogate_in_id, ("item_ids", "lone surrogate")),
+    ("negative-position", negative_position, ("positions", "not negative")),
+    ("repeated-position", repeated_position, ("positions", "distinct")),
+    ("empty-texts", empty_texts, ("texts", "at least 1 item")),
+    ("job-id-over-36", overlong_job_id, ("job_id", "at most 36 characters")),
+    ("model-201-chars", overlong_model, ("model", "201 characters, over 200")),
+    ("negative-batch-index", negative_batch_index, ("batch_index", "greater than or equal to 0")),
+]
+
+
+@pytest.mark.parametrize(("breaker", "words"), [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
+@settings(max_examples=25, deadline=None)
+@given(raw=well_formed(), pick=st.integers(0, 7))
+def test_a_message_that_breaks_one_rule_is_refused_naming_the_field(
+    breaker: Breaker, words: tuple[str, ...], raw: Raw, pick: int
+) -> None:
+    breaker(raw, pick % len(raw["texts"]))
+    with pytest.raises(ValidationError) as refused:
+        BatchMessage.model_validate(raw)
+    shown = str(refused.value)
+    for word in words:
+        assert word in shown
