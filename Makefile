@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= all-MiniLM-L6-v2
 
-.PHONY: setup run test lint bench bench-pipeline bench-backfill clean
+.PHONY: setup run test lint bench bench-pipeline bench-backfill bench-ledger clean
 
 $(BIN)/embedq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench-pipeline: setup
 
 bench-backfill: setup
 	$(BIN)/python bench/backfill.py
+
+# bench/pipeline.py at f0af187 (before the batch ledger) against the working tree, taking turns;
+# Redis databases 13 and 14 are flushed.
+bench-ledger: setup
+	$(BIN)/python bench/ledger.py
 
 clean:
 	rm -rf $(VENV) vectors.npy .pytest_cache .mypy_cache .ruff_cache
