@@ -270,12 +270,14 @@ def fail_batch(
     session: Session, job_id: str, index: int, item_ids: Sequence[str], reason: str
 ) -> tuple[int, bool]:
     """End a batch as failed: its items recorded failed with ``reason`` (once, however often
-    this is called) and counted in the job. Returns (items newly failed, whether this finished
-    the job)."""
+    this is called) and counted in the job. A batch that already ended (another delivery stored
+    it) is left as it is. Returns (items newly failed, whether this finished the job)."""
     from storage import repository
 
+    ended = finish(session, job_id, index, BatchState.FAILED, reason)
+    if not ended and session.connection().execute(_STATE, {"job": job_id, "index": index}).first():
+        return 0, False
     failed = repository.record_failures(session, job_id, item_ids, reason)
-    finish(session, job_id, index, BatchState.FAILED, reason)
     finished = repository.add_progress(session, job_id, done=0, failed=failed, error=reason)
     return failed, finished
 

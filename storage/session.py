@@ -11,6 +11,7 @@ Engines are made per process (after a worker forks), never shared across a fork.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -45,11 +46,66 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+class _ForkGate:
+    """Keeps ``os.fork()`` out of this process's transactions.
+
+    A Celery worker's parent writes to the store from threads (the reconciler, a batch whose
+    pool process died) while its pool forks replacement children from another thread. A child
+    forked in the middle of an SQLite transaction inherits SQLite's process-wide lock table in
+    that state and then waits out the busy timeout on every write, for a lock nobody holds
+    (seen in the poison-batch test). So a fork waits until no transaction is open, and no
+    transaction starts while a fork is under way; transactions never wait for each other.
+    """
+
+    def __init__(self) -> None:
+        self._state = threading.Condition()
+        self._open = 0
+        self._forking = False
+
+    def enter(self) -> None:
+        with self._state:
+            while self._forking:
+                self._state.wait()
+            self._open += 1
+
+    def leave(self) -> None:
+        with self._state:
+            self._open -= 1
+            if not self._open:
+                self._state.notify_all()
+
+    def before_fork(self) -> None:
+        self._state.acquire()
+        self._forking = True
+        while self._open:
+            self._state.wait()
+
+    def after_fork_in_parent(self) -> None:
+        self._forking = False
+        self._state.notify_all()
+        self._state.release()
+
+    def after_fork_in_child(self) -> None:
+        self.__init__()  # type: ignore[misc]  # the child starts with no transaction open
+
+
+_gate = _ForkGate()
+os.register_at_fork(
+    before=_gate.before_fork,
+    after_in_parent=_gate.after_fork_in_parent,
+    after_in_child=_gate.after_fork_in_child,
+)
+
+
 @contextmanager
 def scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One transaction: committed when the block ends, rolled back when it raises."""
-    with factory() as session, session.begin():
-        yield session
+    _gate.enter()
+    try:
+        with factory() as session, session.begin():
+            yield session
+    finally:
+        _gate.leave()
 
 
 # One engine per URL per process. A forked child must not use its parent's pooled connections:

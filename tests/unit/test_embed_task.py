@@ -116,3 +116,27 @@ def test_progress_events_go_to_flower_at_most_every_interval() -> None:
     for done in (16, 32, 48, 64):
         throttled(done, 64)
     assert slow.events == []
+
+
+def test_a_failure_reported_after_the_batch_was_stored_changes_nothing(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A late delivery that fails (its model broke meanwhile, its process died) must not count
+    items another delivery already stored as failed."""
+    from tasks.embed import fail_batch
+
+    batch = payload(["alpha", "beta gamma", "delta"])
+    with scope(sessions) as session:
+        ledger.add_batches(
+            session, "j", [ledger.NewBatch(0, batch.item_ids, batch.texts, batch.positions)]
+        )
+    with scope(sessions) as session:
+        assert embed_batch(session, FakeEngine(), batch, provider="FakeProvider").finished
+    with scope(sessions) as session:
+        late = fail_batch(session, batch, "worker process died 4 times on this batch")
+        assert not late.finished
+    with scope(sessions) as session:
+        job = repository.get_job(session, "j")
+        assert job is not None
+        assert (job.state, job.done_items, job.failed_items) == ("succeeded", 3, 0)
+        assert ledger.job_batches(session, "j") == {"done": 1}
