@@ -205,7 +205,11 @@ def run_message(
     with scope(sessions) as session:
         claim = ledger.claim(session, message.job_id, message.batch_index, worker)
         if not claim.job_exists:
-            logger.error("dropped batch %d of job %s, which is not in the store", *_ids(message))
+            logger.error(
+                "dropped batch %d of job %s, which is not in the store",
+                message.batch_index,
+                message.job_id,
+            )
             return Outcome(message.job_id, message.batch_index, "dropped", reason="no such job")
         if claim.state is None:  # an application's raw message: the ledger learns of it now
             ledger.adopt(session, message.job_id, message.batch_index, message.item_ids, worker)
@@ -219,10 +223,6 @@ def run_message(
         return embed_batch(
             session, engine, message, provider=engine.provider, on_progress=on_progress
         )
-
-
-def _ids(message: BatchMessage) -> tuple[int, str]:
-    return message.batch_index, message.job_id
 
 
 def _engine_for(message: BatchMessage, sessions: sessionmaker[Session], local: bool) -> Any:
