@@ -69,6 +69,16 @@ def test_flower_shows_the_embedq_tasks_behind_a_login(
 ) -> None:
     from tasks import producer
 
+    # Flower answers /healthcheck before its event receiver listens: wait until it has seen a
+    # first task, or the events of the jobs below may be sent before anyone hears them.
+    first = producer.submit(["Flower is listening"])
+    deadline = time.monotonic() + 60
+    while first.id not in get("/api/tasks")[1]:
+        assert time.monotonic() < deadline, "Flower saw no task"
+        if first.wait(timeout=120)["state"] == "succeeded":  # sent again until heard
+            first = producer.submit(["Flower is listening"])
+        time.sleep(0.5)
+
     jobs = [producer.submit(corpus[i * 10 : i * 10 + 10]) for i in range(3)]
     assert all(job.wait(timeout=120)["state"] == "succeeded" for job in jobs)
 
@@ -77,7 +87,7 @@ def test_flower_shows_the_embedq_tasks_behind_a_login(
     while True:
         status, body = get("/api/tasks?taskname=embedq.embed&state=SUCCESS")
         tasks = json.loads(body) if status == 200 else {}
-        if len(tasks) >= 3 or time.monotonic() > deadline:
+        if all(job.id in body for job in jobs) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert len(tasks) >= 3, (status, body[:500])
