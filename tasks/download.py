@@ -48,7 +48,10 @@ class ModelPendingError(TransientError):
         self.name = name
 
 
-# Errors a later try may not meet: a source or the store that could not be reached.
+# Errors a later try may not meet: a source or the store that could not be reached. Not
+# tasks.retry.is_transient: a download past its soft time limit is final (the model is too
+# big or slow for the limit), and that predicate follows causes into the ModelError that
+# prepare_here raises for it.
 TRANSIENT = (TransientError, OperationalError, InterfaceError, ConnectionError, TimeoutError)
 
 _OPTIONS = ("precision", "sha256", "max_seq_length", "pooling", "normalize")
