@@ -288,6 +288,10 @@ Source = Annotated[str, typer.Argument(help="hf://ORG/NAME[@REV], a URL, or a fo
 Name = Annotated[str, typer.Option("--name", help="name to install the model under")]
 Quantize = Annotated[str | None, typer.Option(help="int8: dynamic int8 for CPUs")]
 Fp16 = Annotated[bool, typer.Option("--fp16", help="half precision, for GPUs")]
+Bf16 = Annotated[
+    bool,
+    typer.Option("--bf16", help="bfloat16 on OpenVINO, for CPUs with AVX512-BF16 or AMX"),
+]
 Sha256 = Annotated[str | None, typer.Option(help="expected sha256 of a URL download")]
 MaxSeqLength = Annotated[int | None, typer.Option(help="override the model's")]
 PoolingOption = Annotated[Pooling | None, typer.Option(help="override the model's")]
@@ -299,6 +303,7 @@ Normalize = Annotated[
 def _options(
     quantize: str | None,
     fp16: bool,
+    bf16: bool,
     sha256: str | None,
     max_seq_length: int | None,
     pooling: Pooling | None,
@@ -307,9 +312,17 @@ def _options(
     """The pull options as the catalog stores them (JSON), checked."""
     if quantize not in (None, "int8"):
         raise typer.BadParameter("only int8 is supported", param_hint="--quantize")
-    if quantize and fp16:
-        raise typer.BadParameter("choose one of --quantize int8 and --fp16")
-    precision = Precision.INT8 if quantize else Precision.FP16 if fp16 else Precision.FP32
+    if sum((quantize is not None, fp16, bf16)) > 1:
+        raise typer.BadParameter("choose one of --quantize int8, --fp16 and --bf16")
+    precision = (
+        Precision.INT8
+        if quantize
+        else Precision.FP16
+        if fp16
+        else Precision.BF16
+        if bf16
+        else Precision.FP32
+    )
     options = {
         "precision": str(precision),
         "sha256": sha256,
@@ -326,6 +339,7 @@ def models_pull(
     name: Name,
     quantize: Quantize = None,
     fp16: Fp16 = False,
+    bf16: Bf16 = False,
     sha256: Sha256 = None,
     max_seq_length: MaxSeqLength = None,
     pooling: PoolingOption = None,
@@ -334,7 +348,7 @@ def models_pull(
     """Fetch or export a model and install it in this machine's model store under NAME."""
     from tasks.download import pull_options
 
-    options = _options(quantize, fp16, sha256, max_seq_length, pooling, normalize)
+    options = _options(quantize, fp16, bf16, sha256, max_seq_length, pooling, normalize)
     try:
         manifest = _store().pull(source, name, pull_options(options), get_settings())
     except EmbedqError as exc:
@@ -352,6 +366,7 @@ def models_register(
     name: Name,
     quantize: Quantize = None,
     fp16: Fp16 = False,
+    bf16: Bf16 = False,
     sha256: Sha256 = None,
     max_seq_length: MaxSeqLength = None,
     pooling: PoolingOption = None,
@@ -361,7 +376,7 @@ def models_register(
     SOURCE (with these options) when a job first asks for it. Clears earlier failures."""
     from tasks import producer
 
-    options = _options(quantize, fp16, sha256, max_seq_length, pooling, normalize)
+    options = _options(quantize, fp16, bf16, sha256, max_seq_length, pooling, normalize)
     try:
         producer.register_model(source, name, options)
     except EmbedqError as exc:
@@ -402,7 +417,10 @@ def models_probe(
         engine.encode(["probe"])
     except EmbedqError as exc:
         raise _fail(exc) from exc
-    typer.echo(f"{name} runs on {engine.provider}" + ("" if device is None else f" ({device})"))
+    typer.echo(
+        f"{name} runs on {engine.provider} in {engine.precision}"
+        + ("" if device is None else f" ({device})")
+    )
 
 
 @models_app.command("list")
@@ -417,8 +435,9 @@ def models_list() -> None:
 
 @models_app.command("show")
 def models_show(name: str) -> None:
-    """Show a model's manifest and the execution providers this machine offers."""
-    from worker import providers
+    """Show a model's manifest, the runtime and precision it would run in on this machine, and
+    the execution providers this machine offers."""
+    from worker import providers, runtimes
     from worker.manifest import dump
 
     try:
@@ -426,6 +445,7 @@ def models_show(name: str) -> None:
     except EmbedqError as exc:
         raise _fail(exc) from exc
     typer.echo(dump(manifest))
+    typer.echo(f"runs here on: {runtimes.describe_here(manifest, get_settings())}")
     typer.echo(f"providers available here: {', '.join(providers.available())}")
 
 

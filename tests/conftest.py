@@ -119,3 +119,33 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+BF16_MODEL_NAME = "minilm-bf16"
+
+
+@pytest.fixture(scope="session")
+def bf16_model(minilm: Path, checkpoint: Path, store_root: Path, cpu_settings: Settings) -> Path:
+    """The reference model prepared for bf16 in the session's model store.
+
+    On a CPU with bf16 arithmetic it is pulled for real (``--bf16``: the gate runs OpenVINO in
+    bf16 against fp32). Elsewhere the pull is refused, so the folder is what a bf16 model
+    prepared on another machine looks like when it reaches this one through a shared volume:
+    the same fp32 file (bf16 keeps it) under a manifest that says bf16.
+    """
+    from worker import hardware
+    from worker.manifest import Manifest, Precision
+
+    if hardware.bf16_missing() is None:
+        options = PullOptions(precision=Precision.BF16)
+        ModelStore(store_root).pull(str(checkpoint), BF16_MODEL_NAME, options, cpu_settings)
+        return store_root / BF16_MODEL_NAME
+    import shutil
+
+    folder = store_root / BF16_MODEL_NAME
+    if not folder.exists():
+        shutil.copytree(minilm, folder)
+        fp32 = Manifest.read(minilm)
+        update = {"name": BF16_MODEL_NAME, "precision": Precision.BF16, "steps": ("openvino:bf16",)}
+        fp32.model_copy(update=update).write(folder)
+    return folder

@@ -1,8 +1,9 @@
-"""The inference engine: one warm ONNX Runtime session and one tokenizer, built once per process.
+"""The inference engine: one warm runtime session and one tokenizer, built once per process.
 
 ``Engine.load`` reads a prepared model folder (its manifest settles length, pooling and
-normalisation), checks the ONNX file against the manifest's sha256, opens the session with
-explicit options and checks which execution provider it really got. ``Engine.encode`` validates
+normalisation), checks the ONNX file against the manifest's sha256, and opens a session on the
+runtime ``worker.runtimes`` picks (ONNX Runtime, or OpenVINO for bf16), which reports the
+provider and precision it really got. ``Engine.encode`` validates
 a list of texts, tokenises with truncation at the model's length, runs length-sorted
 micro-batches, pools, normalises and returns the vectors in input order with the statistics of
 the call.
@@ -18,13 +19,12 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Encoding as TokenEncoding
 from tokenizers import Tokenizer
 
-from worker import batching, pooling, providers
+from worker import batching, pooling, runtimes
 from worker.errors import ModelError
-from worker.manifest import ONNX_FILE, TOKENIZER_FILE, Manifest, verify_onnx
+from worker.manifest import TOKENIZER_FILE, Manifest, verify_onnx
 from worker.settings import Settings
 from worker.validation import validate
 
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 # to tokenise than a few pages.
 CHARS_PER_TOKEN = 250
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-Feeds = dict[str, np.ndarray]
+Feeds = runtimes.Feeds
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class EncodeStats:
     inference_ms: float
     pool_ms: float
     provider: str
+    precision: str = "fp32"
+    """The arithmetic that really ran (a bf16 model on a CPU without bf16 runs fp32)."""
 
     @property
     def total_ms(self) -> float:
@@ -80,48 +82,6 @@ class Embedder(Protocol):
     def dim(self) -> int: ...
 
     def encode(self, texts: Sequence[object], on_progress: Progress | None = None) -> Encoding: ...
-
-
-def session_options(settings: Settings) -> ort.SessionOptions:
-    """Session options set explicitly rather than left to onnxruntime's defaults."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = settings.threads()
-    options.inter_op_num_threads = 1
-    if settings.worker_processes() > 1:
-        # Spinning threads burn the cores that sibling worker processes need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # errors only; provider failures are reported by embedq
-    return options
-
-
-def open_session(
-    path: Path, settings: Settings, device_id: int | None = None
-) -> tuple[ort.InferenceSession, str]:
-    """An inference session on the best provider obtainable, and the provider it runs on;
-    ``device_id`` binds a GPU provider to that device."""
-    built_in = providers.available()
-    requested = providers.choose(settings.providers, built_in)
-    usable = [p for p in requested if p in built_in]
-    with providers.NativeStderr() as captured:
-        try:
-            session = ort.InferenceSession(
-                str(path),
-                sess_options=session_options(settings),
-                providers=providers.with_options(usable, device_id),
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelError(f"onnxruntime cannot load {path}: {exc}") from exc
-    reason = (
-        captured.reason()
-        if requested[0] in built_in
-        else f"this onnxruntime build does not include it; it has {built_in}"
-    )
-    active = providers.check_obtained(
-        requested, session.get_providers(), settings.fallback_policy(), reason
-    )
-    return session, active
 
 
 def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
@@ -157,16 +117,16 @@ class Engine:
     def __init__(
         self,
         manifest: Manifest,
-        session: ort.InferenceSession,
+        session: runtimes.Session,
         tokenizer: Tokenizer,
-        provider: str,
         settings: Settings,
     ) -> None:
         unknown = set(manifest.inputs) - set(KNOWN_INPUTS)
         if unknown:
             raise ModelError(f"model {manifest.name} takes inputs embedq cannot feed: {unknown}")
         self.manifest = manifest
-        self.provider = provider
+        self.provider = session.provider
+        self.precision = session.precision
         self._session = session
         self._tokenizer = tokenizer
         self._max_items = settings.max_batch_items
@@ -182,25 +142,28 @@ class Engine:
         verify_onnx(folder, manifest)
         verify_ms = (time.perf_counter() - started) * 1000
         tokenizer = load_tokenizer(folder / TOKENIZER_FILE, manifest.behaviour.max_seq_length)
-        session, provider = open_session(folder / ONNX_FILE, settings, device_id)
+        session = runtimes.open_session(folder, manifest, settings, device_id)
         load_ms = (time.perf_counter() - started) * 1000
         logger.info(
-            "engine loaded: model=%s provider=%s device=%s threads=%d load_ms=%.0f verify_ms=%.0f",
+            "engine loaded: model=%s provider=%s precision=%s device=%s threads=%d load_ms=%.0f"
+            " verify_ms=%.0f",
             manifest.name,
-            provider,
+            session.provider,
+            session.precision,
             "-" if device_id is None else device_id,
             settings.threads(),
             load_ms,
             verify_ms,
             extra={
                 "model": manifest.name,
-                "provider": provider,
+                "provider": session.provider,
+                "precision": str(session.precision),
                 "device": device_id,
                 "load_ms": load_ms,
                 "verify_ms": verify_ms,
             },
         )
-        return cls(manifest, session, tokenizer, provider, settings)
+        return cls(manifest, session, tokenizer, settings)
 
     @property
     def dim(self) -> int:
@@ -230,9 +193,9 @@ class Engine:
             feeds, mask = pad([encodings[i] for i in indices], self.manifest.inputs)
             padded += mask.size
             r0 = time.perf_counter()
-            (tokens,) = self._session.run([self.manifest.output], feeds)
+            tokens = self._session.run(feeds)
             run_s += time.perf_counter() - r0
-            pooled = pooling.pool(np.asarray(tokens, dtype=np.float32), mask, behaviour.pooling)
+            pooled = pooling.pool(tokens, mask, behaviour.pooling)
             vectors[indices] = pooled
             done += len(indices)
             if on_progress is not None:
@@ -251,5 +214,6 @@ class Engine:
             inference_ms=run_s * 1000,
             pool_ms=((t2 - t1) - run_s) * 1000,
             provider=self.provider,
+            precision=str(self.precision),
         )
         return Encoding(vectors, stats, token_counts=tuple(lengths), truncated=cut)

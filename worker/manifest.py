@@ -36,9 +36,13 @@ class Pooling(StrEnum):
 
 
 class Precision(StrEnum):
+    """The arithmetic a model runs in. ``bf16`` keeps the fp32 file and asks OpenVINO to compute
+    in bfloat16 on CPUs that have it (AVX512-BF16 or AMX)."""
+
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
+    BF16 = "bf16"
 
 
 class Behaviour(BaseModel):

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from filelock import FileLock
 
 from worker import model_config, sources
-from worker.errors import ModelError, ModelNotFoundError
+from worker.errors import ModelError, ModelNotFoundError, ProviderError
 from worker.manifest import (
     MANIFEST_FILE,
     ONNX_FILE,
@@ -33,13 +33,14 @@ from worker.manifest import (
     Pooling,
     Precision,
 )
+from worker.parity import Parity, Reference
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 _STAGING_PREFIX = ".staging-"
 # Least cosine to the fp32 model, per probe text, below which a reduced-precision file is refused.
-_MIN_COSINE = {Precision.INT8: 0.97, Precision.FP16: 0.999}
+_MIN_COSINE = {Precision.INT8: 0.97, Precision.FP16: 0.999, Precision.BF16: 0.9999}
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class ModelStore:
         model already prepared under that name, including one another process finished while
         this one waited for the lock."""
         target = self.path(name)
+        if options.precision is Precision.BF16:
+            check_bf16_here()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / ".locks").mkdir(exist_ok=True)
         with FileLock(str(self.root / ".locks" / f"{name}.lock")):
@@ -114,6 +117,26 @@ class ModelStore:
             extra={"model": name, "source": source},
         )
         return manifest
+
+
+def check_bf16_here() -> None:
+    """Raise ``ModelError`` unless this machine can run bf16: a CPU with bf16 arithmetic, and
+    OpenVINO installed. Called before anything is fetched, so a pull fails at once."""
+    from worker import hardware
+
+    missing = hardware.bf16_missing()
+    if missing is not None:
+        raise ModelError(
+            f"cannot prepare a bf16 model here: {missing}. Pull it in fp32 (no --bf16) or int8"
+            " (--quantize int8) for this machine, or prepare it on a CPU with bf16"
+        )
+    try:
+        import openvino  # noqa: F401
+    except ImportError as exc:
+        raise ModelError(
+            f"bf16 models run on OpenVINO, which is not installed here ({exc}):"
+            " pip install 'embedq[openvino]'"
+        ) from exc
 
 
 def _prepare(
@@ -153,7 +176,7 @@ def _prepare(
             )
         _copy_onnx(fetched.onnx, out)
         created_by = "downloaded" if "://" in source else "copied"
-    validation |= _post_process(out, options.precision, behaviour)
+    validation |= _post_process(out, options.precision, behaviour, settings)
     inputs, output, dim = describe(out / ONNX_FILE, behaviour.pooling)
     manifest = Manifest(
         name=name,
@@ -167,15 +190,21 @@ def _prepare(
         output=output,
         created_at=datetime.now(UTC),
         created_by=created_by,
-        steps=(f"quantized:{options.precision}",)
-        if options.precision is not Precision.FP32
-        else (),
+        steps=_steps(options.precision),
         validation=validation,
         embedq_version=_version(),
     )
     manifest.write(out)
     _verify(out, manifest, settings)
     return manifest
+
+
+def _steps(precision: Precision) -> tuple[str, ...]:
+    if precision is Precision.FP32:
+        return ()
+    if precision is Precision.BF16:
+        return ("openvino:bf16",)  # the fp32 file, computed in bf16 by OpenVINO
+    return (f"quantized:{precision}",)
 
 
 def _copy_configs(source: Path, out: Path) -> None:
@@ -193,12 +222,16 @@ def _copy_onnx(onnx: Path, out: Path) -> None:
         shutil.copy2(data, out / data.name)
 
 
-def _post_process(out: Path, precision: Precision, behaviour: Behaviour) -> dict[str, float]:
-    """Quantise or halve the fp32 file in place, refusing a result that drifts from it."""
+def _post_process(
+    out: Path, precision: Precision, behaviour: Behaviour, settings: Settings
+) -> dict[str, float]:
+    """Quantise or halve the fp32 file in place (bf16 keeps it: OpenVINO computes in bf16),
+    refusing a result whose vectors drift from the fp32 model's."""
     if precision is Precision.FP32:
         return {}
-    from worker import parity, quantize
-    from worker.engine import load_tokenizer
+    if precision is Precision.BF16:
+        return _check_bf16(out, behaviour, settings)
+    from worker import quantize
 
     fp32 = out / "model.fp32.onnx"
     (out / ONNX_FILE).rename(fp32)
@@ -207,21 +240,52 @@ def _post_process(out: Path, precision: Precision, behaviour: Behaviour) -> dict
             quantize.quantize_int8(fp32, out / ONNX_FILE)
         else:
             quantize.convert_fp16(_fused_for_gpu(fp32, out), out / ONNX_FILE)
-        reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
-        inputs = [i.name for i in reference.get_inputs()]
-        tokenizer = load_tokenizer(out / TOKENIZER_FILE, behaviour.max_seq_length)
-        result = parity.measure(
-            out / ONNX_FILE,
-            lambda feeds: np.asarray(reference.run(None, feeds)[0]),
-            tokenizer,
-            inputs,
-            behaviour,
-        )
-        parity.require(result, f"the {precision} model", min_cosine=_MIN_COSINE[precision])
+        result = _parity(out, out / ONNX_FILE, fp32, precision, behaviour)
     finally:
         for scratch in [*out.glob("model.fp32.onnx*"), *out.glob("model.fused.onnx*")]:
             scratch.unlink()
     return {f"{precision}_vs_fp32_{key}": value for key, value in result.as_dict().items()}
+
+
+def _check_bf16(out: Path, behaviour: Behaviour, settings: Settings) -> dict[str, float]:
+    """Run the file in bf16 on OpenVINO against fp32 on ONNX Runtime; refuse it unless OpenVINO
+    really computed in bf16 and every probe text keeps cosine >= 0.9999."""
+    from worker.openvino_runtime import OpenVinoSession
+
+    strict = settings.model_copy(update={"provider_fallback": "error"})
+    _, output, _ = describe(out / ONNX_FILE, behaviour.pooling)
+    try:
+        session = OpenVinoSession.open(out / ONNX_FILE, output, Precision.BF16, strict)
+    except ProviderError as exc:
+        raise ModelError(f"cannot prepare a bf16 model here: {exc}") from exc
+    result = _parity(out, session.run, out / ONNX_FILE, Precision.BF16, behaviour)
+    return {f"bf16_vs_fp32_{key}": value for key, value in result.as_dict().items()}
+
+
+def _parity(
+    out: Path,
+    candidate: Path | Reference,
+    fp32: Path,
+    precision: Precision,
+    behaviour: Behaviour,
+) -> Parity:
+    """``candidate`` against ``fp32`` run by ONNX Runtime on the probe texts, gated."""
+    from worker import parity
+    from worker.engine import load_tokenizer
+
+    reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in reference.get_inputs()]
+    tokenizer = load_tokenizer(out / TOKENIZER_FILE, behaviour.max_seq_length)
+    result = parity.measure(
+        candidate,
+        lambda feeds: np.asarray(reference.run(None, feeds)[0]),
+        tokenizer,
+        inputs,
+        behaviour,
+        label=f"{precision} model",
+    )
+    parity.require(result, f"the {precision} model", min_cosine=_MIN_COSINE[precision])
+    return result
 
 
 def _fused_for_gpu(fp32: Path, out: Path) -> Path:

@@ -51,23 +51,34 @@ class Parity:
         return asdict(self)
 
 
+def _onnxruntime_cpu(path: Path) -> Reference:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda feeds: np.asarray(session.run(None, feeds)[0])
+
+
 def measure(
-    candidate: Path,
+    candidate: Path | Reference,
     reference: Reference,
     tokenizer: Tokenizer,
     inputs: Sequence[str],
     behaviour: Behaviour,
     texts: Sequence[str] = PROBE_TEXTS,
+    *,
+    label: str | None = None,
 ) -> Parity:
-    """Run ``texts`` through ``candidate`` (ONNX Runtime, CPU) and ``reference`` and compare
-    their raw outputs (max abs difference over real tokens) and the pooled vectors (cosine)."""
-    import onnxruntime as ort
-
+    """Run ``texts`` through ``candidate`` (an ONNX file, run by ONNX Runtime on the CPU, or a
+    function of the feeds, such as an OpenVINO session) and ``reference`` and compare their raw
+    outputs (max abs difference over real tokens) and the pooled vectors (cosine)."""
     from worker import engine
 
+    if isinstance(candidate, Path):
+        run, name = _onnxruntime_cpu(candidate), label or candidate.name
+    else:
+        run, name = candidate, label or "candidate"
     feeds, mask = engine.pad(tokenizer.encode_batch(list(texts)), inputs)
-    session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
-    got = np.asarray(session.run(None, feeds)[0], dtype=np.float32)
+    got = np.asarray(run(feeds), dtype=np.float32)
     want = np.asarray(reference(feeds), dtype=np.float32)
     diff = np.abs(got - want)
     max_abs = float(diff[mask.astype(bool)].max() if diff.ndim == 3 else diff.max())
@@ -77,7 +88,7 @@ def measure(
     parity = Parity(max_abs, float(similarity.min()), float(similarity.mean()))
     logger.info(
         "parity measured: candidate=%s max_abs_diff=%.2e min_cosine=%.6f mean_cosine=%.6f",
-        candidate.name,
+        name,
         parity.max_abs_diff,
         parity.min_cosine,
         parity.mean_cosine,

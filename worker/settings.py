@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 FallbackPolicy = Literal["warn", "error"]
+RuntimeChoice = Literal["auto", "onnxruntime", "openvino"]
 
 
 def _default_model_dir() -> Path:
@@ -115,9 +116,15 @@ class Settings(BaseSettings):
     """ONNX Runtime execution providers in order of preference, comma-separated. Empty: CUDA
     when onnxruntime lists it, else CoreML / DirectML where present, else CPU."""
     provider_fallback: FallbackPolicy | None = None
-    """What to do when a requested GPU provider cannot be used: log a warning and run on the
-    provider obtained (``warn``), or refuse to build the engine (``error``). Default: ``error``
-    on a GPU worker (``EMBEDQ_GPU_DEVICES`` set), ``warn`` elsewhere."""
+    """What to do when a requested GPU provider cannot be used, or a bf16 model lands on a CPU
+    without bf16 arithmetic: log a warning and run on what was obtained (``warn``: the CPU, or
+    fp32), or refuse to build the engine (``error``). Default: ``error`` on a GPU worker
+    (``EMBEDQ_GPU_DEVICES`` set), ``warn`` elsewhere."""
+    runtime: RuntimeChoice = "auto"
+    """Which runtime runs a prepared model: ``auto`` runs bf16 models on OpenVINO (the CPU's
+    bf16 units) and every other model on ONNX Runtime; ``onnxruntime`` runs every model on ONNX
+    Runtime (a bf16 model's file in fp32); ``openvino`` runs every model on OpenVINO's CPU
+    plugin (needs ``pip install 'embedq[openvino]'``; CPU workers only)."""
     worker_nice: int = Field(default=0, ge=0, le=19)
     """Niceness of each pool process. Give a bulk-only fleet sharing cores with an interactive
     one a high value (10-19) so the operating system runs interactive batches first."""

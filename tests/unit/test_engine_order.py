@@ -3,7 +3,6 @@ text's place in the input, whatever the lengths and the micro-batch limits."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import numpy as np
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from worker.engine import Engine
-from worker.manifest import Behaviour, Manifest, Pooling
+from worker.manifest import Behaviour, Manifest, Pooling, Precision
 from worker.settings import Settings
 
 WORDS = [f"w{i}" for i in range(30)]
@@ -27,11 +26,13 @@ class PositionalSession:
     ``j + 1``, plus ``j`` in the last column, so the mean-pooled vector of a text depends on its
     tokens, their order and its length. It records the shape of every micro-batch it runs."""
 
+    provider = "FakeProvider"
+    precision = Precision.FP32
+
     def __init__(self) -> None:
         self.shapes: list[tuple[int, int]] = []
 
-    def run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        assert list(output_names) == ["last_hidden_state"]
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         ids = feeds["input_ids"]
         rows, width = ids.shape
         self.shapes.append((rows, width))
@@ -40,7 +41,7 @@ class PositionalSession:
         for row in range(rows):
             tokens[row, np.arange(width), ids[row]] = place + 1
             tokens[row, :, -1] = place
-        return [tokens]
+        return tokens
 
 
 def word_tokenizer() -> Tokenizer:
@@ -70,7 +71,7 @@ def fake_engine(micro_batch_size: int, micro_batch_tokens: int) -> tuple[Engine,
         micro_batch_size=micro_batch_size,
         micro_batch_tokens=micro_batch_tokens,
     )
-    return Engine(manifest, session, word_tokenizer(), "FakeProvider", config), session
+    return Engine(manifest, session, word_tokenizer(), config), session
 
 
 # Texts of 1 to 90 words (some over the 64-token limit), unknown words included.
