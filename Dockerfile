@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # Worker, producer and Flower images for embedq. Two runtime targets:
-#   cpu: onnxruntime on the CPU (also used for migrations and Flower)
+#   cpu: onnxruntime and OpenVINO on the CPU (bf16 models on CPUs with AVX512-BF16 or AMX; also
+#        used for migrations and Flower)
 #   gpu: onnxruntime-gpu with the CUDA and cuDNN libraries from PyPI (needs the NVIDIA runtime)
 # No torch and no transformers: workers run prepared ONNX models; export happens elsewhere
 # (`pip install 'embedq[export]'`) or from hub repositories that ship ONNX files.
@@ -18,6 +19,10 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip uninstall -y onnxruntime-gpu \
     && /opt/venv/bin/pip install "onnxruntime>=1.20"
 
+FROM build AS build-cpu
+# The openvino extra's requirement, installed alone: `.[openvino]` would bring onnxruntime-gpu back.
+RUN /opt/venv/bin/pip install "openvino>=2025.1"
+
 FROM build AS build-gpu
 RUN /opt/venv/bin/pip uninstall -y onnxruntime \
     && /opt/venv/bin/pip install "onnxruntime-gpu[cuda,cudnn]>=1.20"
@@ -32,7 +37,7 @@ RUN useradd --create-home --uid 10001 embedq \
 WORKDIR /home/embedq
 
 FROM runtime AS cpu
-COPY --from=build /opt/venv /opt/venv
+COPY --from=build-cpu /opt/venv /opt/venv
 USER embedq
 CMD ["embedq", "worker"]
 
