@@ -35,8 +35,9 @@ def test_models_list_and_show(minilm: Path, store_root: Path) -> None:
 
     shown = embedq("models", "show", "minilm", store=store_root)
     assert shown.returncode == 0, shown.stderr
-    manifest = json.loads(shown.stdout.split("\nproviders available here:")[0])
+    manifest = json.loads(shown.stdout.split("\nruns here on:")[0])
     assert manifest["dim"] == 384 and manifest["behaviour"]["max_seq_length"] == 256
+    assert "runs here on: onnxruntime, fp32\n" in shown.stdout
     assert "CPUExecutionProvider" in shown.stdout.split("providers available here:")[1]
 
 
