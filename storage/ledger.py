@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, Text, bindparam, func, insert, select, text, update
+from sqlalchemy import DateTime, Text, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from storage.models import Batch, BatchState, Job, Lease
+from storage.session import commit_without_flush
 
 _batches: Any = Batch.__table__
 _jobs: Any = Job.__table__
@@ -95,9 +96,8 @@ def claim(session: Session, job_id: str, index: int, worker: str) -> Claim:
     skipped without running the model. The claim is not worth an fsync: on PostgreSQL it commits
     asynchronously (a crash may forget an attempt, never a result).
     """
+    commit_without_flush(session)
     connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
     params = {"job": job_id, "index": index, "worker": worker, "now": datetime.now(UTC)}
     claimed = connection.execute(_CLAIM, params).rowcount == 1
     state = BatchState.SENT if claimed else None
