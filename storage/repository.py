@@ -12,7 +12,19 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Insert, Text, bindparam, case, delete, func, select, true, update
+from sqlalchemy import (
+    DateTime,
+    Insert,
+    Row,
+    Text,
+    bindparam,
+    case,
+    delete,
+    func,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -117,6 +129,36 @@ def count_embeddings(session: Session, job_id: str) -> int:
 
 def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
+
+
+# A waiting client's reads, in Core: loading ORM objects for a status and a few vectors cost
+# more than the queries themselves.
+_jobs_table: Any = Job.__table__
+_STATUS = select(
+    _jobs_table.c.id,
+    _jobs_table.c.state,
+    _jobs_table.c.model_name,
+    _jobs_table.c.total_items,
+    _jobs_table.c.done_items,
+    _jobs_table.c.failed_items,
+    _jobs_table.c.error,
+).where(_jobs_table.c.id == bindparam("job"))
+_embeddings_table: Any = Embedding.__table__
+_VECTORS = (
+    select(_embeddings_table.c.item_id, _embeddings_table.c.vector)
+    .where(_embeddings_table.c.job_id == bindparam("job"))
+    .order_by(_embeddings_table.c.position)
+)
+
+
+def job_status(session: Session, job_id: str) -> Row[Any] | None:
+    """A job's id, state, model_name, total/done/failed items and error (no ORM object)."""
+    return session.connection().execute(_STATUS, {"job": job_id}).first()
+
+
+def list_vectors(session: Session, job_id: str) -> Sequence[Row[Any]]:
+    """A job's (item_id, vector bytes) in input order (no ORM objects)."""
+    return session.connection().execute(_VECTORS, {"job": job_id}).all()
 
 
 def list_embeddings(session: Session, job_id: str) -> Sequence[Embedding]:
