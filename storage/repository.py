@@ -131,27 +131,15 @@ def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
-# A waiting client's reads, in Core: loading ORM objects for a status and a few vectors cost
-# more than the queries themselves.
-_jobs_table: Any = Job.__table__
-_STATUS = select(
-    _jobs_table.c.id,
-    _jobs_table.c.state,
-    _jobs_table.c.model_name,
-    _jobs_table.c.total_items,
-    _jobs_table.c.done_items,
-    _jobs_table.c.failed_items,
-    _jobs_table.c.error,
-).where(_jobs_table.c.id == bindparam("job"))
 _embeddings_table: Any = Embedding.__table__
-_VECTORS = (
+_VECTORS = (  # a client's read back, in Core for the same reason as _STATUS below
     select(_embeddings_table.c.item_id, _embeddings_table.c.vector)
     .where(_embeddings_table.c.job_id == bindparam("job"))
     .order_by(_embeddings_table.c.position)
 )
 
 
-def job_status(session: Session, job_id: str) -> Row[Any] | None:
+def job_status(session: Session, job_id: str) -> Row[*tuple[Any, ...]] | None:
     """A job's id, state, model_name, total/done/failed items and error (no ORM object)."""
     return session.connection().execute(_STATUS, {"job": job_id}).first()
 
@@ -208,7 +196,19 @@ def upsert_batch_stat(session: Session, row: dict[str, Any]) -> None:
     session.connection().execute(statement, {**row, "created_at": datetime.now(UTC)})
 
 
+# A job's status as a waiting client reads it (``job_status``) and as the batch that finishes
+# the job returns it (``settle_progress``), in Core: loading ORM objects cost more than the
+# queries themselves.
 _jobs: Any = Job.__table__
+_STATUS = select(
+    _jobs.c.id,
+    _jobs.c.state,
+    _jobs.c.model_name,
+    _jobs.c.total_items,
+    _jobs.c.done_items,
+    _jobs.c.failed_items,
+    _jobs.c.error,
+).where(_jobs.c.id == bindparam("job"))
 _COUNT = (
     update(_jobs)
     .where(_jobs.c.id == bindparam("job"))
@@ -241,6 +241,7 @@ _SETTLE = (
             else_=JobState.PARTIALLY_FAILED.value,
         ),
     )
+    .returning(*_STATUS.selected_columns)
 )
 
 
@@ -254,12 +255,19 @@ def add_progress(
     ``done`` must be the rows this batch really inserted, so a redelivery adds nothing. The
     first error recorded is kept.
     """
+    return settle_progress(session, job_id, done=done, failed=failed, error=error) is not None
+
+
+def settle_progress(
+    session: Session, job_id: str, *, done: int, failed: int, error: str | None
+) -> Row[*tuple[Any, ...]] | None:
+    """``add_progress`` that returns the job's final status (as ``job_status`` reads it) when
+    this call finished the job, else ``None``: what its completion signal can carry."""
     now = datetime.now(UTC)
     connection = session.connection()
     params = {"job": job_id, "done": done, "failed": failed, "now": now, "error": error}
     connection.execute(_COUNT, params)
-    settled = connection.execute(_SETTLE, {"job": job_id, "now": now})
-    return bool(settled.rowcount == 1)
+    return connection.execute(_SETTLE, {"job": job_id, "now": now}).first()
 
 
 def fail_rest(session: Session, job_id: str, reason: str) -> bool:

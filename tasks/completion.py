@@ -6,14 +6,20 @@ minute; ``JobHandle.wait`` blocks on that list between reads of the job row, so 
 is seen within a millisecond and a waiting client costs the database one query per ``poll``
 seconds instead of one every few milliseconds (which, on a small machine, also takes CPU from
 the worker it waits for). With a broker that is not Redis, ``wait`` polls.
+
+The entry is the job's final status as the finishing transaction returned it (committed before
+the signal is sent), so the waiter returns without reading the job row again; a signal without
+one (``1``, from the worker's parent after a lost batch) only says to read the store.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
+from typing import Any
 
 import redis
 
@@ -34,15 +40,29 @@ def _client(url: str) -> redis.Redis | None:
     return _clients[key]
 
 
-def signal(url: str, job_id: str) -> None:
-    """Wake the clients waiting for ``job_id``; they poll if this fails, so it only logs."""
+def status_of(row: Any) -> dict[str, Any]:
+    """The status dict ``JobHandle.status`` returns, from a ``repository.job_status`` row."""
+    return {
+        "id": row.id,
+        "state": str(row.state),
+        "model": row.model_name,
+        "total": row.total_items,
+        "done": row.done_items,
+        "failed": row.failed_items,
+        "error": row.error,
+    }
+
+
+def signal(url: str, job_id: str, status: dict[str, Any] | None = None) -> None:
+    """Wake the clients waiting for ``job_id``, handing them its final ``status`` when given;
+    they poll if this fails, so it only logs."""
     client = _client(url)
     if client is None:
         return
     key = KEY.format(job_id)
     try:
         pipe = client.pipeline(transaction=False)
-        pipe.lpush(key, 1)
+        pipe.lpush(key, json.dumps(status) if status is not None else 1)
         pipe.expire(key, TTL_S)
         pipe.execute()
     except redis.RedisError as exc:
@@ -52,15 +72,32 @@ def signal(url: str, job_id: str) -> None:
 def block(url: str | None, job_id: str, seconds: float) -> bool:
     """Wait up to ``seconds`` for ``job_id``'s signal; false when there is no Redis to wait on
     (the caller polls)."""
+    return receive(url, job_id, seconds)[0]
+
+
+def receive(url: str | None, job_id: str, seconds: float) -> tuple[bool, dict[str, Any] | None]:
+    """``block``, and the final status the signal carried (``None`` when it carried none, or
+    none came)."""
     client = None if url is None else _client(url)
     if client is None:
-        return False
+        return False, None
     try:
-        client.blpop([KEY.format(job_id)], timeout=max(seconds, 0.001))
+        popped = client.blpop([KEY.format(job_id)], timeout=max(seconds, 0.001))
     except redis.RedisError as exc:
         logger.warning("waiting on Redis for job %s failed (%s); polling instead", job_id, exc)
         time.sleep(min(seconds, 0.1))
-    return True
+        return True, None
+    return True, None if popped is None else _status(popped[1], job_id)
+
+
+def _status(raw: bytes | str, job_id: str) -> dict[str, Any] | None:
+    try:
+        status = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(status, dict) and status.get("id") == job_id:
+        return status
+    return None
 
 
 def close() -> None:

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from celery import Task
@@ -59,9 +59,16 @@ class Outcome:
     ms: float = 0.0
     provider: str = ""
     reason: str | None = None
+    status: dict[str, Any] | None = field(default=None, compare=False)
+    """The job's final status when this delivery finished it: its completion signal carries
+    it, so the waiting client need not read the job again."""
 
     def summary(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if value not in (None, "", 0)}
+        return {
+            key: value
+            for key, value in asdict(self).items()
+            if value not in (None, "", 0) and key != "status"
+        }
 
 
 def embed_batch(
@@ -125,7 +132,7 @@ def embed_batch(
             "total_ms": stats.total_ms + write_ms,
         },
     )
-    finished = repository.add_progress(
+    settled = repository.settle_progress(
         session, message.job_id, done=len(stored), failed=0, error=None
     )
     total_ms = stats.total_ms + write_ms
@@ -153,7 +160,8 @@ def embed_batch(
         message.job_id,
         message.batch_index,
         "done",
-        finished=finished,
+        finished=settled is not None,
+        status=None if settled is None else completion.status_of(settled),
         texts=stats.texts,
         tokens=stats.tokens,
         ms=round(total_ms, 1),
@@ -316,7 +324,7 @@ def embed(self: Any, raw: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # every other way out is recorded: see the module's docstring
         return after_error(self, raw, exc).summary()
     if outcome.finished:  # committed: wake whoever waits for this job
-        completion.signal(settings.celery_broker(), str(outcome.job_id))
+        completion.signal(settings.celery_broker(), str(outcome.job_id), outcome.status)
     return outcome.summary()
 
 

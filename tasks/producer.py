@@ -43,6 +43,8 @@ class JobHandle:
     database_url: str
     broker_url: str | None = None
     """Where the worker signals completion (see ``tasks.completion``); ``None``: poll."""
+    submitted_at: float | None = None
+    """When ``submit`` made this handle (epoch seconds); ``None`` for a handle made later."""
 
     def _scope(self) -> Any:
         return scope(sessions_for(self.database_url))
@@ -52,37 +54,48 @@ class JobHandle:
             job = repository.job_status(session, self.id)
         if job is None:
             raise EmbedqError(f"job {self.id} is not in the store")
-        return {
-            "id": job.id,
-            "state": str(JobState(job.state)),
-            "model": job.model_name,
-            "total": job.total_items,
-            "done": job.done_items,
-            "failed": job.failed_items,
-            "error": job.error,
-        }
+        return completion.status_of(job)
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         """Block until the job is finished (succeeded, failed or partially failed).
 
         Between reads of the job row it blocks on the worker's completion signal in Redis for
-        up to ``poll`` seconds, so it returns as soon as the job is done. Without Redis it polls
-        at a tenth of the time waited so far (every 1 ms at first, at most every ``poll``).
+        up to ``poll`` seconds, so it returns as soon as the job is done (with the status the
+        signal carries, when it carries one). Without Redis it polls at a tenth of the time
+        waited so far (every 1 ms at first, at most every ``poll``).
         """
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
+        # A job submitted a moment ago is not done yet, and its signal would still be kept in
+        # Redis: the first look is at the signal, not the store.
+        look = not self._just_submitted()
         while True:
-            status = self.status()
-            if JobState(status["state"]) in TERMINAL:
-                return status
+            if look:
+                status = self.status()
+                if JobState(status["state"]) in TERMINAL:
+                    return status
             now = time.monotonic()
             if deadline is not None and now > deadline:
-                raise JobTimeoutError(
-                    f"job {self.id} not finished after {timeout:g}s: {self.pending()}"
-                )
+                if look:
+                    raise JobTimeoutError(
+                        f"job {self.id} not finished after {timeout:g}s: {self.pending()}"
+                    )
+                look = True  # one look at the store before giving up
+                continue
+            look = True
             pause = poll if deadline is None else max(0.0, min(poll, deadline - now))
-            if not completion.block(self.broker_url, self.id, pause):
+            signalled, final = completion.receive(self.broker_url, self.id, pause)
+            if final is not None and JobState(final["state"]) in TERMINAL:
+                return final
+            if not signalled:
                 time.sleep(min(pause, max(0.001, (now - started) / 10)))
+
+    def _just_submitted(self) -> bool:
+        return (
+            self.broker_url is not None
+            and self.submitted_at is not None
+            and 0 <= time.time() - self.submitted_at < completion.TTL_S / 2
+        )
 
     def pending(self) -> str:
         """What the job still waits for, in words: items done, batches pending, overdue ones."""
@@ -164,7 +177,7 @@ def submit(
         with scope(sessions_for(url)) as session:
             ledger.fail_pending(session, job_id, f"not enqueued: {exc}")
         raise
-    return JobHandle(job_id, url, settings.broker_url)
+    return JobHandle(job_id, url, settings.broker_url, submitted_at=time.time())
 
 
 def plan_batches(texts: list[str], item_ids: list[str], size: int) -> list[ledger.NewBatch]:

@@ -1,6 +1,7 @@
 """What the one-text round trip relies on: the producer's batched send over real Redis (and its
-second try when the first fails), PostgreSQL connections pinged only after sitting idle, and
-commits that skip the WAL flush only in the transaction that asks."""
+second try when the first fails), the final status a completion signal carries to ``wait``,
+PostgreSQL connections pinged only after sitting idle, and commits that skip the WAL flush
+only in the transaction that asks."""
 
 import json
 import os
@@ -16,8 +17,10 @@ from sqlalchemy import text
 from storage import schema, session
 from storage.models import Job, JobState
 from storage.session import commit_without_flush, scope, sessions_for
-from tasks import names, producer
+from tasks import completion, names, producer
+from tasks.embed import embed_batch
 from tests.conftest import require
+from tests.fakes import FakeEngine
 from worker.errors import UnavailableError
 
 REDIS = os.environ.get("EMBEDQ_TEST_REDIS", "redis://127.0.0.1:6379/11")
@@ -86,6 +89,51 @@ def test_a_send_that_fails_twice_fails_the_job_as_unavailable(
     with scope(sessions_for(os.environ["EMBEDQ_DATABASE_URL"])) as store:
         (job,) = store.query(Job).all()
         assert (job.state, job.failed_items) == (JobState.FAILED, 3)
+
+
+def _finished_job(monkeypatch: pytest.MonkeyPatch) -> tuple[producer.JobHandle, Any]:
+    """A one-text job submitted and embedded here; the batch's outcome."""
+    sent: list[Any] = []
+    monkeypatch.setattr(producer, "publish", lambda messages, queue: sent.extend(messages))
+    job = producer.submit(["one text"], model="fake")
+    with scope(sessions_for(job.database_url)) as store:
+        outcome = embed_batch(store, FakeEngine(), sent[0], provider="FakeProvider")
+    return job, outcome
+
+
+def test_the_finishing_batch_hands_its_signal_the_status_wait_returns(
+    broker: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job, outcome = _finished_job(monkeypatch)
+    assert outcome.finished and outcome.status == job.status()
+    assert outcome.status["state"] == "succeeded" and "status" not in outcome.summary()
+    completion.signal(REDIS, job.id, outcome.status)
+
+    def no_reads(_: Any) -> dict[str, Any]:
+        raise AssertionError("wait read the store")
+
+    monkeypatch.setattr(producer.JobHandle, "status", no_reads)
+    assert job.wait(timeout=10) == outcome.status
+
+
+def test_a_signal_without_a_status_sends_wait_to_the_store(
+    broker: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job, outcome = _finished_job(monkeypatch)
+    completion.signal(REDIS, job.id)  # as the worker's parent signals a lost batch's end
+    started = time.monotonic()
+    assert job.wait(timeout=10) == outcome.status
+    assert time.monotonic() - started < 0.4  # woken by the signal, not after a poll
+
+
+def test_a_just_submitted_job_waited_on_with_no_time_left_is_still_looked_up(
+    broker: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job, outcome = _finished_job(monkeypatch)  # done, but never signalled
+    assert job.wait(timeout=0) == outcome.status
+    queued = producer.submit(["another"], model="fake")
+    with pytest.raises(producer.JobTimeoutError):
+        queued.wait(timeout=0)
 
 
 def _postgresql(database_url: str) -> None:
