@@ -180,8 +180,11 @@ def _no_spinning() -> None:
     several processes), for comparison; the worker's engine is built with them spinning."""
     import importlib
 
-    for name in ("worker.runtimes", "worker.engine"):
-        module: Any = importlib.import_module(name)
+    for name in ("worker.runtimes", "worker.engine"):  # where it lives now, where it did
+        try:
+            module: Any = importlib.import_module(name)
+        except ImportError:
+            continue
         if hasattr(module, "session_options"):
             build = module.session_options
 
@@ -192,6 +195,7 @@ def _no_spinning() -> None:
 
             module.session_options = options
             return
+    raise SystemExit("--ort-spinning off: no session_options to wrap")
 
 
 def __getattr__(name: str) -> Any:
