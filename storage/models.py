@@ -158,6 +158,8 @@ class BatchStat(Base):
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
     provider: Mapped[str] = mapped_column(String(100))
+    precision: Mapped[str] = mapped_column(String(16), default="fp32", server_default="fp32")
+    """The arithmetic that really ran: a bf16 model on a CPU without bf16 runs ``fp32``."""
     texts: Mapped[int] = mapped_column(Integer)
     tokens: Mapped[int] = mapped_column(Integer)
     padded_tokens: Mapped[int] = mapped_column(Integer)

@@ -166,6 +166,7 @@ BATCH_STAT_FIELDS = (
     "host",
     "pid",
     "provider",
+    "precision",
     "texts",
     "tokens",
     "padded_tokens",

@@ -121,6 +121,7 @@ def embed_batch(
             "host": get_settings().host_name,  # as in `models` and the download queue
             "pid": os.getpid(),
             "provider": provider,
+            "precision": stats.precision,
             "texts": stats.texts,
             "tokens": stats.tokens,
             "padded_tokens": stats.padded_tokens,

@@ -35,6 +35,7 @@ class Group:
     host: str
     pid: int
     provider: str
+    precision: str
 
 
 def report(
@@ -43,13 +44,15 @@ def report(
     model: str | None = None,
     job_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (model, worker host and pid, provider) over the matching batches."""
+    """One row per (model, worker host and pid, provider, precision) over the matching
+    batches."""
     columns = [getattr(BatchStat, stage) for stage in STAGES]
     query = select(
         Job.model_name,
         BatchStat.host,
         BatchStat.pid,
         BatchStat.provider,
+        BatchStat.precision,
         BatchStat.texts,
         BatchStat.tokens,
         BatchStat.padded_tokens,
@@ -64,7 +67,7 @@ def report(
     groups: dict[Group, list[tuple[Any, ...]]] = defaultdict(list)
     with scope(sessions_for(database_url)) as session:
         for row in session.execute(query.execution_options(yield_per=5000)):
-            groups[Group(row[0], row[1], row[2], row[3])].append(tuple(row[4:]))
+            groups[Group(row[0], row[1], row[2], row[3], row[4])].append(tuple(row[5:]))
     return [_summarise(group, rows) for group, rows in sorted(groups.items(), key=_order)]
 
 
@@ -88,6 +91,7 @@ def _summarise(group: Group, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
         "host": group.host,
         "pid": group.pid,
         "provider": group.provider,
+        "precision": group.precision,
         "batches": len(rows),
         "texts": int(texts),
         "tokens": int(tokens),
@@ -105,7 +109,8 @@ def render(rows: list[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
         lines.append(
-            f"{row['model']}  {row['host']}:{row['pid']}  {row['provider']}  {row['batches']}"
+            f"{row['model']}  {row['host']}:{row['pid']}  {row['provider']} {row['precision']}"
+            f"  {row['batches']}"
             f" batches, {row['texts']} texts, {row['texts_per_s']} texts/s,"
             f" {row['tokens_per_s']} tokens/s, padding waste {row['padding_waste_pct']}%"
         )

@@ -145,12 +145,12 @@ class Engine:
         session = runtimes.open_session(folder, manifest, settings, device_id)
         load_ms = (time.perf_counter() - started) * 1000
         logger.info(
-            "engine loaded: model=%s provider=%s precision=%s device=%s threads=%d load_ms=%.0f"
+            "engine loaded: model=%s provider=%s device=%s precision=%s threads=%d load_ms=%.0f"
             " verify_ms=%.0f",
             manifest.name,
             session.provider,
-            session.precision,
             "-" if device_id is None else device_id,
+            session.precision,
             settings.threads(),
             load_ms,
             verify_ms,

@@ -64,7 +64,8 @@ def get_engine(model: str) -> Engine:
         store.get(model)  # ModelNotFoundError, with how to pull it, before anything loads
         started = time.perf_counter()
         engine = Engine.load(store.path(model), settings, this_device())
-        metrics.observe_load(model, engine.provider, this_device(), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.observe_load(model, engine.provider, this_device(), seconds, str(engine.precision))
         _engines[model] = engine
     return _engines[model]
 

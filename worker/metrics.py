@@ -35,7 +35,7 @@ def enabled() -> bool:
 def _metrics() -> dict[str, Any]:
     from prometheus_client import Counter, Gauge, Histogram
 
-    labels = ("model", "provider")
+    labels = ("model", "provider", "precision")
     return {
         "texts": Counter("embedq_texts", "Texts embedded", labels),
         "tokens": Counter("embedq_tokens", "Real tokens embedded", labels),
@@ -62,8 +62,9 @@ def _metrics() -> dict[str, Any]:
         ),
         "engine": Gauge(
             "embedq_engine_info",
-            "1 per pool process and loaded model, labelled with the active provider",
-            ("model", "provider", "device"),
+            "1 per pool process and loaded model, labelled with the active provider and the"
+            " precision that really runs",
+            ("model", "provider", "precision", "device"),
             multiprocess_mode="liveall",
         ),
     }
@@ -74,10 +75,11 @@ def observe_batch(model: str, provider: str, stats: Any, write_ms: float, wait_m
     if not enabled():
         return
     m = _metrics()
-    m["texts"].labels(model, provider).inc(stats.texts)
-    m["tokens"].labels(model, provider).inc(stats.tokens)
-    m["padded"].labels(model, provider).inc(stats.padded_tokens)
-    m["batches"].labels(model, provider).inc()
+    labels = (model, provider, stats.precision)
+    m["texts"].labels(*labels).inc(stats.texts)
+    m["tokens"].labels(*labels).inc(stats.tokens)
+    m["padded"].labels(*labels).inc(stats.padded_tokens)
+    m["batches"].labels(*labels).inc()
     seconds = {
         "tokenize": stats.tokenize_ms,
         "inference": stats.inference_ms,
@@ -101,11 +103,14 @@ def observe_reconciled(action: str, batches: int) -> None:
         _metrics()["reconciled"].labels(action).inc(batches)
 
 
-def observe_load(model: str, provider: str, device: int | None, seconds: float) -> None:
+def observe_load(
+    model: str, provider: str, device: int | None, seconds: float, precision: str = "fp32"
+) -> None:
     if enabled():
         m = _metrics()
         m["load"].labels(model, provider).set(seconds)
-        m["engine"].labels(model, provider, "-" if device is None else str(device)).set(1)
+        device_label = "-" if device is None else str(device)
+        m["engine"].labels(model, provider, precision, device_label).set(1)
 
 
 class QueueDepths:

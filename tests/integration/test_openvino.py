@@ -79,7 +79,7 @@ def test_a_bf16_model_is_refused_on_a_cpu_without_bf16_under_the_error_policy(
     if HAS_BF16:
         assert Engine.load(bf16_model, strict).precision is Precision.BF16
         return
-    with pytest.raises(ProviderError, match="avx512_bf16.*EMBEDQ_PROVIDER_FALLBACK=error"):
+    with pytest.raises(ProviderError, match=r"avx512_bf16.*EMBEDQ_PROVIDER_FALLBACK=error"):
         Engine.load(bf16_model, strict)
 
 
@@ -99,9 +99,7 @@ def test_a_bf16_pull_is_refused_when_openvino_does_not_really_compute_in_bf16(
     assert store.list() == []
 
 
-def test_runtime_openvino_on_a_gpu_worker_is_refused(
-    minilm: Path, cpu_settings: Settings
-) -> None:
+def test_runtime_openvino_on_a_gpu_worker_is_refused(minilm: Path, cpu_settings: Settings) -> None:
     gpu = cpu_settings.model_copy(update={"runtime": "openvino", "gpu_devices": [0]})
     with pytest.raises(ProviderError, match="CPU only"):
         Engine.load(minilm, gpu)

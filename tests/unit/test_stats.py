@@ -17,6 +17,7 @@ def stat(job: str, index: int, pid: int, total: float) -> dict[str, object]:
         "host": "h1",
         "pid": pid,
         "provider": "CPUExecutionProvider",
+        "precision": "fp32",
         "texts": 10,
         "tokens": 75,
         "padded_tokens": 100,
