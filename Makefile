@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= all-MiniLM-L6-v2
 
-.PHONY: setup run test lint bench bench-pipeline bench-backfill bench-ledger clean
+.PHONY: setup run test lint bench bench-pipeline bench-backfill bench-ledger bench-layout bench-openvino clean
 
 $(BIN)/embedq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ bench-backfill: setup
 # Redis databases 13 and 14 are flushed.
 bench-ledger: setup
 	$(BIN)/python bench/ledger.py
+
+# One pool process x all cores' threads against one process per core: throughput, and one-text
+# latency under a bulk load. Redis database 12 is flushed.
+bench-layout: setup
+	$(BIN)/python bench/layout.py
+
+# OpenVINO's padded widths and performance hints against ONNX Runtime, in one process.
+bench-openvino: setup
+	$(BIN)/python bench/openvino_shapes.py
 
 clean:
 	rm -rf $(VENV) vectors.npy .pytest_cache .mypy_cache .ruff_cache
