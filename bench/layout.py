@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import DEFAULT_CORPUS, DEFAULT_STORE, load_texts, prepared
+from bench.pipeline import stop_worker
 from storage import schema
 from worker import hardware
 from worker.manifest import Precision
@@ -64,15 +64,6 @@ def start_worker(env: dict[str, str], processes: int) -> subprocess.Popen[bytes]
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-
-
-def stop_worker(process: subprocess.Popen[bytes]) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def one_text_round_trips(texts: list[str], count: int) -> list[float]:
