@@ -23,7 +23,7 @@ import onnxruntime as ort
 from filelock import FileLock
 
 from worker import model_config, sources
-from worker.errors import ModelError, ModelNotFoundError, ProviderError
+from worker.errors import ModelError, ModelNotFoundError
 from worker.manifest import (
     MANIFEST_FILE,
     ONNX_FILE,
@@ -252,12 +252,10 @@ def _check_bf16(out: Path, behaviour: Behaviour, settings: Settings) -> dict[str
     really computed in bf16 and every probe text keeps cosine >= 0.9999."""
     from worker.openvino_runtime import OpenVinoSession
 
-    strict = settings.model_copy(update={"provider_fallback": "error"})
     _, output, _ = describe(out / ONNX_FILE, behaviour.pooling)
-    try:
-        session = OpenVinoSession.open(out / ONNX_FILE, output, Precision.BF16, strict)
-    except ProviderError as exc:
-        raise ModelError(f"cannot prepare a bf16 model here: {exc}") from exc
+    session = OpenVinoSession.open(out / ONNX_FILE, output, Precision.BF16, settings)
+    if session.precision is not Precision.BF16:
+        raise ModelError(f"cannot prepare a bf16 model here: {session.why_not_bf16()}")
     result = _parity(out, session.run, out / ONNX_FILE, Precision.BF16, behaviour)
     return {f"bf16_vs_fp32_{key}": value for key, value in result.as_dict().items()}
 

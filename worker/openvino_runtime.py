@@ -69,32 +69,17 @@ class OpenVinoSession:
     def open(
         cls, path: Path, output: str, precision: Precision, settings: Settings
     ) -> OpenVinoSession:
-        """Compile ``path`` for this CPU in ``precision``. A bf16 model on a CPU without bf16
-        arithmetic runs in fp32 after the fallback policy's warning, or raises
-        ``ProviderError`` under ``EMBEDQ_PROVIDER_FALLBACK=error``."""
-        from worker.runtimes import fall_back_to_fp32
-
-        wanted = precision
-        if wanted is Precision.BF16:
-            missing = hardware.bf16_missing()
-            if missing is not None:
-                fall_back_to_fp32(path.parent.name, missing, settings)
-                wanted = Precision.FP32
+        """Compile ``path`` for this CPU asking for ``precision``; the session's ``precision``
+        is what the plugin really took (a bf16 request on a CPU without bf16 gives fp32, which
+        the caller judges by its fallback policy)."""
         try:
             core = ov.Core()
             compiled = core.compile_model(
-                core.read_model(str(path)), "CPU", compile_config(wanted, settings)
+                core.read_model(str(path)), "CPU", compile_config(precision, settings)
             )
         except RuntimeError as exc:  # OpenVINO raises RuntimeError subclasses for any failure
             raise ModelError(f"OpenVINO cannot load {path}: {exc}") from exc
-        taken = really_runs(compiled)
-        if wanted is Precision.BF16 and taken is not Precision.BF16:
-            fall_back_to_fp32(
-                path.parent.name,
-                f"OpenVINO kept {taken} on this CPU ({hardware.cpu_model()})",
-                settings,
-            )
-        ran = taken if precision in _OV_TYPES else precision
+        ran = really_runs(compiled) if precision in _OV_TYPES else precision
         logger.info(
             "openvino compiled: model=%s precision=%s threads=%d",
             path.parent.name,
@@ -103,6 +88,11 @@ class OpenVinoSession:
             extra={"runtime": "openvino", "precision": str(ran)},
         )
         return cls(compiled, output, ran)
+
+    def why_not_bf16(self) -> str:
+        """Why a bf16 request ran in fp32: the CPU's flags, or the plugin's own choice."""
+        missing = hardware.bf16_missing()
+        return missing or f"OpenVINO kept {self.precision} on this CPU ({hardware.cpu_model()})"
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         result = self._request.infer({name: feeds[name] for name in self._inputs})

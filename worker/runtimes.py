@@ -82,9 +82,14 @@ def open_session(
             reason = f"OpenVINO is not installed ({exc}); pip install 'embedq[openvino]'"
             _fall_back(f"{manifest.name} asks for OpenVINO", reason, settings, "ONNX Runtime")
         else:
-            return openvino_runtime.OpenVinoSession.open(
+            session = openvino_runtime.OpenVinoSession.open(
                 path, manifest.output, manifest.precision, settings
             )
+            if manifest.precision is Precision.BF16 and session.precision is not Precision.BF16:
+                _fall_back(
+                    f"model {manifest.name} is bf16", session.why_not_bf16(), settings, "fp32"
+                )
+            return session
     elif manifest.precision is Precision.BF16:
         logger.warning(
             "bf16 model %s runs in fp32 on ONNX Runtime (EMBEDQ_RUNTIME=%s); OpenVINO runs it"
@@ -111,11 +116,6 @@ def _fall_back(wanted: str, reason: str, settings: Settings, instead: str) -> No
         instead,
         extra={"wanted": wanted, "instead": instead},
     )
-
-
-def fall_back_to_fp32(manifest_name: str, reason: str, settings: Settings) -> None:
-    """The fallback policy for a bf16 model on a CPU without bf16 arithmetic."""
-    _fall_back(f"model {manifest_name} is bf16", reason, settings, "fp32")
 
 
 def session_options(settings: Settings) -> ort.SessionOptions:
