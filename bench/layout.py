@@ -33,14 +33,13 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import DEFAULT_CORPUS, DEFAULT_STORE, load_texts, prepared
-from bench.pipeline import stop_worker
+from bench.pipeline import MODEL, stop_worker, use_env
 from storage import schema
 from worker import hardware
 from worker.manifest import Precision
 from worker.model_store import ModelStore
-from worker.settings import Settings, get_settings
+from worker.settings import Settings
 
-MODEL = "minilm-fp32"
 REDIS = "redis://127.0.0.1:6379/12"
 # The bulk job under the probes is this many times the throughput job, so that it outlasts them
 # (each probe may wait for a whole bulk batch); the report says whether it did.
@@ -122,15 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     database_url = f"sqlite:///{work / 'embedq.db'}"
     schema.upgrade(database_url)
     redis.Redis.from_url(REDIS).flushdb()
-    env = {
-        "EMBEDQ_BROKER_URL": REDIS,
-        "EMBEDQ_DATABASE_URL": database_url,
-        "EMBEDQ_MODEL_DIR": str(args.model_dir),
-        "EMBEDQ_DEFAULT_MODEL": MODEL,
-        "EMBEDQ_PROVIDERS": "CPUExecutionProvider",
-    }
-    os.environ.update(env)
-    get_settings.cache_clear()
+    env = use_env(REDIS, database_url, args.model_dir)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in layouts(cores)}
     try:
         for _ in range(args.repeats):

@@ -56,6 +56,20 @@ WARM_UP = 20  # round trips run and not counted (connections, caches, the first 
 BLOCK = 25  # round trips (and bare engine calls) per turn
 
 
+def use_env(broker_url: str, database_url: str, model_dir: Path) -> dict[str, str]:
+    """The settings shared by the benchmark and its workers, set in this process too."""
+    env = {
+        "EMBEDQ_BROKER_URL": broker_url,
+        "EMBEDQ_DATABASE_URL": database_url,
+        "EMBEDQ_MODEL_DIR": str(model_dir),
+        "EMBEDQ_DEFAULT_MODEL": MODEL,
+        "EMBEDQ_PROVIDERS": "CPUExecutionProvider",
+    }
+    os.environ.update(env)
+    get_settings.cache_clear()
+    return env
+
+
 def start_worker(
     env: dict[str, str], queues: str = "interactive,bulk", app: str = "worker", pool: str = ""
 ) -> subprocess.Popen[bytes]:
@@ -322,15 +336,7 @@ def prepare(args: argparse.Namespace, database_url: str | None = None) -> Bench:
     database_url = database_url or args.database_url or f"sqlite:///{work / 'bench.db'}"
     if database_url.startswith("postgresql"):
         fresh_postgresql(database_url)
-    env = {
-        "EMBEDQ_BROKER_URL": args.broker_url,
-        "EMBEDQ_DATABASE_URL": database_url,
-        "EMBEDQ_MODEL_DIR": str(args.model_dir),
-        "EMBEDQ_DEFAULT_MODEL": MODEL,
-        "EMBEDQ_PROVIDERS": "CPUExecutionProvider",
-    }
-    os.environ.update(env)
-    get_settings.cache_clear()
+    env = use_env(args.broker_url, database_url, args.model_dir)
     settings = get_settings()
     client = redis.Redis.from_url(args.broker_url)
     client.flushdb()
