@@ -155,7 +155,7 @@ def submit(
         raise InputError(f"unknown queue {queue!r}: use {[str(q) for q in names.Queue]}") from None
     job_id = str(uuid.uuid4())
     url = settings.database_url
-    if settings.broker_url is None:
+    if settings.local_mode:
         ensure_schema(url)  # local mode: a laptop needs no separate `embedq db upgrade`
     batches = plan_batches(clean, item_ids, settings.job_batch_size)
     with scope(sessions_for(url)) as session:
@@ -219,7 +219,7 @@ def register_model(source: str, name: str, options: dict[str, Any] | None = None
         raise InputError(f"{name!r} is not a usable model name")
     checked = check_options(options or {})
     url = get_settings().database_url
-    if get_settings().broker_url is None:
+    if get_settings().local_mode:
         ensure_schema(url)
     with scope(sessions_for(url)) as session:
         repository.register_source(session, name, source, checked)
@@ -255,7 +255,7 @@ def publish(messages: Sequence[BatchMessage], queue: names.Queue) -> None:
     """Send batches by task name, or run them here in local mode (no broker configured).
     Raises ``UnavailableError`` when the broker cannot be reached."""
     settings = get_settings()
-    if settings.broker_url is None:
+    if settings.local_mode:
         from tasks import retry
         from tasks.embed import fail_raw, run_message  # local mode: the task's code, here
         from worker import lifecycle

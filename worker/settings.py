@@ -168,6 +168,12 @@ class Settings(BaseSettings):
         """Pool processes for a worker on this machine: one per GPU, else ``processes``."""
         return len(self.gpu_devices) or self.processes
 
+    @property
+    def local_mode(self) -> bool:
+        """No broker configured: jobs run in the submitting process (the embedded default),
+        not on a fleet of workers."""
+        return self.broker_url is None
+
     def celery_broker(self) -> str:
         """The broker URL workers connect to: the setting, else Redis on localhost."""
         return self.broker_url or "redis://127.0.0.1:6379/0"
