@@ -21,6 +21,7 @@ this host's models) run as a worker bootstep named here like the task modules, b
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from celery import Celery
@@ -91,7 +92,7 @@ def connect_signals(**_: Any) -> None:
     after_setup_logger.connect(logs.on_setup, weak=False)
     after_setup_task_logger.connect(logs.on_setup, weak=False)
     celeryd_after_setup.connect(_consume_host_download_queue, weak=False)
-    worker_init.connect(metrics.serve, weak=False)
+    worker_init.connect(partial(metrics.serve, depths=partial(queue_depths, app)), weak=False)
     worker_process_init.connect(lifecycle.warm, weak=False)
     worker_process_shutdown.connect(lifecycle.close, weak=False)
     worker_process_shutdown.connect(metrics.process_gone, weak=False)

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -113,28 +114,34 @@ def observe_load(
         m["engine"].labels(model, provider, precision, device_label).set(1)
 
 
+Depths = Callable[[list[str]], dict[str, int]]
+"""Ready messages per queue name, read from the broker (``worker.app.queue_depths``)."""
+
+
 class QueueDepths:
     """A collector: messages waiting in each embedq queue, read from the broker per scrape."""
 
+    def __init__(self, depths: Depths) -> None:
+        self.depths = depths
+
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
-
-        from worker.app import app, queue_depths
 
         family = GaugeMetricFamily(
             "embedq_queue_messages", "Messages waiting in the queue", labels=["queue"]
         )
         queues = ["interactive", "bulk", get_settings().download_queue()]
         try:
-            for queue, depth in queue_depths(app, queues).items():
+            for queue, depth in self.depths(queues).items():
                 family.add_metric([queue], depth)
         except Exception:  # the broker is down: the scrape still answers
             logger.warning("could not read queue depths for /metrics", exc_info=True)
         yield family
 
 
-def serve(**_: Any) -> None:
-    """``worker_init``: serve ``/metrics`` from the worker's parent when configured."""
+def serve(depths: Depths, **_: Any) -> None:
+    """``worker_init``: serve ``/metrics`` from the worker's parent when configured; ``depths``
+    reads the queues' lengths for each scrape."""
     settings = get_settings()
     if not settings.metrics_port:
         return
@@ -149,7 +156,7 @@ def serve(**_: Any) -> None:
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    registry.register(QueueDepths())
+    registry.register(QueueDepths(depths))
     start_http_server(settings.metrics_port, addr=settings.metrics_address, registry=registry)
     logger.info(
         "metrics on http://%s:%d/metrics (multiprocess files in %s)",
