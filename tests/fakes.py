@@ -1,4 +1,10 @@
-"""A deterministic fake engine for tests that need the task logic, not the model."""
+"""A deterministic fake engine for tests that need the task logic, not the model.
+
+It keeps the real engine's contract (``tests/integration/test_engine_contract.py`` runs the same
+checks on both): unit float32 vectors in input order, the same vector for the same text whatever
+its neighbours, the validation errors, per-text token counts and truncation at ``max_tokens``,
+progress after each micro-batch, and statistics that add up.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +13,48 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from worker.engine import EncodeStats, Encoding
+from worker.engine import EncodeStats, Encoding, Progress
 from worker.validation import validate
 
 
 class FakeEngine:
-    """Vectors from a hash of each text: equal texts give equal unit vectors."""
+    """Vectors from a hash of each text: equal texts give equal unit vectors. A text "has" a
+    token per word plus two special tokens, cut at ``max_tokens``."""
 
     provider = "FakeProvider"
+    precision = "fp32"
 
-    def __init__(self, dim: int = 8) -> None:
+    def __init__(self, dim: int = 8, max_tokens: int = 256, micro_batch: int = 16) -> None:
         self._dim = dim
+        self.max_tokens = max_tokens
+        self.micro_batch = micro_batch
 
     @property
     def dim(self) -> int:
         return self._dim
 
-    def encode(self, texts: Sequence[object], on_progress: object = None) -> Encoding:
+    def encode(self, texts: Sequence[object], on_progress: Progress | None = None) -> Encoding:
         clean = validate(texts, 1024)
         rows = []
-        for text in clean:
+        for done, text in enumerate(clean, start=1):
             seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
             row = np.random.default_rng(seed).standard_normal(self._dim).astype(np.float32)
             rows.append(row / np.linalg.norm(row))
-        tokens = tuple(len(t.split()) + 2 for t in clean)
+            if on_progress is not None and (done % self.micro_batch == 0 or done == len(clean)):
+                on_progress(done, len(clean))
+        wanted = [len(t.split()) + 2 for t in clean]
+        tokens = tuple(min(n, self.max_tokens) for n in wanted)
+        truncated = tuple(n > self.max_tokens for n in wanted)
         stats = EncodeStats(
-            len(clean), sum(tokens), max(tokens) * len(clean), 0, 1, 0.1, 0.2, 0.1, self.provider
+            texts=len(clean),
+            tokens=sum(tokens),
+            padded_tokens=max(tokens) * len(clean),
+            truncated=sum(truncated),
+            micro_batches=-(-len(clean) // self.micro_batch),
+            tokenize_ms=0.1,
+            inference_ms=0.2,
+            pool_ms=0.1,
+            provider=self.provider,
+            precision=self.precision,
         )
-        return Encoding(
-            np.stack(rows), stats, token_counts=tokens, truncated=tuple(False for _ in clean)
-        )
+        return Encoding(np.stack(rows), stats, token_counts=tokens, truncated=truncated)
