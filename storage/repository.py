@@ -355,3 +355,14 @@ def list_prepared(session: Session) -> Sequence[PreparedModel]:
     return session.scalars(
         select(PreparedModel).order_by(PreparedModel.name, PreparedModel.host)
     ).all()
+
+
+def list_ready_models(session: Session, host: str) -> list[str]:
+    """The models ``host`` has prepared and can run, by name."""
+    return list(
+        session.scalars(
+            select(PreparedModel.name).where(
+                PreparedModel.host == host, PreparedModel.state == ModelState.READY
+            )
+        )
+    )

@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from storage import repository, schema
+from storage import model_files, repository, schema
 from storage.models import Base, Job
 from storage.session import make_engine, scope, session_factory
 
@@ -62,6 +62,28 @@ def test_a_redelivered_batch_writes_each_item_once(database_url: str) -> None:
         np.testing.assert_array_equal(
             np.stack([np.frombuffer(e.vector, dtype=np.float32) for e in stored]), vectors
         )
+    engine.dispose()
+
+
+def test_a_job_records_its_first_model_file_and_any_other_once(database_url: str) -> None:
+    schema.upgrade(database_url)
+    engine = make_engine(database_url)
+    factory = session_factory(engine)
+    first, other = "a" * 64, "b" * 64
+    with scope(factory) as session:
+        session.add(Job(id="job-1", model_name="minilm", queue="bulk", meta={"backfill": "x"}))
+    recorded = []
+    for sha in (first, first, other, other, first):  # batches of a fleet with mixed files
+        with scope(factory) as session:
+            recorded.append(model_files.record_model_file(session, "job-1", sha))
+    assert recorded == [None, None, first, first, None]
+    with scope(factory) as session:
+        job = repository.get_job(session, "job-1")
+        assert job is not None and job.model_sha256 == first
+        assert job.meta == {"backfill": "x", model_files.OTHER_FILES: [other]}
+        assert model_files.model_files(job) == [first, other]
+        assert model_files.files_of_jobs(session, ["job-1", "no-such-job"]) == {first}
+        assert model_files.record_model_file(session, "no-such-job", first) is None
     engine.dispose()
 
 

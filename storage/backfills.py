@@ -1,0 +1,151 @@
+"""Queries of a backfill run: its row and its job, what the store already holds of a chunk of
+source rows, the counts a run adds to its job, and what its summary reports.
+
+Like ``repository``, functions take the session first and never commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from storage.models import Backfill, Embedding, FailedItem, Job, JobState
+
+
+def get_backfill(session: Session, name: str) -> Backfill | None:
+    return session.get(Backfill, name)
+
+
+def create_backfill(
+    session: Session,
+    *,
+    name: str,
+    job_id: str,
+    model: str,
+    queue: str,
+    source: str,
+    options: dict[str, Any],
+) -> Backfill:
+    """A new backfill and its job: unsealed, empty, tagged with the backfill's name."""
+    session.add(
+        Job(
+            id=job_id,
+            model_name=model,
+            queue=queue,
+            tag=name,
+            total_items=0,
+            sealed=False,
+            meta={"backfill": name, "source": source},
+        )
+    )
+    session.flush()  # the backfill refers to it
+    backfill = Backfill(
+        name=name, job_id=job_id, model_name=model, source=source, options=options, runs=1
+    )
+    session.add(backfill)
+    return backfill
+
+
+def resume_backfill(
+    session: Session, backfill: Backfill, *, source: str, options: dict[str, Any]
+) -> None:
+    """Count one more run of ``backfill`` with these options, and unseal its job so the run
+    can add items (the job settles again when the run seals it)."""
+    backfill.runs += 1
+    backfill.source = source
+    backfill.options = options
+    session.execute(
+        update(Job)
+        .where(Job.id == backfill.job_id)
+        .values(sealed=False, finished_at=None, state=JobState.RUNNING)
+    )
+
+
+def job_of(session: Session, job_or_name: str) -> str | None:
+    """The job id of backfill ``job_or_name``, or ``job_or_name`` itself when it is a job;
+    ``None`` when it is neither."""
+    found = session.get(Backfill, job_or_name)
+    if found is not None:
+        return found.job_id
+    return job_or_name if session.get(Job, job_or_name) is not None else None
+
+
+def forget_failures(session: Session, job_id: str) -> int:
+    """Delete the failed items of ``job_id`` and uncount them (``--retry-failed``); returns
+    how many were forgotten."""
+    result: Any = session.execute(delete(FailedItem).where(FailedItem.job_id == job_id))
+    forgotten = int(result.rowcount)
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(failed_items=Job.failed_items - forgotten, error=None)
+    )
+    return forgotten
+
+
+def highest_row_ids(session: Session) -> tuple[int, int]:
+    """The highest embedding and failed-item row ids: a row above them was written later."""
+    embedding = session.scalar(select(func.coalesce(func.max(Embedding.id), 0)))
+    failure = session.scalar(select(func.coalesce(func.max(FailedItem.id), 0)))
+    return int(embedding or 0), int(failure or 0)
+
+
+def stored_items(session: Session, job_id: str, item_ids: Sequence[str]) -> list[tuple[str, int]]:
+    """(item id, row id) of those of ``item_ids`` whose vector ``job_id`` holds."""
+    rows = session.execute(
+        select(Embedding.item_id, Embedding.id).where(
+            Embedding.job_id == job_id, Embedding.item_id.in_(item_ids)
+        )
+    )
+    return [(item_id, row_id) for item_id, row_id in rows]
+
+
+def failed_items(session: Session, job_id: str, item_ids: Sequence[str]) -> list[tuple[str, int]]:
+    """(item id, row id) of those of ``item_ids`` recorded failed in ``job_id``."""
+    rows = session.execute(
+        select(FailedItem.item_id, FailedItem.id).where(
+            FailedItem.job_id == job_id, FailedItem.item_id.in_(item_ids)
+        )
+    )
+    return [(item_id, row_id) for item_id, row_id in rows]
+
+
+def add_reused(session: Session, job_id: str, count: int) -> None:
+    """Count items whose vector was copied from the content cache."""
+    session.execute(
+        update(Job).where(Job.id == job_id).values(reused_items=Job.reused_items + count)
+    )
+
+
+def seal_job(session: Session, name: str, job_id: str, duplicates: int) -> None:
+    """Fix the job's total at the items accounted for (done or failed) and seal it, and record
+    the run's duplicates on backfill ``name``. The caller settles the job's state
+    (``repository.add_progress``)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(total_items=Job.done_items + Job.failed_items, sealed=True)
+    )
+    session.execute(update(Backfill).where(Backfill.name == name).values(duplicates=duplicates))
+
+
+def failure_reasons(session: Session, job_id: str, limit: int) -> list[tuple[str, int]]:
+    """The most common reasons items of ``job_id`` failed, with their counts."""
+    rows = session.execute(
+        select(FailedItem.reason, func.count())
+        .where(FailedItem.job_id == job_id)
+        .group_by(FailedItem.reason)
+        .order_by(func.count().desc())
+        .limit(limit)
+    )
+    return [(reason, int(count)) for reason, count in rows]
+
+
+def failed_examples(session: Session, job_id: str, limit: int) -> list[str]:
+    """Some ids of failed items of ``job_id``."""
+    return list(
+        session.scalars(select(FailedItem.item_id).where(FailedItem.job_id == job_id).limit(limit))
+    )

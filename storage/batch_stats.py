@@ -1,0 +1,72 @@
+"""Reading ``batch_stats``: the rows timing reports are made of, and the sums a backfill's
+progress and summary show.
+
+Like ``repository``, functions take the session first and never commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, func, select
+from sqlalchemy.orm import Session
+
+from storage.models import BatchStat, Job
+
+STREAM_PAGE = 5000
+
+
+def list_batch_stats(
+    session: Session,
+    fields: Sequence[str],
+    *,
+    after: datetime | None = None,
+    model: str | None = None,
+    job_id: str | None = None,
+) -> Iterator[Row[*tuple[Any, ...]]]:
+    """(model name, then ``fields`` of ``BatchStat``) of each batch created after ``after``,
+    of ``model``, of ``job_id`` (each filter when given), oldest first; streamed in pages, so
+    a long history is never held whole."""
+    query = select(Job.model_name, *(getattr(BatchStat, field) for field in fields)).join(
+        Job, Job.id == BatchStat.job_id
+    )
+    if after is not None:
+        query = query.where(BatchStat.created_at >= after)
+    if model is not None:
+        query = query.where(Job.model_name == model)
+    if job_id is not None:
+        query = query.where(BatchStat.job_id == job_id)
+    query = query.order_by(BatchStat.created_at).execution_options(yield_per=STREAM_PAGE)
+    yield from session.execute(query)
+
+
+def last_provider(session: Session, host: str) -> str | None:
+    """The execution provider of the latest batch ``host`` ran."""
+    return session.scalar(
+        select(BatchStat.provider)
+        .where(BatchStat.host == host)
+        .order_by(BatchStat.created_at.desc())
+        .limit(1)
+    )
+
+
+def job_tokens(session: Session, job_id: str) -> int:
+    """The tokens the batches of ``job_id`` have embedded so far."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(BatchStat.tokens), 0)).where(BatchStat.job_id == job_id)
+    )
+    return int(total or 0)
+
+
+def worker_shares(session: Session, job_id: str) -> list[tuple[str, int, int, int]]:
+    """(host, pid, texts, batches) of each worker process that ran batches of ``job_id``,
+    busiest first."""
+    rows = session.execute(
+        select(BatchStat.host, BatchStat.pid, func.sum(BatchStat.texts), func.count())
+        .where(BatchStat.job_id == job_id)
+        .group_by(BatchStat.host, BatchStat.pid)
+        .order_by(func.sum(BatchStat.texts).desc())
+    )
+    return [(host, int(pid), int(texts), int(batches)) for host, pid, texts, batches in rows]
