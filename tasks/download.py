@@ -18,6 +18,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -195,14 +196,32 @@ def _sessions() -> sessionmaker[Session]:
     return lifecycle.get_sessions()
 
 
-@app.task(  # type: ignore[untyped-decorator]
-    name=names.DOWNLOAD,
-    bind=True,
-    ignore_result=True,
-    max_retries=3,
-    time_limit=get_settings().download_time_limit,
-    soft_time_limit=max(1, get_settings().download_time_limit - 30),
-)
+class DownloadTask(Task):  # type: ignore[misc]
+    """The task class: its time limits come from the settings when the worker builds its
+    request type at start, not when this module is imported (a producer imports it too)."""
+
+    _limits: tuple[float | None, float | None] | None = None  # set by a `time_limit` command
+
+    @property
+    def time_limit(self) -> float | None:
+        return self._limits[0] if self._limits else get_settings().download_time_limit
+
+    @time_limit.setter
+    def time_limit(self, value: float | None) -> None:
+        self._limits = (value, self._limits[1] if self._limits else self.soft_time_limit)
+
+    @property
+    def soft_time_limit(self) -> float | None:
+        if self._limits:
+            return self._limits[1]
+        return max(1, get_settings().download_time_limit - 30)
+
+    @soft_time_limit.setter
+    def soft_time_limit(self, value: float | None) -> None:
+        self._limits = (self._limits[0] if self._limits else self.time_limit, value)
+
+
+@app.task(name=names.DOWNLOAD, base=DownloadTask, bind=True, ignore_result=True, max_retries=3)  # type: ignore[untyped-decorator]
 def download(self: Any, name: str) -> dict[str, Any]:
     """Prepare model ``name`` on this host from the catalog. Every way out records the host's
     state: ready; failed at once with the reason (a permanent error, or an unexpected one);

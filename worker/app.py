@@ -37,47 +37,52 @@ from celery.signals import (
 from celery.worker.control import inspect_command
 from kombu.entity import Exchange, Queue
 
-from worker.settings import get_settings
+from worker.settings import Settings, get_settings
 
-settings = get_settings()
+
+def config(settings: Settings) -> dict[str, Any]:
+    """The app's configuration from the settings; Celery reads it when it first needs its
+    configuration (a send, a worker start), not when this module is imported."""
+    return dict(
+        broker_url=settings.celery_broker(),
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit,
+        task_soft_time_limit=max(1, int(settings.task_time_limit * 0.9)),
+        # A batch whose child process died (OOM, segfault, kill -9) is re-sent like a retry, so
+        # max_retries bounds it: a batch that keeps killing its worker ends failed, not in a loop.
+        # Reject-on-lost is only the fallback when sending that retry fails.
+        task_retry_on_worker_lost=True,
+        task_reject_on_worker_lost=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility(),
+            "unacked_restore_interval": settings.unacked_restore_interval,
+            "unacked_restore_throttle": 1,  # sweep on every interval, not every 10th
+            "socket_timeout": 30,
+            "socket_keepalive": True,
+            "health_check_interval": 25,
+            "queue_order_strategy": "priority",
+        },
+        broker_connection_retry_on_startup=True,
+        task_queues=[
+            Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
+            for name in ("interactive", "bulk")
+        ],
+        task_default_queue="interactive",
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        # Loading a model (and a CUDA context) in each child takes longer than the 4 s default.
+        worker_proc_alive_timeout=120,
+    )
+
 
 app = Celery("embedq", include=["tasks.embed", "tasks.download"])
-app.conf.update(
-    broker_url=settings.celery_broker(),
-    task_serializer="json",
-    accept_content=["json"],
-    result_serializer="json",
-    task_ignore_result=True,
-    task_acks_late=True,
-    worker_prefetch_multiplier=1,
-    task_time_limit=settings.task_time_limit,
-    task_soft_time_limit=max(1, int(settings.task_time_limit * 0.9)),
-    # A batch whose child process died (OOM, segfault, kill -9) is re-sent like a retry, so
-    # max_retries bounds it: a batch that keeps killing its worker ends failed, not in a loop.
-    # Reject-on-lost is only the fallback when sending that retry fails.
-    task_retry_on_worker_lost=True,
-    task_reject_on_worker_lost=True,
-    broker_transport_options={
-        "visibility_timeout": settings.visibility(),
-        "unacked_restore_interval": settings.unacked_restore_interval,
-        "unacked_restore_throttle": 1,  # sweep on every interval, not every 10th
-        "socket_timeout": 30,
-        "socket_keepalive": True,
-        "health_check_interval": 25,
-        "queue_order_strategy": "priority",
-    },
-    broker_connection_retry_on_startup=True,
-    task_queues=[
-        Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
-        for name in ("interactive", "bulk")
-    ],
-    task_default_queue="interactive",
-    worker_send_task_events=True,
-    task_send_sent_event=True,
-    worker_hijack_root_logger=False,
-    # Loading a model (and a CUDA context) in each child takes longer than the 4 s default.
-    worker_proc_alive_timeout=120,
-)
+app.add_defaults(lambda: config(get_settings()))
 
 
 def _consume_host_download_queue(sender: str, instance: Any, **_: Any) -> None:

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,23 @@ def test_json_logs_carry_the_batch_fields(monkeypatch: pytest.MonkeyPatch) -> No
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "batch done: j1" and line["level"] == "INFO"
     assert (line["job"], line["texts"], line["provider"]) == ("j1", 128, "CPUExecutionProvider")
+
+
+def test_the_celery_app_and_the_download_task_read_the_settings_when_used_not_at_import() -> None:
+    """Both modules are imported by now (a producer imports them to send by name); settings
+    changed afterwards still reach the app's configuration and the task's limits."""
+    code = (
+        "import os\n"
+        "from tasks.download import download\n"
+        "from worker.app import app\n"
+        "os.environ['EMBEDQ_BROKER_URL'] = 'redis://127.0.0.1:6379/5'\n"
+        "os.environ['EMBEDQ_DOWNLOAD_TIME_LIMIT'] = '777'\n"
+        "os.environ['EMBEDQ_TASK_TIME_LIMIT'] = '100'\n"
+        "print(app.conf.broker_url, app.conf.task_time_limit, app.conf.task_soft_time_limit,"
+        " download.time_limit, download.soft_time_limit)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert result.stdout.split() == ["redis://127.0.0.1:6379/5", "100", "90", "777", "747"]
