@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from celery import Celery
 
-from storage import ledger
-from storage.models import BatchStat, ModelState, PreparedModel
+from storage import batch_stats, ledger, repository
 from storage.session import scope, sessions_for
 from tasks import names
 from worker.app import queue_depths
@@ -23,9 +22,9 @@ from worker.app import queue_depths
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
-def check(
-    app: Any, database_url: str, timeout: float = 2.0, stuck_after: float = 300.0
-) -> dict[str, Any]:
+def check(app: Celery, database_url: str, timeout: float, stuck_after: float) -> dict[str, Any]:
+    """Ask the workers that answer within ``timeout`` seconds, the broker and the store; batches
+    with no progress for ``stuck_after`` seconds are overdue (``EMBEDQ_STUCK_AFTER``)."""
     inspect = app.control.inspect(timeout=timeout)
     answered = inspect.ping() or {}
     active = inspect.active_queues() or {}
@@ -41,17 +40,8 @@ def check(
         for node in sorted(answered):
             config = configs.get(node, {})
             host = config.get("host_name") or node.split("@", 1)[-1]
-            models = session.scalars(
-                select(PreparedModel.name).where(
-                    PreparedModel.host == host, PreparedModel.state == ModelState.READY
-                )
-            ).all()
-            provider = session.scalar(
-                select(BatchStat.provider)
-                .where(BatchStat.host == host)
-                .order_by(BatchStat.created_at.desc())
-                .limit(1)
-            )
+            models = repository.list_ready_models(session, host)
+            provider = batch_stats.last_provider(session, host)
             gpu = bool(config.get("gpu_devices"))
             workers.append(
                 {

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
+from storage import sql_source
 from tasks.message import check_name
 from worker.errors import InputError
 from worker.validation import is_unicode
@@ -41,7 +42,7 @@ class Reader(Protocol):
     def rows(self) -> Iterator[Row]: ...
 
 
-def _row(position: int, record: dict[str, Any], id_field: str, text_field: str) -> Row:
+def _row(position: int, record: Mapping[str, object], id_field: str, text_field: str) -> Row:
     raw_id = record.get(id_field)
     text = record.get(text_field)
     if raw_id is None:
@@ -112,7 +113,7 @@ class Csv:
     def description(self) -> str:
         return f"{self.path} (CSV)"
 
-    def _reader(self, handle: Any) -> csv.DictReader[str]:
+    def _reader(self, handle: IO[str]) -> csv.DictReader[str]:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         missing = [c for c in (self.id_field, self.text_field) if c not in columns]
@@ -142,44 +143,21 @@ class Sql:
 
     @property
     def description(self) -> str:
-        from sqlalchemy.engine import make_url
-
-        return f"{make_url(self.url).render_as_string(hide_password=True)}: {self.query}"
+        return f"{sql_source.shown_url(self.url)}: {self.query}"
 
     def count(self) -> int | None:
-        from sqlalchemy import text
-
-        from storage.session import make_engine
-
-        engine = make_engine(self.url)
-        try:
-            with engine.connect() as connection:
-                total = connection.execute(text(f"select count(*) from ({self.query}) as q"))
-                return int(total.scalar_one())
-        finally:
-            engine.dispose()
+        return sql_source.count_rows(self.url, self.query)
 
     def rows(self) -> Iterator[Row]:
-        from sqlalchemy import text
-
-        from storage.session import make_engine
-
-        engine = make_engine(self.url)
-        try:
-            with engine.connect() as connection:
-                result = connection.execution_options(
-                    stream_results=True, yield_per=SQL_FETCH
-                ).execute(text(self.query))
-                columns = list(result.keys())
-                id_field = self.id_field or columns[0]
-                text_field = self.text_field or columns[min(1, len(columns) - 1)]
-                for field in (id_field, text_field):
-                    if field not in columns:
-                        raise InputError(f"the query returns no column {field!r}: {columns}")
-                for position, record in enumerate(result.mappings()):
-                    yield _row(position, dict(record), id_field, text_field)
-        finally:
-            engine.dispose()
+        with sql_source.stream_rows(self.url, self.query, SQL_FETCH) as result:
+            columns = result.columns
+            id_field = self.id_field or columns[0]
+            text_field = self.text_field or columns[min(1, len(columns) - 1)]
+            for field in (id_field, text_field):
+                if field not in columns:
+                    raise InputError(f"the query returns no column {field!r}: {columns}")
+            for position, record in enumerate(result.records):
+                yield _row(position, record, id_field, text_field)
 
 
 @dataclass
@@ -192,8 +170,8 @@ class Parquet:
     def description(self) -> str:
         return f"{self.path} (Parquet)"
 
-    def _file(self) -> Any:
-        try:
+    def _file(self) -> Any:  # a pyarrow.parquet.ParquetFile (pyarrow has no type hints)
+        try:  # pyarrow is an optional extra, imported when a Parquet source is read
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise InputError(

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 
-from storage.models import BatchStat, Job
+from storage import batch_stats
 from storage.session import scope, sessions_for
 from worker.errors import InputError
 
@@ -46,37 +45,23 @@ def report(
 ) -> list[dict[str, Any]]:
     """One row per (model, worker host and pid, provider, precision) over the matching
     batches."""
-    columns = [getattr(BatchStat, stage) for stage in STAGES]
-    query = select(
-        Job.model_name,
-        BatchStat.host,
-        BatchStat.pid,
-        BatchStat.provider,
-        BatchStat.precision,
-        BatchStat.texts,
-        BatchStat.tokens,
-        BatchStat.padded_tokens,
-        *columns,
-    ).join(Job, Job.id == BatchStat.job_id)
-    if since is not None:
-        query = query.where(BatchStat.created_at >= datetime.now(UTC) - since)
-    if model is not None:
-        query = query.where(Job.model_name == model)
-    if job_id is not None:
-        query = query.where(BatchStat.job_id == job_id)
-    groups: dict[Group, list[tuple[Any, ...]]] = defaultdict(list)
+    fields = ("host", "pid", "provider", "precision", "texts", "tokens", "padded_tokens", *STAGES)
+    after = None if since is None else datetime.now(UTC) - since
+    groups: dict[Group, list[tuple[float, ...]]] = defaultdict(list)
     with scope(sessions_for(database_url)) as session:
-        for row in session.execute(query.execution_options(yield_per=5000)):
+        for row in batch_stats.list_batch_stats(
+            session, fields, after=after, model=model, job_id=job_id
+        ):
             groups[Group(row[0], row[1], row[2], row[3], row[4])].append(tuple(row[5:]))
     return [_summarise(group, rows) for group, rows in sorted(groups.items(), key=_order)]
 
 
-def _order(item: tuple[Group, list[tuple[Any, ...]]]) -> tuple[str, str, int]:
+def _order(item: tuple[Group, list[tuple[float, ...]]]) -> tuple[str, str, int]:
     group = item[0]
     return (group.model, group.host, group.pid)
 
 
-def _summarise(group: Group, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+def _summarise(group: Group, rows: list[tuple[float, ...]]) -> dict[str, Any]:
     values = np.array(rows, dtype=np.float64)
     texts, tokens, padded = values[:, 0].sum(), values[:, 1].sum(), values[:, 2].sum()
     busy_s = values[:, 3 + STAGES.index("total_ms")].sum() / 1000
@@ -137,17 +122,15 @@ def plot(
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise InputError("plotting needs matplotlib: pip install 'embedq[plot]'") from exc
-    query = select(BatchStat.created_at, BatchStat.texts, BatchStat.total_ms).join(
-        Job, Job.id == BatchStat.job_id
-    )
-    if since is not None:
-        query = query.where(BatchStat.created_at >= datetime.now(UTC) - since)
-    if model is not None:
-        query = query.where(Job.model_name == model)
-    if job_id is not None:
-        query = query.where(BatchStat.job_id == job_id)
+    fields = ("created_at", "texts", "total_ms")
+    after = None if since is None else datetime.now(UTC) - since
     with scope(sessions_for(database_url)) as session:
-        rows = session.execute(query.order_by(BatchStat.created_at)).all()
+        rows: list[tuple[Any, ...]] = [
+            tuple(row[1:])
+            for row in batch_stats.list_batch_stats(
+                session, fields, after=after, model=model, job_id=job_id
+            )
+        ]
     if not rows:
         raise InputError("no batches match: nothing to plot")
     start = rows[0][0]

@@ -18,9 +18,11 @@ from storage import schema
 from storage.models import BatchStat
 from storage.session import scope, sessions_for
 from tasks import backfill, readers
-from tasks.export import export
+from tasks.vector_files import export
 from tests.conftest import cosines
 from worker.engine import Engine
+from worker.errors import InputError
+from worker.manifest import Manifest
 from worker.settings import get_settings
 
 pytestmark = pytest.mark.model
@@ -59,7 +61,7 @@ def write_jsonl(path: Path, texts: list[str], bad: bool = True) -> Path:
     return path
 
 
-def run(path: Path, name: str, **options: object) -> backfill.Progress:
+def run(path: Path, name: str, **options: object) -> backfill.BackfillProgress:
     settings = get_settings()
     values: dict[str, object] = {"batch_size": 32, **options}
     opts = backfill.Options(name=name, model="minilm", **values)  # type: ignore[arg-type]
@@ -72,7 +74,7 @@ def embedded_texts(url: str) -> int:
 
 
 def test_a_backfill_resumes_reuses_and_retries_only_what_failed(
-    local: str, corpus: list[str], engine: Engine, tmp_path: Path
+    local: str, corpus: list[str], engine: Engine, minilm: Path, tmp_path: Path
 ) -> None:
     texts = corpus[2000:2100]
     source = write_jsonl(tmp_path / "docs.jsonl", texts)
@@ -91,6 +93,15 @@ def test_a_backfill_resumes_reuses_and_retries_only_what_failed(
         " (char 1)",
     }
     assert sorted(outcome["failed_examples"]) == ["#8", "doc-3"]
+    assert outcome["model_files"] == [Manifest.read(minilm).onnx_sha256]
+    assert outcome["options"] == {
+        "batch_size": 32,
+        "batch_chars": 256000,
+        "max_in_flight": 8,
+        "stuck_after": 300.0,
+        "sweep_interval": 30.0,
+        "retry_failed": False,
+    }
     assert first.sent == 98 and embedded_texts(local) == 98
 
     again = run(source, "docs")  # resumed: everything is stored or failed already
@@ -148,7 +159,8 @@ def test_csv_and_sql_sources_are_read_by_the_named_fields(
     rows = list(reader.rows())
     assert reader.count() == 20 and [r.item_id for r in rows[:2]] == ["k0", "k1"]
     assert rows[5].text == corpus[5] and all(r.problem is None for r in rows)
-    with pytest.raises(Exception, match="no column"):
+    no_column = r"docs\.csv has no column \['id', 'missing'\]; its columns: \['key', 'body', 'o"
+    with pytest.raises(InputError, match=no_column):
         list(readers.open_source(str(path), text_field="missing").rows())
 
     docs = tmp_path / "docs.sqlite"

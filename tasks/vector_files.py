@@ -11,38 +11,26 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from storage.models import Backfill, Embedding, Job
+from storage import backfills, vectors
 from storage.session import scope, sessions_for
+from storage.vectors import VectorRow
 from worker.errors import InputError
 
 PAGE = 1000
 FORMATS = ("npy", "jsonl", "parquet")
+Pages = Iterator[list[VectorRow]]
 
 
-def resolve(session: Any, job_or_name: str) -> str:
+def resolve(session: Session, job_or_name: str) -> str:
     """The job id of backfill ``job_or_name``, or ``job_or_name`` itself when it is a job."""
-    found = session.get(Backfill, job_or_name)
-    if found is not None:
-        return str(found.job_id)
-    if session.get(Job, job_or_name) is not None:
-        return job_or_name
-    raise InputError(f"{job_or_name!r} is neither a backfill name nor a job id in the store")
-
-
-def _pages(session: Any, job_id: str) -> Iterator[list[tuple[str, int, bytes]]]:
-    rows = session.execute(
-        select(Embedding.item_id, Embedding.dim, Embedding.vector)
-        .where(Embedding.job_id == job_id)
-        .order_by(Embedding.position)
-        .execution_options(yield_per=PAGE)
-    )
-    for page in rows.partitions(PAGE):
-        yield [(item_id, dim, vector) for item_id, dim, vector in page]
+    job_id = backfills.job_of(session, job_or_name)
+    if job_id is None:
+        raise InputError(f"{job_or_name!r} is neither a backfill name nor a job id in the store")
+    return job_id
 
 
 def export(database_url: str, job_or_name: str, fmt: str, out: Path) -> int:
@@ -51,20 +39,18 @@ def export(database_url: str, job_or_name: str, fmt: str, out: Path) -> int:
         raise InputError(f"unknown format {fmt!r}: choose one of {FORMATS}")
     with scope(sessions_for(database_url)) as session:
         job_id = resolve(session, job_or_name)
-        count, dim = session.execute(
-            select(func.count(), func.max(Embedding.dim)).where(Embedding.job_id == job_id)
-        ).one()
-        if not count:
+        count, dim = vectors.count_vectors(session, job_id)
+        if not count or dim is None:
             raise InputError(f"job {job_id} has no stored vectors yet")
-        pages = _pages(session, job_id)
+        pages = vectors.stream_vectors(session, job_id, PAGE)
         if fmt == "npy":
-            return _npy(pages, out, int(count), int(dim))
+            return _npy(pages, out, count, dim)
         if fmt == "jsonl":
             return _jsonl(pages, out)
-        return _parquet(pages, out, int(dim))
+        return _parquet(pages, out, dim)
 
 
-def _npy(pages: Iterator[list[tuple[str, int, bytes]]], out: Path, count: int, dim: int) -> int:
+def _npy(pages: Pages, out: Path, count: int, dim: int) -> int:
     written = 0
     ids_path = out.with_name(out.name + ".ids.txt")
     with out.open("wb") as handle, ids_path.open("w", encoding="utf-8") as ids:
@@ -80,7 +66,7 @@ def _npy(pages: Iterator[list[tuple[str, int, bytes]]], out: Path, count: int, d
     return written
 
 
-def _jsonl(pages: Iterator[list[tuple[str, int, bytes]]], out: Path) -> int:
+def _jsonl(pages: Pages, out: Path) -> int:
     written = 0
     with out.open("w", encoding="utf-8") as handle:
         for page in pages:
@@ -91,8 +77,8 @@ def _jsonl(pages: Iterator[list[tuple[str, int, bytes]]], out: Path) -> int:
     return written
 
 
-def _parquet(pages: Iterator[list[tuple[str, int, bytes]]], out: Path, dim: int) -> int:
-    try:
+def _parquet(pages: Pages, out: Path, dim: int) -> int:
+    try:  # pyarrow is an optional extra, imported when Parquet is asked for
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as exc:

@@ -1,0 +1,43 @@
+"""Bulk backfills: a named, resumable job fed from a streamed source, with backpressure.
+
+``BackfillRun.run`` reads the source row by row and, per chunk of rows:
+- skips items already stored in the job, already failed (unless retrying them), or in a batch
+  still in flight from an earlier run;
+- copies the vector of any text the content cache already holds for the model (counted as
+  reused; the model does not run);
+- records unusable rows (no id, no text, empty text) as failed items with their reason;
+- sends the rest as one ``bulk`` batch, recorded in the batch ledger with its items and texts,
+  after waiting until fewer than ``max_in_flight`` of the job's batches are unfinished.
+The producer therefore holds one chunk and Redis at most ``max_in_flight`` messages of the job,
+whatever the source's size. At the end it waits for the batches in flight, then seals the job
+(its total is the items accounted for) so its state settles.
+
+Batches are the same ledger rows every job has: a batch whose message is lost is re-published
+by the reconciler in the workers (and failed after too many losses), so a resumed run (the same
+name again) sends only what no batch holds: items neither stored, failed nor in a pending batch.
+A publish that fails (the broker is down) stops the run with ``UnavailableError``; its batch is
+already in the ledger, so the reconciler or the next run picks it up.
+"""
+
+from tasks.backfill.options import (
+    BackfillError,
+    BackfillProgress,
+    Limits,
+    Options,
+    Report,
+    Send,
+)
+from tasks.backfill.run import BackfillRun, publish_bulk
+from tasks.backfill.summary import summary
+
+__all__ = [
+    "BackfillError",
+    "BackfillProgress",
+    "BackfillRun",
+    "Limits",
+    "Options",
+    "Report",
+    "Send",
+    "publish_bulk",
+    "summary",
+]

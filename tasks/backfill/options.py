@@ -1,0 +1,86 @@
+"""What a backfill run is told (its options, settled against the settings), what it reports
+(its progress), and how it can fail."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tasks.message import BatchMessage
+from worker.errors import EmbedqError
+from worker.settings import Settings
+
+T = TypeVar("T")
+
+BATCH_CHARS = 128 * 2000
+"""Characters per batch at most (a batch of long texts is cut before ``batch_size`` rows)."""
+
+
+class BackfillError(EmbedqError):
+    """A backfill that cannot start or go on (a different model under the same name, ...)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What one run of a backfill does. A limit left ``None`` is the setting's:
+    ``EMBEDQ_JOB_BATCH_SIZE``, ``EMBEDQ_BACKFILL_MAX_IN_FLIGHT``, ``EMBEDQ_STUCK_AFTER``."""
+
+    name: str
+    model: str
+    batch_size: int | None = None
+    batch_chars: int = BATCH_CHARS
+    max_in_flight: int | None = None
+    stuck_after: float | None = None
+    retry_failed: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A run's limits, every one settled: its options, else the settings."""
+
+    batch_size: int
+    batch_chars: int
+    max_in_flight: int
+    stuck_after: float
+    sweep_interval: float
+
+    @classmethod
+    def of(cls, options: Options, settings: Settings) -> Limits:
+        return cls(
+            batch_size=_given_or(options.batch_size, settings.job_batch_size),
+            batch_chars=options.batch_chars,
+            max_in_flight=_given_or(options.max_in_flight, settings.backfill_max_in_flight),
+            stuck_after=_given_or(options.stuck_after, settings.stuck_after),
+            sweep_interval=settings.sweep_interval,
+        )
+
+
+def _given_or(value: T | None, setting: T) -> T:
+    return setting if value is None else value
+
+
+@dataclass
+class BackfillProgress:
+    """What the producer knows now; the CLI draws it."""
+
+    job_id: str
+    total: int | None
+    sent: int = 0
+    reused: int = 0
+    failed_here: int = 0
+    skipped: int = 0
+    """Items already stored, failed or in a pending batch when this run met them."""
+    duplicates: int = 0
+    """Rows whose id this run had already met (repeated in the source): skipped."""
+    batches: int = 0
+    done: int = 0
+    failed: int = 0
+    tokens: int = 0
+    in_flight: int = 0
+    finished: bool = False
+
+
+Report = Callable[[BackfillProgress], None]
+Send = Callable[[BatchMessage], None]
+"""Publishes one batch's message; raises ``UnavailableError`` when the broker cannot be reached."""

@@ -1,0 +1,55 @@
+"""A backfill's outcome, as ``embedq backfill NAME`` shows it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage import backfills, batch_stats, ledger, model_files, repository
+from storage.models import as_utc
+from storage.session import scope, sessions_for
+from tasks.backfill.options import BackfillError
+from worker.errors import InputError
+
+
+def summary(database_url: str, name: str, limit: int = 10) -> dict[str, Any]:
+    """A backfill's outcome: counts, failure reasons, timing, each worker's share, the options
+    of its last run and the model files that made its vectors."""
+    with scope(sessions_for(database_url)) as session:
+        found = backfills.get_backfill(session, name)
+        if found is None:
+            raise InputError(f"no backfill named {name!r} in the store")
+        job = repository.get_job(session, found.job_id)
+        if job is None:
+            raise BackfillError(f"the job of backfill {name!r} vanished from the store")
+        reasons = backfills.failure_reasons(session, job.id, limit)
+        examples = backfills.failed_examples(session, job.id, limit)
+        shares = batch_stats.worker_shares(session, job.id)
+        stuck = ledger.count_pending(session, job.id)
+        started, finished = job.started_at, job.finished_at
+        wall = (
+            (as_utc(finished) - as_utc(started)).total_seconds() if started and finished else None
+        )
+        return {
+            "name": name,
+            "job_id": job.id,
+            "model": job.model_name,
+            "source": found.source,
+            "runs": found.runs,
+            "state": str(job.state),
+            "items": job.total_items if job.sealed else None,
+            "done": job.done_items,
+            "reused": job.reused_items,
+            "failed": job.failed_items,
+            "failure_reasons": dict(reasons),
+            "failed_examples": examples,
+            "in_flight_batches": stuck,
+            "duplicates": found.duplicates,
+            "wall_s": None if wall is None else round(wall, 1),
+            "items_per_s": round(job.done_items / wall, 1) if wall else None,
+            "workers": [
+                {"host": host, "pid": pid, "texts": texts, "batches": batches}
+                for host, pid, texts, batches in shares
+            ],
+            "options": dict(found.options),
+            "model_files": model_files.model_files(job),
+        }

@@ -1,0 +1,249 @@
+"""Backfill runs without a broker: a SQLite store in a temporary folder, and a fake send that
+holds each batch's message as a queue would and runs it with the fake engine (``tests.fakes``)
+only when the backfill waits for room, as slow workers would."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage import ledger
+from storage.models import Base
+from storage.session import dispose_all, make_engine, scope, session_factory
+from tasks import backfill
+from tasks.backfill.chunks import chunks
+from tasks.embed import embed_batch
+from tasks.message import BatchMessage
+from tasks.readers import Row
+from tests.fakes import FakeEngine
+from worker.settings import Settings
+
+MODEL = "fake"
+FILE_A, FILE_B = "a" * 64, "b" * 64
+
+
+@dataclass
+class Store:
+    url: str
+    sessions: sessionmaker[Session]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)
+    yield Store(url, session_factory(engine))
+    engine.dispose()
+    dispose_all()  # summary's engine on the same file
+
+
+class Workers:
+    """The send function and the workers behind it. A message waits in ``held`` until the
+    backfill reports its progress twice without sending in between (it is waiting for room or
+    for the end); then the oldest one runs."""
+
+    def __init__(self, sessions: sessionmaker[Session], model_file: str = FILE_A) -> None:
+        self.sessions = sessions
+        self.model_file = model_file
+        self.held: deque[BatchMessage] = deque()
+        self.sent: list[BatchMessage] = []
+        self.pending_at_send: list[int] = []
+        """The job's unfinished batches in the ledger when each message was sent (its own
+        included)."""
+        self._sent_since_report = False
+
+    def send(self, message: BatchMessage) -> None:
+        with scope(self.sessions) as session:
+            self.pending_at_send.append(ledger.count_pending(session, message.job_id))
+        self.sent.append(message)
+        self.held.append(message)
+        self._sent_since_report = True
+
+    def report(self, _progress: backfill.BackfillProgress) -> None:
+        if not self._sent_since_report and self.held:
+            message = self.held.popleft()
+            with scope(self.sessions) as session:
+                embed_batch(
+                    session,
+                    FakeEngine(),
+                    message,
+                    provider=FakeEngine.provider,
+                    model_sha256=self.model_file,
+                )
+        self._sent_since_report = False
+
+
+@dataclass
+class Source:
+    """A backfill source held in a list."""
+
+    items: list[Row]
+    description: str = "a list"
+
+    def count(self) -> int | None:
+        return len(self.items)
+
+    def rows(self) -> Iterator[Row]:
+        return iter(self.items)
+
+
+def source(pairs: list[tuple[str, str]]) -> Source:
+    return Source([Row(position, item, text) for position, (item, text) in enumerate(pairs)])
+
+
+def texts(count: int, start: int = 0) -> list[tuple[str, str]]:
+    return [(f"doc-{i}", "word " * (1 + i % 7) + str(i)) for i in range(start, start + count)]
+
+
+SETTINGS = Settings(job_batch_size=4, backfill_max_in_flight=2, stuck_after=5)
+
+
+def run(
+    store: Store,
+    rows: Source,
+    name: str = "docs",
+    workers: Workers | None = None,
+    **options: object,
+) -> tuple[backfill.BackfillProgress, Workers]:
+    workers = workers or Workers(store.sessions)
+    opts = backfill.Options(name=name, model=MODEL, **options)  # type: ignore[arg-type]
+    job = backfill.BackfillRun(rows, opts, SETTINGS, sessions=store.sessions, send=workers.send)
+    job.poll_s = 0.0
+    return job.run(workers.report), workers
+
+
+def counts(store: Store, name: str = "docs") -> tuple[str, int | None, int, int]:
+    """A backfill's state, items, done and failed, from its summary."""
+    outcome = backfill.summary(store.url, name)
+    return outcome["state"], outcome["items"], outcome["done"], outcome["failed"]
+
+
+def sent_ids(workers: Workers) -> list[str]:
+    return sorted(i for m in workers.sent for i in m.item_ids)
+
+
+def test_limits_not_given_are_the_settings() -> None:
+    settings = Settings(job_batch_size=4, backfill_max_in_flight=2, stuck_after=5)
+    given = backfill.Options(name="n", model=MODEL, max_in_flight=3, batch_chars=100)
+    assert backfill.Limits.of(given, settings) == backfill.Limits(
+        batch_size=4, batch_chars=100, max_in_flight=3, stuck_after=5.0, sweep_interval=30.0
+    )
+
+
+def test_rows_are_sorted_by_length_within_a_window_and_cut_by_count_and_characters() -> None:
+    lengths = [5, 1, 4, 2, 9, 3, 8, 7, 6]
+    rows = [Row(i, f"r{i}", "x" * n) for i, n in enumerate(lengths)]
+    cut = [[len(r.text) for r in chunk] for chunk in chunks(iter(rows), 2, 100, window=2)]
+    # Windows of 4 rows (2 batches of 2), each sorted; the last window holds what is left.
+    assert cut == [[1, 2], [4, 5], [3, 7], [8, 9], [6]]
+    by_chars = [[len(r.text) for r in chunk] for chunk in chunks(iter(rows), 9, 10)]
+    assert by_chars == [[1, 2, 3, 4], [5, 6], [7, 8], [9]]
+
+
+def test_a_run_sends_every_row_once_in_batches_and_settles_the_job(store: Store) -> None:
+    progress, workers = run(store, source(texts(18)))
+    assert (progress.sent, progress.batches, progress.finished) == (18, 5, True)
+    assert [len(m.texts) for m in workers.sent] == [4, 4, 4, 4, 2]
+    assert sent_ids(workers) == sorted(f"doc-{i}" for i in range(18))
+    assert [m.batch_index for m in workers.sent] == [0, 1, 2, 3, 4]
+    outcome = backfill.summary(store.url, "docs")
+    assert counts(store) == ("succeeded", 18, 18, 0)
+    assert outcome["options"] == {
+        "batch_size": 4,
+        "batch_chars": backfill.options.BATCH_CHARS,
+        "max_in_flight": 2,
+        "stuck_after": 5.0,
+        "sweep_interval": 30.0,
+        "retry_failed": False,
+    }
+    assert outcome["model_files"] == [FILE_A]
+    assert (outcome["runs"], outcome["in_flight_batches"]) == (1, 0)
+
+
+def test_never_more_than_max_in_flight_batches_are_unfinished(store: Store) -> None:
+    _, workers = run(store, source(texts(40)), max_in_flight=3)
+    assert len(workers.sent) == 10
+    assert max(workers.pending_at_send) == 3  # reached, never passed
+    assert workers.pending_at_send[:3] == [1, 2, 3]
+
+
+def test_a_second_run_sends_only_what_the_store_does_not_hold(store: Store) -> None:
+    run(store, source(texts(10)))
+    again, workers = run(store, source(texts(10) + texts(3, start=10)))
+    assert (again.sent, again.skipped, again.duplicates) == (3, 10, 0)
+    assert sent_ids(workers) == ["doc-10", "doc-11", "doc-12"]
+    assert counts(store) == ("succeeded", 13, 13, 0)
+    assert backfill.summary(store.url, "docs")["runs"] == 2
+
+
+def test_an_id_met_again_in_the_source_is_a_duplicate_and_sent_once(store: Store) -> None:
+    pairs = texts(16)
+    pairs[10] = ("doc-0", "another text under a known id")  # a later window
+    pairs[12] = ("doc-1", "and another")
+    pairs[3] = ("doc-2", "a repeat in the same window")
+    progress, workers = run(store, source(pairs), batch_size=1)
+    assert (progress.duplicates, progress.sent, progress.skipped) == (3, 13, 0)
+    ids = [i for m in workers.sent for i in m.item_ids]
+    assert len(ids) == len(set(ids)) == 13
+    outcome = backfill.summary(store.url, "docs")
+    assert (outcome["duplicates"], outcome["items"], outcome["state"]) == (3, 13, "succeeded")
+
+
+def test_texts_the_content_cache_holds_are_copied_not_sent(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    run(store, source(texts(8)))
+    renamed = [(f"copy-{i}", text) for i, (_, text) in enumerate(texts(8))]
+    other_file = Workers(store.sessions, model_file=FILE_B)
+    with caplog.at_level(logging.WARNING, logger="tasks.embed"):
+        progress, workers = run(store, source([*renamed, *texts(2, start=50)]), "again", other_file)
+    assert (progress.reused, progress.sent) == (8, 2)
+    assert sent_ids(workers) == ["doc-50", "doc-51"]
+    outcome = backfill.summary(store.url, "again")
+    assert (outcome["reused"], outcome["done"], outcome["state"]) == (8, 10, "succeeded")
+    # The copies came from file A; the two new texts were embedded by file B.
+    assert outcome["model_files"] == [FILE_A, FILE_B]
+    assert "batch made by another model file" in caplog.text
+
+
+def test_unusable_rows_fail_with_their_reason_and_retry_failed_sends_only_them(
+    store: Store,
+) -> None:
+    pairs = texts(10)
+    broken = source(pairs)
+    broken.items[3] = Row(3, "#3", "", "row 3 is not JSON")
+    broken.items[6] = Row(6, "doc-6", "  \t ")
+    progress, _ = run(store, broken)
+    assert (progress.sent, progress.failed_here, progress.failed) == (8, 2, 2)
+    outcome = backfill.summary(store.url, "docs")
+    assert counts(store) == ("partially_failed", 10, 8, 2)
+    assert outcome["failure_reasons"] == {
+        "row 3 is not JSON": 1,
+        "empty or whitespace-only text": 1,
+    }
+    assert sorted(outcome["failed_examples"]) == ["#3", "doc-6"]
+
+    again, workers = run(store, broken)  # without --retry-failed, failures stay
+    assert (again.sent, again.skipped, workers.sent) == (0, 10, [])
+
+    fixed = source(pairs)
+    fixed.items[3] = Row(3, "#3", "the row, readable now")
+    retried, workers = run(store, fixed, retry_failed=True)
+    assert (retried.sent, retried.skipped) == (2, 8)
+    assert sent_ids(workers) == ["#3", "doc-6"]
+    assert counts(store) == ("succeeded", 10, 10, 0)
+
+
+def test_another_model_under_the_same_name_is_refused(store: Store) -> None:
+    run(store, source(texts(2)))
+    opts = backfill.Options(name="docs", model="another")
+    other = backfill.BackfillRun(source(texts(2)), opts, SETTINGS, sessions=store.sessions)
+    with pytest.raises(backfill.BackfillError, match="embeds with 'fake', not 'another'"):
+        other.run()
