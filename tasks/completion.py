@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import redis
+from sqlalchemy import Row
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def _client(url: str) -> redis.Redis | None:
     return _clients[key]
 
 
-def status_of(row: Any) -> dict[str, Any]:
+def status_of(row: Row[*tuple[Any, ...]]) -> dict[str, Any]:
     """The status dict ``JobHandle.status`` returns, from a ``repository.job_status`` row."""
     return {
         "id": row.id,

@@ -29,7 +29,7 @@ from celery import Task
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import ledger, repository
+from storage import ledger, model_files, repository
 from storage.models import BatchState
 from storage.session import scope
 from tasks import completion, names, retry
@@ -78,8 +78,10 @@ def embed_batch(
     *,
     provider: str,
     on_progress: Progress | None = None,
+    model_sha256: str | None = None,
 ) -> Outcome:
-    """Embed one batch and store vectors, statistics, the batch's end and the job's progress."""
+    """Embed one batch and store vectors, statistics, the batch's end and the job's progress;
+    ``model_sha256`` (the ONNX file's, from its manifest) is recorded as the job's model file."""
     started = time.time()
     try:
         result = engine.encode(message.texts, on_progress)
@@ -110,6 +112,17 @@ def embed_batch(
     ]
     stored = repository.upsert_embeddings(session, rows)
     repository.cache_vectors(session, message.model, stored)
+    if model_sha256 is not None and stored:  # the vectors this delivery wrote
+        first = model_files.record_model_file(session, message.job_id, model_sha256)
+        if first is not None:
+            logger.warning(
+                "batch made by another model file: job=%s batch=%d file=%s job's file=%s",
+                message.job_id,
+                message.batch_index,
+                model_sha256,
+                first,
+                extra={"job": message.job_id, "batch": message.batch_index},
+            )
     ledger.finish(session, message.job_id, message.batch_index, BatchState.DONE)
     write_ms = (time.perf_counter() - w0) * 1000
     wait_ms = max(0.0, (started - message.enqueued_at) * 1000)
@@ -228,9 +241,15 @@ def run_message(
         reason = f"positions up to {max(message.positions)} in a job of {claim.job_total} items"
         with scope(sessions) as session:
             return fail_batch(session, message, f"malformed batch: {reason}")
+    manifest = getattr(engine, "manifest", None)  # a test's fake engine has none
     with scope(sessions) as session:
         return embed_batch(
-            session, engine, message, provider=engine.provider, on_progress=on_progress
+            session,
+            engine,
+            message,
+            provider=engine.provider,
+            on_progress=on_progress,
+            model_sha256=None if manifest is None else manifest.onnx_sha256,
         )
 
 

@@ -24,8 +24,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+import redis
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -42,6 +44,8 @@ LEASE = "reconciler"
 Publish = Callable[[BatchMessage, str], None]
 Presence = Callable[[set[str]], set[str]]
 """Given task ids, the ones whose message the broker still holds."""
+Overdue = tuple[int, str, int, datetime]
+"""An overdue batch as a sweep found it: its row id, job, index and last progress."""
 
 
 @dataclass
@@ -124,13 +128,13 @@ class Reconciler:
         except IntegrityError:  # another worker created the lease row first
             return False
 
-    def _absent(self, batches: list[tuple[int, str, int, Any]]) -> list[tuple[int, str, int, Any]]:
+    def _absent(self, batches: list[Overdue]) -> list[Overdue]:
         if self.presence is None:
             return batches
         held = self.presence({task_id(job, index) for _, job, index, _ in batches})
         return [b for b in batches if task_id(b[1], b[2]) not in held]
 
-    def _settle(self, batch_id: int, job_id: str, index: int, seen: Any) -> tuple[str, bool]:
+    def _settle(self, batch_id: int, job_id: str, index: int, seen: datetime) -> tuple[str, bool]:
         """Re-publish or fail one lost batch, unless it moved since it was found overdue."""
         with scope(self.sessions) as session:
             batch = ledger.get_batch(session, job_id, index)
@@ -184,8 +188,6 @@ def redis_presence(url: str, queues: Iterable[str] = tuple(names.Queue)) -> Pres
     """A presence check on a kombu Redis broker: which task ids have a message in the queue
     lists (with kombu's priority sub-lists) or among the unacknowledged messages (running,
     waiting for a countdown, or held by a worker that died and not yet restored)."""
-    import redis
-
     client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
     keys = [key for queue in queues for key in (queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9)))]
 
