@@ -9,13 +9,20 @@ so the main job works on a laptop with nothing else running.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from redis.exceptions import RedisError
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 from storage import ledger, repository
 from storage.models import Job, JobState
@@ -25,6 +32,9 @@ from tasks.message import BatchMessage, check_ids, check_name, task_id
 from worker.errors import EmbedqError, InputError, UnavailableError
 from worker.settings import get_settings
 from worker.validation import validate
+
+if TYPE_CHECKING:
+    from kombu.messaging import Producer
 
 TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.PARTIALLY_FAILED}
 # A job may hold many batches; the per-call limit applies to one batch, this to one job.
@@ -46,7 +56,7 @@ class JobHandle:
     submitted_at: float | None = None
     """When ``submit`` made this handle (epoch seconds); ``None`` for a handle made later."""
 
-    def _scope(self) -> Any:
+    def _scope(self) -> AbstractContextManager[Session]:
         return scope(sessions_for(self.database_url))
 
     def status(self) -> dict[str, Any]:
@@ -213,7 +223,7 @@ def message_for(job_id: str, model: str, batch: ledger.NewBatch, now: float) -> 
 def register_model(source: str, name: str, options: dict[str, Any] | None = None) -> None:
     """Record where the fleet gets model ``name``: a worker host that lacks it prepares it from
     ``source`` with ``options`` (those of ``embedq models pull``) when a batch first needs it."""
-    from tasks.download import check_options
+    from tasks.download import check_options  # it imports the celery app: see _producer
 
     if not name or name.startswith(".") or any(c in name for c in "/\\"):
         raise InputError(f"{name!r} is not a usable model name")
@@ -241,11 +251,9 @@ _migrated: set[str] = set()
 def ensure_schema(url: str) -> None:
     """Create or migrate the schema once per process (local mode needs no `db upgrade`)."""
     if url not in _migrated:
-        from storage import schema
+        from storage import schema  # alembic, needed once per process and only here
 
         if url.startswith("sqlite:///"):
-            from pathlib import Path
-
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         schema.upgrade(url)
         _migrated.add(url)
@@ -256,8 +264,10 @@ def publish(messages: Sequence[BatchMessage], queue: names.Queue) -> None:
     Raises ``UnavailableError`` when the broker cannot be reached."""
     settings = get_settings()
     if settings.local_mode:
+        # Local mode runs the task's code here: the engine, onnxruntime and tokenizers are
+        # imported only in this case, never by a producer that sends.
         from tasks import retry
-        from tasks.embed import fail_raw, run_message  # local mode: the task's code, here
+        from tasks.embed import fail_raw, run_message
         from worker import lifecycle
 
         for message in messages:
@@ -267,24 +277,24 @@ def publish(messages: Sequence[BatchMessage], queue: names.Queue) -> None:
             except Exception as exc:  # no retries in local mode: the batch ends with the reason
                 fail_raw(lifecycle.get_sessions(), raw, retry.describe(exc))
         return
-    from kombu.exceptions import KombuError
-    from redis.exceptions import RedisError
+    from kombu.exceptions import KombuError  # kombu comes with celery: loaded to send only
 
+    url = settings.celery_broker()  # the configured broker: not local mode
     errors = (KombuError, RedisError, OSError)
     try:
-        _send(messages, queue, settings.broker_url, batched=True)
+        _send(messages, queue, url, batched=True)
     except errors:
         # Most likely a connection the broker dropped (it restarted): once more on a new one,
         # message by message with kombu's reconnecting retries. A batch that did get through
         # the first time is then sent twice, which the ledger makes harmless (its second
         # delivery finds the batch claimed or ended).
-        _drop_connection(settings.broker_url)
+        _drop_connection(url)
         try:
-            _send(messages, queue, settings.broker_url, batched=False)
+            _send(messages, queue, url, batched=False)
         except errors as exc:
-            _drop_connection(settings.broker_url)
+            _drop_connection(url)
             raise UnavailableError(
-                f"the broker at {_redacted(settings.broker_url)} cannot be reached: {exc}"
+                f"the broker at {_redacted(url)} cannot be reached: {exc}"
             ) from exc
 
 
@@ -292,10 +302,10 @@ def _send(messages: Sequence[BatchMessage], queue: names.Queue, url: str, batche
     """Send the messages by task name on this thread's producer. Batched: every message and
     its task-sent event leave in one Redis pipeline, one round trip for the whole job (sent
     one by one, each message and each event was a round trip and a new redis-py client)."""
-    from worker.app import app
+    from worker.app import app  # celery: see _producer
 
     producer = _producer(url)
-    with producer.batch() if batched else contextlib.nullcontext():
+    with producer.batch() if batched else contextlib.nullcontext():  # type: ignore[no-untyped-call]
         for message in messages:
             app.send_task(
                 names.EMBED,
@@ -308,26 +318,21 @@ def _send(messages: Sequence[BatchMessage], queue: names.Queue, url: str, batche
 
 
 def _redacted(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL SQLAlchemy can parse: show its scheme only
         return url.split("://", 1)[0] + "://..."
 
 
-_producers: dict[tuple[int, int, str], Any] = {}
+_producers: dict[tuple[int, int, str], Producer] = {}
 
 
-def _producer(url: str) -> Any:
+def _producer(url: str) -> Producer:
     """This thread's producer on the broker the settings name now (not when the app was
     built), kept with its connection: opening one and declaring the queues again cost 4-5 ms,
     more than the rest of a one-text submit. Kombu connections are not shared between threads
     or processes."""
-    import os
-    import threading
-
-    from worker.app import app
+    from worker.app import app  # celery: loaded when a job is first sent, not to submit locally
 
     key = (os.getpid(), threading.get_ident(), url)
     if key not in _producers:
@@ -337,9 +342,6 @@ def _producer(url: str) -> Any:
 
 def _drop_connection(url: str) -> None:
     """Forget this thread's broken connection, so the next send opens a new one."""
-    import os
-    import threading
-
     producer = _producers.pop((os.getpid(), threading.get_ident(), url), None)
     if producer is not None:
         with contextlib.suppress(Exception):  # already broken; nothing to release
