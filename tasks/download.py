@@ -9,6 +9,9 @@ is re-enqueued with a countdown, so no worker slot waits for the download. The d
 through the model store, whose file lock keeps two workers on a host from preparing a model at
 once; it records the host ready, or failed with the reason, and a batch that finds its host
 failed fails its items with that reason.
+
+``worker.model_store`` is imported where it is used: it loads onnxruntime, and the producer
+imports this module for ``check_options``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -27,6 +30,7 @@ from storage import repository
 from storage.models import ModelState, as_utc
 from storage.session import dispose_all, scope
 from tasks import names
+from worker import lifecycle
 from worker.app import app
 from worker.errors import (
     EmbedqError,
@@ -37,6 +41,9 @@ from worker.errors import (
 )
 from worker.manifest import Manifest, Pooling, Precision
 from worker.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from worker.model_store import PullOptions
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +80,9 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in options.items() if value is not None}
 
 
-def pull_options(options: dict[str, Any]) -> Any:
+def pull_options(options: dict[str, Any]) -> PullOptions:
     """Catalog options as the model store's ``PullOptions``."""
-    from worker.model_store import PullOptions
+    from worker.model_store import PullOptions  # onnxruntime: not for a producer (see top)
 
     values = check_options(options)
     if "precision" in values:
@@ -115,7 +122,7 @@ def prepare_here(name: str, sessions: sessionmaker[Session], settings: Settings)
     (an unexpected exception, such as an ``OSError`` from a damaged file, is one too); a
     transient one (``SourceUnavailableError``) is raised for the caller to retry.
     """
-    from worker.model_store import ModelStore
+    from worker.model_store import ModelStore  # onnxruntime: not for a producer (see top)
 
     host = settings.host_name
     with scope(sessions) as session:
@@ -191,8 +198,6 @@ def request(name: str, sessions: sessionmaker[Session], settings: Settings) -> N
 
 
 def _sessions() -> sessionmaker[Session]:
-    from worker import lifecycle
-
     return lifecycle.get_sessions()
 
 
@@ -222,7 +227,7 @@ class DownloadTask(Task):  # type: ignore[misc]
 
 
 @app.task(name=names.DOWNLOAD, base=DownloadTask, bind=True, ignore_result=True, max_retries=3)  # type: ignore[untyped-decorator]
-def download(self: Any, name: str) -> dict[str, Any]:
+def download(self: DownloadTask, name: str) -> dict[str, str | int]:
     """Prepare model ``name`` on this host from the catalog. Every way out records the host's
     state: ready; failed at once with the reason (a permanent error, or an unexpected one);
     or, for a transient error, retried with backoff and then recorded failed."""
@@ -252,7 +257,7 @@ def download(self: Any, name: str) -> dict[str, Any]:
 def report_models() -> None:
     """Record this host's prepared models when a worker starts, so the ``models`` table shows
     what each host can serve without waiting for a batch (``tasks.fleet``)."""
-    from worker.model_store import ModelStore
+    from worker.model_store import ModelStore  # onnxruntime: not for a producer (see top)
 
     settings = get_settings()
     try:
