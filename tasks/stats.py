@@ -115,7 +115,7 @@ def plot(
 ) -> int:
     """Draw texts/s and batch latency (p50, p95) over time into ``out`` (a PNG); returns the
     number of batches drawn. Needs matplotlib (``pip install 'embedq[plot]'``)."""
-    try:
+    try:  # matplotlib is an optional extra, and slow to import: only when a plot is asked for
         import matplotlib
 
         matplotlib.use("Agg")
@@ -125,8 +125,8 @@ def plot(
     fields = ("created_at", "texts", "total_ms")
     after = None if since is None else datetime.now(UTC) - since
     with scope(sessions_for(database_url)) as session:
-        rows: list[tuple[Any, ...]] = [
-            tuple(row[1:])
+        rows: list[tuple[datetime, int, float]] = [
+            (row[1], row[2], row[3])
             for row in batch_stats.list_batch_stats(
                 session, fields, after=after, model=model, job_id=job_id
             )
