@@ -1,0 +1,78 @@
+"""``embedq backfill``: embed a whole source as one resumable job, or show how one went."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from tasks import readers
+from tasks.cli import present
+from tasks.cli.failures import Code, fail
+from tasks.cli.inputs import NamedSource
+from worker.errors import EmbedqError
+from worker.settings import get_settings
+
+
+def backfill(
+    name: Annotated[str, typer.Argument(help="the backfill's name; run it again to resume")],
+    source: Annotated[
+        str | None, typer.Option(help="a .jsonl/.csv/.parquet file, or a SQLAlchemy URL")
+    ] = None,
+    sql: Annotated[str | None, typer.Option(help="query to run against --source")] = None,
+    id_field: Annotated[str | None, typer.Option(help="id field or column (default id)")] = None,
+    text_field: Annotated[
+        str | None, typer.Option(help="text field or column (default text)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="default: EMBEDQ_DEFAULT_MODEL")] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="send the failed items again")
+    ] = False,
+    max_in_flight: Annotated[int | None, typer.Option(help="unfinished batches at most")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Embed a whole source into the store as one resumable job on the bulk queue, with a live
+    progress bar; with only NAME, show that backfill's summary and failed items."""
+    from tasks import backfill as backfills  # loads numpy (through the producer)
+    from tasks.producer import ensure_schema  # loads numpy
+
+    settings = get_settings()
+    try:
+        if source is not None:
+            if settings.local_mode:
+                ensure_schema(settings.database_url)
+            reader = NamedSource(
+                readers.open_source(source, id_field=id_field, text_field=text_field, sql=sql),
+                source,
+            )
+            options = backfills.Options(
+                name=name,
+                model=model or settings.default_model or "",
+                batch_size=settings.job_batch_size,
+                max_in_flight=max_in_flight or settings.backfill_max_in_flight,
+                stuck_after=settings.stuck_after,
+                retry_failed=retry_failed,
+            )
+            if not options.model:
+                raise EmbedqError("no --model given and EMBEDQ_DEFAULT_MODEL is not set")
+            run = backfills.BackfillRun(reader, options, settings)
+            if as_json:
+                run.run()
+            else:
+                present.run_with_bar(run)
+        outcome = backfills.summary(settings.database_url, name)
+    except EmbedqError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(outcome, indent=2))
+    else:
+        present.backfill_summary(outcome)
+    if outcome["state"] != "succeeded":
+        ended = "ended" if outcome["state"] in ("failed", "partially_failed") else "is"
+        typer.echo(
+            f"error: backfill {name} {ended} {outcome['state']}: {outcome['done']} done,"
+            f" {outcome['failed']} failed of {outcome['items'] or 'unsealed'} items",
+            err=True,
+        )
+        raise typer.Exit(code=Code.FAILED)

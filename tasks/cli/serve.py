@@ -1,0 +1,83 @@
+"""The commands that start a long-running process: ``worker`` and ``flower``. The processes
+themselves are started by ``tasks.supervisor``; these commands read the options and say what
+is about to run."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from tasks import supervisor
+from tasks.cli import present
+from tasks.cli.failures import Code, fail, redacted
+from worker.errors import EmbedqError
+from worker.settings import get_settings
+
+
+def worker(
+    queues: Annotated[str, typer.Option("--queues", "-Q", help="comma-separated")] = (
+        "interactive,bulk"
+    ),
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", "-c", help="default: one per GPU, else EMBEDQ_PROCESSES"),
+    ] = None,
+    name: Annotated[str, typer.Option("--name", "-n", help="Celery node name")] = "embedq@%h",
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
+) -> None:
+    """Start a Celery worker with embedq's defaults, printed first: prefork, one process per
+    GPU (each bound to its device) or EMBEDQ_PROCESSES x intra-op threads fitted to the cores.
+    A GPU worker first checks that each device really runs the default model on the GPU."""
+    settings, processes = supervisor.sized(concurrency)
+    present.table(
+        {
+            "broker": redacted(settings.celery_broker()),
+            "database": redacted(settings.database_url),
+            "queues": f"{queues} + {settings.download_queue()}",
+            "pool": f"prefork x {processes}",
+            "gpu devices": ",".join(map(str, settings.gpu_devices)) or "none (CPU worker)",
+            "providers": ",".join(settings.providers) or "auto (CUDA when listed, else CPU)",
+            "provider fallback": settings.fallback_policy(),
+            "intra-op threads": f"{settings.threads()} per process (cores: {os.cpu_count()})",
+            "default model": settings.default_model or "none",
+            "model dir": str(settings.model_dir),
+            "time limits": f"batch {settings.task_time_limit}s, download"
+            f" {settings.download_time_limit}s, visibility {settings.visibility()}s",
+        }
+    )
+    device = supervisor.unfit_gpu(settings)
+    if device is not None:
+        typer.echo(f"error: GPU {device} cannot run {settings.default_model}", err=True)
+        raise typer.Exit(code=Code.GPU)
+    supervisor.run_worker(processes, queues, name, loglevel)
+
+
+def flower(
+    port: Annotated[int, typer.Option(help="HTTP port")] = 5555,
+    address: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="no login, for local use only")
+    ] = False,
+) -> None:
+    """Start Flower on this app with basic authentication (EMBEDQ_FLOWER_USER and
+    EMBEDQ_FLOWER_PASSWORD), bound to loopback by default: Flower serves /metrics and
+    /healthcheck without authentication."""
+    settings = get_settings()
+    login = None
+    if settings.flower_user and settings.flower_password:
+        login = (settings.flower_user, settings.flower_password)
+    elif insecure_no_auth:
+        typer.echo("warning: Flower runs without authentication", err=True)
+    else:
+        raise fail(
+            EmbedqError(
+                "set EMBEDQ_FLOWER_USER and EMBEDQ_FLOWER_PASSWORD (or pass --insecure-no-auth"
+                " for local use)"
+            )
+        )
+    typer.echo(
+        f"Flower on http://{address}:{port} for {redacted(settings.celery_broker())}", err=True
+    )
+    supervisor.run_flower(port, address, login)

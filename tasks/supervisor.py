@@ -1,0 +1,71 @@
+"""Starting embedq's long-running processes: a Celery worker sized for this machine, after
+checking that each of its GPUs really runs the default model, and Flower.
+
+GPUs are probed in throwaway processes (``embedq models probe``): the worker's parent must
+create no CUDA context before it forks its pool.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from worker.settings import Settings, get_settings
+
+PROBE = [sys.executable, "-m", "tasks.cli", "models", "probe"]
+"""The command that loads a model on one device and embeds a text (exit 0: it runs there)."""
+
+
+def sized(concurrency: int | None) -> tuple[Settings, int]:
+    """The settings a worker with ``concurrency`` pool processes (default: one per GPU, else
+    ``EMBEDQ_PROCESSES``) runs under, and that number of processes."""
+    settings = get_settings()
+    processes = concurrency or settings.worker_processes()
+    if processes != settings.processes and not settings.gpu_devices:
+        # Children size their ONNX thread pools from EMBEDQ_PROCESSES.
+        os.environ["EMBEDQ_PROCESSES"] = str(processes)
+        get_settings.cache_clear()
+        settings = get_settings()
+    return settings, processes
+
+
+def unfit_gpu(settings: Settings) -> int | None:
+    """The first of the worker's GPUs that cannot run the default model, or ``None`` when each
+    can (or the worker has no GPU or no default model). Each probe prints its own result."""
+    if not (settings.gpu_devices and settings.default_model):
+        return None
+    for device in settings.gpu_devices:
+        done = subprocess.run([*PROBE, settings.default_model, "--device", str(device)])
+        if done.returncode != 0:
+            return device
+    return None
+
+
+def run_worker(processes: int, queues: str, name: str, loglevel: str) -> None:
+    """Run a prefork Celery worker with ``processes`` pool processes until it is stopped."""
+    from worker.app import app  # the Celery app: loaded only to start a process on it
+
+    app.worker_main(
+        [
+            "worker",
+            "--pool=prefork",
+            f"--concurrency={processes}",
+            f"--queues={queues}",
+            f"--hostname={name}",
+            f"--loglevel={loglevel}",
+        ]
+    )
+
+
+def run_flower(port: int, address: str, login: tuple[str, str] | None) -> None:
+    """Run Flower on the app until it is stopped: behind basic authentication with ``login``
+    (user, password), or, with ``None``, without any."""
+    argv = ["flower", f"--port={port}", f"--address={address}"]
+    if login is None:
+        os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
+    else:
+        argv.append(f"--basic-auth={login[0]}:{login[1]}")
+    from worker.app import app  # the Celery app: loaded only to start a process on it
+
+    app.start(argv)
