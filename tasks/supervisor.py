@@ -2,7 +2,10 @@
 checking that each of its GPUs really runs the default model, and Flower.
 
 GPUs are probed in throwaway processes (``embedq models probe``): the worker's parent must
-create no CUDA context before it forks its pool.
+create no CUDA context before it forks its pool. Flower without a login is started as a program
+of its own, because Flower reads ``FLOWER_UNAUTHENTICATED_API`` from its environment (at each
+request, with no option for it): this process hands the variable to that program rather than
+setting it in its own environment.
 """
 
 from __future__ import annotations
@@ -60,12 +63,14 @@ def run_worker(processes: int, queues: str, name: str, loglevel: str) -> None:
 
 def run_flower(port: int, address: str, login: tuple[str, str] | None) -> None:
     """Run Flower on the app until it is stopped: behind basic authentication with ``login``
-    (user, password), or, with ``None``, without any."""
+    (user, password), or, with ``None``, without any (this process becomes Flower)."""
     argv = ["flower", f"--port={port}", f"--address={address}"]
     if login is None:
-        os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
-    else:
-        argv.append(f"--basic-auth={login[0]}:{login[1]}")
+        command = [sys.executable, "-m", "celery", "--app=worker.app:app", *argv]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, command, {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true"})
     from worker.app import app  # the Celery app: loaded only to start a process on it
 
-    app.start(argv)
+    user, password = login
+    app.start([*argv, f"--basic-auth={user}:{password}"])
