@@ -1,4 +1,5 @@
-"""Commands about jobs: ``embed``, ``jobs``, ``job``, ``export``, and ``encode``."""
+"""Commands about jobs: ``embed`` (a queued job), ``jobs``, ``job``, ``export``, and ``encode``
+(the same model run in this process, for a check by hand, with no job at all)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,13 @@ def embed(
     ] = 600,
     out: Annotated[Path | None, typer.Option(help="write float32 vectors to this .npy")] = None,
 ) -> None:
-    """Submit a job (through the queue, or in-process when no broker is configured)."""
+    """Embed texts as a queued job: the workers run it and the job store keeps its vectors.
+
+    The job and its batches are recorded in the store and sent to the workers' queue (with
+    EMBEDQ_BROKER_URL unset, a worker inside this process runs them). `embedq job ID` follows
+    it and `embedq export` reads its vectors back. To try a model by hand in this process, with
+    no queue and nothing stored, use `embedq encode`.
+    """
     import numpy as np  # numpy: loaded only for the .npy this command may write
 
     from tasks import producer  # the producer loads numpy
@@ -120,7 +127,12 @@ def encode(
     file: Annotated[Path, typer.Option("--file", "-f", help="JSON Lines: strings or {text}")],
     out: Annotated[Path | None, typer.Option(help="write float32 vectors to this .npy")] = None,
 ) -> None:
-    """Embed a JSON Lines file in this process (no queue), for checking a model by hand."""
+    """Embed a file in this process to check a model by hand: no queue, no job, nothing stored.
+
+    The prepared model is loaded here, as a worker would load it, and the vectors are printed
+    (or written to --out) with the time taken; the job store and the broker are not used. To
+    embed texts as a job that the workers run and the store keeps, use `embedq embed`.
+    """
     import numpy as np  # numpy, onnxruntime and tokenizers: loaded only to run a model here
 
     from worker.engine import Engine
