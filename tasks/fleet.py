@@ -16,23 +16,33 @@ import logging
 import os
 import random
 import threading
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
-from celery import bootsteps
+from celery import Task, bootsteps
 from celery.signals import task_failure
 
-from tasks import completion, names
+from tasks import completion, download, names
+from tasks.embed import fail_raw
 from tasks.message import BatchMessage, task_id
+from tasks.reconciler import Reconciler, redis_presence
 from worker import lifecycle, metrics
+from worker.app import app
 from worker.settings import get_settings
+
+if TYPE_CHECKING:
+    from celery.worker import WorkController
+    from kombu.connection import Connection
 
 logger = logging.getLogger(__name__)
 
 
-def record_lost(sender: Any, exception: BaseException, args: Any = None, **_: Any) -> None:
+def record_lost(
+    sender: Task | None, exception: BaseException, args: Sequence[Any] | None = None, **_: object
+) -> None:
     """``task_failure`` in the worker's parent: end a batch its pool process could not."""
-    if getattr(sender, "name", None) != names.EMBED:
+    if sender is None or sender.name != names.EMBED:
         return
     if isinstance(exception, WorkerLostError):
         deaths = getattr(sender.request, "retries", 0) + 1
@@ -41,8 +51,6 @@ def record_lost(sender: Any, exception: BaseException, args: Any = None, **_: An
         reason = f"the batch ran past the hard time limit ({exception}s) and was stopped"
     else:
         return  # the task itself recorded every other failure
-    from tasks.embed import fail_raw
-
     raw = args[0] if args else None
     try:
         outcome = fail_raw(lifecycle.get_sessions(), raw, reason)
@@ -62,8 +70,6 @@ class ReconcilerThread(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        from tasks.reconciler import Reconciler, redis_presence
-
         settings = get_settings()
         broker = settings.celery_broker()
         presence = redis_presence(broker) if broker.startswith(("redis://", "rediss://")) else None
@@ -93,11 +99,9 @@ class _Publisher:
     """Publishes from the reconciler's thread on a broker connection of its own."""
 
     def __init__(self) -> None:
-        self._connection: Any = None
+        self._connection: Connection | None = None
 
     def send(self, message: BatchMessage, queue: str) -> None:
-        from worker.app import app
-
         if self._connection is None:
             self._connection = app.connection_for_write()
         try:
@@ -120,19 +124,17 @@ class FleetStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     requires = ("celery.worker.components:Pool",)
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
+    def __init__(self, parent: WorkController, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.thread: ReconcilerThread | None = None
 
-    def start(self, parent: Any) -> None:
-        from tasks import download
-
+    def start(self, parent: WorkController) -> None:
         task_failure.connect(record_lost, weak=False)
         download.report_models()
         self.thread = ReconcilerThread()
         self.thread.start()
 
-    def stop(self, parent: Any) -> None:
+    def stop(self, parent: WorkController) -> None:
         if self.thread is not None:
             self.thread.stopping.set()
             self.thread.join(timeout=5)
