@@ -4,7 +4,7 @@ model comes from, and see what each host has prepared and what a model runs on h
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -13,7 +13,7 @@ from storage.session import scope, sessions_for
 from tasks.cli import present
 from tasks.cli.failures import fail
 from worker.errors import EmbedqError
-from worker.manifest import Pooling, Precision
+from worker.manifest import Pooling, Precision, dump
 from worker.settings import get_settings
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def _options(
     max_seq_length: int | None,
     pooling: Pooling | None,
     normalize: bool | None,
-) -> dict[str, Any]:
+) -> dict[str, str | int | bool]:
     """The pull options as the catalog stores them (JSON), checked."""
     if quantize not in (None, "int8"):
         raise typer.BadParameter("only int8 is supported", param_hint="--quantize")
@@ -176,7 +176,6 @@ def show(name: str) -> None:
     """Show a model's manifest, the runtime and precision it would run in on this machine, and
     the execution providers this machine offers."""
     from worker import providers, runtimes  # load onnxruntime
-    from worker.manifest import dump
 
     try:
         manifest = _store().get(name)

@@ -15,11 +15,11 @@ import typer
 
 from storage.models import Batch, Job, PreparedModel, as_utc
 from tasks.cli.failures import one_line
+from worker.manifest import Manifest
 
 if TYPE_CHECKING:
     from tasks.backfill import BackfillProgress, BackfillRun
     from worker.engine import EncodeStats
-    from worker.manifest import Manifest
 
 
 def run_with_bar(run: BackfillRun) -> None:
