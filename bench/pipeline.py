@@ -149,7 +149,7 @@ def install_worker_probe(folder: Path) -> None:
     from celery.signals import task_postrun, task_prerun, task_received
 
     from storage import ledger
-    from tasks import completion, embed
+    from tasks import batches, completion
     from worker import engine
 
     parent = Marks()
@@ -180,9 +180,9 @@ def install_worker_probe(folder: Path) -> None:
     task_prerun.connect(prerun, weak=False)
     task_postrun.connect(postrun, weak=False)
     atexit.register(flush_parent)
-    embed.run_message = _timed(child, "run", "run_end", embed.run_message)
+    batches.run_message = _timed(child, "run", "run_end", batches.run_message)
     ledger.claim = _timed(child, "claim", "claim_end", ledger.claim)
-    embed.embed_batch = _timed(child, "batch", "batch_end", embed.embed_batch)
+    batches.embed_batch = _timed(child, "batch", "batch_end", batches.embed_batch)
     engine.Engine.encode = _timed(child, "encode", "encode_end", engine.Engine.encode)
     completion.signal = _timed(child, "signal", "signal_end", completion.signal)
     if os.environ.get(SPIN_ENV) == "0":

@@ -24,7 +24,7 @@ from celery import Task, bootsteps
 from celery.signals import task_failure
 
 from tasks import completion, download, names
-from tasks.embed import fail_raw
+from tasks.batches import fail_raw
 from tasks.message import BatchMessage, task_id
 from tasks.reconciler import Reconciler, redis_presence
 from worker import lifecycle, metrics

@@ -23,6 +23,8 @@ class FakeEngine:
 
     provider = "FakeProvider"
     precision = "fp32"
+    model_sha256 = hashlib.sha256(b"FakeEngine").hexdigest()
+    """Stands for the model file's hash, which the worker records with each job."""
 
     def __init__(self, dim: int = 8, max_tokens: int = 256, micro_batch: int = 16) -> None:
         self._dim = dim

@@ -76,10 +76,19 @@ Progress = Callable[[int, int], None]
 
 
 class Embedder(Protocol):
-    """What a task needs of an engine; tests pass a deterministic fake."""
+    """What a task needs of an engine; tests pass a deterministic fake, held to the same
+    contract (``tests/integration/test_engine_contract.py``)."""
+
+    provider: str
+    """The execution provider that really runs the model (``CPUExecutionProvider``...)."""
 
     @property
     def dim(self) -> int: ...
+
+    @property
+    def model_sha256(self) -> str | None:
+        """The sha256 of the model file that makes the vectors, recorded with each job."""
+        ...
 
     def encode(self, texts: Sequence[object], on_progress: Progress | None = None) -> Encoding: ...
 
@@ -132,6 +141,10 @@ class Engine:
         self._max_items = settings.max_batch_items
         self._micro_items = settings.micro_batch_size
         self._micro_tokens = settings.micro_batch_tokens
+
+    @property
+    def model_sha256(self) -> str:
+        return self.manifest.onnx_sha256
 
     @classmethod
     def load(cls, folder: Path, settings: Settings, device_id: int | None = None) -> Engine:

@@ -28,6 +28,12 @@ def embedder(request: pytest.FixtureRequest) -> Embedder:
     return engine
 
 
+def test_it_names_its_provider_and_model_file(embedder: Embedder) -> None:
+    assert isinstance(embedder.provider, str) and embedder.provider
+    sha = embedder.model_sha256
+    assert sha is not None and len(sha) == 64 and int(sha, 16) >= 0
+
+
 def test_unit_float32_vectors_one_per_text(embedder: Embedder) -> None:
     vectors = embedder.encode(TEXTS).vectors
     assert vectors.dtype == np.float32

@@ -18,7 +18,7 @@ from storage import schema, session
 from storage.models import Job, JobState
 from storage.session import commit_without_flush, scope, sessions_for
 from tasks import completion, names, producer
-from tasks.embed import embed_batch
+from tasks.batches import embed_batch
 from tests.conftest import require
 from tests.fakes import FakeEngine
 from worker.errors import UnavailableError

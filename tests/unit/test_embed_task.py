@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import ledger, repository, schema
 from storage.models import Job
 from storage.session import make_engine, scope, session_factory
-from tasks.embed import embed_batch
+from tasks.batches import embed_batch
 from tasks.message import BatchMessage
 from tests.fakes import FakeEngine
 
@@ -74,7 +74,7 @@ def test_a_bad_text_fails_the_batch_with_a_stored_reason(sessions: sessionmaker[
 def test_a_malformed_message_fails_its_items_with_a_readable_reason(
     sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks.embed import run_message
+    from tasks.batches import run_message
     from worker import lifecycle
     from worker.settings import get_settings
 
@@ -123,7 +123,7 @@ def test_a_failure_reported_after_the_batch_was_stored_changes_nothing(
 ) -> None:
     """A late delivery that fails (its model broke meanwhile, its process died) must not count
     items another delivery already stored as failed."""
-    from tasks.embed import fail_batch
+    from tasks.batches import fail_batch
 
     batch = payload(["alpha", "beta gamma", "delta"])
     with scope(sessions) as session:
