@@ -23,11 +23,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc, text
+from sqlalchemy import Engine, create_engine, event, exc, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PING_AFTER_IDLE_S = 1.0
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password hidden, for messages and logs (SQLAlchemy and Redis URLs
+    alike)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: keep the scheme and the host only
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}" if rest else "(not a URL)"
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

@@ -13,14 +13,8 @@ from dataclasses import dataclass
 from typing import cast
 
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from storage.session import make_engine
-
-
-def shown_url(url: str) -> str:
-    """``url`` with its password hidden."""
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def count_rows(url: str, query: str) -> int:

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import redis
 from sqlalchemy import Row
@@ -32,6 +32,20 @@ TTL_S = 60  # covers the gap between a waiter's last read of the job row and its
 _clients: dict[tuple[int, int, str], redis.Redis] = {}
 
 
+class JobStatus(TypedDict):
+    """A job's state and counts: what ``JobHandle.status`` and ``wait`` return, and what a
+    completion signal carries (a mapping, as the README shows it, with typed keys)."""
+
+    id: str
+    state: str
+    """A ``storage.models.JobState`` value."""
+    model: str
+    total: int
+    done: int
+    failed: int
+    error: str | None
+
+
 def _client(url: str) -> redis.Redis | None:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
@@ -41,8 +55,8 @@ def _client(url: str) -> redis.Redis | None:
     return _clients[key]
 
 
-def status_of(row: Row[*tuple[Any, ...]]) -> dict[str, Any]:
-    """The status dict ``JobHandle.status`` returns, from a ``repository.job_status`` row."""
+def status_of(row: Row[*tuple[Any, ...]]) -> JobStatus:
+    """The status ``JobHandle.status`` returns, from a ``repository.job_status`` row."""
     return {
         "id": row.id,
         "state": str(row.state),
@@ -54,7 +68,7 @@ def status_of(row: Row[*tuple[Any, ...]]) -> dict[str, Any]:
     }
 
 
-def signal(url: str, job_id: str, status: dict[str, Any] | None = None) -> None:
+def signal(url: str, job_id: str, status: JobStatus | None = None) -> None:
     """Wake the clients waiting for ``job_id``, handing them its final ``status`` when given;
     they poll if this fails, so it only logs."""
     client = _client(url)
@@ -76,7 +90,7 @@ def block(url: str | None, job_id: str, seconds: float) -> bool:
     return receive(url, job_id, seconds)[0]
 
 
-def receive(url: str | None, job_id: str, seconds: float) -> tuple[bool, dict[str, Any] | None]:
+def receive(url: str | None, job_id: str, seconds: float) -> tuple[bool, JobStatus | None]:
     """``block``, and the final status the signal carried (``None`` when it carried none, or
     none came)."""
     client = None if url is None else _client(url)
@@ -91,13 +105,17 @@ def receive(url: str | None, job_id: str, seconds: float) -> tuple[bool, dict[st
     return True, None if popped is None else _status(popped[1], job_id)
 
 
-def _status(raw: bytes | str, job_id: str) -> dict[str, Any] | None:
+def _status(raw: bytes | str, job_id: str) -> JobStatus | None:
     try:
         status = json.loads(raw)
     except ValueError:
         return None
-    if isinstance(status, dict) and status.get("id") == job_id:
-        return status
+    if (
+        isinstance(status, dict)
+        and status.get("id") == job_id
+        and set(status) == set(JobStatus.__annotations__)
+    ):
+        return cast(JobStatus, status)
     return None
 
 

@@ -10,7 +10,7 @@ answering worker consumes them, and ``overdue`` counts batches in the ledger wit
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, dataclass
 
 from celery import Celery
 
@@ -22,7 +22,40 @@ from worker.app import queue_depths
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
-def check(app: Celery, database_url: str, timeout: float, stuck_after: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class WorkerHealth:
+    """One worker that answered: what it consumes, serves and last ran on."""
+
+    name: str
+    queues: list[str]
+    models: list[str]
+    default_model: str | None
+    gpu_devices: list[int]
+    last_provider: str | None
+    fell_back_from_gpu: bool
+
+
+@dataclass(frozen=True)
+class FleetHealth:
+    """What ``embedq health`` reports; ``ok`` is false while work piles up unserved or late."""
+
+    workers: list[WorkerHealth]
+    queues: dict[str, int]
+    """Messages waiting per queue."""
+    unserved: list[str]
+    """Queues holding messages that no answering worker consumes."""
+    overdue_batches: int
+    stuck_after_s: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.unserved and not self.overdue_batches
+
+    def as_json(self) -> dict[str, object]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def check(app: Celery, database_url: str, timeout: float, stuck_after: float) -> FleetHealth:
     """Ask the workers that answer within ``timeout`` seconds, the broker and the store; batches
     with no progress for ``stuck_after`` seconds are overdue (``EMBEDQ_STUCK_AFTER``)."""
     inspect = app.control.inspect(timeout=timeout)
@@ -44,44 +77,37 @@ def check(app: Celery, database_url: str, timeout: float, stuck_after: float) ->
             provider = batch_stats.last_provider(session, host)
             gpu = bool(config.get("gpu_devices"))
             workers.append(
-                {
-                    "name": node,
-                    "queues": sorted(q["name"] for q in active.get(node, [])),
-                    "models": sorted(models),
-                    "default_model": config.get("default_model"),
-                    "gpu_devices": config.get("gpu_devices", []),
-                    "last_provider": provider,
-                    "fell_back_from_gpu": bool(gpu and provider and provider not in GPU_PROVIDERS),
-                }
+                WorkerHealth(
+                    name=node,
+                    queues=sorted(q["name"] for q in active.get(node, [])),
+                    models=sorted(models),
+                    default_model=config.get("default_model"),
+                    gpu_devices=config.get("gpu_devices", []),
+                    last_provider=provider,
+                    fell_back_from_gpu=bool(gpu and provider and provider not in GPU_PROVIDERS),
+                )
             )
     unserved = [queue for queue, depth in depths.items() if depth and queue not in consumed]
-    return {
-        "workers": workers,
-        "queues": depths,
-        "unserved": unserved,
-        "overdue_batches": overdue,
-        "stuck_after_s": stuck_after,
-        "ok": not unserved and not overdue,
-    }
+    return FleetHealth(workers, depths, unserved, overdue, stuck_after)
 
 
-def render(result: dict[str, Any]) -> str:
+def render(result: FleetHealth) -> str:
     lines = []
-    for worker in result["workers"]:
-        fallback = "  FELL BACK FROM GPU" if worker["fell_back_from_gpu"] else ""
+    for worker in result.workers:
+        fallback = "  FELL BACK FROM GPU" if worker.fell_back_from_gpu else ""
         lines.append(
-            f"worker {worker['name']}: queues {','.join(worker['queues'])}; models"
-            f" {','.join(worker['models']) or '-'}; last provider"
-            f" {worker['last_provider'] or '-'}{fallback}"
+            f"worker {worker.name}: queues {','.join(worker.queues)}; models"
+            f" {','.join(worker.models) or '-'}; last provider"
+            f" {worker.last_provider or '-'}{fallback}"
         )
-    if not result["workers"]:
+    if not result.workers:
         lines.append("no worker answered")
-    for queue, depth in result["queues"].items():
-        flag = "  NO WORKER CONSUMES IT" if queue in result["unserved"] else ""
+    for queue, depth in result.queues.items():
+        flag = "  NO WORKER CONSUMES IT" if queue in result.unserved else ""
         lines.append(f"queue {queue}: {depth} messages{flag}")
-    if result["overdue_batches"]:
+    if result.overdue_batches:
         lines.append(
-            f"OVERDUE: {result['overdue_batches']} batches with no progress for over"
-            f" {result['stuck_after_s']:g}s (see `embedq job ID`; workers re-send lost ones)"
+            f"OVERDUE: {result.overdue_batches} batches with no progress for over"
+            f" {result.stuck_after_s:g}s (see `embedq job ID`; workers re-send lost ones)"
         )
     return "\n".join(lines)

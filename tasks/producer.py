@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from redis.exceptions import RedisError
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from storage import ledger, repository
 from storage.models import Job, JobState
-from storage.session import dispose_all, scope, sessions_for
-from tasks import completion, names
+from storage.session import dispose_all, redacted, scope, sessions_for
+from tasks import completion, names, retry
+from tasks.completion import JobStatus
 from tasks.message import BatchMessage, check_ids, check_name, task_id
 from worker.errors import EmbedqError, InputError, UnavailableError
 from worker.settings import get_settings
@@ -59,14 +59,14 @@ class JobHandle:
     def _scope(self) -> AbstractContextManager[Session]:
         return scope(sessions_for(self.database_url))
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> JobStatus:
         with self._scope() as session:
             job = repository.job_status(session, self.id)
         if job is None:
             raise EmbedqError(f"job {self.id} is not in the store")
         return completion.status_of(job)
 
-    def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> JobStatus:
         """Block until the job is finished (succeeded, failed or partially failed).
 
         Between reads of the job row it blocks on the worker's completion signal in Redis for
@@ -266,8 +266,7 @@ def publish(messages: Sequence[BatchMessage], queue: names.Queue) -> None:
     if settings.local_mode:
         # Local mode runs the task's code here: the engine, onnxruntime and tokenizers are
         # imported only in this case, never by a producer that sends.
-        from tasks import retry
-        from tasks.embed import fail_raw, run_message
+        from tasks.batches import fail_raw, run_message
         from worker import lifecycle
 
         for message in messages:
@@ -294,7 +293,7 @@ def publish(messages: Sequence[BatchMessage], queue: names.Queue) -> None:
         except errors as exc:
             _drop_connection(url)
             raise UnavailableError(
-                f"the broker at {_redacted(url)} cannot be reached: {exc}"
+                f"the broker at {redacted(url)} cannot be reached: {exc}"
             ) from exc
 
 
@@ -315,13 +314,6 @@ def _send(messages: Sequence[BatchMessage], queue: names.Queue, url: str, batche
                 producer=producer,
                 argsrepr=message.shown(),
             )
-
-
-def _redacted(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can parse: show its scheme only
-        return url.split("://", 1)[0] + "://..."
 
 
 _producers: dict[tuple[int, int, str], Producer] = {}

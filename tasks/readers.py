@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from storage import sql_source
+from storage import session, sql_source
 from tasks.message import check_name
 from worker.errors import InputError
 from worker.validation import is_unicode
@@ -143,7 +143,7 @@ class Sql:
 
     @property
     def description(self) -> str:
-        return f"{sql_source.shown_url(self.url)}: {self.query}"
+        return f"{session.redacted(self.url)}: {self.query}"
 
     def count(self) -> int | None:
         return sql_source.count_rows(self.url, self.query)

@@ -28,16 +28,18 @@ from tasks.backfill.options import (
     Send,
 )
 from tasks.backfill.run import BackfillRun, publish_bulk
-from tasks.backfill.summary import summary
+from tasks.backfill.summary import BackfillSummary, WorkerShare, summary
 
 __all__ = [
     "BackfillError",
     "BackfillProgress",
     "BackfillRun",
+    "BackfillSummary",
     "Limits",
     "Options",
     "Report",
     "Send",
+    "WorkerShare",
     "publish_bulk",
     "summary",
 ]

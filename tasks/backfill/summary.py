@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, dataclass
 
 from storage import backfills, batch_stats, ledger, model_files, repository
 from storage.models import as_utc
@@ -11,7 +11,48 @@ from tasks.backfill.options import BackfillError
 from worker.errors import InputError
 
 
-def summary(database_url: str, name: str, limit: int = 10) -> dict[str, Any]:
+@dataclass(frozen=True)
+class WorkerShare:
+    """One worker process's part of a backfill."""
+
+    host: str
+    pid: int
+    texts: int
+    batches: int
+
+
+@dataclass(frozen=True)
+class BackfillSummary:
+    """A backfill's outcome; ``--json`` prints ``as_json()``."""
+
+    name: str
+    job_id: str
+    model: str
+    source: str
+    runs: int
+    state: str
+    items: int | None
+    """All the source's items, once a run has read it to the end (None: not yet)."""
+    done: int
+    reused: int
+    failed: int
+    failure_reasons: dict[str, int]
+    failed_examples: list[str]
+    in_flight_batches: int
+    duplicates: int
+    wall_s: float | None
+    items_per_s: float | None
+    workers: list[WorkerShare]
+    options: dict[str, object]
+    """The limits of the last run (batch size, characters, in flight, stuck after)."""
+    model_files: list[str]
+    """The sha256 of each model file that made its vectors, the first first."""
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def summary(database_url: str, name: str, limit: int = 10) -> BackfillSummary:
     """A backfill's outcome: counts, failure reasons, timing, each worker's share, the options
     of its last run and the model files that made its vectors."""
     with scope(sessions_for(database_url)) as session:
@@ -29,27 +70,24 @@ def summary(database_url: str, name: str, limit: int = 10) -> dict[str, Any]:
         wall = (
             (as_utc(finished) - as_utc(started)).total_seconds() if started and finished else None
         )
-        return {
-            "name": name,
-            "job_id": job.id,
-            "model": job.model_name,
-            "source": found.source,
-            "runs": found.runs,
-            "state": str(job.state),
-            "items": job.total_items if job.sealed else None,
-            "done": job.done_items,
-            "reused": job.reused_items,
-            "failed": job.failed_items,
-            "failure_reasons": dict(reasons),
-            "failed_examples": examples,
-            "in_flight_batches": stuck,
-            "duplicates": found.duplicates,
-            "wall_s": None if wall is None else round(wall, 1),
-            "items_per_s": round(job.done_items / wall, 1) if wall else None,
-            "workers": [
-                {"host": host, "pid": pid, "texts": texts, "batches": batches}
-                for host, pid, texts, batches in shares
-            ],
-            "options": dict(found.options),
-            "model_files": model_files.model_files(job),
-        }
+        return BackfillSummary(
+            name=name,
+            job_id=job.id,
+            model=job.model_name,
+            source=found.source,
+            runs=found.runs,
+            state=str(job.state),
+            items=job.total_items if job.sealed else None,
+            done=job.done_items,
+            reused=job.reused_items,
+            failed=job.failed_items,
+            failure_reasons=dict(reasons),
+            failed_examples=examples,
+            in_flight_batches=stuck,
+            duplicates=found.duplicates,
+            wall_s=None if wall is None else round(wall, 1),
+            items_per_s=round(job.done_items / wall, 1) if wall else None,
+            workers=[WorkerShare(*share) for share in shares],
+            options=dict(found.options),
+            model_files=model_files.model_files(job),
+        )

@@ -29,7 +29,9 @@ def backfill(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="send the failed items again")
     ] = False,
-    max_in_flight: Annotated[int | None, typer.Option(help="unfinished batches at most")] = None,
+    max_in_flight: Annotated[
+        int | None, typer.Option(min=1, help="unfinished batches at most")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Embed a whole source into the store as one resumable job on the bulk queue, with a live
@@ -46,12 +48,10 @@ def backfill(
                 readers.open_source(source, id_field=id_field, text_field=text_field, sql=sql),
                 source,
             )
-            options = backfills.Options(
+            options = backfills.Options(  # limits left out are the settings'
                 name=name,
                 model=model or settings.default_model or "",
-                batch_size=settings.job_batch_size,
-                max_in_flight=max_in_flight or settings.backfill_max_in_flight,
-                stuck_after=settings.stuck_after,
+                max_in_flight=max_in_flight,
                 retry_failed=retry_failed,
             )
             if not options.model:
@@ -65,14 +65,14 @@ def backfill(
     except EmbedqError as exc:
         raise fail(exc) from exc
     if as_json:
-        typer.echo(json.dumps(outcome, indent=2))
+        typer.echo(json.dumps(outcome.as_json(), indent=2))
     else:
         present.backfill_summary(outcome)
-    if outcome["state"] != "succeeded":
-        ended = "ended" if outcome["state"] in ("failed", "partially_failed") else "is"
+    if outcome.state != "succeeded":
+        ended = "ended" if outcome.state in ("failed", "partially_failed") else "is"
         typer.echo(
-            f"error: backfill {name} {ended} {outcome['state']}: {outcome['done']} done,"
-            f" {outcome['failed']} failed of {outcome['items'] or 'unsealed'} items",
+            f"error: backfill {name} {ended} {outcome.state}: {outcome.done} done,"
+            f" {outcome.failed} failed of {outcome.items or 'unsealed'} items",
             err=True,
         )
         raise typer.Exit(code=Code.FAILED)

@@ -17,6 +17,7 @@ import sqlalchemy.exc
 import typer
 from sqlalchemy.engine import make_url
 
+from storage.session import redacted
 from worker.errors import EmbedqError, TransientError
 from worker.settings import get_settings
 
@@ -84,15 +85,6 @@ def scrub(line: str) -> str:
     for secret in _secrets():
         line = line.replace(secret, "***")
     return line
-
-
-def redacted(url: str) -> str:
-    """``url`` with its password hidden (SQLAlchemy and Redis URLs alike)."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: keep the scheme and the host only
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://{rest.rpartition('@')[2]}" if rest else "(not a URL)"
 
 
 def bad_byte(exc: UnicodeDecodeError, offset: int | None = None) -> str:

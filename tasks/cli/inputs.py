@@ -19,7 +19,8 @@ from pathlib import Path
 
 import sqlalchemy.exc
 
-from tasks.cli.failures import bad_byte, first_line, redacted, scrub
+from storage.session import redacted
+from tasks.cli.failures import bad_byte, first_line, scrub
 from tasks.readers import Reader, Row
 from worker.errors import InputError, UnavailableError
 

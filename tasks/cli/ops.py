@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from tasks.cli.failures import Code, fail, redacted
+from storage.session import redacted
+from tasks.cli.failures import Code, fail
 from worker.errors import EmbedqError
 from worker.settings import get_settings
 
@@ -52,11 +53,11 @@ def health(
 
     settings = get_settings()
     result = fleet.check(celery_app, settings.database_url, timeout, settings.stuck_after)
-    typer.echo(json.dumps(result, indent=2) if as_json else fleet.render(result))
-    if not result["ok"]:
-        problems = [f"no worker consumes {queue}" for queue in result.get("unserved", [])]
-        if result.get("overdue_batches"):
-            problems.append(f"{result['overdue_batches']} batches overdue")
+    typer.echo(json.dumps(result.as_json(), indent=2) if as_json else fleet.render(result))
+    if not result.ok:
+        problems = [f"no worker consumes {queue}" for queue in result.unserved]
+        if result.overdue_batches:
+            problems.append(f"{result.overdue_batches} batches overdue")
         typer.echo(f"error: the fleet is not healthy: {'; '.join(problems)}", err=True)
         raise typer.Exit(code=Code.FAILED)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -18,7 +18,7 @@ from tasks.cli.failures import one_line
 from worker.manifest import Manifest
 
 if TYPE_CHECKING:
-    from tasks.backfill import BackfillProgress, BackfillRun
+    from tasks.backfill import BackfillProgress, BackfillRun, BackfillSummary
     from worker.engine import EncodeStats
 
 
@@ -66,28 +66,27 @@ def run_with_bar(run: BackfillRun) -> None:
         run.run(report)
 
 
-def backfill_summary(outcome: dict[str, Any]) -> None:
+def backfill_summary(outcome: BackfillSummary) -> None:
     """A backfill's summary (``tasks.backfill.summary``) as lines."""
-    items = outcome["items"] if outcome["items"] is not None else "unsealed"
+    items = outcome.items if outcome.items is not None else "unsealed"
     typer.echo(
-        f"backfill {outcome['name']} ({outcome['state']}, run {outcome['runs']}): items {items},"
-        f" done {outcome['done']} (reused {outcome['reused']}), failed {outcome['failed']}"
+        f"backfill {outcome.name} ({outcome.state}, run {outcome.runs}): items {items},"
+        f" done {outcome.done} (reused {outcome.reused}), failed {outcome.failed}"
     )
-    if outcome.get("duplicates"):
-        typer.echo(f"skipped {outcome['duplicates']} duplicate ids")
-    if outcome["wall_s"] is not None:
-        typer.echo(f"wall {outcome['wall_s']}s, {outcome['items_per_s']} items/s")
-    for worker in outcome["workers"]:
+    if outcome.duplicates:
+        typer.echo(f"skipped {outcome.duplicates} duplicate ids")
+    if outcome.wall_s is not None:
+        typer.echo(f"wall {outcome.wall_s}s, {outcome.items_per_s} items/s")
+    for worker in outcome.workers:
         typer.echo(
-            f"  worker {worker['host']}:{worker['pid']}: {worker['texts']} texts in"
-            f" {worker['batches']} batches"
+            f"  worker {worker.host}:{worker.pid}: {worker.texts} texts in {worker.batches} batches"
         )
-    for reason, count in outcome["failure_reasons"].items():
+    for reason, count in outcome.failure_reasons.items():
         typer.echo(f"  failed {count}: {reason}")
-    if outcome["failed_examples"]:
-        typer.echo(f"  e.g. items {', '.join(outcome['failed_examples'])}")
-    if outcome["in_flight_batches"]:
-        typer.echo(f"  {outcome['in_flight_batches']} batches still in flight")
+    if outcome.failed_examples:
+        typer.echo(f"  e.g. items {', '.join(outcome.failed_examples)}")
+    if outcome.in_flight_batches:
+        typer.echo(f"  {outcome.in_flight_batches} batches still in flight")
 
 
 def job_row(job: Job) -> None:

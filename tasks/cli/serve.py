@@ -9,9 +9,10 @@ from typing import Annotated
 
 import typer
 
+from storage.session import redacted
 from tasks import supervisor
 from tasks.cli import present
-from tasks.cli.failures import Code, fail, redacted
+from tasks.cli.failures import Code, fail
 from worker.errors import EmbedqError
 from worker.settings import get_settings
 

@@ -81,20 +81,20 @@ def test_a_backfill_resumes_reuses_and_retries_only_what_failed(
 
     first = run(source, "docs")
     outcome = backfill.summary(local, "docs")
-    assert (outcome["state"], outcome["items"], outcome["done"], outcome["failed"]) == (
+    assert (outcome.state, outcome.items, outcome.done, outcome.failed) == (
         "partially_failed",
         100,
         98,
         2,
     )
-    assert set(outcome["failure_reasons"]) == {
+    assert set(outcome.failure_reasons) == {
         "empty or whitespace-only text",
         "row 8 is not JSON: Expecting property name enclosed in double quotes: line 1 column 2"
         " (char 1)",
     }
-    assert sorted(outcome["failed_examples"]) == ["#8", "doc-3"]
-    assert outcome["model_files"] == [Manifest.read(minilm).onnx_sha256]
-    assert outcome["options"] == {
+    assert sorted(outcome.failed_examples) == ["#8", "doc-3"]
+    assert outcome.model_files == [Manifest.read(minilm).onnx_sha256]
+    assert outcome.options == {
         "batch_size": 32,
         "batch_chars": 256000,
         "max_in_flight": 8,
@@ -109,14 +109,14 @@ def test_a_backfill_resumes_reuses_and_retries_only_what_failed(
 
     other = run(source, "docs-again")  # another backfill of the same texts: the cache serves it
     assert (other.sent, other.reused) == (0, 98)
-    assert backfill.summary(local, "docs-again")["reused"] == 98
+    assert backfill.summary(local, "docs-again").reused == 98
     assert embedded_texts(local) == 98
 
     write_jsonl(source, texts, bad=False)  # the source is fixed; only the failed two go again
     retried = run(source, "docs", retry_failed=True)
     assert (retried.sent, embedded_texts(local)) == (2, 100)
     final = backfill.summary(local, "docs")
-    assert (final["state"], final["items"], final["done"], final["failed"]) == (
+    assert (final.state, final.items, final.done, final.failed) == (
         "succeeded",
         100,
         100,
@@ -174,7 +174,7 @@ def test_csv_and_sql_sources_are_read_by_the_named_fields(
     assert [(r.item_id, r.text) for r in query.rows()][:2] == [("0", corpus[0]), ("1", corpus[1])]
     opts = backfill.Options(name="from-sql", model="minilm", batch_size=5)
     progress = backfill.BackfillRun(query, opts).run()
-    assert (progress.sent, backfill.summary(local, "from-sql")["state"]) == (12, "succeeded")
+    assert (progress.sent, backfill.summary(local, "from-sql").state) == (12, "succeeded")
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -204,7 +204,7 @@ def test_lost_batches_are_sent_again_by_the_reconciler_then_failed_after_too_man
     local: str, corpus: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tasks import producer
-    from tasks.embed import run_message
+    from tasks.batches import run_message
     from tasks.reconciler import Reconciler
 
     monkeypatch.setenv("EMBEDQ_SWEEP_INTERVAL", "0.1")
@@ -217,7 +217,7 @@ def test_lost_batches_are_sent_again_by_the_reconciler_then_failed_after_too_man
         with pytest.raises(backfill.BackfillError, match="none finished for 1s"):
             run(source, "lost", stuck_after=0.5, max_in_flight=2, batch_size=8)
     summary = backfill.summary(local, "lost")
-    assert summary["state"] == "queued" and summary["in_flight_batches"] == 2
+    assert summary.state == "queued" and summary.in_flight_batches == 2
 
     # A worker's reconciler finds both overdue and publishes them again (here: into this
     # process, as local mode runs batches); nobody re-runs the backfill for them.
@@ -228,10 +228,10 @@ def test_lost_batches_are_sent_again_by_the_reconciler_then_failed_after_too_man
     time.sleep(0.6)
     report = reconciler.sweep()
     assert (report.overdue, report.republished, report.failed) == (2, 2, 0)
-    assert backfill.summary(local, "lost")["done"] == 16
+    assert backfill.summary(local, "lost").done == 16
     again = run(source, "lost", stuck_after=0.5, batch_size=8)  # the 4 items never sent
     assert again.sent == 4 and again.skipped == 16
-    assert backfill.summary(local, "lost")["state"] == "succeeded"
+    assert backfill.summary(local, "lost").state == "succeeded"
 
     # Lost on every send: after EMBEDQ_MAX_RETRIES re-publishes the batch fails with the reason.
     write_jsonl(tmp_path / "lost2.jsonl", corpus[600:610], bad=False)
@@ -251,6 +251,6 @@ def test_lost_batches_are_sent_again_by_the_reconciler_then_failed_after_too_man
     final = run(tmp_path / "lost2.jsonl", "lost2", stuck_after=0.5)
     assert final.sent == 0
     outcome = backfill.summary(local, "lost2")
-    assert (outcome["state"], outcome["failed"]) == ("failed", 10)
-    (reason,) = outcome["failure_reasons"]
+    assert (outcome.state, outcome.failed) == ("failed", 10)
+    (reason,) = outcome.failure_reasons
     assert reason.startswith("its message was lost 2 times")

@@ -234,21 +234,21 @@ def write_source(path: Path, bad: bytes) -> Path:
     return path
 
 
-def run_backfill(path: Path, name: str) -> backfill.Progress:
+def run_backfill(path: Path, name: str) -> backfill.BackfillProgress:
     options = backfill.Options(name=name, model=MODEL, batch_size=32)
     return backfill.BackfillRun(readers.open_source(str(path)), options).run()
 
 
-def outcome(url: str, name: str) -> tuple[dict[str, Any], list[tuple[str, str]], list[str]]:
+def outcome(
+    url: str, name: str
+) -> tuple[backfill.BackfillSummary, list[tuple[str, str]], list[str]]:
     summary = backfill.summary(url, name)
     with scope(sessions_for(url)) as session:
         failed = session.execute(
-            select(FailedItem.item_id, FailedItem.reason).where(
-                FailedItem.job_id == summary["job_id"]
-            )
+            select(FailedItem.item_id, FailedItem.reason).where(FailedItem.job_id == summary.job_id)
         ).all()
         stored = session.scalars(
-            select(Embedding.item_id).where(Embedding.job_id == summary["job_id"])
+            select(Embedding.item_id).where(Embedding.job_id == summary.job_id)
         ).all()
     return summary, [(i, r) for i, r in failed], sorted(stored)
 
@@ -265,13 +265,13 @@ def test_a_bad_row_becomes_one_failed_item_with_its_reason_and_the_rest_is_embed
     assert item_id == bad.item_id
     assert re.search(bad.says, reason), reason
     assert progress.failed_here == 1
-    assert (summary["state"], summary["items"], summary["done"], summary["failed"]) == (
+    assert (summary.state, summary.items, summary.done, summary.failed) == (
         "partially_failed",
         5,
         4,
         1,
     )
-    assert summary["in_flight_batches"] == 0
+    assert summary.in_flight_batches == 0
 
 
 def test_a_repeated_id_is_counted_as_a_duplicate_not_failed(store: str, tmp_path: Path) -> None:
@@ -280,7 +280,7 @@ def test_a_repeated_id_is_counted_as_a_duplicate_not_failed(store: str, tmp_path
     summary, failed, stored = outcome(store, "rows")
     assert (stored, failed) == ([i for i, _ in GOOD], [])
     assert progress.duplicates == 1
-    assert (summary["state"], summary["items"], summary["failed"], summary["duplicates"]) == (
+    assert (summary.state, summary.items, summary.failed, summary.duplicates) == (
         "succeeded",
         4,
         0,

@@ -18,7 +18,7 @@ from storage.models import Base
 from storage.session import dispose_all, make_engine, scope, session_factory
 from tasks import backfill
 from tasks.backfill.chunks import chunks
-from tasks.embed import embed_batch
+from tasks.batches import embed_batch
 from tasks.message import BatchMessage
 from tasks.readers import Row
 from tests.fakes import FakeEngine
@@ -122,7 +122,7 @@ def run(
 def counts(store: Store, name: str = "docs") -> tuple[str, int | None, int, int]:
     """A backfill's state, items, done and failed, from its summary."""
     outcome = backfill.summary(store.url, name)
-    return outcome["state"], outcome["items"], outcome["done"], outcome["failed"]
+    return outcome.state, outcome.items, outcome.done, outcome.failed
 
 
 def sent_ids(workers: Workers) -> list[str]:
@@ -155,7 +155,7 @@ def test_a_run_sends_every_row_once_in_batches_and_settles_the_job(store: Store)
     assert [m.batch_index for m in workers.sent] == [0, 1, 2, 3, 4]
     outcome = backfill.summary(store.url, "docs")
     assert counts(store) == ("succeeded", 18, 18, 0)
-    assert outcome["options"] == {
+    assert outcome.options == {
         "batch_size": 4,
         "batch_chars": backfill.options.BATCH_CHARS,
         "max_in_flight": 2,
@@ -163,8 +163,8 @@ def test_a_run_sends_every_row_once_in_batches_and_settles_the_job(store: Store)
         "sweep_interval": 30.0,
         "retry_failed": False,
     }
-    assert outcome["model_files"] == [FILE_A]
-    assert (outcome["runs"], outcome["in_flight_batches"]) == (1, 0)
+    assert outcome.model_files == [FILE_A]
+    assert (outcome.runs, outcome.in_flight_batches) == (1, 0)
 
 
 def test_never_more_than_max_in_flight_batches_are_unfinished(store: Store) -> None:
@@ -180,7 +180,7 @@ def test_a_second_run_sends_only_what_the_store_does_not_hold(store: Store) -> N
     assert (again.sent, again.skipped, again.duplicates) == (3, 10, 0)
     assert sent_ids(workers) == ["doc-10", "doc-11", "doc-12"]
     assert counts(store) == ("succeeded", 13, 13, 0)
-    assert backfill.summary(store.url, "docs")["runs"] == 2
+    assert backfill.summary(store.url, "docs").runs == 2
 
 
 def test_an_id_met_again_in_the_source_is_a_duplicate_and_sent_once(store: Store) -> None:
@@ -193,7 +193,7 @@ def test_an_id_met_again_in_the_source_is_a_duplicate_and_sent_once(store: Store
     ids = [i for m in workers.sent for i in m.item_ids]
     assert len(ids) == len(set(ids)) == 13
     outcome = backfill.summary(store.url, "docs")
-    assert (outcome["duplicates"], outcome["items"], outcome["state"]) == (3, 13, "succeeded")
+    assert (outcome.duplicates, outcome.items, outcome.state) == (3, 13, "succeeded")
 
 
 def test_texts_the_content_cache_holds_are_copied_not_sent(
@@ -202,14 +202,14 @@ def test_texts_the_content_cache_holds_are_copied_not_sent(
     run(store, source(texts(8)))
     renamed = [(f"copy-{i}", text) for i, (_, text) in enumerate(texts(8))]
     other_file = Workers(store.sessions, model_file=FILE_B)
-    with caplog.at_level(logging.WARNING, logger="tasks.embed"):
+    with caplog.at_level(logging.WARNING, logger="tasks.batches"):
         progress, workers = run(store, source([*renamed, *texts(2, start=50)]), "again", other_file)
     assert (progress.reused, progress.sent) == (8, 2)
     assert sent_ids(workers) == ["doc-50", "doc-51"]
     outcome = backfill.summary(store.url, "again")
-    assert (outcome["reused"], outcome["done"], outcome["state"]) == (8, 10, "succeeded")
+    assert (outcome.reused, outcome.done, outcome.state) == (8, 10, "succeeded")
     # The copies came from file A; the two new texts were embedded by file B.
-    assert outcome["model_files"] == [FILE_A, FILE_B]
+    assert outcome.model_files == [FILE_A, FILE_B]
     assert "batch made by another model file" in caplog.text
 
 
@@ -224,11 +224,11 @@ def test_unusable_rows_fail_with_their_reason_and_retry_failed_sends_only_them(
     assert (progress.sent, progress.failed_here, progress.failed) == (8, 2, 2)
     outcome = backfill.summary(store.url, "docs")
     assert counts(store) == ("partially_failed", 10, 8, 2)
-    assert outcome["failure_reasons"] == {
+    assert outcome.failure_reasons == {
         "row 3 is not JSON": 1,
         "empty or whitespace-only text": 1,
     }
-    assert sorted(outcome["failed_examples"]) == ["#3", "doc-6"]
+    assert sorted(outcome.failed_examples) == ["#3", "doc-6"]
 
     again, workers = run(store, broken)  # without --retry-failed, failures stay
     assert (again.sent, again.skipped, workers.sent) == (0, 10, [])
