@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import DateTime, Text, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from storage import repository
 from storage.models import Batch, BatchState, Job, Lease
 from storage.session import commit_without_flush
 
@@ -272,8 +273,6 @@ def fail_batch(
     """End a batch as failed: its items recorded failed with ``reason`` (once, however often
     this is called) and counted in the job. A batch that already ended (another delivery stored
     it) is left as it is. Returns (items newly failed, whether this finished the job)."""
-    from storage import repository
-
     ended = finish(session, job_id, index, BatchState.FAILED, reason)
     if not ended and session.connection().execute(_STATE, {"job": job_id, "index": index}).first():
         return 0, False

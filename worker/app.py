@@ -37,6 +37,7 @@ from celery.signals import (
 from celery.worker.control import inspect_command
 from kombu.entity import Exchange, Queue
 
+from worker import lifecycle, logs, metrics
 from worker.settings import Settings, get_settings
 
 
@@ -92,8 +93,6 @@ def _consume_host_download_queue(sender: str, instance: Any, **_: Any) -> None:
 def connect_signals(**_: Any) -> None:
     """Connect the worker's signal handlers: warm engines in each pool process and close them
     at exit, JSON logs, Prometheus metrics, and this host's download queue."""
-    from worker import lifecycle, logs, metrics
-
     after_setup_logger.connect(logs.on_setup, weak=False)
     after_setup_task_logger.connect(logs.on_setup, weak=False)
     celeryd_after_setup.connect(_consume_host_download_queue, weak=False)

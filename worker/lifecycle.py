@@ -54,6 +54,7 @@ def this_device() -> int | None:
 
 def get_engine(model: str) -> Engine:
     """This process's engine for ``model``, loaded on first use and kept."""
+    # onnxruntime and tokenizers: loaded in a worker's pool process, never by a producer
     from worker.engine import Engine
     from worker.model_store import ModelStore
 

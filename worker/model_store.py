@@ -22,7 +22,8 @@ import numpy as np
 import onnxruntime as ort
 from filelock import FileLock
 
-from worker import model_config, sources
+from worker import export, hardware, model_config, parity, quantize, sources
+from worker.engine import Engine, load_tokenizer
 from worker.errors import ModelError, ModelNotFoundError
 from worker.manifest import (
     MANIFEST_FILE,
@@ -122,8 +123,6 @@ class ModelStore:
 def check_bf16_here() -> None:
     """Raise ``ModelError`` unless this machine can run bf16: a CPU with bf16 arithmetic, and
     OpenVINO installed. Called before anything is fetched, so a pull fails at once."""
-    from worker import hardware
-
     missing = hardware.bf16_missing()
     if missing is not None:
         raise ModelError(
@@ -160,8 +159,6 @@ def _prepare(
     _copy_configs(fetched.folder, out)
     validation: dict[str, float] = {}
     if fetched.onnx is None:
-        from worker import export
-
         if not (out / TOKENIZER_FILE).is_file():
             export.save_fast_tokenizer(fetched.folder, out / TOKENIZER_FILE)
         validation = export.export_checkpoint(
@@ -231,8 +228,6 @@ def _post_process(
         return {}
     if precision is Precision.BF16:
         return _check_bf16(out, behaviour, settings)
-    from worker import quantize
-
     fp32 = out / "model.fp32.onnx"
     (out / ONNX_FILE).rename(fp32)
     try:
@@ -268,9 +263,6 @@ def _parity(
     behaviour: Behaviour,
 ) -> Parity:
     """``candidate`` against ``fp32`` run by ONNX Runtime on the probe texts, gated."""
-    from worker import parity
-    from worker.engine import load_tokenizer
-
     reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     inputs = [i.name for i in reference.get_inputs()]
     tokenizer = load_tokenizer(out / TOKENIZER_FILE, behaviour.max_seq_length)
@@ -290,8 +282,6 @@ def _fused_for_gpu(fp32: Path, out: Path) -> Path:
     """The fp32 graph with attention and layer norms fused for GPU kernels, when the model's
     config.json gives the head count; else the graph as it is. (On CPU the fusion gained nothing:
     see worker/quantize.py.)"""
-    from worker import quantize
-
     config = model_config.read_json(out / "config.json")
     heads = config.get("num_attention_heads") if isinstance(config, dict) else None
     hidden = config.get("hidden_size") if isinstance(config, dict) else None
@@ -323,8 +313,6 @@ def describe(path: Path, pooling: Pooling) -> tuple[tuple[str, ...], str, int]:
 
 def _verify(folder: Path, manifest: Manifest, settings: Settings) -> None:
     """Load the prepared folder as a worker would (on the CPU) and embed one text."""
-    from worker.engine import Engine
-
     cpu = settings.model_copy(update={"providers": ["CPUExecutionProvider"]})
     vectors = Engine.load(folder, cpu).encode(["embedq verifies this model"]).vectors
     if vectors.shape != (1, manifest.dim) or not np.isfinite(vectors).all():

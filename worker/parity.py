@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from worker import pooling
+from worker import engine, pooling
 from worker.errors import ExportError
 from worker.manifest import Behaviour
 
@@ -71,8 +71,6 @@ def measure(
     """Run ``texts`` through ``candidate`` (an ONNX file, run by ONNX Runtime on the CPU, or a
     function of the feeds, such as an OpenVINO session) and ``reference`` and compare their raw
     outputs (max abs difference over real tokens) and the pooled vectors (cosine)."""
-    from worker import engine
-
     if isinstance(candidate, Path):
         run, name = _onnxruntime_cpu(candidate), label or candidate.name
     else:

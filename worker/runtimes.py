@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from worker import providers
+from worker import hardware, providers
 from worker.errors import ModelError, ProviderError
 from worker.manifest import Manifest, Precision
 from worker.settings import RuntimeChoice, Settings
@@ -57,8 +57,6 @@ def describe_here(manifest: Manifest, settings: Settings) -> str:
         return f"{runtime}, {manifest.precision}"
     if runtime == "onnxruntime":
         return "onnxruntime, fp32 (ONNX Runtime has no bf16 on the CPU; see EMBEDQ_RUNTIME)"
-    from worker import hardware
-
     missing = hardware.bf16_missing()
     return "openvino, bf16" if missing is None else f"openvino, fp32: {missing}"
 
