@@ -1,0 +1,200 @@
+"""The layout rules, read from the source with ``ast`` (nothing is imported):
+
+- imports flow one way between the packages: ``tasks`` -> ``worker``, ``storage``;
+  ``worker`` -> ``storage``; ``storage`` -> nothing of ours;
+- no import cycle between the project's modules, whether the import sits at the top of a module
+  or inside a function (a function-level import hides a cycle; it does not remove it);
+- the store's queries live in ``storage``: no ``select(``/``update(``/``insert(``/``delete(``/
+  ``text(`` and no ``session.execute`` in ``tasks``;
+- no module in ``tasks`` over 350 lines.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("storage", "worker", "tasks")
+ALLOWED = {"storage": set(), "worker": {"storage"}, "tasks": {"worker", "storage"}}
+QUERY_BUILDERS = {"select", "update", "insert", "delete", "text", "union", "exists"}
+MAX_LINES = 350
+
+
+def _modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _target(name: str) -> str | None:
+    """The project module an imported dotted name lands in (``worker.engine.Engine`` ->
+    ``worker.engine``), or None when it is not ours."""
+    while name:
+        if name in MODULES:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def _typing_only(tree: ast.AST) -> set[int]:
+    """The ids of the nodes under ``if TYPE_CHECKING:``: imports for the type checker, which
+    never run."""
+    hidden: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            hidden |= {id(inner) for child in node.body for inner in ast.walk(child)}
+    return hidden
+
+
+def _imports(module: str, path: Path) -> Iterator[tuple[str, int]]:
+    """(imported project module, line) for every import that runs, at any depth."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = _typing_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if (target := _target(alias.name)) is not None:
+                    yield target, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                # ``from tasks import names`` imports the module tasks.names
+                target = _target(f"{base}.{alias.name}") or _target(base)
+                if target is not None:
+                    yield target, node.lineno
+
+
+def _graph() -> dict[str, set[str]]:
+    return {
+        module: {target for target, _ in _imports(module, path) if target != module}
+        for module, path in MODULES.items()
+    }
+
+
+def test_the_walker_sees_the_imports_it_must_judge() -> None:
+    graph = _graph()
+    # Known edges, at module and at function level: if the walker missed them, the rules
+    # below would pass for nothing.
+    assert "storage.session" in graph["tasks.producer"]
+    assert "worker.settings" in graph["tasks.producer"]
+    assert "worker.engine" in graph["worker.lifecycle"]  # inside a function
+    assert "worker.app" not in graph["storage.session"]
+    assert len(MODULES) > 40
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_flow_one_way_between_the_packages(package: str) -> None:
+    wrong = [
+        f"{MODULES[module].relative_to(ROOT)}:{line} imports {target}"
+        for module in MODULES
+        if module.split(".")[0] == package
+        for target, line in _imports(module, MODULES[module])
+        if target.split(".")[0] not in ALLOWED[package] | {package}
+    ]
+    assert wrong == []
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Each import cycle a depth-first walk meets, as "a -> b -> a"."""
+    cycles: list[str] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph[module]):
+            # A package's __init__ importing its own submodules is how packages are built,
+            # and a submodule importing its package's __init__ is not a cycle of modules.
+            if module == target.rpartition(".")[0] or target == module.rpartition(".")[0]:
+                continue
+            if state.get(target) == 1:
+                cycles.append(" -> ".join([*path[path.index(target) :], target]))
+            elif target not in state:
+                visit(target)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return cycles
+
+
+def test_the_cycle_check_finds_a_cycle_through_several_modules() -> None:
+    graph = {"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x", "b"}, "b": set(), "a": {"a.x"}}
+    assert _cycles(graph) == ["a.x -> a.y -> a.z -> a.x"]
+
+
+def test_no_import_cycle_between_project_modules() -> None:
+    assert _cycles(_graph()) == []
+
+
+def _sql_in(path: Path) -> Iterator[str]:
+    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    tree = ast.parse(path.read_text(), str(path))
+    builders: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy"):
+            builders |= {a.asname or a.name for a in node.names if a.name in QUERY_BUILDERS}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in builders:
+            yield f"{where}:{node.lineno} {func.id}(...)"
+        elif isinstance(func, ast.Attribute):
+            receiver = ast.unparse(func.value)
+            if func.attr in QUERY_BUILDERS and receiver in {"sqlalchemy", "sa"}:
+                yield f"{where}:{node.lineno} {receiver}.{func.attr}(...)"
+            if func.attr in {"execute", "scalars", "scalar", "query"} and any(
+                word in receiver.lower() for word in ("session", "connection", "conn")
+            ):
+                yield f"{where}:{node.lineno} {receiver}.{func.attr}(...)"
+
+
+def test_the_sql_check_finds_a_query_when_there_is_one(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from sqlalchemy import select as pick\n"
+        "def f(session, model, bar):\n"
+        "    bar.update(1)\n"
+        "    session.execute(pick(model))\n"
+    )
+    assert sorted(_sql_in(probe)) == ["probe.py:4 pick(...)", "probe.py:4 session.execute(...)"]
+
+
+def test_tasks_hold_no_sql() -> None:
+    found = [
+        hit
+        for module, path in MODULES.items()
+        if module.startswith("tasks")
+        for hit in _sql_in(path)
+    ]
+    assert found == []
+
+
+def test_no_module_in_tasks_is_over_350_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT)): lines
+        for module, path in MODULES.items()
+        if module.startswith("tasks") and (lines := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}
