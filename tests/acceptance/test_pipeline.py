@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -133,15 +134,17 @@ def test_interactive_work_is_served_ahead_of_a_bulk_backlog(
 def test_a_registered_model_is_prepared_on_the_worker_host_when_a_job_needs_it(
     worker: Worker, minilm: Path, engine: Engine, corpus: list[str], database_url: str
 ) -> None:
-    """The worker lacks "minilm-copy"; the catalog says it comes from a folder of ONNX files.
-    The first batch asks its host for it, the download task prepares it, the batch runs."""
+    """The worker lacks a copy of minilm under a new name; the catalog says it comes from a
+    folder of ONNX files. The first batch asks its host for it, the download task prepares it,
+    the batch runs."""
     from storage import repository
     from tasks import producer
 
-    producer.register_model(str(minilm), "minilm-copy")
+    copy = f"minilm-copy-{uuid.uuid4().hex[:8]}"  # new in every run: it must be downloaded
+    producer.register_model(str(minilm), copy)
     producer.register_model("/nowhere/such-model", "broken")
     texts = corpus[100:300]
-    job = producer.submit(texts, model="minilm-copy")
+    job = producer.submit(texts, model=copy)
     broken = producer.submit(["a text for a model that cannot be prepared"], model="broken")
 
     status = job.wait(timeout=300)
@@ -155,10 +158,14 @@ def test_a_registered_model_is_prepared_on_the_worker_host_when_a_job_needs_it(
     with scope(session_factory(database := make_engine(database_url))) as session:
         states = {(row.name, str(row.state)) for row in repository.list_prepared(session)}
     database.dispose()
-    assert {("minilm", "ready"), ("minilm-copy", "ready"), ("broken", "failed")} <= states
+    assert {("minilm", "ready"), (copy, "ready"), ("broken", "failed")} <= states
+    # The download task ran for each model, each time to its end (one ran per model and per
+    # ending; a retried or repeated download would name the model twice).
     log = "".join(worker.lines)
-    downloads = set(re.findall(r"Task embedq\.download\[([0-9a-f-]+)\] received", log))
-    assert len(downloads) >= 2, log  # at least one per model: minilm-copy and broken
+    ended = re.findall(
+        r"Task embedq\.download\[[0-9a-f-]+\] succeeded in [^:]*: \{'model': '([^']+)'", log
+    )
+    assert sorted(ended) == sorted([copy, "broken"]), log
     assert worker.process.poll() is None
 
 
