@@ -24,7 +24,6 @@ from worker.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("tokenize", "inference", "pool", "write", "total")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
