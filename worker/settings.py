@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 FallbackPolicy = Literal["warn", "error"]
@@ -102,6 +102,23 @@ class Settings(BaseSettings):
     flower_password: str | None = None
     """Flower's basic-auth password."""
 
+    # --- HTTP API (`embedq serve`) --------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Keys the API accepts as ``Authorization: Bearer KEY``, comma-separated; never logged.
+    ``embedq serve`` refuses to start without one unless told ``--insecure-no-auth``."""
+    api_rate_limit: int = Field(default=600, ge=0)
+    """Requests per minute one API key may make (across every ``serve`` instance sharing the
+    broker's Redis); 0: no limit. Over it: 429."""
+    api_max_request_bytes: int = Field(default=16 * 1024**2, ge=1)
+    """Largest request body ``/v1/embeddings`` and ``/v1/jobs`` accept (413 above it)."""
+    api_max_file_bytes: int = Field(default=200 * 1024**2, ge=1)
+    """Largest file ``POST /v1/files`` accepts (OpenAI's Batch API takes up to 200 MB)."""
+    api_wait_timeout: float = Field(default=60, gt=0)
+    """Seconds ``POST /v1/embeddings`` waits for its job before answering 504 with the job id."""
+    files_dir: Path = Field(default_factory=lambda: platformdirs.user_data_path("embedq") / "files")
+    """Where the API keeps uploaded batch input files (their metadata is in the store); every
+    ``serve`` instance of a fleet must see the same folder."""
+
     # --- models on worker hosts ----------------------------------------------------------------
     host_name: str = Field(default_factory=socket.gethostname)
     """This host's name in the ``models`` table and its download queue (``download.<name>``).
@@ -147,7 +164,7 @@ class Settings(BaseSettings):
     micro_batch_tokens: int = Field(default=4096, ge=1)
     """Most padded tokens (rows x longest row) in one session run."""
 
-    @field_validator("providers", "gpu_devices", mode="before")
+    @field_validator("providers", "gpu_devices", "api_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
