@@ -366,3 +366,23 @@ def list_ready_models(session: Session, host: str) -> list[str]:
             )
         )
     )
+
+
+def list_sources(session: Session) -> Sequence[ModelSource]:
+    """The models registered for the fleet to prepare on demand, by name."""
+    return session.scalars(select(ModelSource).order_by(ModelSource.name)).all()
+
+
+def vectors_with_tokens(session: Session, job_id: str) -> Sequence[Row[str, bytes, int]]:
+    """A job's (item_id, vector bytes, token_count) in input order: the API answers vectors
+    with the tokens really counted for them."""
+    return session.execute(
+        select(Embedding.item_id, Embedding.vector, Embedding.token_count)
+        .where(Embedding.job_id == job_id)
+        .order_by(Embedding.position)
+    ).all()
+
+
+def ping(session: Session) -> None:
+    """One round trip to the store (raises when it cannot be reached)."""
+    session.execute(select(1))

@@ -29,6 +29,15 @@ KEY = "embedq:api:rate:{}:{}"
 ANONYMOUS = "anonymous"
 
 
+def broker_client(settings: Settings) -> redis.Redis | None:
+    """A Redis client on the broker, when the broker is Redis (the rate limit's counts and
+    ``/health`` use it); ``None`` in local mode or on another broker."""
+    url = settings.broker_url
+    if url is None or not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+
+
 def key_id(key: str) -> str:
     """The name a key goes by in logs and counters."""
     return hashlib.sha256(key.encode()).hexdigest()[:8]
@@ -42,15 +51,6 @@ class RateLimiter:
         self.client = client
         self._counts: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
-
-    @classmethod
-    def for_settings(cls, settings: Settings) -> RateLimiter:
-        """Redis on the broker URL when there is one (shared by every instance), else local."""
-        url = settings.broker_url
-        client = None
-        if url is not None and url.startswith(("redis://", "rediss://", "unix://")):
-            client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        return cls(settings.api_rate_limit, client)
 
     def hit(self, who: str, now: float | None = None) -> int:
         """Count one request by ``who`` and return the window's count so far."""
@@ -81,10 +81,6 @@ class RateLimiter:
                 "rate_limit_error",
                 "rate_limit_exceeded",
             )
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
 
 
 def _bearer(request: Request) -> str | None:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
-from worker.errors import UnavailableError
+from worker.errors import InputError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,11 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.type = type
@@ -76,8 +79,8 @@ def respond(error: ApiError, headers: dict[str, str] | None = None) -> JSONRespo
 def _api_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, ApiError):  # registered for ApiError only
         raise exc
-    headers = {"Retry-After": "60"} if exc.status == 429 else None
-    return respond(exc, headers)
+    headers = {"Retry-After": "60"} if exc.status == 429 else {}
+    return respond(exc, {**headers, **(exc.headers or {})})
 
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -109,6 +112,11 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return respond(ApiError(422, message, param=param))
 
 
+def _input_error(request: Request, exc: Exception) -> JSONResponse:
+    """Input the producer refused before storing anything (an empty text, a bad name)."""
+    return respond(ApiError(400, str(exc), code="invalid_input"))
+
+
 def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     # SQLAlchemy's text can hold the URL and the driver's words: the client is told which
     # service is down; the log keeps the exception's type. (embedq's own UnavailableError
@@ -133,5 +141,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(InputError, _input_error)
     app.add_exception_handler(UnavailableError, _unavailable)
     app.add_exception_handler(OperationalError, _unavailable)

@@ -1,0 +1,66 @@
+"""The ASGI app of ``embedq serve``: ``create_app()`` wires the routers, the error handlers
+and the per-app state (settings, whether keys are required, the rate limiter, the broker's
+Redis for counts and ``/health``).
+
+The app never loads a model: like the producer it writes jobs and reads the store, so several
+instances can run behind a load balancer. Request bodies are capped (``tasks.api.limits``).
+The Files and Batches routers are included when their modules are present.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from tasks import producer
+from tasks.api import catalog, embeddings, errors, jobs
+from tasks.api.auth import RateLimiter, broker_client
+from tasks.api.limits import BodyCap
+from worker.settings import Settings, get_settings
+
+OPTIONAL_ROUTERS = ("tasks.api.files", "tasks.api.batches")
+# A multipart upload carries its file plus the form's boundaries and fields: a megabyte more
+# than the file cap covers them (the files router checks the file itself against the cap).
+MULTIPART_SLACK = 1024**2
+
+
+def create_app(settings: Settings | None = None, *, require_auth: bool = True) -> FastAPI:
+    """The API app. ``settings`` default to ``get_settings()``; ``require_auth=False`` is
+    ``serve --insecure-no-auth`` (every request is ``anonymous``, with no rate limit)."""
+    settings = settings or get_settings()
+    client = broker_client(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if client is not None:
+            client.close()
+        producer.dispose()
+
+    app = FastAPI(
+        title="embedq",
+        summary="Text embeddings as background jobs, with OpenAI's embeddings API.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.require_auth = require_auth
+    app.state.redis = client
+    app.state.limiter = RateLimiter(settings.api_rate_limit, client)
+    errors.install(app)
+    app.add_middleware(
+        BodyCap,
+        default=settings.api_max_request_bytes,
+        prefixes={"/v1/files": settings.api_max_file_bytes + MULTIPART_SLACK},
+    )
+    app.include_router(catalog.router)
+    app.include_router(embeddings.router)
+    app.include_router(jobs.router)
+    for name in OPTIONAL_ROUTERS:
+        if importlib.util.find_spec(name) is not None:
+            app.include_router(importlib.import_module(name).router)
+    return app

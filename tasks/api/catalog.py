@@ -1,0 +1,143 @@
+"""``GET /v1/models``: the models the fleet can run, in OpenAI's list shape, with embedq's
+fields (dimension, hosts that have it ready, registered source); and ``GET /health``.
+
+A model is known when a worker host has it ready or is preparing it, or when it is registered
+for hosts to prepare on demand (``embedq models register``); its dimension is known once a host
+has prepared it. ``/v1/embeddings`` asks the same catalog to refuse unknown models (404) and a
+``dimensions`` the model does not produce (400).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+import redis
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
+
+from storage import repository
+from storage.models import ModelState, as_utc
+from storage.session import scope, sessions_for
+from tasks.api.auth import require_key
+from tasks.api.errors import ApiError
+from worker.settings import Settings
+
+router = APIRouter()
+
+
+@dataclass
+class ModelInfo:
+    """What the store says about one model name."""
+
+    name: str
+    created: datetime
+    dim: int | None = None
+    ready_on: list[str] = field(default_factory=list)
+    preparing_on: list[str] = field(default_factory=list)
+    source: str | None = None
+
+
+class ModelOut(BaseModel):
+    """One model in OpenAI's shape (``id``, ``object``, ``created``, ``owned_by``), plus
+    embedq's fields."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "embedq"
+    dim: int | None
+    """The vector dimension; ``None`` until a host has prepared the model."""
+    ready_on: list[str]
+    """Worker hosts that have the model prepared."""
+    preparing_on: list[str]
+    registered_source: str | None
+    """Where hosts prepare it from on demand, when registered."""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+def known_models(settings: Settings) -> dict[str, ModelInfo]:
+    """Every model a job may name, by name: ready or preparing on a host, or registered."""
+    found: dict[str, ModelInfo] = {}
+    with scope(sessions_for(settings.database_url)) as session:
+        for source in repository.list_sources(session):
+            found[source.name] = ModelInfo(
+                source.name, as_utc(source.registered_at), source=source.source
+            )
+        for row in repository.list_prepared(session):
+            if row.state == ModelState.FAILED:
+                continue
+            info = found.setdefault(row.name, ModelInfo(row.name, as_utc(row.updated_at)))
+            info.created = min(info.created, as_utc(row.updated_at))
+            if row.state == ModelState.READY:
+                info.ready_on.append(row.host)
+                info.dim = info.dim or row.dim
+            else:
+                info.preparing_on.append(row.host)
+    return found
+
+
+def find_model(settings: Settings, name: str) -> ModelInfo:
+    """The model ``name``; raises ``ApiError`` 404 when no host has it and none may prepare it."""
+    info = known_models(settings).get(name)
+    if info is None:
+        raise ApiError(
+            404,
+            f"the model {name!r} does not exist: no worker host has it and it is not registered"
+            " (see GET /v1/models)",
+            code="model_not_found",
+            param="model",
+        )
+    return info
+
+
+def _out(info: ModelInfo) -> ModelOut:
+    return ModelOut(
+        id=info.name,
+        created=int(info.created.timestamp()),
+        dim=info.dim,
+        ready_on=sorted(info.ready_on),
+        preparing_on=sorted(info.preparing_on),
+        registered_source=info.source,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["models"])
+def list_models(request: Request, _key: str = Depends(require_key)) -> ModelList:
+    """The models workers have prepared or may prepare on demand."""
+    models = known_models(request.app.state.settings)
+    return ModelList(data=[_out(models[name]) for name in sorted(models)])
+
+
+@router.get("/v1/models/{model}", response_model=ModelOut, tags=["models"])
+def get_model(model: str, request: Request, _key: str = Depends(require_key)) -> ModelOut:
+    """One model, or 404."""
+    return _out(find_model(request.app.state.settings, model))
+
+
+@router.get("/health", tags=["operations"])
+def health(request: Request) -> JSONResponse:
+    """This instance's readiness, for a load balancer: 200 when the job store and the broker
+    answer, else 503 naming what does not. No key needed; it shows no data."""
+    settings: Settings = request.app.state.settings
+    checks = {"store": "ok", "broker": "ok" if settings.broker_url else "none (local mode)"}
+    try:
+        with scope(sessions_for(settings.database_url)) as session:
+            repository.ping(session)
+    except SQLAlchemyError as exc:
+        checks["store"] = f"unreachable ({type(exc).__name__})"
+    client: redis.Redis | None = request.app.state.redis
+    if client is not None:
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            checks["broker"] = f"unreachable ({type(exc).__name__})"
+    ok = all(value == "ok" or value.startswith("none") for value in checks.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, 200 if ok else 503)

@@ -1,0 +1,153 @@
+"""``POST /v1/embeddings`` in OpenAI's request and response shapes.
+
+The texts become a job on the ``interactive`` queue and the request waits for it
+(``EMBEDQ_API_WAIT_TIMEOUT``); past that it answers 504 with the job's id (the job goes on and
+``GET /v1/jobs/{id}`` follows it), marked ``x-should-retry: false`` so OpenAI's client does not
+submit the texts again on its own. ``usage`` is the tokens the workers really counted (after
+truncation), read from the store with the vectors.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, BeforeValidator, Field
+
+from storage import repository
+from storage.models import JobState
+from storage.session import scope, sessions_for
+from tasks import names, producer
+from tasks.api import catalog
+from tasks.api.auth import require_key
+from tasks.api.errors import ApiError
+from tasks.completion import JobStatus
+from worker.settings import Settings
+
+router = APIRouter(tags=["embeddings"])
+
+
+def texts(value: object) -> object:
+    """A string or a list of strings; OpenAI's token arrays are refused by name."""
+    if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+        raise ValueError("must be a string or a list of strings (token arrays are not accepted)")
+    if not isinstance(value, (str, list)):
+        raise ValueError("must be a string or a list of strings")
+    return value
+
+
+Input = Annotated[str | list[str], BeforeValidator(texts)]
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request."""
+
+    input: Input = Field(description="a text, or a list of texts, to embed")
+    model: str = Field(description="a model from GET /v1/models", min_length=1)
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector as little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: int | None = Field(
+        None, ge=1, description="accepted only when it is the model's own dimension"
+    )
+    user: str | None = Field(None, description="accepted and ignored")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """OpenAI's embeddings response."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+def failure(status: JobStatus) -> ApiError:
+    """The error a failed (or partly failed) job answers: 400 for input the engine refused,
+    500 for anything else, with the job's first recorded reason."""
+    reason = status["error"] or "no reason recorded"
+    words = f"job {status['id']} {status['state']}: {status['failed']} of {status['total']}"
+    message = f"{words} texts failed: {reason}"
+    if reason.startswith("InputError"):
+        return ApiError(400, message, code="invalid_input", param="input")
+    return ApiError(500, message, "server_error", code="job_failed")
+
+
+def check_dimensions(asked: int | None, dim: int | None, model: str) -> None:
+    if asked is not None and dim is not None and asked != dim:
+        raise ApiError(
+            400,
+            f"model {model!r} produces {dim} dimensions and cannot be shortened: ask {dim}"
+            " or leave dimensions out",
+            code="invalid_dimensions",
+            param="dimensions",
+        )
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+def create_embeddings(
+    body: EmbeddingRequest, request: Request, key: str = Depends(require_key)
+) -> Response:
+    """Embed ``input`` with ``model`` and answer the vectors in input order."""
+    settings: Settings = request.app.state.settings
+    info = catalog.find_model(settings, body.model)
+    check_dimensions(body.dimensions, info.dim, body.model)
+    given = [body.input] if isinstance(body.input, str) else body.input
+    handle = producer.submit(
+        given, model=body.model, queue=names.Queue.INTERACTIVE, tag=f"api:{key}"
+    )
+    try:
+        status = handle.wait(timeout=settings.api_wait_timeout)
+    except producer.JobTimeoutError:
+        raise ApiError(
+            504,
+            f"job {handle.id} did not finish within {settings.api_wait_timeout:g}s; it goes on:"
+            f" follow it at GET /v1/jobs/{handle.id}",
+            "timeout_error",
+            code="job_pending",
+            headers={"x-should-retry": "false"},
+        ) from None
+    if status["state"] != JobState.SUCCEEDED:
+        raise failure(status)
+    with scope(sessions_for(settings.database_url)) as session:
+        rows = repository.vectors_with_tokens(session, handle.id)
+    vectors = [np.frombuffer(row.vector, dtype="<f4") for row in rows]
+    if vectors:
+        check_dimensions(body.dimensions, len(vectors[0]), body.model)
+    tokens = sum(int(row.token_count) for row in rows)
+    data = [
+        {
+            "object": "embedding",
+            "index": index,
+            "embedding": (
+                base64.b64encode(vector.tobytes()).decode("ascii")
+                if body.encoding_format == "base64"
+                else vector.tolist()
+            ),
+        }
+        for index, vector in enumerate(vectors)
+    ]
+    answer = {
+        "object": "list",
+        "data": data,
+        "model": body.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    # Built by hand: validating a million floats against the model would cost more than the
+    # job; the response model documents the shape.
+    return Response(json.dumps(answer), media_type="application/json")

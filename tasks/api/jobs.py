@@ -1,0 +1,182 @@
+"""embedq's own job endpoints: submit texts without waiting (``POST /v1/jobs``), follow a job
+(``GET /v1/jobs/{id}``), and read its vectors streamed from the store
+(``GET /v1/jobs/{id}/embeddings``, ``npy`` or ``jsonl``), a page of rows at a time, so a large
+job costs the memory of one page.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from storage import repository, vectors
+from storage.models import Job, JobState, as_utc
+from storage.session import scope, sessions_for
+from tasks import names, producer
+from tasks.api import catalog
+from tasks.api.auth import require_key
+from tasks.api.embeddings import Input
+from tasks.api.errors import ApiError
+from worker.settings import Settings
+
+router = APIRouter(tags=["jobs"])
+PAGE = 1000
+FINISHED = {JobState.SUCCEEDED, JobState.FAILED, JobState.PARTIALLY_FAILED}
+
+
+class JobRequest(BaseModel):
+    """Texts to embed as one job, answered at once with the job (202)."""
+
+    input: Input = Field(description="a text, or a list of texts")
+    model: str | None = Field(None, description="default: EMBEDQ_DEFAULT_MODEL", min_length=1)
+    ids: list[str] | None = Field(None, description="one unique id per text; default 0, 1, ...")
+    queue: Literal["interactive", "bulk"] = "bulk"
+    tag: str | None = Field(None, description="default: api:<key id>", min_length=1)
+
+
+class JobOut(BaseModel):
+    """A job's state and counts."""
+
+    id: str
+    object: Literal["embedq.job"] = "embedq.job"
+    state: str
+    model: str
+    queue: str
+    tag: str | None
+    total: int
+    done: int
+    failed: int
+    error: str | None
+    """The first reason an item failed."""
+    created_at: int
+    finished_at: int | None
+
+
+def _epoch(moment: datetime | None) -> int | None:
+    return None if moment is None else int(as_utc(moment).timestamp())
+
+
+def _out(job: Job) -> JobOut:
+    return JobOut(
+        id=job.id,
+        state=str(job.state),
+        model=job.model_name,
+        queue=job.queue,
+        tag=job.tag,
+        total=job.total_items,
+        done=job.done_items,
+        failed=job.failed_items,
+        error=job.error,
+        created_at=_epoch(job.created_at) or 0,
+        finished_at=_epoch(job.finished_at),
+    )
+
+
+def _job(settings: Settings, job_id: str) -> JobOut:
+    with scope(sessions_for(settings.database_url)) as session:
+        job = repository.get_job(session, job_id)
+        if job is None:
+            raise ApiError(404, f"no job {job_id!r}", code="job_not_found")
+        return _out(job)
+
+
+@router.post("/v1/jobs", response_model=JobOut, status_code=202)
+def create_job(body: JobRequest, request: Request, key: str = Depends(require_key)) -> JobOut:
+    """Enqueue the texts as one job (``bulk`` by default) and answer it without waiting."""
+    settings: Settings = request.app.state.settings
+    if body.model is not None:
+        catalog.find_model(settings, body.model)
+    given = [body.input] if isinstance(body.input, str) else body.input
+    handle = producer.submit(
+        given,
+        model=body.model,
+        ids=body.ids,
+        queue=names.Queue(body.queue),
+        tag=body.tag or f"api:{key}",
+    )
+    return _job(settings, handle.id)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: str, request: Request, _key: str = Depends(require_key)) -> JobOut:
+    """A job's state and counts."""
+    return _job(request.app.state.settings, job_id)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/embeddings",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "npy: a float32 matrix (rows in input order); jsonl: one"
+            ' {"id", "embedding"} per line',
+            "content": {"application/octet-stream": {}, "application/x-ndjson": {}},
+        }
+    },
+)
+def job_embeddings(
+    job_id: str,
+    request: Request,
+    format: Annotated[Literal["npy", "jsonl"], Query()] = "npy",
+    _key: str = Depends(require_key),
+) -> StreamingResponse:
+    """A finished job's vectors, streamed. Items that failed have no row: the ``jsonl`` lines
+    carry the ids; ``X-Embedq-Count`` says how many rows follow."""
+    settings: Settings = request.app.state.settings
+    job = _job(settings, job_id)
+    if JobState(job.state) not in FINISHED:
+        raise ApiError(
+            409,
+            f"job {job_id} is {job.state}: its vectors can be read once it has finished",
+            code="job_not_finished",
+        )
+    with scope(sessions_for(settings.database_url)) as session:
+        count, dim = vectors.count_vectors(session, job_id)
+    headers = {"X-Embedq-Count": str(count)}
+    if format == "jsonl":
+        return StreamingResponse(
+            _jsonl(settings.database_url, job_id),
+            media_type="application/x-ndjson",
+            headers=headers,
+        )
+    headers["Content-Disposition"] = f'attachment; filename="{job_id}.npy"'
+    return StreamingResponse(
+        _npy(settings.database_url, job_id, count, dim or 0),
+        media_type="application/octet-stream",
+        headers=headers,
+    )
+
+
+def _pages(database_url: str, job_id: str) -> Iterator[list[vectors.VectorRow]]:
+    with scope(sessions_for(database_url)) as session:
+        yield from vectors.stream_vectors(session, job_id, PAGE)
+
+
+def _npy(database_url: str, job_id: str, count: int, dim: int) -> Iterator[bytes]:
+    header = {"descr": "<f4", "fortran_order": False, "shape": (count, dim)}
+    yield _npy_header(header)
+    for page in _pages(database_url, job_id):  # a finished job's rows no longer change
+        yield b"".join(vector for _, _, vector in page)
+
+
+def _npy_header(header: dict[str, object]) -> bytes:
+    """The npy format 1.0 preamble for ``header``, as numpy writes it."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def _jsonl(database_url: str, job_id: str) -> Iterator[bytes]:
+    for page in _pages(database_url, job_id):
+        yield "".join(
+            json.dumps({"id": item_id, "embedding": np.frombuffer(vector, "<f4").tolist()}) + "\n"
+            for item_id, _, vector in page
+        ).encode()
