@@ -53,6 +53,7 @@ app.command("export")(jobs.export)
 app.command("stats")(ops.stats)
 app.command("health")(ops.health)
 app.command("flower")(serve.flower)
+app.command("serve")(serve.serve)
 app.command("encode")(jobs.encode)
 
 _verbose = False

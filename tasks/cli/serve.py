@@ -1,6 +1,6 @@
-"""The commands that start a long-running process: ``worker`` and ``flower``. The processes
-themselves are started by ``tasks.supervisor``; these commands read the options and say what
-is about to run."""
+"""The commands that start a long-running process: ``worker``, ``flower`` and ``serve``. The
+processes themselves are started by ``tasks.supervisor`` (the API by uvicorn); these commands
+read the options and say what is about to run."""
 
 from __future__ import annotations
 
@@ -82,3 +82,56 @@ def flower(
         f"Flower on http://{address}:{port} for {redacted(settings.celery_broker())}", err=True
     )
     supervisor.run_flower(port, address, login)
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="no API keys, for local use only")
+    ] = False,
+) -> None:
+    """Serve the HTTP API (OpenAI's /v1/embeddings, embedq's /v1/jobs, /v1/models, /health;
+    docs at /docs). It writes jobs for the workers and reads the store, never running a model,
+    so several instances can sit behind a load balancer. Keys come from EMBEDQ_API_KEYS."""
+    settings = get_settings()
+    if settings.local_mode:
+        raise fail(
+            EmbedqError(
+                "embedq serve sends jobs to workers and runs no model itself: set"
+                " EMBEDQ_BROKER_URL (and start `embedq worker`)"
+            )
+        )
+    if not settings.api_keys and not insecure_no_auth:
+        raise fail(
+            EmbedqError(
+                "set EMBEDQ_API_KEYS (comma-separated) or pass --insecure-no-auth for local use"
+            )
+        )
+    # FastAPI and uvicorn load here, not for every embedq command.
+    import uvicorn
+
+    from tasks.api.app import create_app
+    from tasks.api.auth import key_id
+
+    if insecure_no_auth:
+        typer.echo("warning: the API runs without authentication or rate limit", err=True)
+    keys = [key_id(key.get_secret_value()) for key in settings.api_keys]  # ids, never values
+    present.table(
+        {
+            "broker": redacted(settings.celery_broker()),
+            "database": redacted(settings.database_url),
+            "keys": "none (--insecure-no-auth)"
+            if insecure_no_auth
+            else f"{len(keys)} (ids {', '.join(keys)})",
+            "rate limit": f"{settings.api_rate_limit} requests per minute per key"
+            if settings.api_rate_limit
+            else "none",
+            "request cap": f"{settings.api_max_request_bytes} bytes",
+            "wait timeout": f"{settings.api_wait_timeout:g}s",
+            "docs": f"http://{host}:{port}/docs",
+        }
+    )
+    app = create_app(settings, require_auth=not insecure_no_auth)
+    # log_config=None: uvicorn's records go through the logging embedq set up (JSON or text).
+    uvicorn.run(app, host=host, port=port, log_config=None)
