@@ -294,3 +294,73 @@ class Backfill(Base):
     """Rows the last run skipped because their id was met before in the source."""
     created_at: Mapped[datetime] = mapped_column(default=_now)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+
+class ApiFile(Base):
+    """A file uploaded through the API (``POST /v1/files``): its bytes live in the files folder
+    (``EMBEDQ_FILES_DIR``) under its id, never in the database or in memory."""
+
+    __tablename__ = "api_files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    """The id of the API key that uploaded it (``anonymous`` without auth): only it sees it."""
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class ApiBatch(Base):
+    """An OpenAI batch (``POST /v1/batches``): its input file, run as the backfill of the same
+    name. ``status`` is the last phase reached; the request counts are read from the job until
+    the batch ends, then kept here."""
+
+    __tablename__ = "api_batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    input_file_id: Mapped[str] = mapped_column(ForeignKey("api_files.id"))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    model: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    """The model every request of the file names, known once the file is validated."""
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    """Why the whole batch failed (OpenAI's ``errors.data``), or ``None``."""
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    expires_at: Mapped[datetime]
+    in_progress_at: Mapped[datetime | None]
+    finalizing_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+    expired_at: Mapped[datetime | None]
+    cancelling_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+
+
+class ApiBatchRequest(Base):
+    """One line of a batch's input file, as its validation found it: the request's custom id and
+    how many texts it embeds, or why it is not a request the batch can run. Its texts are items
+    of the batch's job named ``LLLLLLLL.I`` (line, index in ``input``), so the store can tell
+    when every text of a request is stored."""
+
+    __tablename__ = "api_batch_requests"
+    __table_args__ = (Index("ix_api_batch_requests_custom_id", "batch_id", "custom_id"),)
+
+    batch_id: Mapped[str] = mapped_column(
+        ForeignKey("api_batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    line: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    custom_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    inputs: Mapped[int] = mapped_column(Integer, default=0)
+    base64: Mapped[bool] = mapped_column(Boolean, default=False)
+    """The request asked for ``encoding_format: base64``."""
+    error_code: Mapped[str | None] = mapped_column(String(50))
+    error: Mapped[str | None] = mapped_column(Text)
