@@ -1,0 +1,286 @@
+"""Running one batch: validate its input file, embed its requests as a backfill, settle it.
+
+The phases are the batch's status, kept in the store, so whoever runs it next (this process
+after an error, another ``serve`` instance after a crash) goes on from the phase reached:
+
+- ``validating``: the file is read line by line; each line is recorded (its custom id, its
+  inputs, or why it is rejected), repeated custom ids are rejected in SQL, and the model all
+  requests name is checked against the catalog (unknown: the batch fails). A validation cut
+  short starts again from the first line (it only writes line rows).
+- ``in_progress``: a ``BackfillRun`` named after the batch reads the texts of the accepted lines
+  (``InputReader``) and sends them on the bulk queue with the backfill's backpressure, content
+  cache and resume: a run started again sends only what is neither stored, failed nor in a
+  pending batch, so nothing is lost or embedded twice.
+- ``finalizing`` / ``cancelling``: wait until none of the job's batches is in flight, then count
+  the requests and end ``completed``, ``expired`` or ``cancelled``.
+
+The run calls ``keep`` between chunks (through the backfill's progress report): it renews the
+batch's lease and stops the run (``Stopped``) when the batch is being cancelled or has expired,
+or when another process holds the lease now. The backfill needs no hook for this: raising from
+its report leaves it as a Ctrl-C does, its batches recorded and resumable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage import api_files, backfills, ledger, repository
+from storage.models import ApiBatch, as_utc
+from storage.session import scope
+from tasks import backfill
+from tasks.openai_batch import uploads
+from tasks.openai_batch.requests import (
+    InputReader,
+    Rejected,
+    Request,
+    check_dimensions,
+    lines,
+    parse_line,
+)
+from tasks.openai_batch.shapes import OutputFile
+from worker.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+LEASE_TTL_S = 30.0
+"""A runner that stops renewing its lease (its process died) leaves the batch to another
+process after this long."""
+RENEW_S = 5.0
+PAGE = 1000
+"""Validated lines written at a time."""
+
+Catalog = Callable[[], dict[str, int | None]]
+"""The models a batch may name, with their dimension when a host has prepared them."""
+
+
+class Stopped(Exception):
+    """Raised to stop a run: the batch is being cancelled, has expired, or is another's now."""
+
+
+def lease_name(batch_id: str) -> str:
+    return f"openai:{batch_id}"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class BatchRunner:
+    """Moves batch ``batch_id`` on from its current phase to a final one (see the module)."""
+
+    poll_s = 0.5
+
+    def __init__(
+        self,
+        batch_id: str,
+        settings: Settings,
+        *,
+        sessions: sessionmaker[Session],
+        catalog: Catalog,
+        holder: str,
+        send: backfill.Send | None = None,
+    ) -> None:
+        self.batch_id = batch_id
+        self.settings = settings
+        self.sessions = sessions
+        self.catalog = catalog
+        self.holder = holder
+        self.send = send
+        self._kept = 0.0
+
+    def run(self) -> str:
+        """Drive the batch as far as it goes; returns the status it is left in."""
+        status = self._batch().status
+        try:
+            if status == "validating":
+                status = self.validate()
+            if status == "in_progress":
+                status = self.embed()
+        except Stopped:
+            status = self._batch().status
+        if status in ("finalizing", "cancelling"):
+            status = self.settle(status)
+        return status
+
+    # --- phases --------------------------------------------------------------------------------
+    def validate(self) -> str:
+        batch = self._batch()
+        path = uploads.path_of(self.settings.files_dir, batch.input_file_id)
+        if not path.is_file():
+            return self._fail("file_missing", f"the input file {batch.input_file_id} is gone")
+        with scope(self.sessions) as session:
+            api_files.clear_requests(session, batch.id)
+        models = self.catalog()
+        model: str | None = None
+        rows: list[dict[str, Any]] = []
+        for number, raw in lines(path):
+            parsed = parse_line(number, raw, model)
+            if isinstance(parsed, Request):
+                model = model or parsed.model
+                parsed = check_dimensions(parsed, models.get(parsed.model))
+            rows.append(self._row(parsed))
+            if len(rows) >= PAGE:
+                self._write(rows)
+        self._write(rows)
+        with scope(self.sessions) as session:
+            api_files.reject_duplicates(
+                session, batch.id, "duplicate_custom_id", "an earlier line has this custom_id"
+            )
+            total, _ = api_files.count_inputs(session, batch.id)
+        if total == 0:
+            return self._fail("empty_file", "the input file holds no line")
+        if model is not None and model not in models:
+            return self._fail(
+                "model_not_found",
+                f"the model {model!r} does not exist: no worker host has it and it is not"
+                " registered (see GET /v1/models)",
+                param="model",
+            )
+        fields = {"model": model, "total": total, "in_progress_at": now()}
+        with scope(self.sessions) as session:
+            moved = api_files.move_batch(
+                session, batch.id, "in_progress", only_from=["validating"], **fields
+            )
+        return "in_progress" if moved else self._batch().status
+
+    def _row(self, parsed: Request | Rejected) -> dict[str, Any]:
+        row = {"batch_id": self.batch_id, "line": parsed.line, "custom_id": parsed.custom_id}
+        if isinstance(parsed, Rejected):
+            return {
+                **row,
+                "inputs": 0,
+                "base64": False,
+                "error_code": parsed.code,
+                "error": parsed.message,
+            }
+        return {
+            **row,
+            "inputs": len(parsed.texts),
+            "base64": parsed.base64,
+            "error_code": None,
+            "error": None,
+        }
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            with scope(self.sessions) as session:
+                api_files.add_requests(session, rows)
+            rows.clear()
+        self.keep(force=False)
+
+    def embed(self) -> str:
+        batch = self._batch()
+        with scope(self.sessions) as session:
+            skip = api_files.rejected_lines(session, batch.id)
+            _, texts = api_files.count_inputs(session, batch.id)
+        if batch.model is not None and texts:
+            path = uploads.path_of(self.settings.files_dir, batch.input_file_id)
+            reader = InputReader(path, batch.model, skip, texts)
+            options = backfill.Options(name=batch.id, model=batch.model)
+            run = backfill.BackfillRun(
+                reader, options, self.settings, sessions=self.sessions, send=self.send
+            )
+            run.run(lambda _progress: self.keep(force=False))
+        with scope(self.sessions) as session:
+            api_files.move_batch(
+                session, batch.id, "finalizing", only_from=["in_progress"], finalizing_at=now()
+            )
+        return self._batch().status
+
+    def settle(self, status: str) -> str:
+        """Wait for the batches in flight, then end the batch with its counts."""
+        with scope(self.sessions) as session:
+            job_id = backfills.job_of(session, self.batch_id)
+        while job_id is not None:
+            with scope(self.sessions) as session:
+                if not ledger.count_pending(session, job_id):
+                    break
+            self.keep(force=False, stop=False)
+            time.sleep(self.poll_s)
+        batch = self._batch()
+        final = "cancelled" if status == "cancelling" else "completed"
+        if batch.expired_at is not None and status == "finalizing":
+            final = "expired"
+        with scope(self.sessions) as session:
+            total, completed, failed = api_files.request_counts(session, batch.id, job_id)
+            unfinished = total - completed - failed
+            if job_id is not None and final != "completed":  # the run stopped before sealing
+                backfills.seal_job(session, batch.id, job_id, 0)
+                repository.add_progress(session, job_id, done=0, failed=0, error=None)
+            stamps = {} if final == "expired" else {f"{final}_at": now()}
+            api_files.move_batch(
+                session,
+                batch.id,
+                final,
+                only_from=[status],
+                total=total,
+                completed=completed,
+                failed=failed,
+                output_file_id=OutputFile(batch.id, False).id if completed else None,
+                error_file_id=OutputFile(batch.id, True).id if failed or unfinished else None,
+                **stamps,
+            )
+        logger.info(
+            "batch ended: batch=%s status=%s completed=%d failed=%d",
+            batch.id,
+            final,
+            completed,
+            failed,
+            extra={"batch": batch.id, "status": final},
+        )
+        return self._batch().status
+
+    # --- the lease, cancel and expiry ------------------------------------------------------------
+    def keep(self, force: bool = True, stop: bool = True) -> None:
+        """Renew the lease (at most every ``RENEW_S`` unless ``force``); with ``stop``, raise
+        ``Stopped`` when the batch is being cancelled or has expired (moved to finalizing)."""
+        if not force and time.monotonic() - self._kept < RENEW_S:
+            return
+        self._kept = time.monotonic()
+        expired = False
+        with scope(self.sessions) as session:
+            held = ledger.take_lease(session, lease_name(self.batch_id), self.holder, LEASE_TTL_S)
+            batch = api_files.get_batch(session, self.batch_id)
+            status = None if batch is None else batch.status
+            if batch is not None and status in ("validating", "in_progress"):
+                expired = now() > as_utc(batch.expires_at)
+                if expired:
+                    api_files.move_batch(
+                        session,
+                        batch.id,
+                        "finalizing",
+                        only_from=[batch.status],
+                        finalizing_at=now(),
+                        expired_at=now(),
+                    )
+        if not held:
+            raise Stopped(f"batch {self.batch_id} is run by another process now")
+        if stop and (expired or status == "cancelling"):
+            raise Stopped(f"batch {self.batch_id} is {'expired' if expired else status}")
+
+    def _batch(self) -> ApiBatch:
+        with scope(self.sessions) as session:
+            batch = api_files.get_batch(session, self.batch_id)
+        if batch is None:
+            raise Stopped(f"batch {self.batch_id} vanished from the store")
+        return batch
+
+    def _fail(self, code: str, message: str, param: str | None = None) -> str:
+        error = {"code": code, "message": message, "param": param, "line": None}
+        with scope(self.sessions) as session:
+            api_files.move_batch(
+                session,
+                self.batch_id,
+                "failed",
+                only_from=["validating"],
+                errors=[error],
+                failed_at=now(),
+            )
+        logger.warning("batch failed: batch=%s %s", self.batch_id, message)
+        return self._batch().status
