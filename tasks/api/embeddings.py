@@ -4,7 +4,8 @@ The texts become a job on the ``interactive`` queue and the request waits for it
 (``EMBEDQ_API_WAIT_TIMEOUT``); past that it answers 504 with the job's id (the job goes on and
 ``GET /v1/jobs/{id}`` follows it), marked ``x-should-retry: false`` so OpenAI's client does not
 submit the texts again on its own. ``usage`` is the tokens the workers really counted (after
-truncation), read from the store with the vectors.
+truncation), read from the store with the vectors. The job's id is in the ``x-embedq-job``
+header of every answer.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from tasks.completion import JobStatus
 from worker.settings import Settings
 
 router = APIRouter(tags=["embeddings"])
+JOB_HEADER = "x-embedq-job"
+"""The job that answered a request (OpenAI's body has no place for it): ``embedq job ID``."""
 
 
 def texts(value: object) -> object:
@@ -83,9 +86,10 @@ def failure(status: JobStatus) -> ApiError:
     reason = status["error"] or "no reason recorded"
     words = f"job {status['id']} {status['state']}: {status['failed']} of {status['total']}"
     message = f"{words} texts failed: {reason}"
+    headers = {JOB_HEADER: status["id"]}
     if reason.startswith("InputError"):
-        return ApiError(400, message, code="invalid_input", param="input")
-    return ApiError(500, message, "server_error", code="job_failed")
+        return ApiError(400, message, code="invalid_input", param="input", headers=headers)
+    return ApiError(500, message, "server_error", code="job_failed", headers=headers)
 
 
 def check_dimensions(asked: int | None, dim: int | None, model: str) -> None:
@@ -120,7 +124,7 @@ def create_embeddings(
             f" follow it at GET /v1/jobs/{handle.id}",
             "timeout_error",
             code="job_pending",
-            headers={"x-should-retry": "false"},
+            headers={"x-should-retry": "false", JOB_HEADER: handle.id},
         ) from None
     if status["state"] != JobState.SUCCEEDED:
         raise failure(status)
@@ -150,4 +154,6 @@ def create_embeddings(
     }
     # Built by hand: validating a million floats against the model would cost more than the
     # job; the response model documents the shape.
-    return Response(json.dumps(answer), media_type="application/json")
+    return Response(
+        json.dumps(answer), media_type="application/json", headers={JOB_HEADER: handle.id}
+    )

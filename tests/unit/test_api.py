@@ -164,6 +164,10 @@ def test_embeddings_answer_openai_s_shape_with_the_vectors_and_tokens_stored(
     np.testing.assert_array_equal(got, expected)
     tokens = sum(len(text.split()) + 2 for text in TEXTS)  # the fake's count: words + 2
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    with scope(sessions_for(get_settings().database_url)) as session:
+        (job,) = repository.list_jobs(session)
+    assert response.headers["x-embedq-job"] == job.id
+    assert (job.queue, job.tag) == ("interactive", f"api:{key_id(KEY)}")
 
 
 def test_base64_vectors_are_little_endian_float32_bytes(client: TestClient) -> None:
@@ -249,6 +253,7 @@ def test_a_job_that_does_not_finish_in_time_is_a_504_naming_the_job(
     with scope(sessions_for(store)) as session:
         (job,) = repository.list_jobs(session)
     assert f"job {job.id} did not finish within 0.2s" in str(error["message"])
+    assert response.headers["x-embedq-job"] == job.id
     assert (job.queue, job.state) == ("interactive", "queued")
 
 
@@ -269,6 +274,7 @@ def test_a_failed_job_answers_its_reason(
     error = error_of(response)
     assert error["type"] == kind
     assert str(error["message"]).endswith(f"failed: 1 of 1 texts failed: {reason}")
+    assert f"job {response.headers['x-embedq-job']} failed" in str(error["message"])
 
 
 # --- caps, unavailable services, documentation -------------------------------------------------
