@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -14,21 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
+from fastapi.testclient import TestClient
+from openai import OpenAI
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import api_files, backfills, ledger
-from storage.models import ApiBatch, ApiFile, Base, Embedding
-from storage.session import dispose_all, make_engine, scope, session_factory
+from storage import api_files, backfills, ledger, repository, schema
+from storage.models import ApiBatch, ApiFile, Base, Embedding, ModelState
+from storage.session import dispose_all, make_engine, scope, session_factory, sessions_for
 from tasks import producer
+from tasks.api.app import create_app
 from tasks.batches import embed_batch
 from tasks.message import BatchMessage
 from tasks.openai_batch import output, runner, uploads
 from tasks.openai_batch.requests import Rejected, Request, check_dimensions, parse_line
 from tasks.openai_batch.runner import BatchRunner
 from tests.fakes import FakeEngine
-from worker.settings import Settings
+from worker.settings import Settings, get_settings
 
 MODEL = "fake"
 
@@ -317,3 +322,84 @@ def test_a_runner_stops_when_another_process_holds_the_lease(fleet: Fleet) -> No
         assert ledger.take_lease(session, runner.lease_name(batch_id), "other", 60)
     assert fleet.runner(batch_id).run() == "validating"
     assert fleet.sent == []
+
+
+# --- the routes, with OpenAI's own client ----------------------------------------------------
+@pytest.fixture
+def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAI]:
+    """The app in process on a SQLite store where a host has the fake model; batches are
+    embedded as soon as their runner sends them."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    for name in ("EMBEDQ_BROKER_URL", "EMBEDQ_DEFAULT_MODEL", "EMBEDQ_API_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EMBEDQ_DATABASE_URL", url)
+    monkeypatch.setenv("EMBEDQ_FILES_DIR", str(tmp_path / "files"))
+    monkeypatch.setenv("EMBEDQ_API_MAX_FILE_BYTES", "100000")
+    get_settings.cache_clear()
+    schema.upgrade(url)
+    with scope(sessions_for(url)) as session:
+        repository.set_prepared(session, MODEL, "host-a", ModelState.READY, dim=8)
+
+    def embed_at_once(messages: list[BatchMessage], queue: object) -> None:
+        for message in messages:
+            with scope(sessions_for(url)) as session:
+                embed_batch(session, FakeEngine(), message, provider=FakeEngine.provider)
+
+    monkeypatch.setattr(producer, "publish", embed_at_once)
+    with TestClient(create_app(require_auth=False), raise_server_exceptions=False) as client:
+        yield OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client)
+    dispose_all()
+
+
+def test_openai_s_client_uploads_runs_and_downloads_a_batch(api: OpenAI) -> None:
+    body = b"\n".join([*requests(6), b"not json"]) + b"\n"
+    uploaded = api.files.create(file=("in.jsonl", body), purpose="batch")
+    assert (uploaded.bytes, uploaded.purpose, uploaded.filename) == (len(body), "batch", "in.jsonl")
+    assert api.files.content(uploaded.id).content == body
+    created = api.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/embeddings",
+        completion_window="24h",
+        metadata={"run": "test"},
+    )
+    assert created.status == "validating" and created.metadata == {"run": "test"}
+    deadline = time.monotonic() + 30
+    batch = api.batches.retrieve(created.id)
+    while batch.status != "completed":
+        assert time.monotonic() < deadline, f"still {batch.status}"
+        time.sleep(0.1)
+        batch = api.batches.retrieve(created.id)
+    assert batch.request_counts is not None
+    assert (batch.request_counts.total, batch.request_counts.completed) == (7, 6)
+    assert batch.request_counts.failed == 1
+    assert batch.output_file_id and batch.error_file_id
+    out = [json.loads(raw) for raw in api.files.content(batch.output_file_id).text.splitlines()]
+    assert [entry["custom_id"] for entry in out] == [f"r{i}" for i in range(6)]
+    errors = api.files.content(batch.error_file_id).text.splitlines()
+    assert json.loads(errors[0])["error"]["code"] == "invalid_json_line"
+    described = api.files.retrieve(batch.output_file_id)
+    assert described.bytes == len(api.files.content(batch.output_file_id).content)
+    with pytest.raises(openai.ConflictError):
+        api.batches.cancel(batch.id)
+    assert batch.id in [b.id for b in api.batches.list()]
+
+
+def test_bad_uploads_and_batches_are_refused_in_openai_s_error_body(api: OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as too_large:
+        api.files.create(file=("big.jsonl", b"x" * 200_000), purpose="batch")
+    assert too_large.value.status_code == 413
+    with pytest.raises(openai.BadRequestError):
+        api.files.create(file=("in.jsonl", b"{}\n"), purpose="fine-tune")
+    uploaded = api.files.create(file=("in.jsonl", b"\n".join(requests(2))), purpose="batch")
+    with pytest.raises(openai.BadRequestError):
+        api.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    with pytest.raises(openai.NotFoundError):
+        api.batches.create(
+            input_file_id="file-nothing", endpoint="/v1/embeddings", completion_window="24h"
+        )
+    with pytest.raises(openai.NotFoundError):
+        api.batches.retrieve("batch_nothing")
+    with pytest.raises(openai.NotFoundError):  # an output file of no ended batch
+        api.files.content("file-batchout-batch_nothing")

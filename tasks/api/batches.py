@@ -1,0 +1,168 @@
+"""OpenAI's Batches for ``/v1/embeddings``: ``POST /v1/batches``, ``GET /v1/batches``,
+``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``.
+
+A batch runs in a background thread of a ``serve`` process that holds its lease
+(``tasks.openai_batch.background``): started at creation, and started again by any instance
+that is asked about an unfinished batch nobody runs (after a restart, the first request to
+these routes resumes them all). Its status and request counts are read from the store.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from storage import api_files, backfills
+from storage.models import ApiBatch
+from storage.session import scope, sessions_for
+from tasks.api import catalog
+from tasks.api.auth import require_key
+from tasks.api.errors import ApiError
+from tasks.api.files import find_file
+from tasks.openai_batch import background, shapes
+from tasks.openai_batch.requests import ENDPOINT
+from tasks.openai_batch.runner import Catalog
+from worker.settings import Settings
+
+router = APIRouter(tags=["batches"])
+
+WINDOW = "24h"
+
+
+class BatchCreate(BaseModel):
+    """OpenAI's batch creation parameters."""
+
+    input_file_id: str = Field(description="an uploaded file of purpose 'batch'")
+    endpoint: str = Field(description="'/v1/embeddings'")
+    completion_window: str = Field(description="'24h'")
+    metadata: dict[str, str] | None = Field(None, description="up to 16 pairs, kept as given")
+
+
+def _catalog(settings: Settings) -> Catalog:
+    def models() -> dict[str, int | None]:
+        return {name: info.dim for name, info in catalog.known_models(settings).items()}
+
+    return models
+
+
+def _start(settings: Settings, batch_id: str | None = None) -> None:
+    """Resume this process's share of unfinished batches (once), and run ``batch_id``."""
+    sessions, models = sessions_for(settings.database_url), _catalog(settings)
+    background.resume_all(settings, sessions=sessions, catalog=models)
+    if batch_id is not None:
+        background.ensure_running(batch_id, settings, sessions=sessions, catalog=models)
+
+
+def _answer(settings: Settings, batch: ApiBatch) -> dict[str, Any]:
+    counts = (batch.total, batch.completed, batch.failed)
+    if batch.status not in shapes.FINAL:
+        with scope(sessions_for(settings.database_url)) as session:
+            job_id = backfills.job_of(session, batch.id)
+            counts = api_files.request_counts(session, batch.id, job_id)
+    return shapes.batch_object(batch, counts)
+
+
+def _find(settings: Settings, batch_id: str, key: str) -> ApiBatch:
+    with scope(sessions_for(settings.database_url)) as session:
+        found = api_files.get_batch(session, batch_id, key)
+    if found is None:
+        raise ApiError(404, f"no such batch: {batch_id}", code="batch_not_found")
+    return found
+
+
+@router.post("/v1/batches")
+def create_batch(
+    body: BatchCreate, request: Request, key: str = Depends(require_key)
+) -> dict[str, Any]:
+    """Create a batch over an uploaded file and start running it."""
+    settings: Settings = request.app.state.settings
+    if body.endpoint != ENDPOINT:
+        raise ApiError(400, f"embedq runs batches of {ENDPOINT} only", param="endpoint")
+    if body.completion_window != WINDOW:
+        raise ApiError(400, f"completion_window must be {WINDOW!r}", param="completion_window")
+    if body.metadata is not None and len(body.metadata) > 16:
+        raise ApiError(400, "metadata holds 16 pairs at most", param="metadata")
+    file = find_file(settings, body.input_file_id, key)
+    if file.purpose != "batch":
+        raise ApiError(400, f"file {file.id} is not a batch input", param="input_file_id")
+    created = datetime.now(UTC)
+    batch = ApiBatch(
+        id=shapes.new_batch_id(),
+        owner=key,
+        input_file_id=file.id,
+        endpoint=body.endpoint,
+        completion_window=body.completion_window,
+        status="validating",
+        meta=body.metadata,
+        total=0,
+        completed=0,
+        failed=0,
+        created_at=created,
+        expires_at=created + timedelta(hours=24),
+    )
+    with scope(sessions_for(settings.database_url)) as session:
+        api_files.add_batch(session, batch)
+    _start(settings, batch.id)
+    return shapes.batch_object(batch, (0, 0, 0))
+
+
+@router.get("/v1/batches")
+def list_batches(
+    request: Request,
+    after: str | None = None,
+    limit: int = 20,
+    key: str = Depends(require_key),
+) -> dict[str, Any]:
+    """This key's batches, the newest first (``after``: a batch id, for the next page)."""
+    settings: Settings = request.app.state.settings
+    _start(settings)
+    since = _find(settings, after, key).created_at if after else None
+    limit = max(1, min(limit, 100))
+    with scope(sessions_for(settings.database_url)) as session:
+        found = api_files.list_batches(session, key, since, limit + 1)
+    data = [_answer(settings, batch) for batch in found[:limit]]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(found) > limit,
+    }
+
+
+@router.get("/v1/batches/{batch_id}")
+def retrieve_batch(
+    request: Request, batch_id: str, key: str = Depends(require_key)
+) -> dict[str, Any]:
+    """A batch's status and request counts; resumes it if no process runs it."""
+    settings: Settings = request.app.state.settings
+    batch = _find(settings, batch_id, key)
+    if batch.status not in shapes.FINAL:
+        _start(settings, batch.id)
+    return _answer(settings, batch)
+
+
+@router.post("/v1/batches/{batch_id}/cancel")
+def cancel_batch(
+    request: Request, batch_id: str, key: str = Depends(require_key)
+) -> dict[str, Any]:
+    """Stop sending the batch's requests: it is ``cancelling`` until the batches in flight end,
+    then ``cancelled``; what was not sent goes to the error file as ``batch_cancelled``."""
+    settings: Settings = request.app.state.settings
+    batch = _find(settings, batch_id, key)
+    with scope(sessions_for(settings.database_url)) as session:
+        api_files.move_batch(
+            session,
+            batch.id,
+            "cancelling",
+            only_from=["validating", "in_progress"],
+            cancelling_at=datetime.now(UTC),
+        )
+    batch = _find(settings, batch_id, key)
+    if batch.status not in ("cancelling", "cancelled"):
+        raise ApiError(409, f"batch {batch.id} is {batch.status}: too late to cancel it")
+    _start(settings, batch.id)
+    return _answer(settings, batch)
