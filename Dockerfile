@@ -14,8 +14,9 @@ COPY worker ./worker
 COPY tasks ./tasks
 COPY storage ./storage
 COPY migrations ./migrations
+# The worker extra: `pip install .` alone is the client side (no onnxruntime, no tokenizers).
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install . \
+    && /opt/venv/bin/pip install '.[worker]' \
     && /opt/venv/bin/pip uninstall -y onnxruntime-gpu \
     && /opt/venv/bin/pip install "onnxruntime>=1.20"
 

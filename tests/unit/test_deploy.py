@@ -55,6 +55,16 @@ def test_build_targets_exist_and_the_images_run_as_a_user_without_torch() -> Non
         assert (REPO / copied).is_dir(), copied
 
 
+def test_the_images_install_the_worker_extra() -> None:
+    """`pip install .` is the client side (no onnxruntime, no tokenizers); every image runs a
+    worker, Flower or migrations, so each install of the project asks for the worker extra."""
+    dockerfile = re.sub(r"#.*", "", (REPO / "Dockerfile").read_text())
+    installs = re.findall(r"pip install ['\"]?\.(\[[^\]]*\])?['\"]?\s", dockerfile)
+    assert installs
+    for extras in installs:
+        assert "worker" in extras.strip("[]").split(","), extras or "no extra"
+
+
 def test_the_fleet_has_what_the_issue_asks_for() -> None:
     services = compose()["services"]
     assert "--requirepass" in services["redis"]["command"]
