@@ -12,7 +12,8 @@ appear: URLs are shown with the password hidden, and passwords are scrubbed from
 
     0   done
     1   the job (or backfill) ended with failed items; ``health`` found a problem
-    2   bad input or usage: a file, a line, an option, a model name, a setting
+    2   bad input or usage: a file, a line, an option, a model name, a setting, a command
+        that needs the worker extra on a client install (``pip install embedq``)
     3   a GPU cannot run the default model (``worker``)
     4   the job store, the broker or a model source cannot be reached, or refuses us: try later
     5   ``embed --timeout`` passed: the job goes on (see ``embedq job ID``)
@@ -30,7 +31,7 @@ from typing import Annotated
 import typer
 
 from tasks.cli import backfills, catalog, jobs, ops, serve
-from tasks.cli.failures import Code, ending, one_line
+from tasks.cli.failures import Code, command_path, ending, one_line
 from worker.logs import use_json
 
 # Locals are never shown: they hold URLs with passwords.
@@ -95,6 +96,7 @@ def main() -> None:
     except Exception as exc:
         if _verbose:
             traceback.print_exception(exc)
-        line, code = ending(exc)
+        groups = [info.name for info in app.registered_groups if isinstance(info.name, str)]
+        line, code = ending(exc, command_path(sys.argv[1:], groups))
         typer.echo(f"error: {line}", err=True)
     sys.exit(code if isinstance(code, int) else Code.OK)

@@ -7,6 +7,7 @@ every password the settings hold is scrubbed from what a driver said.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from enum import IntEnum
 from pathlib import Path
 
@@ -20,6 +21,14 @@ from sqlalchemy.engine import make_url
 from storage.session import redacted
 from worker.errors import EmbedqError, TransientError
 from worker.settings import get_settings
+
+# What the `worker` extra installs (pyproject.toml), by import name. `pip install embedq` is the
+# client side (submit jobs, read them back); a command that runs a model, prepares one or starts a
+# worker or Flower imports one of these, and on a client install it says which extra to add.
+WORKER_EXTRA = frozenset(
+    {"onnxruntime", "tokenizers", "huggingface_hub", "filelock", "prometheus_client", "flower"}
+)
+INSTALL_WORKER = "pip install 'embedq[worker]'"
 
 
 class Code(IntEnum):
@@ -42,8 +51,11 @@ def fail(exc: EmbedqError) -> typer.Exit:
     return typer.Exit(code=code)
 
 
-def ending(exc: BaseException) -> tuple[str, int]:
-    """The line (after ``error:``) and the exit code that end a command failing with ``exc``."""
+def ending(exc: BaseException, command: str = "this command") -> tuple[str, int]:
+    """The line (after ``error:``) and the exit code that end ``command`` (``embedq models
+    pull``, for the line) failing with ``exc``."""
+    if isinstance(exc, ModuleNotFoundError) and (extra := missing_extra(exc)) is not None:
+        return f"{command} needs the worker extra ({extra}): {INSTALL_WORKER}", Code.INPUT
     if isinstance(exc, TransientError):  # the store, the broker, a model source: try later
         refused = _password_problem(exc)
         return refused or scrub(one_line(str(exc))), Code.UNREACHABLE
@@ -67,6 +79,21 @@ def ending(exc: BaseException) -> tuple[str, int]:
         " (run `embedq --verbose ...` for the traceback)",
         Code.BUG,
     )
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """What is missing (``onnxruntime is not installed``) when ``exc`` is the import of a
+    package of the worker extra on an install without it; ``None`` for any other module."""
+    top = (exc.name or "").partition(".")[0]
+    return f"{top} is not installed" if top in WORKER_EXTRA else None
+
+
+def command_path(argv: Sequence[str], groups: Collection[str]) -> str:
+    """The command that ``argv`` (without the program) runs, as typed: ``embedq worker``,
+    ``embedq models pull`` (a word after one of ``groups``). Only ``-v`` comes before it."""
+    words = [word for word in argv if not word.startswith("-")]
+    path = words[:2] if words and words[0] in groups else words[:1]
+    return " ".join(["embedq", *path])
 
 
 def one_line(message: str) -> str:
