@@ -1,0 +1,223 @@
+"""OpenAI batches with real parts: ``embedq serve`` processes, a real Celery worker, Redis, the
+store and the exported model, driven by OpenAI's own client: a batch completes with the
+engine's vectors and the stored token counts, a cancelled one stops sending, and one whose
+``serve`` process is killed is finished by another with nothing lost or sent twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from openai.types import Batch
+from sqlalchemy import func, select
+
+from storage import api_files, backfills
+from storage.models import Batch as LedgerBatch
+from storage.models import Embedding, Job
+from storage.session import scope, sessions_for
+from tests.acceptance.conftest import Worker
+from tests.acceptance.test_api import KEY, Server
+from tests.conftest import cosines
+from worker.engine import Engine
+
+pytestmark = pytest.mark.model
+
+MODEL = "minilm"
+
+
+@pytest.fixture
+def start(pipeline_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start ``embedq serve`` instances sharing one files folder; all stopped after the test."""
+    started: list[Server] = []
+
+    def server(**settings: str) -> Server:
+        env = {
+            **pipeline_env,
+            "EMBEDQ_API_KEYS": KEY,
+            "EMBEDQ_FILES_DIR": str(tmp_path / "files"),
+            **settings,
+        }
+        started.append(Server(env))
+        return started[-1]
+
+    yield server
+    for running in started:
+        running.stop()
+
+
+def request(custom_id: str, given: object, **body: object) -> str:
+    return json.dumps(
+        {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": MODEL, "input": given, **body},
+        }
+    )
+
+
+def upload(client: openai.OpenAI, path: Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with path.open("rb") as handle:
+        return client.files.create(file=handle, purpose="batch").id
+
+
+def wait_for(
+    client: openai.OpenAI, batch_id: str, done: Callable[[Batch], bool], timeout: float
+) -> Batch:
+    deadline = time.monotonic() + timeout
+    batch = client.batches.retrieve(batch_id)
+    while not done(batch):
+        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch.request_counts}"
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch_id)
+    return batch
+
+
+def jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, object]]:
+    assert file_id is not None
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+def test_a_batch_file_comes_back_with_the_engine_s_vectors_and_stored_tokens(
+    worker: Worker,
+    start: Callable[..., Server],
+    engine: Engine,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    client = start().client()
+    inputs: dict[str, list[str]] = {}
+    lines = []
+    for i in range(28):
+        texts = [f"Sentence number {i} about batches."]
+        if i % 4 == 0:
+            texts += [f"A second text of request {i}.", "word " * (5 + i)]
+        inputs[f"req-{i}"] = texts
+        lines.append(request(f"req-{i}", texts if len(texts) > 1 else texts[0]))
+    lines.insert(5, '{"custom_id": "broken", "method": "POST", ')
+    lines.append(request("has-empty", ["fine", ""]))
+    file_id = upload(client, tmp_path / "in.jsonl", lines)
+    created = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    batch = wait_for(client, created.id, lambda b: b.status == "completed", 180)
+    assert batch.request_counts is not None
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (30, 28, 2)
+
+    out = jsonl(client, batch.output_file_id)
+    assert sorted(str(entry["custom_id"]) for entry in out) == sorted(inputs)
+    with scope(sessions_for(database_url)) as session:
+        job_id = backfills.job_of(session, batch.id)
+        stored = dict(
+            session.execute(
+                select(Embedding.item_id, Embedding.token_count).where(Embedding.job_id == job_id)
+            ).all()
+        )
+    by_line = {line: number for number, line in enumerate(lines, start=1)}
+    for entry in out:
+        custom_id = str(entry["custom_id"])
+        response: dict[str, object] = entry["response"]  # type: ignore[assignment]
+        body: dict[str, object] = response["body"]  # type: ignore[assignment]
+        assert response["status_code"] == 200 and entry["error"] is None
+        data: list[dict[str, object]] = body["data"]  # type: ignore[assignment]
+        texts = inputs[custom_id]
+        reference = engine.encode(texts)
+        got = np.array([item["embedding"] for item in data], dtype=np.float32)
+        assert np.asarray(cosines(got, reference.vectors)).min() >= 0.9999
+        line = by_line[request(custom_id, texts if len(texts) > 1 else texts[0])]
+        tokens = sum(stored[api_files.item_name(line, i)] for i in range(len(texts)))
+        assert tokens == sum(reference.token_counts)
+        assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+    errors = {str(entry["custom_id"]): entry for entry in jsonl(client, batch.error_file_id)}
+    assert set(errors) == {"None", "has-empty"}
+    assert errors["None"]["response"] is None
+    assert errors["None"]["error"] == {
+        "code": "invalid_json_line",
+        "message": errors["None"]["error"]["message"],  # type: ignore[index]
+    }
+    empty: dict[str, object] = errors["has-empty"]["response"]  # type: ignore[assignment]
+    assert empty["status_code"] == 400
+    assert "'input'[1] is empty" in json.dumps(empty["body"])
+
+
+def many(count: int, corpus: list[str]) -> list[str]:
+    return [request(f"c{i}", corpus[i]) for i in range(count)]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_cancelled_batch_stops_sending_and_lists_what_it_did_not_run(
+    worker: Worker,
+    start: Callable[..., Server],
+    corpus: list[str],
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    client = start(EMBEDQ_JOB_BATCH_SIZE="8", EMBEDQ_BACKFILL_MAX_IN_FLIGHT="1").client()
+    file_id = upload(client, tmp_path / "in.jsonl", many(2000, corpus))
+    created = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    wait_for(
+        client, created.id, lambda b: bool(b.request_counts and b.request_counts.completed), 120
+    )
+    cancelling = client.batches.cancel(created.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    batch = wait_for(client, created.id, lambda b: b.status == "cancelled", 120)
+    assert batch.request_counts is not None
+    completed = batch.request_counts.completed
+    assert 0 < completed < 2000 and batch.request_counts.failed == 0
+    assert len(jsonl(client, batch.output_file_id)) == completed
+    errors = jsonl(client, batch.error_file_id)
+    assert len(errors) == 2000 - completed
+    assert {entry["error"]["code"] for entry in errors} == {"batch_cancelled"}  # type: ignore[index]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_batch_whose_serve_is_killed_is_finished_by_another_with_nothing_lost_or_resent(
+    worker: Worker,
+    start: Callable[..., Server],
+    corpus: list[str],
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    settings = {"EMBEDQ_JOB_BATCH_SIZE": "16", "EMBEDQ_BACKFILL_MAX_IN_FLIGHT": "2"}
+    first = start(**settings)
+    client = first.client()
+    total = 1500
+    file_id = upload(client, tmp_path / "in.jsonl", many(total, corpus))
+    created = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    half = wait_for(
+        client, created.id, lambda b: bool(b.request_counts and b.request_counts.completed), 120
+    )
+    os.killpg(first.process.pid, signal.SIGKILL)
+    first.process.wait(10)
+    assert half.request_counts is not None and half.request_counts.completed < total
+
+    second = start(**settings).client()
+    batch = wait_for(second, created.id, lambda b: b.status == "completed", 300)
+    assert batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (total, 0)
+    assert len(jsonl(second, batch.output_file_id)) == total
+    with scope(sessions_for(database_url)) as session:
+        job_id = backfills.job_of(session, batch.id)
+        stored = session.scalar(select(func.count()).where(Embedding.job_id == job_id))
+        sent = session.scalar(
+            select(func.sum(LedgerBatch.item_count)).where(LedgerBatch.job_id == job_id)
+        )
+        job = session.get(Job, job_id)
+        assert job is not None
+        reused = job.reused_items  # texts repeated in the corpus are copied, not sent
+    assert stored == total  # nothing lost
+    assert (sent or 0) + reused == total  # no text sent in two batches
