@@ -69,6 +69,12 @@ def upload(client: openai.OpenAI, path: Path, lines: list[str]) -> str:
         return client.files.create(file=handle, purpose="batch").id
 
 
+def create(client: openai.OpenAI, file_id: str) -> Batch:
+    return client.batches.create(
+        input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+
+
 def wait_for(
     client: openai.OpenAI, batch_id: str, done: Callable[[Batch], bool], timeout: float
 ) -> Batch:
@@ -105,9 +111,7 @@ def test_a_batch_file_comes_back_with_the_engine_s_vectors_and_stored_tokens(
     lines.insert(5, '{"custom_id": "broken", "method": "POST", ')
     lines.append(request("has-empty", ["fine", ""]))
     file_id = upload(client, tmp_path / "in.jsonl", lines)
-    created = client.batches.create(
-        input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h"
-    )
+    created = create(client, file_id)
     batch = wait_for(client, created.id, lambda b: b.status == "completed", 180)
     assert batch.request_counts is not None
     counts = batch.request_counts
@@ -164,9 +168,7 @@ def test_a_cancelled_batch_stops_sending_and_lists_what_it_did_not_run(
 ) -> None:
     client = start(EMBEDQ_JOB_BATCH_SIZE="8", EMBEDQ_BACKFILL_MAX_IN_FLIGHT="1").client()
     file_id = upload(client, tmp_path / "in.jsonl", many(2000, corpus))
-    created = client.batches.create(
-        input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h"
-    )
+    created = create(client, file_id)
     wait_for(
         client, created.id, lambda b: bool(b.request_counts and b.request_counts.completed), 120
     )
@@ -195,9 +197,7 @@ def test_a_batch_whose_serve_is_killed_is_finished_by_another_with_nothing_lost_
     client = first.client()
     total = 1500
     file_id = upload(client, tmp_path / "in.jsonl", many(total, corpus))
-    created = client.batches.create(
-        input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h"
-    )
+    created = create(client, file_id)
     half = wait_for(
         client, created.id, lambda b: bool(b.request_counts and b.request_counts.completed), 120
     )
