@@ -1,0 +1,224 @@
+"""The HTTP API with real parts: ``embedq serve`` processes on free ports, a real Celery worker,
+Redis, SQLite or PostgreSQL and the exported model, called with OpenAI's own client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import redis
+
+from storage import repository
+from storage.session import scope, sessions_for
+from tasks.api.auth import key_id
+from tests.acceptance.conftest import Worker
+from tests.conftest import cosines
+from worker.engine import Engine
+
+pytestmark = pytest.mark.model
+
+KEY = "sk-acceptance-7f3a91"
+TEXTS = [
+    "A quick check of the embeddings endpoint.",
+    "Vectors come back in the order the texts were given.",
+    "word " * 600,  # over the model's 256 tokens: truncated, and counted as truncated
+]
+
+
+class Server:
+    """A real ``embedq serve`` process on a free port, its log kept for assertions."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tasks.cli", "serve", "--port", str(self.port)],
+            env={**os.environ, **env},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self.clients: list[openai.OpenAI] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.stop()
+        pytest.fail("embedq serve did not become healthy:\n" + "".join(self.lines[-40:]))
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        """OpenAI's client on this server (closed with it), without retries."""
+        self.clients.append(openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0))
+        return self.clients[-1]
+
+    def get(self, path: str, **kwargs: object) -> httpx.Response:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        return httpx.get(self.url + path, headers=auth, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        for client in self.clients:
+            client.close()
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.process.pid, sig)
+                self.process.wait(wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def serve(pipeline_env: dict[str, str]) -> Iterator[Callable[..., Server]]:
+    """Start ``embedq serve`` instances on this test's broker and store (extra settings as
+    keyword arguments); every one is stopped after the test."""
+    started: list[Server] = []
+
+    def start(**settings: str) -> Server:
+        env = {**pipeline_env, "EMBEDQ_API_KEYS": f"{KEY},sk-unused", **settings}
+        started.append(Server(env))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+    logs = "".join(line for server in started for line in server.lines)
+    assert KEY not in logs  # a key's value is never logged
+
+
+def test_openai_s_client_gets_the_engine_s_vectors_and_the_stored_token_counts(
+    worker: Worker, serve: Callable[..., Server], engine: Engine, database_url: str
+) -> None:
+    server = serve()
+    client = server.client()
+    reference = engine.encode(TEXTS)
+
+    raw = client.embeddings.with_raw_response.create(
+        input=TEXTS, model="minilm", encoding_format="float"
+    )
+    floats = raw.parse()
+    job_id = raw.headers["x-embedq-job"]
+    got = np.array([item.embedding for item in floats.data], dtype=np.float32)
+    assert got.shape == (3, 384)
+    assert float(np.min(cosines(got, reference.vectors))) >= 0.9999
+    assert [item.index for item in floats.data] == [0, 1, 2]
+    with scope(sessions_for(database_url)) as session:
+        stored = sum(row.token_count for row in repository.vectors_with_tokens(session, job_id))
+    assert stored == sum(reference.token_counts)
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens == stored
+    assert reference.token_counts[2] == 256  # the long text was cut at the model's length
+
+    asked = client.embeddings.create(input=TEXTS, model="minilm", encoding_format="base64")
+    decoded = np.stack(
+        [np.frombuffer(base64.b64decode(str(d.embedding)), "<f4") for d in asked.data]
+    )
+    assert float(np.min(cosines(decoded, reference.vectors))) >= 0.9999
+    default = client.embeddings.create(input=TEXTS[0], model="minilm")  # base64, decoded by it
+    assert float(cosines([default.data[0].embedding], reference.vectors[:1])[0]) >= 0.9999
+    assert default.usage.prompt_tokens == reference.token_counts[0]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(input=TEXTS[0], model="minilm", dimensions=128)
+    assert refused.value.body["param"] == "dimensions"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(input=TEXTS[0], model="no-such-model")
+    with pytest.raises(openai.AuthenticationError):
+        server.client("sk-wrong").models.list()
+
+
+def test_jobs_models_and_health_answer_from_the_store(
+    worker: Worker, serve: Callable[..., Server], engine: Engine
+) -> None:
+    server = serve()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    submitted = httpx.post(
+        server.url + "/v1/jobs",
+        headers=auth,
+        json={"input": TEXTS, "ids": ["a", "b", "c"], "queue": "interactive"},
+        timeout=30,
+    )
+    assert submitted.status_code == 202, submitted.text
+    job = submitted.json()
+    assert (job["model"], job["tag"], job["total"]) == ("minilm", f"api:{key_id(KEY)}", 3)
+    deadline = time.monotonic() + 120
+    while job["state"] not in ("succeeded", "failed", "partially_failed"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+        job = server.get(f"/v1/jobs/{job['id']}").json()
+    assert (job["state"], job["done"], job["failed"]) == ("succeeded", 3, 0)
+    reference = engine.encode(TEXTS).vectors
+
+    npy = server.get(f"/v1/jobs/{job['id']}/embeddings")
+    assert npy.headers["x-embedq-count"] == "3"
+    matrix = np.load(io.BytesIO(npy.content))
+    assert matrix.dtype == np.float32 and matrix.shape == (3, 384)
+    assert float(np.min(cosines(matrix, reference))) >= 0.9999
+    jsonl = server.get(f"/v1/jobs/{job['id']}/embeddings", params={"format": "jsonl"})
+    lines = [json.loads(line) for line in jsonl.text.splitlines()]
+    assert [line["id"] for line in lines] == ["a", "b", "c"]
+    np.testing.assert_array_equal(np.array([line["embedding"] for line in lines], "f4"), matrix)
+
+    models = server.client().models.list()
+    (minilm,) = [model for model in models.data if model.id == "minilm"]
+    assert minilm.owned_by == "embedq"
+    assert minilm.model_extra is not None and minilm.model_extra["dim"] == 384
+    assert minilm.model_extra["ready_on"]  # the worker's host reported it at start
+    health = httpx.get(server.url + "/health", timeout=10)
+    assert health.json() == {"status": "ok", "store": "ok", "broker": "ok"}
+
+
+def test_a_job_no_worker_takes_is_a_504_naming_it_and_goes_on(
+    serve: Callable[..., Server], pipeline_env: dict[str, str], database_url: str
+) -> None:
+    from tasks import producer
+
+    producer.register_model("hf://org/unserved", "unserved")  # known, but no worker runs
+    server = serve(EMBEDQ_API_WAIT_TIMEOUT="1.5")
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as timed_out:
+        server.client().embeddings.create(input="nobody takes this", model="unserved")
+    waited = time.monotonic() - started
+    assert timed_out.value.status_code == 504
+    job_id = timed_out.value.response.headers["x-embedq-job"]
+    error = timed_out.value.body
+    assert isinstance(error, dict) and error["code"] == "job_pending"
+    assert f"job {job_id} did not finish within 1.5s" in error["message"]
+    assert 1.5 <= waited < 15
+    job = server.get(f"/v1/jobs/{job_id}").json()
+    assert (job["state"], job["queue"], job["model"]) == ("queued", "interactive", "unserved")
+    client = redis.Redis.from_url(pipeline_env["EMBEDQ_BROKER_URL"])
+    assert client.llen("interactive") == 1  # the job's one batch, waiting for a worker
+    client.delete("interactive")  # so no later worker on this Redis database meets it
+    client.close()
