@@ -29,6 +29,7 @@ from storage.session import dispose_all, redacted, scope, sessions_for
 from tasks import completion, names, retry
 from tasks.completion import JobStatus
 from tasks.message import BatchMessage, check_ids, check_name, task_id
+from worker import extra
 from worker.errors import EmbedqError, InputError, UnavailableError
 from worker.settings import get_settings
 from worker.validation import validate
@@ -163,6 +164,12 @@ def submit(
         queue = names.Queue(queue)
     except ValueError:
         raise InputError(f"unknown queue {queue!r}: use {[str(q) for q in names.Queue]}") from None
+    if settings.local_mode and (absent := extra.missing(*extra.RUNTIME)) is not None:
+        raise EmbedqError(  # before anything is recorded: a job nobody would run
+            "EMBEDQ_BROKER_URL is not set, so the job would run in this process, which needs the"
+            f" worker extra ({absent} is not installed): set EMBEDQ_BROKER_URL to send it to the"
+            f" workers, or {extra.INSTALL}"
+        )
     job_id = str(uuid.uuid4())
     url = settings.database_url
     if settings.local_mode:

@@ -10,35 +10,22 @@ setting it in its own environment.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
+from worker import extra
 from worker.settings import Settings, get_settings
 
 PROBE = [sys.executable, "-m", "tasks.cli", "models", "probe"]
 """The command that loads a model on one device and embeds a text (exit 0: it runs there)."""
-
-RUNTIME = ("onnxruntime", "tokenizers", "filelock", "prometheus_client")
-"""What a worker process imports from the worker extra (the engine, the model store's lock, the
-metrics): checked before a worker prints or probes anything, since `pip install embedq` (the
-client side) has none of it."""
-
-
-def require(*modules: str) -> None:
-    """Raise ``ModuleNotFoundError`` for the first of ``modules`` not installed here, without
-    importing any (the command line turns it into the extra to install)."""
-    for module in modules:
-        if importlib.util.find_spec(module) is None:
-            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
 
 def sized(concurrency: int | None) -> tuple[Settings, int]:
     """The settings a worker with ``concurrency`` pool processes (default: one per GPU, else
     ``EMBEDQ_PROCESSES``) runs under, and that number of processes. Raises
     ``ModuleNotFoundError`` first on an install without the worker extra."""
-    require(*RUNTIME)
+    extra.require(*extra.RUNTIME)
     settings = get_settings()
     processes = concurrency or settings.worker_processes()
     if processes != settings.processes and not settings.gpu_devices:
@@ -81,7 +68,7 @@ def run_flower(port: int, address: str, login: tuple[str, str] | None) -> None:
     """Run Flower on the app until it is stopped: behind basic authentication with ``login``
     (user, password), or, with ``None``, without any (this process becomes Flower).
     Raises ``ModuleNotFoundError`` on an install without the worker extra, which brings Flower."""
-    require("flower")
+    extra.require("flower")
     argv = ["flower", f"--port={port}", f"--address={address}"]
     if login is None:
         command = [sys.executable, "-m", "celery", "--app=worker.app:app", *argv]

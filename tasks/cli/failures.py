@@ -19,16 +19,9 @@ import typer
 from sqlalchemy.engine import make_url
 
 from storage.session import redacted
+from worker import extra
 from worker.errors import EmbedqError, TransientError
 from worker.settings import get_settings
-
-# What the `worker` extra installs (pyproject.toml), by import name. `pip install embedq` is the
-# client side (submit jobs, read them back); a command that runs a model, prepares one or starts a
-# worker or Flower imports one of these, and on a client install it says which extra to add.
-WORKER_EXTRA = frozenset(
-    {"onnxruntime", "tokenizers", "huggingface_hub", "filelock", "prometheus_client", "flower"}
-)
-INSTALL_WORKER = "pip install 'embedq[worker]'"
 
 
 class Code(IntEnum):
@@ -54,8 +47,8 @@ def fail(exc: EmbedqError) -> typer.Exit:
 def ending(exc: BaseException, command: str = "this command") -> tuple[str, int]:
     """The line (after ``error:``) and the exit code that end ``command`` (``embedq models
     pull``, for the line) failing with ``exc``."""
-    if isinstance(exc, ModuleNotFoundError) and (extra := missing_extra(exc)) is not None:
-        return f"{command} needs the worker extra ({extra}): {INSTALL_WORKER}", Code.INPUT
+    if isinstance(exc, ModuleNotFoundError) and (absent := missing_extra(exc)) is not None:
+        return f"{command} needs the worker extra ({absent}): {extra.INSTALL}", Code.INPUT
     if isinstance(exc, TransientError):  # the store, the broker, a model source: try later
         refused = _password_problem(exc)
         return refused or scrub(one_line(str(exc))), Code.UNREACHABLE
@@ -85,7 +78,7 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
     """What is missing (``onnxruntime is not installed``) when ``exc`` is the import of a
     package of the worker extra on an install without it; ``None`` for any other module."""
     top = (exc.name or "").partition(".")[0]
-    return f"{top} is not installed" if top in WORKER_EXTRA else None
+    return f"{top} is not installed" if top in extra.EXTRA else None
 
 
 def command_path(argv: Sequence[str], groups: Collection[str]) -> str:

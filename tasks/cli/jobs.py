@@ -11,14 +11,11 @@ import typer
 
 from storage import ledger, repository
 from storage.session import scope, sessions_for
-from tasks import supervisor
 from tasks.cli import present
 from tasks.cli.failures import (
-    INSTALL_WORKER,
     Code,
     ending,
     fail,
-    missing_extra,
     one_line,
     scrub,
 )
@@ -60,8 +57,6 @@ def embed(
 
     try:
         items = list(texts or []) + (read_texts(file) if file else [])
-        if get_settings().local_mode:
-            _require_local_runtime()
         job = producer.submit(items, model=model, queue=queue)
         if not get_settings().local_mode:  # local mode ran it already
             typer.echo(f"job {job.id} submitted: {len(items)} texts", err=True)
@@ -94,21 +89,6 @@ def embed(
     if not succeeded:
         typer.echo(f"error: {scrub(one_line(ended))}", err=True)
         raise typer.Exit(code=Code.FAILED)
-
-
-def _require_local_runtime() -> None:
-    """Local mode runs the job in this process: a client install (no worker extra) is told so
-    before the job is recorded."""
-    try:
-        supervisor.require(*supervisor.RUNTIME)
-    except ModuleNotFoundError as exc:
-        raise fail(
-            EmbedqError(
-                "EMBEDQ_BROKER_URL is not set, so the job would run in this process, which needs"
-                f" the worker extra ({missing_extra(exc)}): set EMBEDQ_BROKER_URL to send it to"
-                f" the workers, or {INSTALL_WORKER}"
-            )
-        ) from exc
 
 
 def jobs(limit: Annotated[int, typer.Option(help="how many")] = 20) -> None:

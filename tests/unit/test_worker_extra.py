@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from tasks import supervisor
-from tasks.cli.failures import WORKER_EXTRA, Code, command_path, ending
+from tasks.cli.failures import Code, command_path, ending
+from worker.extra import EXTRA as WORKER_EXTRA
+from worker.extra import RUNTIME
 
 REPO = Path(__file__).resolve().parents[2]
 HIDE_EXTRA = f"import sys; sys.modules.update(dict.fromkeys({sorted(WORKER_EXTRA)!r}))"
@@ -39,7 +40,7 @@ def test_the_extra_the_command_line_names_is_the_one_pyproject_declares() -> Non
         if requirement.marker is None or requirement.marker.evaluate():
             modules |= provides[requirement.name.lower().replace("_", "-")]
     assert modules == WORKER_EXTRA
-    assert set(supervisor.RUNTIME) <= WORKER_EXTRA
+    assert set(RUNTIME) <= WORKER_EXTRA
 
 
 def test_the_base_install_names_no_runtime_and_dev_has_the_worker_extra() -> None:
