@@ -4,25 +4,26 @@ Redis for counts and ``/health``).
 
 The app never loads a model: like the producer it writes jobs and reads the store, so several
 instances can run behind a load balancer. Request bodies are capped (``tasks.api.limits``).
-The Files and Batches routers are included when their modules are present.
+At startup it resumes the OpenAI batches no live instance runs (``tasks.openai_batch``).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from tasks import producer
-from tasks.api import catalog, embeddings, errors, jobs
+from tasks.api import batches, catalog, embeddings, errors, files, jobs
 from tasks.api.auth import RateLimiter, broker_client
 from tasks.api.limits import BodyCap
 from worker.settings import Settings, get_settings
 
-OPTIONAL_ROUTERS = ("tasks.api.files", "tasks.api.batches")
+logger = logging.getLogger(__name__)
+
 # A multipart upload carries its file plus the form's boundaries and fields: a megabyte more
 # than the file cap covers them (the files router checks the file itself against the cap).
 MULTIPART_SLACK = 1024**2
@@ -36,6 +37,10 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await asyncio.to_thread(batches.resume_unfinished, settings)
+        except Exception:  # the store is away: the first batch request resumes them instead
+            logger.warning("could not resume unfinished batches at startup", exc_info=True)
         yield
         if client is not None:
             client.close()
@@ -60,7 +65,6 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
     app.include_router(catalog.router)
     app.include_router(embeddings.router)
     app.include_router(jobs.router)
-    for name in OPTIONAL_ROUTERS:
-        if importlib.util.find_spec(name) is not None:
-            app.include_router(importlib.import_module(name).router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     return app

@@ -48,6 +48,12 @@ def _catalog(settings: Settings) -> Catalog:
     return models
 
 
+def resume_unfinished(settings: Settings) -> None:
+    """At startup: run the unfinished batches no live process holds (after a restart, this
+    instance's or a dead one's), without waiting for someone to ask about them."""
+    _start(settings)
+
+
 def _start(settings: Settings, batch_id: str | None = None) -> None:
     """Resume this process's share of unfinished batches (once), and run ``batch_id``."""
     sessions, models = sessions_for(settings.database_url), _catalog(settings)
