@@ -156,6 +156,23 @@ def test_openai_s_client_gets_the_engine_s_vectors_and_the_stored_token_counts(
         client.embeddings.create(input=TEXTS[0], model="no-such-model")
     with pytest.raises(openai.AuthenticationError):
         server.client("sk-wrong").models.list()
+    no_key = httpx.post(server.url + "/v1/embeddings", json={"input": "x", "model": "minilm"})
+    assert no_key.status_code == 401
+    assert no_key.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.UnprocessableEntityError) as malformed:
+        client.embeddings.create(input=TEXTS[0], model="minilm", encoding_format="hex")  # type: ignore[arg-type]
+    assert malformed.value.body["param"] == "encoding_format"  # type: ignore[index]
+
+
+def test_a_body_over_the_cap_is_a_413_in_openai_s_shape(
+    worker: Worker, serve: Callable[..., Server]
+) -> None:
+    client = serve(EMBEDQ_API_MAX_REQUEST_BYTES="4096").client()
+    assert client.embeddings.create(input="small enough", model="minilm").data
+    with pytest.raises(openai.APIStatusError) as too_big:
+        client.embeddings.create(input=["many words " * 100] * 8, model="minilm")
+    assert too_big.value.status_code == 413
+    assert too_big.value.body["code"] == "request_too_large"  # type: ignore[index]
 
 
 def test_jobs_models_and_health_answer_from_the_store(

@@ -221,3 +221,54 @@ def test_a_batch_whose_serve_is_killed_is_finished_by_another_with_nothing_lost_
         reused = job.reused_items  # texts repeated in the corpus are copied, not sent
     assert stored == total  # nothing lost
     assert (sent or 0) + reused == total  # no text sent in two batches
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_2000_line_batch_with_bad_lines_completes_the_rest_with_the_engine_s_vectors(
+    worker: Worker,
+    start: Callable[..., Server],
+    engine: Engine,
+    corpus: list[str],
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """The issue's round trip: 2,000 lines through files.create, batches.create, polling and
+    files.content, some of them bad; the bad ones are in the error file, the rest completed."""
+    client = start().client()
+    texts = {f"r{i}": corpus[i][:300] for i in range(2000)}
+    lines = [request(custom_id, text) for custom_id, text in texts.items()]
+    bad = {
+        7: ("r7", '{"custom_id": "r7", "method": "POST"'),  # cut short: not JSON
+        70: ("r70", request("r70", "")),  # an empty text
+        700: ("r700", request("r700", ["fine", 5])),  # not a string
+        1234: ("r1234", json.dumps({"custom_id": "r1234", "method": "GET", "url": "/v1/x"})),
+        1999: ("r5", request("r5", "a custom_id used before")),  # repeated
+    }
+    for index, (_, line) in bad.items():
+        lines[index] = line
+    file_id = upload(client, tmp_path / "in.jsonl", lines)
+    created = create(client, file_id)
+    batch = wait_for(client, created.id, lambda b: b.status == "completed", 600)
+    assert batch.request_counts is not None
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (2000, 1995, 5)
+
+    good = {cid: text for i, (cid, text) in enumerate(texts.items()) if i not in bad}
+    out = jsonl(client, batch.output_file_id)
+    assert sorted(str(entry["custom_id"]) for entry in out) == sorted(good)
+    got = np.stack(
+        [
+            np.asarray(entry["response"]["body"]["data"][0]["embedding"], "f4")  # type: ignore[index]
+            for entry in out
+        ]
+    )
+    order = [good[str(entry["custom_id"])] for entry in out]
+    reference = np.concatenate(
+        [engine.encode(order[i : i + 512]).vectors for i in range(0, len(order), 512)]
+    )
+    assert float(np.min(cosines(got, reference))) >= 0.9999
+    errors = jsonl(client, batch.error_file_id)
+    assert len(errors) == 5
+    assert sorted(str(entry["custom_id"]) for entry in errors) == sorted(
+        ["None", "r70", "r700", "r1234", "r5"]
+    )
