@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= all-MiniLM-L6-v2
 
-.PHONY: setup run test lint bench bench-pipeline bench-backfill bench-ledger bench-layout bench-openvino clean
+.PHONY: setup run test lint bench bench-pipeline bench-backfill bench-ledger bench-layout bench-openvino bench-api clean
 
 $(BIN)/embedq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ bench-layout: setup
 # OpenVINO's padded widths and performance hints against ONNX Runtime, in one process.
 bench-openvino: setup
 	$(BIN)/python bench/openvino_shapes.py
+
+# Needs Redis on 127.0.0.1:6379 (database 10 is flushed); starts its own worker and `embedq serve`.
+bench-api: setup
+	$(BIN)/python bench/api.py
 
 clean:
 	rm -rf $(VENV) vectors.npy .pytest_cache .mypy_cache .ruff_cache
