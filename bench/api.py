@@ -38,7 +38,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import DEFAULT_CORPUS, DEFAULT_STORE, load_texts, prepared
-from bench.pipeline import MODEL, percentile, stop_worker, use_env
+from bench.pipeline import MODEL, percentile, start_worker, stop_worker, use_env
 from storage import schema
 from worker import hardware
 from worker.manifest import Precision
@@ -50,17 +50,6 @@ KEY = "sk-bench-api"
 WARM_UP = 20
 BLOCK = 20
 TARGET_MS = 3.0
-
-
-def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """A real worker as an operator starts one here: prefork, one process, its log kept."""
-    command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "1"]
-    command += ["-Q", "interactive,bulk", "-n", "bench-api@%h"]
-    command += ["--without-gossip", "--without-mingle", "-l", "WARNING"]
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            command, env={**os.environ, **env}, stdout=out, stderr=out, start_new_session=True
-        )
 
 
 def start_serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
@@ -173,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     schema.upgrade(database_url)
     redis.Redis.from_url(REDIS).flushdb()
     env = use_env(REDIS, database_url, args.model_dir)
-    worker = start_worker(env, work / "worker.log")
+    worker = start_worker(env, log=work / "worker.log")
     serve, url = start_serve(env)
     print(f"worker log: {work / 'worker.log'}", file=sys.stderr)
     try:

@@ -71,22 +71,31 @@ def use_env(broker_url: str, database_url: str, model_dir: Path) -> dict[str, st
 
 
 def start_worker(
-    env: dict[str, str], queues: str = "interactive,bulk", app: str = "worker", pool: str = ""
+    env: dict[str, str],
+    queues: str = "interactive,bulk",
+    app: str = "worker",
+    pool: str = "",
+    log: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """A real worker, as an operator would start one on this machine: prefork, one process."""
+    """A real worker, as an operator would start one on this machine: prefork, one process;
+    its output goes to ``log`` when given."""
     command = [sys.executable, "-m", "celery", "-A", app, "worker", "-c", "1"]
     command += ["-Q", queues, "-n", f"{queues.replace(',', '-')}@%h"]
     command += ["--without-gossip", "--without-mingle", "-l", "WARNING"]
     if pool:
         command += ["-P", pool]
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    return process
+    if log is None:
+        return subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=out, stderr=out, start_new_session=True
+        )
 
 
 def stop_worker(process: subprocess.Popen[bytes]) -> None:
