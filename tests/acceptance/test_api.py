@@ -6,12 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -24,80 +18,17 @@ import redis
 from storage import repository
 from storage.session import scope, sessions_for
 from tasks.api.auth import key_id
-from tests.acceptance.conftest import Worker
+from tests.acceptance.conftest import KEY, Server, Worker
 from tests.conftest import cosines
 from worker.engine import Engine
 
 pytestmark = pytest.mark.model
 
-KEY = "sk-acceptance-7f3a91"
 TEXTS = [
     "A quick check of the embeddings endpoint.",
     "Vectors come back in the order the texts were given.",
     "word " * 600,  # over the model's 256 tokens: truncated, and counted as truncated
 ]
-
-
-class Server:
-    """A real ``embedq serve`` process on a free port, its log kept for assertions."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tasks.cli", "serve", "--port", str(self.port)],
-            env={**os.environ, **env},
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self.clients: list[openai.OpenAI] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.2)
-        self.stop()
-        pytest.fail("embedq serve did not become healthy:\n" + "".join(self.lines[-40:]))
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def client(self, key: str = KEY) -> openai.OpenAI:
-        """OpenAI's client on this server (closed with it), without retries."""
-        self.clients.append(openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0))
-        return self.clients[-1]
-
-    def get(self, path: str, **kwargs: object) -> httpx.Response:
-        auth = {"Authorization": f"Bearer {KEY}"}
-        return httpx.get(self.url + path, headers=auth, timeout=60, **kwargs)  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        for client in self.clients:
-            client.close()
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.process.pid, sig)
-                self.process.wait(wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        if self.process.stdout is not None:
-            self.process.stdout.close()
 
 
 @pytest.fixture

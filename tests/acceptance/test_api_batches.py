@@ -22,8 +22,7 @@ from storage import api_files, backfills
 from storage.models import Batch as LedgerBatch
 from storage.models import Embedding, Job
 from storage.session import scope, sessions_for
-from tests.acceptance.conftest import Worker
-from tests.acceptance.test_api import KEY, Server
+from tests.acceptance.conftest import KEY, Server, Worker
 from tests.conftest import cosines
 from worker.engine import Engine
 
