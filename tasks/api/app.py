@@ -1,6 +1,6 @@
 """The ASGI app of ``embedq serve``: ``create_app()`` wires the routers, the error handlers
 and the per-app state (settings, whether keys are required, the rate limiter, the broker's
-Redis for counts and ``/health``).
+Redis for counts and ``/health``, the model cache).
 
 The app never loads a model: like the producer it writes jobs and reads the store, so several
 instances can run behind a load balancer. Request bodies are capped (``tasks.api.limits``).
@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from tasks import producer
 from tasks.api import batches, catalog, embeddings, errors, files, jobs
-from tasks.api.auth import RateLimiter, broker_client
+from tasks.api.auth import RateLimiter, async_broker_client, broker_client
 from tasks.api.limits import BodyCap
 from worker.settings import Settings, get_settings
 
@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
     ``serve --insecure-no-auth`` (every request is ``anonymous``, with no rate limit)."""
     settings = settings or get_settings()
     client = broker_client(settings)
+    limiter = RateLimiter(settings.api_rate_limit, async_broker_client(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
         except Exception:  # the store is away: the first batch request resumes them instead
             logger.warning("could not resume unfinished batches at startup", exc_info=True)
         yield
+        await limiter.aclose()
         if client is not None:
             client.close()
         producer.dispose()
@@ -55,7 +57,8 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
     app.state.settings = settings
     app.state.require_auth = require_auth
     app.state.redis = client
-    app.state.limiter = RateLimiter(settings.api_rate_limit, client)
+    app.state.limiter = limiter
+    app.state.models = catalog.ModelCache(settings)
     errors.install(app)
     app.add_middleware(
         BodyCap,

@@ -8,6 +8,9 @@ The limit is a fixed one-minute window per key id. With a broker (Redis) the cou
 there, so every ``serve`` instance behind a load balancer shares it; in local mode it is
 counted in this process. If Redis cannot be reached the request is answered 503: the job it
 would submit could not be sent either.
+
+Both run on the event loop (the count through an asyncio Redis client), so a request reaches
+its endpoint without a hop through the thread pool for its key.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import threading
 import time
 
 import redis
+import redis.asyncio
 from fastapi import Request
 
 from tasks.api.errors import ApiError
@@ -27,15 +31,43 @@ from worker.settings import Settings
 WINDOW_S = 60
 KEY = "embedq:api:rate:{}:{}"
 ANONYMOUS = "anonymous"
+TIMEOUT_S = 5
+COUNT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+"""One window's count, in one atomic command: the key expires after the window is past."""
 
 
-def broker_client(settings: Settings) -> redis.Redis | None:
-    """A Redis client on the broker, when the broker is Redis (the rate limit's counts and
-    ``/health`` use it); ``None`` in local mode or on another broker."""
+def _redis_broker(settings: Settings) -> str | None:
     url = settings.broker_url
     if url is None or not url.startswith(("redis://", "rediss://", "unix://")):
         return None
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    return url
+
+
+def broker_client(settings: Settings) -> redis.Redis | None:
+    """A Redis client on the broker, when the broker is Redis (``/health`` uses it); ``None``
+    in local mode or on another broker."""
+    url = _redis_broker(settings)
+    return (
+        None
+        if url is None
+        else redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+    )
+
+
+def async_broker_client(settings: Settings) -> redis.asyncio.Redis | None:
+    """The same, for the event loop (the rate limit's counts)."""
+    url = _redis_broker(settings)
+    return (
+        None
+        if url is None
+        else redis.asyncio.Redis.from_url(
+            url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
+        )
+    )
 
 
 def key_id(key: str) -> str:
@@ -46,13 +78,15 @@ def key_id(key: str) -> str:
 class RateLimiter:
     """Counts requests per key id in fixed one-minute windows, in Redis or in this process."""
 
-    def __init__(self, limit: int, client: redis.Redis | None = None) -> None:
+    def __init__(self, limit: int, client: redis.asyncio.Redis | None = None) -> None:
         self.limit = limit
         self.client = client
         self._counts: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
+        if client is not None:
+            self._count = client.register_script(COUNT)
 
-    def hit(self, who: str, now: float | None = None) -> int:
+    async def hit(self, who: str, now: float | None = None) -> int:
         """Count one request by ``who`` and return the window's count so far."""
         window = int((time.time() if now is None else now) // WINDOW_S)
         if self.client is None:
@@ -63,17 +97,18 @@ class RateLimiter:
                 return count
         name = KEY.format(who, window)
         try:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.incr(name)
-            pipe.expire(name, WINDOW_S * 2)
-            count, _ = pipe.execute()
+            count = await self._count(keys=[name], args=[WINDOW_S * 2])
         except redis.RedisError as exc:
             raise UnavailableError(f"the rate limit's Redis cannot be reached: {exc}") from exc
         return int(count)
 
-    def check(self, who: str) -> None:
+    async def aclose(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def check(self, who: str) -> None:
         """Count a request; raise ``ApiError`` 429 when ``who`` is over the limit."""
-        if self.limit and self.hit(who) > self.limit:
+        if self.limit and await self.hit(who) > self.limit:
             raise ApiError(
                 429,
                 f"rate limit of {self.limit} requests per minute reached for key {who};"
@@ -88,7 +123,7 @@ def _bearer(request: Request) -> str | None:
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
-def require_key(request: Request) -> str:
+async def require_key(request: Request) -> str:
     """FastAPI dependency: the calling key's id (``anonymous`` when the app runs without
     auth). Raises ``ApiError`` 401 for a missing or unknown key, 429 over the rate limit."""
     state = request.app.state
@@ -110,6 +145,6 @@ def require_key(request: Request) -> str:
         raise ApiError(401, "incorrect API key", "authentication_error", "invalid_api_key")
     who = key_id(given)
     limiter: RateLimiter = state.limiter
-    limiter.check(who)
+    await limiter.check(who)
     request.state.key_id = who
     return who

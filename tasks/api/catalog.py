@@ -5,10 +5,18 @@ A model is known when a worker host has it ready or is preparing it, or when it 
 for hosts to prepare on demand (``embedq models register``); its dimension is known once a host
 has prepared it. ``/v1/embeddings`` asks the same catalog to refuse unknown models (404) and a
 ``dimensions`` the model does not produce (400).
+
+That question is on every request's path, so each app keeps a ``ModelCache``: a model found in
+the store is answered from memory for ``FRESH_S`` seconds, and a name not in memory is always
+looked up in the store, so a model registered a moment ago is never refused. What a stale
+answer can do is accept a model removed within those seconds; its job then fails on the worker
+with the reason recorded, as a job naming it through the producer would.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -84,9 +92,42 @@ def known_models(settings: Settings) -> dict[str, ModelInfo]:
     return found
 
 
+FRESH_S = 5.0
+"""How long a model found in the store is answered from memory."""
+
+
+class ModelCache:
+    """``find_model`` with the store's answer kept for ``fresh_s`` seconds (one per app; the
+    request threads share it)."""
+
+    def __init__(self, settings: Settings, fresh_s: float = FRESH_S) -> None:
+        self.settings = settings
+        self.fresh_s = fresh_s
+        self._models: dict[str, ModelInfo] = {}
+        self._read_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def find(self, name: str) -> ModelInfo:
+        """The model ``name``; raises ``ApiError`` 404 when the store does not know it."""
+        with self._lock:
+            models, read_at = self._models, self._read_at
+        if name not in models or time.monotonic() - read_at > self.fresh_s:
+            read_at = time.monotonic()
+            models = known_models(self.settings)
+            with self._lock:
+                if read_at > self._read_at:
+                    self._models, self._read_at = models, read_at
+        return _found(models, name)
+
+
 def find_model(settings: Settings, name: str) -> ModelInfo:
-    """The model ``name``; raises ``ApiError`` 404 when no host has it and none may prepare it."""
-    info = known_models(settings).get(name)
+    """The model ``name`` as the store says now; raises ``ApiError`` 404 when no host has it
+    and none may prepare it."""
+    return _found(known_models(settings), name)
+
+
+def _found(models: dict[str, ModelInfo], name: str) -> ModelInfo:
+    info = models.get(name)
     if info is None:
         raise ApiError(
             404,

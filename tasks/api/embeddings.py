@@ -5,19 +5,24 @@ The texts become a job on the ``interactive`` queue and the request waits for it
 ``GET /v1/jobs/{id}`` follows it), marked ``x-should-retry: false`` so OpenAI's client does not
 submit the texts again on its own. ``usage`` is the tokens the workers really counted (after
 truncation), read from the store with the vectors. The job's id is in the ``x-embedq-job``
-header of every answer.
+header of every answer, and a ``Server-Timing`` header says where the request's time went
+inside the server: ``submit`` (the job's rows and messages), ``wait`` (the workers), ``read``
+(the vectors from the store) and ``encode`` (the JSON); what a client sees beyond their sum is
+the HTTP layer's (``bench/api.py`` reports it).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, Field
+from starlette.concurrency import run_in_threadpool
 
 from storage import repository
 from storage.models import JobState
@@ -104,17 +109,28 @@ def check_dimensions(asked: int | None, dim: int | None, model: str) -> None:
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
-def create_embeddings(
+async def create_embeddings(
     body: EmbeddingRequest, request: Request, key: str = Depends(require_key)
 ) -> Response:
     """Embed ``input`` with ``model`` and answer the vectors in input order."""
-    settings: Settings = request.app.state.settings
-    info = catalog.find_model(settings, body.model)
+    # The key was checked on the loop; what blocks (the store, the broker, the wait) runs in
+    # one trip through the thread pool.
+    state = request.app.state
+    return await run_in_threadpool(embed, body, key, state.settings, state.models)
+
+
+def embed(
+    body: EmbeddingRequest, key: str, settings: Settings, models: catalog.ModelCache
+) -> Response:
+    """The blocking part of ``POST /v1/embeddings``: submit, wait, read the vectors."""
+    timing = Timing()
+    info = models.find(body.model)
     check_dimensions(body.dimensions, info.dim, body.model)
     given = [body.input] if isinstance(body.input, str) else body.input
     handle = producer.submit(
         given, model=body.model, queue=names.Queue.INTERACTIVE, tag=f"api:{key}"
     )
+    timing.mark("submit")
     try:
         status = handle.wait(timeout=settings.api_wait_timeout)
     except producer.JobTimeoutError:
@@ -126,10 +142,12 @@ def create_embeddings(
             code="job_pending",
             headers={"x-should-retry": "false", JOB_HEADER: handle.id},
         ) from None
+    timing.mark("wait")
     if status["state"] != JobState.SUCCEEDED:
         raise failure(status)
     with scope(sessions_for(settings.database_url)) as session:
         rows = repository.vectors_with_tokens(session, handle.id)
+    timing.mark("read")
     vectors = [np.frombuffer(row.vector, dtype="<f4") for row in rows]
     if vectors:
         check_dimensions(body.dimensions, len(vectors[0]), body.model)
@@ -154,6 +172,23 @@ def create_embeddings(
     }
     # Built by hand: validating a million floats against the model would cost more than the
     # job; the response model documents the shape.
-    return Response(
-        json.dumps(answer), media_type="application/json", headers={JOB_HEADER: handle.id}
-    )
+    content = json.dumps(answer)
+    timing.mark("encode")
+    headers = {JOB_HEADER: handle.id, "server-timing": timing.header()}
+    return Response(content, media_type="application/json", headers=headers)
+
+
+class Timing:
+    """Milliseconds per phase since the last mark, as a ``Server-Timing`` header."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._phases: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self._phases.append((phase, (now - self._last) * 1000))
+        self._last = now
+
+    def header(self) -> str:
+        return ", ".join(f"{phase};dur={ms:.3f}" for phase, ms in self._phases)

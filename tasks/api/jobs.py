@@ -93,7 +93,8 @@ def create_job(body: JobRequest, request: Request, key: str = Depends(require_ke
     """Enqueue the texts as one job (``bulk`` by default) and answer it without waiting."""
     settings: Settings = request.app.state.settings
     if body.model is not None:
-        catalog.find_model(settings, body.model)
+        models: catalog.ModelCache = request.app.state.models
+        models.find(body.model)
     given = [body.input] if isinstance(body.input, str) else body.input
     handle = producer.submit(
         given,

@@ -4,6 +4,7 @@ the broker is replaced, by a publisher that embeds each batch at once with the f
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -14,7 +15,6 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import fakeredis
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -121,14 +121,21 @@ def test_over_the_rate_limit_a_key_is_answered_429_until_the_next_minute(
     assert limited.headers["retry-after"] == "60"
 
 
-def test_the_rate_limit_is_counted_in_redis_and_shared_by_every_instance() -> None:
-    server = fakeredis.FakeServer()
-    first = RateLimiter(2, fakeredis.FakeRedis(server=server))
-    second = RateLimiter(2, fakeredis.FakeRedis(server=server))
-    now = 1_000_020.0  # a minute's window starts at 1_000_020 - 1_000_020 % 60
-    assert [first.hit("k", now), second.hit("k", now + 1), first.hit("k", now + 2)] == [1, 2, 3]
-    assert second.hit("k", now + 60) == 1  # the next window starts again
-    assert fakeredis.FakeRedis(server=server).ttl(f"embedq:api:rate:k:{int(now // 60)}") > 60
+def test_the_rate_limit_counts_per_key_in_one_minute_windows() -> None:
+    """Counted in this process (local mode); over Redis: tests/faults/test_api_rate_limit.py."""
+    limiter = RateLimiter(2)
+    now = 1_000_020.0  # a minute's window starts here (1_000_020 % 60 == 0)
+
+    async def hits() -> list[int]:
+        return [
+            await limiter.hit("k", now),
+            await limiter.hit("other", now + 1),
+            await limiter.hit("k", now + 2),
+            await limiter.hit("k", now + 59.9),  # the same window
+            await limiter.hit("k", now + 60),  # the next window starts again
+        ]
+
+    assert asyncio.run(hits()) == [1, 1, 2, 3, 1]
 
 
 def test_without_auth_every_request_is_anonymous_and_unlimited(
@@ -164,6 +171,9 @@ def test_embeddings_answer_openai_s_shape_with_the_vectors_and_tokens_stored(
     np.testing.assert_array_equal(got, expected)
     tokens = sum(len(text.split()) + 2 for text in TEXTS)  # the fake's count: words + 2
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    phases = [part.strip().split(";dur=") for part in response.headers["server-timing"].split(",")]
+    assert [name for name, _ in phases] == ["submit", "wait", "read", "encode"]
+    assert all(float(ms) >= 0 for _, ms in phases)
     with scope(sessions_for(get_settings().database_url)) as session:
         (job,) = repository.list_jobs(session)
     assert response.headers["x-embedq-job"] == job.id

@@ -1,0 +1,61 @@
+"""The API's per-key rate limit over a real Redis: counted there, so two ``serve`` instances
+share one count, and answered 503 (OpenAI's error body) while that Redis is down."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from storage import schema
+from storage.session import dispose_all
+from tasks.api.app import create_app
+from tests.faults.services import PrivateRedis
+from worker.settings import get_settings
+
+KEY = "sk-limit-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+def instances(
+    broker: PrivateRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[TestClient, TestClient]]:
+    """Two apps, as two ``serve`` processes behind a load balancer: one store, one broker."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    schema.upgrade(url)
+    monkeypatch.setenv("EMBEDQ_DATABASE_URL", url)
+    monkeypatch.setenv("EMBEDQ_BROKER_URL", broker.url)
+    monkeypatch.setenv("EMBEDQ_API_KEYS", KEY)
+    monkeypatch.setenv("EMBEDQ_API_RATE_LIMIT", "3")
+    get_settings.cache_clear()
+    with TestClient(create_app()) as first, TestClient(create_app()) as second:
+        yield first, second
+    get_settings.cache_clear()
+    dispose_all()
+
+
+def test_two_instances_share_the_count_and_a_lost_redis_is_a_503(
+    instances: tuple[TestClient, TestClient], broker: PrivateRedis
+) -> None:
+    first, second = instances
+    codes = [client.get("/v1/models", headers=AUTH).status_code for client in (first, second)]
+    codes += [second.get("/v1/models", headers=AUTH).status_code]
+    over = first.get("/v1/models", headers=AUTH)
+    assert [*codes, over.status_code] == [200, 200, 200, 429]
+    assert over.json()["error"]["code"] == "rate_limit_exceeded"
+    (name,) = broker.client().keys("embedq:api:rate:*")
+    assert int(broker.client().get(name) or 0) == 4  # counted in Redis, by both instances
+    assert 60 < broker.client().ttl(name) <= 120  # and gone once its minute is past
+
+    broker.kill()
+    down = second.get("/v1/models", headers=AUTH)
+    assert down.status_code == 503
+    error = down.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "rate limit" in error["message"] and "cannot be reached" in error["message"]
+
+    broker.start()  # back, empty (no persistence): the count starts again, nothing is stuck
+    assert second.get("/v1/models", headers=AUTH).status_code == 200
