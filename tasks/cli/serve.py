@@ -90,6 +90,13 @@ def serve(
     insecure_no_auth: Annotated[
         bool, typer.Option("--insecure-no-auth", help="no API keys, for local use only")
     ] = False,
+    access_log: Annotated[
+        bool,
+        typer.Option(
+            help="a log line per request (off behind a load balancer that logs them:"
+            " about 0.3 ms less per request)"
+        ),
+    ] = True,
 ) -> None:
     """Serve the HTTP API (OpenAI's /v1/embeddings, embedq's /v1/jobs, /v1/models, /health;
     docs at /docs). It writes jobs for the workers and reads the store, never running a model,
@@ -134,4 +141,4 @@ def serve(
     )
     app = create_app(settings, require_auth=not insecure_no_auth)
     # log_config=None: uvicorn's records go through the logging embedq set up (JSON or text).
-    uvicorn.run(app, host=host, port=port, log_config=None)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=access_log)

@@ -66,6 +66,7 @@ def test_serve_binds_to_loopback_by_default_and_shows_key_ids_only(
     assert result.exit_code == 0, result.output
     assert (started["host"], started["port"]) == ("127.0.0.1", 8000)
     assert started["app"].state.require_auth is True
+    assert started["access_log"] is True
     assert f"2 (ids {key_id(KEY)}, {key_id('sk-second-secret')})" in result.output
     assert KEY not in result.output and "sk-second-secret" not in result.output
 
@@ -74,8 +75,9 @@ def test_serve_without_auth_says_so_and_takes_host_and_port(
     started: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("EMBEDQ_API_KEYS", raising=False)
-    result = invoke("--insecure-no-auth", "--host", "0.0.0.0", "--port", "9123")
+    result = invoke("--insecure-no-auth", "--host", "0.0.0.0", "--port", "9123", "--no-access-log")
     assert result.exit_code == 0, result.output
     assert "runs without authentication" in result.output
     assert (started["host"], started["port"]) == ("0.0.0.0", 9123)
+    assert started["access_log"] is False
     assert started["app"].state.require_auth is False
