@@ -8,6 +8,9 @@ the same machine:
   (``producer.submit([text]).wait()`` and reading the vector back) against the same text
   through HTTP (OpenAI's ``embeddings.create`` shape, with httpx keeping its connection);
   p50/p99 of each and the difference of the medians (the issue's target: at most 3 ms);
+* per request, the round trip less the time the server says it spent (its ``Server-Timing``
+  header): what the HTTP layer costs, set beside the same figure for ``bench/http_floor.py``,
+  the same HTTP stack around a handler that only waits as long as embedq's server does;
 * requests/s with C concurrent HTTP clients (threads, one connection each) for a fixed time,
   with the p50/p99 latency they saw, against C threads calling the producer directly.
 
@@ -50,15 +53,23 @@ KEY = "sk-bench-api"
 WARM_UP = 20
 BLOCK = 20
 TARGET_MS = 3.0
+# Counted as in production (a Redis INCR per request) but never reached by the run.
+RATE_LIMIT = 10**9
 
 
-def start_serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return int(probe.getsockname()[1])
+
+
+def launch(
+    command: list[str], env: dict[str, str], port: int, ready: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start an HTTP server and wait until ``ready`` answers 200."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "tasks.cli", "serve", "--port", str(port)],
-        env={**os.environ, **env, "EMBEDQ_API_KEYS": KEY, "EMBEDQ_API_RATE_LIMIT": "0"},
+        command,
+        env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -67,12 +78,26 @@ def start_serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url + ready, timeout=2).status_code == 200:
                 return process, url
         except httpx.TransportError:
             time.sleep(0.2)
     stop_worker(process)
-    raise SystemExit("embedq serve did not become healthy")
+    raise SystemExit(f"{' '.join(command[1:3])} did not become ready")
+
+
+def start_serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    command = [sys.executable, "-m", "tasks.cli", "serve", "--port", str(port)]
+    keys = {"EMBEDQ_API_KEYS": KEY, "EMBEDQ_API_RATE_LIMIT": str(RATE_LIMIT)}
+    return launch(command, {**env, **keys}, port, "/health")
+
+
+def start_floor(wait_ms: float) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    floor = Path(__file__).with_name("http_floor.py")
+    command = [sys.executable, str(floor), "--port", str(port), "--wait-ms", f"{wait_ms:.3f}"]
+    return launch(command, {}, port, "/openapi.json")
 
 
 def via_producer(text: str) -> None:
@@ -84,7 +109,17 @@ def via_producer(text: str) -> None:
     assert vectors.shape[0] == 1
 
 
-def http_call(client: httpx.Client, url: str) -> Callable[[str], None]:
+def server_ms(answer: httpx.Response) -> float:
+    """The time the server says it spent in the request (its ``Server-Timing`` phases)."""
+    phases = answer.headers.get("server-timing", "").split(",")
+    return sum(float(part.split(";dur=")[1]) for part in phases if ";dur=" in part)
+
+
+def http_call(
+    client: httpx.Client, url: str, inside: list[float] | None = None
+) -> Callable[[str], None]:
+    """One ``POST /v1/embeddings``; ``inside`` collects what the server spent in each."""
+
     def call(text: str) -> None:
         answer = client.post(
             url + "/v1/embeddings",
@@ -94,6 +129,8 @@ def http_call(client: httpx.Client, url: str) -> Callable[[str], None]:
         )
         answer.raise_for_status()
         assert len(answer.json()["data"][0]["embedding"]) > 0
+        if inside is not None:
+            inside.append(server_ms(answer))
 
     return call
 
@@ -104,21 +141,37 @@ def timed(call: Callable[[str], None], text: str) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def sequential(url: str, texts: list[str], count: int) -> dict[str, list[float]]:
-    """One request at a time, in blocks alternating between the two paths."""
-    times: dict[str, list[float]] = {"producer": [], "http": []}
+def sequential(
+    url: str, texts: list[str], count: int
+) -> tuple[dict[str, list[float]], subprocess.Popen[bytes]]:
+    """One request at a time, in blocks alternating between the paths: the producer, the API,
+    and the HTTP floor (started once the API's warm-up says how long its server waits)."""
+    times: dict[str, list[float]] = {"producer": [], "http": [], "server": []}
+    times |= {"floor": [], "floor_server": []}
     with httpx.Client() as client:
-        paths = {"producer": via_producer, "http": http_call(client, url)}
+        paths = {"producer": via_producer, "http": http_call(client, url, times["server"])}
         for i in range(WARM_UP):
             for call in paths.values():
                 call(texts[i % len(texts)])
+        floor, floor_url = start_floor(statistics.median(times["server"]))
+        paths["floor"] = http_call(client, floor_url, times["floor_server"])
+        for i in range(WARM_UP):
+            paths["floor"](texts[i % len(texts)])
+        times["server"].clear()
+        times["floor_server"].clear()
         done = 0
         while done < count:
             for name, call in paths.items():
                 for i in range(done, min(done + BLOCK, count)):
                     times[name].append(timed(call, texts[i % len(texts)]))
             done += BLOCK
-    return times
+    return times, floor
+
+
+def paired(client: list[float], server: list[float]) -> dict[str, float]:
+    """Request by request: the client's round trip less the server's own phases."""
+    layer = [c - s for c, s in zip(client, server, strict=True)]
+    return {"p50_ms": statistics.median(layer), "p99_ms": percentile(layer, 99)}
 
 
 def concurrent(url: str | None, texts: list[str], clients: int, seconds: float) -> dict[str, float]:
@@ -165,8 +218,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     worker = start_worker(env, log=work / "worker.log")
     serve, url = start_serve(env)
     print(f"worker log: {work / 'worker.log'}", file=sys.stderr)
+    floor = None
     try:
-        trips = sequential(url, texts, args.round_trips)
+        trips, floor = sequential(url, texts, args.round_trips)
         loads = {
             "producer": concurrent(None, texts, args.concurrency, args.seconds),
             "http": concurrent(url, texts, args.concurrency, args.seconds),
@@ -175,12 +229,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from tasks import producer
 
         stop_worker(serve)
+        if floor is not None:
+            stop_worker(floor)
         stop_worker(worker)
         producer.dispose()
     one = {
         name: {"p50_ms": statistics.median(values), "p99_ms": percentile(values, 99)}
         for name, values in trips.items()
     }
+    one["http_layer"] = paired(trips["http"], trips["server"])
+    one["floor_layer"] = paired(trips["floor"], trips["floor_server"])
     return {
         "cpu": hardware.cpu_model(),
         "python": platform.python_version(),
@@ -192,6 +250,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "concurrent": loads,
     }
+
+
+def spread(figures: dict[str, float]) -> str:
+    return f"p50 {figures['p50_ms']:5.2f} ms  p99 {figures['p99_ms']:5.2f} ms"
 
 
 def report(result: dict[str, Any]) -> str:
@@ -207,6 +269,11 @@ def report(result: dict[str, Any]) -> str:
             f"  p99 {one['http']['p99_ms']:6.2f} ms",
             f"  HTTP adds {result['http_adds_ms']:+.2f} ms at p50"
             f" (target <= {TARGET_MS:g} ms: {verdict})",
+            "  per request, the round trip less the time the server reports (Server-Timing):",
+            f"    embedq serve (less submit+wait+read+encode)  {spread(one['http_layer'])}",
+            f"    HTTP floor (less a {one['server']['p50_ms']:.1f} ms wait)"
+            f"        {spread(one['floor_layer'])}"
+            "  (bench/http_floor.py: uvicorn + FastAPI, a handler that only waits)",
             f"{result['concurrency']} concurrent clients for {result['seconds']:g} s each:",
             *(
                 f"  {name:8s} {load['requests_per_s']:7.1f} requests/s"
