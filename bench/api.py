@@ -53,6 +53,12 @@ KEY = "sk-bench-api"
 WARM_UP = 20
 BLOCK = 20
 TARGET_MS = 3.0
+VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "--no-access-log": (("--no-access-log",), {}),
+    "no rate limit": ((), {"EMBEDQ_API_RATE_LIMIT": "0"}),
+    "neither, and no keys": (("--no-access-log", "--insecure-no-auth"), {}),
+}
+"""``embedq serve`` configurations measured beside the default: what each feature costs."""
 # Counted as in production (a Redis INCR per request) but never reached by the run.
 RATE_LIMIT = 10**9
 
@@ -86,11 +92,13 @@ def launch(
     raise SystemExit(f"{' '.join(command[1:3])} did not become ready")
 
 
-def start_serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+def start_serve(
+    env: dict[str, str], options: tuple[str, ...] = (), changed: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    command = [sys.executable, "-m", "tasks.cli", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "tasks.cli", "serve", "--port", str(port), *options]
     keys = {"EMBEDQ_API_KEYS": KEY, "EMBEDQ_API_RATE_LIMIT": str(RATE_LIMIT)}
-    return launch(command, {**env, **keys}, port, "/health")
+    return launch(command, {**env, **keys, **(changed or {})}, port, "/health")
 
 
 def start_floor(wait_ms: float) -> tuple[subprocess.Popen[bytes], str]:
@@ -142,30 +150,34 @@ def timed(call: Callable[[str], None], text: str) -> float:
 
 
 def sequential(
-    url: str, texts: list[str], count: int
-) -> tuple[dict[str, list[float]], subprocess.Popen[bytes]]:
-    """One request at a time, in blocks alternating between the paths: the producer, the API,
-    and the HTTP floor (started once the API's warm-up says how long its server waits)."""
-    times: dict[str, list[float]] = {"producer": [], "http": [], "server": []}
-    times |= {"floor": [], "floor_server": []}
+    servers: dict[str, str], texts: list[str], count: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], subprocess.Popen[bytes]]:
+    """One request at a time, in blocks alternating between the paths: the producer, each
+    ``embedq serve`` (``http`` is the default configuration), and the HTTP floor, started once
+    the warm-up says how long the server waits. Returns the round trips by path and the time
+    each HTTP server reported spending."""
+    trips: dict[str, list[float]] = {"producer": [], **{name: [] for name in servers}}
+    inside: dict[str, list[float]] = {name: [] for name in [*servers, "floor"]}
     with httpx.Client() as client:
-        paths = {"producer": via_producer, "http": http_call(client, url, times["server"])}
+        paths = {"producer": via_producer}
+        paths |= {name: http_call(client, url, inside[name]) for name, url in servers.items()}
         for i in range(WARM_UP):
             for call in paths.values():
                 call(texts[i % len(texts)])
-        floor, floor_url = start_floor(statistics.median(times["server"]))
-        paths["floor"] = http_call(client, floor_url, times["floor_server"])
+        floor, floor_url = start_floor(statistics.median(inside["http"]))
+        paths["floor"] = http_call(client, floor_url, inside["floor"])
+        trips["floor"] = []
         for i in range(WARM_UP):
             paths["floor"](texts[i % len(texts)])
-        times["server"].clear()
-        times["floor_server"].clear()
+        for values in inside.values():
+            values.clear()
         done = 0
         while done < count:
             for name, call in paths.items():
                 for i in range(done, min(done + BLOCK, count)):
-                    times[name].append(timed(call, texts[i % len(texts)]))
+                    trips[name].append(timed(call, texts[i % len(texts)]))
             done += BLOCK
-    return times, floor
+    return trips, inside, floor
 
 
 def paired(client: list[float], server: list[float]) -> dict[str, float]:
@@ -216,11 +228,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     redis.Redis.from_url(REDIS).flushdb()
     env = use_env(REDIS, database_url, args.model_dir)
     worker = start_worker(env, log=work / "worker.log")
-    serve, url = start_serve(env)
+    serves = {"http": start_serve(env)}
+    serves |= {name: start_serve(env, *variant) for name, variant in VARIANTS.items()}
+    url = serves["http"][1]
     print(f"worker log: {work / 'worker.log'}", file=sys.stderr)
     floor = None
     try:
-        trips, floor = sequential(url, texts, args.round_trips)
+        servers = {name: address for name, (_, address) in serves.items()}
+        trips, inside, floor = sequential(servers, texts, args.round_trips)
         loads = {
             "producer": concurrent(None, texts, args.concurrency, args.seconds),
             "http": concurrent(url, texts, args.concurrency, args.seconds),
@@ -228,7 +243,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         from tasks import producer
 
-        stop_worker(serve)
+        for process, _ in serves.values():
+            stop_worker(process)
         if floor is not None:
             stop_worker(floor)
         stop_worker(worker)
@@ -237,8 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         name: {"p50_ms": statistics.median(values), "p99_ms": percentile(values, 99)}
         for name, values in trips.items()
     }
-    one["http_layer"] = paired(trips["http"], trips["server"])
-    one["floor_layer"] = paired(trips["floor"], trips["floor_server"])
+    one["server"] = {"p50_ms": statistics.median(inside["http"])}
     return {
         "cpu": hardware.cpu_model(),
         "python": platform.python_version(),
@@ -246,6 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "round_trips": args.round_trips,
         "one_text": one,
         "http_adds_ms": one["http"]["p50_ms"] - one["producer"]["p50_ms"],
+        "http_layer": {name: paired(trips[name], inside[name]) for name in inside},
         "concurrency": args.concurrency,
         "seconds": args.seconds,
         "concurrent": loads,
@@ -254,6 +270,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def spread(figures: dict[str, float]) -> str:
     return f"p50 {figures['p50_ms']:5.2f} ms  p99 {figures['p99_ms']:5.2f} ms"
+
+
+def layers(result: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    named = {"http": "embedq serve (as by default)", **{v: f"  {v}" for v in VARIANTS}}
+    wait = result["one_text"]["server"]["p50_ms"]
+    named["floor"] = f"HTTP floor (a {wait:.1f} ms wait)"
+    return [(named[name], layer) for name, layer in result["http_layer"].items()]
 
 
 def report(result: dict[str, Any]) -> str:
@@ -269,11 +292,9 @@ def report(result: dict[str, Any]) -> str:
             f"  p99 {one['http']['p99_ms']:6.2f} ms",
             f"  HTTP adds {result['http_adds_ms']:+.2f} ms at p50"
             f" (target <= {TARGET_MS:g} ms: {verdict})",
-            "  per request, the round trip less the time the server reports (Server-Timing):",
-            f"    embedq serve (less submit+wait+read+encode)  {spread(one['http_layer'])}",
-            f"    HTTP floor (less a {one['server']['p50_ms']:.1f} ms wait)"
-            f"        {spread(one['floor_layer'])}"
-            "  (bench/http_floor.py: uvicorn + FastAPI, a handler that only waits)",
+            "per request, the round trip less the time the server reports (Server-Timing):",
+            *(f"  {label:34s} {spread(layer)}" for label, layer in layers(result)),
+            "  (the floor: bench/http_floor.py, uvicorn + FastAPI around a handler that waits)",
             f"{result['concurrency']} concurrent clients for {result['seconds']:g} s each:",
             *(
                 f"  {name:8s} {load['requests_per_s']:7.1f} requests/s"

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -23,7 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.api.embeddings import EmbeddingRequest
 
-VECTOR = [0.05] * 384
+# A unit vector of 384 float32 values as embedq answers them (float32 -> Python floats).
+VECTOR = (lambda v: (v / np.linalg.norm(v)).tolist())(
+    np.random.default_rng(0).standard_normal(384).astype(np.float32)
+)
 
 
 def create_app(wait_ms: float) -> FastAPI:
