@@ -206,7 +206,7 @@ def _unpack(archive: Path, folder: Path, caps: Caps) -> None:
             _unpack_zip(archive, folder, caps)
         else:
             _unpack_tar(archive, folder, caps)
-    except tarfile.FilterError as exc:  # refused by the "data" filter: a link out, a device
+    except _FILTER_ERRORS as exc:  # refused by the "data" filter, where Python has it
         raise ModelError(f"{archive.name} holds an unsafe entry: {exc}") from exc
     except _UNREADABLE as exc:
         raise ModelError(f"{archive.name} is not a readable archive: {exc}") from exc
@@ -241,10 +241,31 @@ def _unpack_tar(archive: Path, folder: Path, caps: Caps) -> None:
             total += member.size  # a sparse file counts at its full size
             if count > caps.max_members or total > caps.max_bytes:
                 break
+            _check_member(archive, member)
         _check_caps(archive, count, total, caps)
         folder.mkdir()
-        # The "data" filter refuses absolute paths, "..", links out of the folder and devices.
-        tarred.extractall(folder, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            # The "data" filter as well: it also drops setuid bits and group/other write.
+            tarred.extractall(folder, filter="data")
+        else:  # Python 3.11.0-3.11.3 (Debian 12's 3.11.2): the checks above alone
+            tarred.extractall(folder)
+
+
+def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
+    """Only files and folders, inside the archive's folder: no absolute path, no "..", no link,
+    no device. Stricter than Python's "data" filter (which allows links that stay inside), and
+    the same on every Python 3.11, some of whose releases have no filter."""
+    path = Path(member.name)
+    if path.is_absolute() or ".." in path.parts:
+        raise ModelError(f"{archive.name} holds an unsafe entry: the path {member.name!r}")
+    if not (member.isfile() or member.isdir()):
+        kind = "link" if member.issym() or member.islnk() else "device or special file"
+        raise ModelError(f"{archive.name} holds an unsafe entry: {member.name!r} is a {kind}")
+
+
+_FILTER_ERRORS: tuple[type[Exception], ...] = tuple(
+    error for error in [getattr(tarfile, "FilterError", None)] if error is not None
+)
 
 
 def _check_caps(archive: Path, count: int, total: int, caps: Caps) -> None:
