@@ -43,10 +43,11 @@ def list_batch_stats(
 
 
 def last_provider(session: Session, host: str) -> str | None:
-    """The execution provider of the latest batch ``host`` ran."""
+    """The execution provider of the latest batch ``host`` ran (on any machine recorded under
+    it: ``host`` or ``host/<machine>``, as containers sharing a host name are)."""
     return session.scalar(
         select(BatchStat.provider)
-        .where(BatchStat.host == host)
+        .where((BatchStat.host == host) | BatchStat.host.startswith(f"{host}/", autoescape=True))
         .order_by(BatchStat.created_at.desc())
         .limit(1)
     )

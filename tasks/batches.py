@@ -126,7 +126,7 @@ def embed_batch(
         {
             "job_id": message.job_id,
             "batch_index": message.batch_index,
-            "host": get_settings().host_name,  # as in `models` and the download queue
+            "host": lifecycle.machine_host(),  # host_name, plus the container's own name
             "pid": os.getpid(),
             "provider": provider,
             "precision": stats.precision,
@@ -218,7 +218,7 @@ def run_message(
     except (ModelError, ProviderError) as exc:
         with scope(sessions) as session:
             return fail_batch(session, message, f"model {message.model}: {exc}", kind="model")
-    worker = f"{get_settings().host_name}:{os.getpid()}"
+    worker = lifecycle.process_name()
     with scope(sessions) as session:
         claim = ledger.claim(session, message.job_id, message.batch_index, worker)
         if not claim.job_exists:

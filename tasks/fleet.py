@@ -13,7 +13,6 @@ worker's parent process (``worker.app`` adds it by name):
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 from collections.abc import Sequence
@@ -78,7 +77,7 @@ class ReconcilerThread(threading.Thread):
             lifecycle.get_sessions(),
             _Publisher().send,
             presence,
-            holder=f"{settings.host_name}:{os.getpid()}",
+            holder=lifecycle.process_name(settings),
         )
         # Workers started together spread their sweeps over the interval.
         pause = random.uniform(0, settings.sweep_interval)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,21 @@ logger = logging.getLogger(__name__)
 
 _pid = 0
 _engines: dict[str, Engine] = {}
+
+
+def machine_host(settings: Settings | None = None) -> str:
+    """This machine in the fleet's records (batch timings, claims, leases): ``EMBEDQ_HOST_NAME``,
+    followed by the machine's own name when that differs. Containers that share a host name (and
+    a models volume) also share process ids, since each numbers its own from 1; their own names
+    (the container ids) keep their records apart."""
+    host = (settings or get_settings()).host_name
+    machine = socket.gethostname()
+    return host if machine == host else f"{host}/{machine}"
+
+
+def process_name(settings: Settings | None = None) -> str:
+    """This process in the fleet's records: ``machine_host():pid``."""
+    return f"{machine_host(settings)}:{os.getpid()}"
 
 
 def _own_process() -> None:

@@ -1,13 +1,17 @@
+import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from storage import repository, schema
+from storage import batch_stats, repository, schema
 from storage.models import Job
 from storage.session import dispose_all, scope, sessions_for
 from tasks import stats
+from worker import lifecycle
 from worker.errors import InputError
+from worker.settings import get_settings
 
 
 def stat(job: str, index: int, pid: int, total: float) -> dict[str, object]:
@@ -75,3 +79,38 @@ def test_since_takes_a_number_and_a_unit(text: str, seconds: int) -> None:
 def test_a_bad_since_is_refused() -> None:
     with pytest.raises(InputError, match="unit"):
         stats.parse_since("an hour")
+
+
+def test_containers_sharing_a_host_name_and_pids_stay_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the compose fleet check: three worker containers share EMBEDQ_HOST_NAME and,
+    each numbering its processes from 1, the same pids. Their records carry the container's
+    own name; a host's last provider is still found under the shared name."""
+    monkeypatch.setenv("EMBEDQ_HOST_NAME", "compose-host")
+    get_settings.cache_clear()
+    monkeypatch.setattr(socket, "gethostname", lambda: "compose-host")
+    assert lifecycle.machine_host() == "compose-host"
+    monkeypatch.setattr(socket, "gethostname", lambda: "3f2a9c")
+    assert lifecycle.machine_host() == "compose-host/3f2a9c"
+    assert lifecycle.process_name() == f"compose-host/3f2a9c:{os.getpid()}"
+    get_settings.cache_clear()
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    schema.upgrade(url)
+    with scope(sessions_for(url)) as session:
+        session.add(Job(id="a", model_name="minilm", queue="bulk", total_items=0, meta={}))
+        session.flush()
+        for index, machine in enumerate(["compose-host/3f2a9c", "compose-host/77d1e0"]):
+            row = stat("a", index, 8, 100.0) | {"host": machine}
+            row["provider"] = f"provider-{index}"
+            repository.upsert_batch_stat(session, row)
+        session.flush()
+        assert batch_stats.last_provider(session, "compose-host") == "provider-1"
+        assert batch_stats.last_provider(session, "compose") is None  # a prefix is not a host
+    rows = stats.report(url, since=timedelta(hours=1), model="minilm")
+    dispose_all()
+    assert sorted((r["host"], r["pid"]) for r in rows) == [
+        ("compose-host/3f2a9c", 8),
+        ("compose-host/77d1e0", 8),
+    ]
