@@ -24,10 +24,6 @@ FROM build AS build-cpu
 # The openvino extra's requirement, installed alone: `.[openvino]` would bring onnxruntime-gpu back.
 RUN /opt/venv/bin/pip install "openvino>=2025.1"
 
-FROM build AS build-gpu
-RUN /opt/venv/bin/pip uninstall -y onnxruntime \
-    && /opt/venv/bin/pip install "onnxruntime-gpu[cuda,cudnn]>=1.20"
-
 FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -41,6 +37,12 @@ FROM runtime AS cpu
 COPY --from=build-cpu /opt/venv /opt/venv
 USER embedq
 CMD ["embedq", "worker"]
+
+# The GPU stages come last: Docker's classic builder (docker-compose 1.29's) builds every stage
+# before the target, so placed earlier they cost a `cpu` build 2 GB of CUDA libraries.
+FROM build AS build-gpu
+RUN /opt/venv/bin/pip uninstall -y onnxruntime \
+    && /opt/venv/bin/pip install "onnxruntime-gpu[cuda,cudnn]>=1.20"
 
 FROM runtime AS gpu
 COPY --from=build-gpu /opt/venv /opt/venv
