@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= all-MiniLM-L6-v2
 
-.PHONY: setup run test lint bench bench-pipeline bench-backfill bench-ledger bench-layout bench-openvino bench-api clean
+.PHONY: setup run test lint fleet-check bench bench-pipeline bench-backfill bench-ledger bench-layout bench-openvino bench-api clean
 
 $(BIN)/embedq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The compose fleet built and run for real (root; installs and starts Docker if needed, builds
+# stand-in base images where no registry answers): see deploy/check.sh.
+fleet-check: setup
+	bash deploy/check.sh
 
 bench: setup
 	$(BIN)/python bench/engine.py
