@@ -14,9 +14,10 @@ COPY worker ./worker
 COPY tasks ./tasks
 COPY storage ./storage
 COPY migrations ./migrations
-# The worker extra: `pip install .` alone is the client side (no onnxruntime, no tokenizers).
+# The worker extra: `pip install .` alone is the client side (no onnxruntime, no tokenizers);
+# serve for the fleet's API service (FastAPI, uvicorn).
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install '.[worker]' \
+    && /opt/venv/bin/pip install '.[worker,serve]' \
     && /opt/venv/bin/pip uninstall -y onnxruntime-gpu \
     && /opt/venv/bin/pip install "onnxruntime>=1.20"
 
@@ -29,8 +30,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     EMBEDQ_MODEL_DIR=/models
 RUN useradd --create-home --uid 10001 embedq \
-    && mkdir -p /models \
-    && chown embedq /models
+    && mkdir -p /models /files \
+    && chown embedq /models /files
 WORKDIR /home/embedq
 
 FROM runtime AS cpu

@@ -43,12 +43,13 @@ from worker.settings import get_settings
 
 PROJECT = os.environ.get("EMBEDQ_FLEET_PROJECT", "embedqcheck")
 FILES = ["-f", str(REPO / "docker-compose.yml"), "-f", str(REPO / "deploy" / "check.yml")]
-SERVICES = ["redis", "postgres", "migrate", "worker-cpu", "flower"]
+SERVICES = ["redis", "postgres", "migrate", "worker-cpu", "api", "flower"]
 IMAGES = ["embedq:cpu", "python:3.11-slim", "redis:7", "postgres:16"]
 ARTIFACTS = REPO / "artifacts" / "fleet"
 REPORT = ARTIFACTS / "report.txt"
 TEXTS = 2000
 FLOWER = "http://127.0.0.1:5555"
+API = "http://127.0.0.1:8000/v1"
 MODEL = "minilm"
 STATE = "{{.State.Status}} {{.State.Health.Status}}"
 
@@ -153,6 +154,9 @@ def fleet() -> Iterator[Fleet]:
         "REDIS_PASSWORD": secrets.token_hex(12),
         "POSTGRES_PASSWORD": secrets.token_hex(12),
         "EMBEDQ_FLOWER_PASSWORD": secrets.token_hex(12),
+        "EMBEDQ_API_KEYS": f"sk-{secrets.token_hex(12)}",
+        # No GPU worker here: the CPU workers take interactive jobs too (the API's embeddings).
+        "CPU_WORKER_QUEUES": "interactive,bulk",
     }
     fleet = Fleet(env=passwords)
     saved = {key: os.environ.get(key) for key in ("EMBEDQ_BROKER_URL", "EMBEDQ_DATABASE_URL")}
@@ -165,7 +169,9 @@ def fleet() -> Iterator[Fleet]:
         started = time.monotonic()
         fleet.compose("up", "-d", *SERVICES)
         fleet.wait_healthy([*fleet.containers("redis"), *fleet.containers("postgres")])
-        fleet.wait_healthy([*fleet.containers("worker-cpu"), *fleet.containers("flower")])
+        fleet.wait_healthy(
+            [c for name in ("worker-cpu", "api", "flower") for c in fleet.containers(name)]
+        )
         report(f"up: every service healthy {time.monotonic() - started:.0f}s after `up -d`")
         redis_at, postgres_at = (
             address(fleet.containers("redis")[0]),
@@ -284,14 +290,15 @@ def test_images_are_built_and_the_base_images_say_what_they_are(fleet: Fleet) ->
 
 
 def test_every_service_reports_healthy_and_the_migration_ran(fleet: Fleet) -> None:
-    for service in ("redis", "postgres", "worker-cpu", "flower"):
+    for service in ("redis", "postgres", "worker-cpu", "api", "flower"):
         (container,) = fleet.containers(service)
         assert inspect(container, "{{.State.Health.Status}}") == "healthy"
     (migrate,) = fleet.containers("migrate")
     assert inspect(migrate, "{{.State.Status}} {{.State.ExitCode}}") == "exited 0"
     ((revision,),) = fleet.sql("SELECT version_num FROM alembic_version")
     server = fleet.sql("SHOW server_version")[0][0]
-    report(f"healthy: redis, postgres {server}, worker-cpu, flower; migrate exited 0 at {revision}")
+    services = f"redis, postgres {server}, worker-cpu, api, flower"
+    report(f"healthy: {services}; migrate exited 0 at {revision}")
 
 
 def flower_workers(fleet: Fleet) -> list[str]:
@@ -334,6 +341,29 @@ def test_a_model_registered_once_is_prepared_by_the_fleet_and_a_job_comes_back_w
     ready = fleet.sql("SELECT host, state, dim FROM models WHERE name = :n", n=MODEL)
     assert [(state, dim) for _, state, dim in ready] == [("ready", 384)]
     report(f"model: prepared on demand into the models volume ({owner}), recorded {ready[0]}")
+
+
+def test_the_api_answers_openai_s_client_from_the_host(
+    fleet: Fleet, engine: Engine, texts: list[str]
+) -> None:
+    from openai import APIStatusError, OpenAI
+
+    given = texts[:3]
+    refused = httpx.get(f"{API}/models", timeout=30)
+    assert refused.status_code == 401
+    client = OpenAI(base_url=API, api_key=fleet.env["EMBEDQ_API_KEYS"], max_retries=0)
+    models = {model.id: model for model in client.models.list()}
+    assert MODEL in models
+    result = client.embeddings.create(input=given, model=MODEL)
+    got = np.array([item.embedding for item in result.data], dtype=np.float32)
+    assert float(np.asarray(cosines(got, engine.encode(given).vectors)).min()) >= 0.9999
+    with pytest.raises(APIStatusError) as unknown:
+        client.embeddings.create(input="x", model="no-such-model")
+    assert unknown.value.status_code == 404
+    report(
+        f"api: 401 without a key; embeddings.create (openai client) = the engine's vectors,"
+        f" {result.usage.total_tokens} tokens; an unknown model 404"
+    )
 
 
 def test_three_workers_share_a_job(fleet: Fleet, texts: list[str], expected: np.ndarray) -> None:
