@@ -49,9 +49,10 @@ def compile_config(precision: Precision, settings: Settings) -> dict[str, object
 
 
 def really_runs(compiled: ov.CompiledModel) -> Precision:
-    """The precision the plugin took for ``compiled`` (``f32`` or ``bf16``)."""
-    taken = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-    return Precision.BF16 if "bf16" in taken else Precision.FP32
+    """The precision the plugin took for ``compiled`` (``f32`` or ``bf16``). The property is an
+    ``ov.Type``, whose text is ``<Type: 'bfloat16'>``: compared as a type, not as text."""
+    taken = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return Precision.BF16 if taken == ov.Type.bf16 else Precision.FP32
 
 
 class OpenVinoSession:

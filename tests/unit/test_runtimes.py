@@ -101,3 +101,22 @@ def test_a_bf16_pull_is_refused_on_a_cpu_without_bf16_before_anything_is_fetched
             str(missing_source), "m", PullOptions(precision=Precision.BF16), Settings()
         )
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    ("taken", "ran"), [("bf16", Precision.BF16), ("f32", Precision.FP32), ("f16", Precision.FP32)]
+)  # names of ov.Type's members
+def test_the_precision_openvino_took_is_read_as_a_type(taken: str, ran: Precision) -> None:
+    """OpenVINO answers the property as an ``ov.Type`` whose text is ``<Type: 'bfloat16'>``:
+    read as text, no compiled model ever looked bf16, so every bf16 pull was refused on a CPU
+    with bf16 (found on an AMD EPYC with avx512_bf16, 2026-11-29)."""
+    import openvino as ov
+
+    from worker.openvino_runtime import really_runs
+
+    class Compiled:
+        def get_property(self, name: str) -> object:
+            assert name == "INFERENCE_PRECISION_HINT"
+            return getattr(ov.Type, taken)
+
+    assert really_runs(Compiled()) == ran  # type: ignore[arg-type]
