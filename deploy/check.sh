@@ -11,9 +11,9 @@
 #       postgres:16       that base + Debian's PostgreSQL 15, with an entrypoint honouring
 #                         POSTGRES_USER/PASSWORD/DB as the official one does
 #                         (deploy/standins/postgres.Dockerfile)
-#  3. runs tests/deploy (pytest): the project's image built from the unchanged Dockerfile, the
-#     fleet from docker-compose.yml (+ deploy/check.yml: shorter visibility timeout only), a
-#     model, 2,000-text jobs with 1 and 3 workers, a worker killed, a worker stopped, Flower.
+#  3. runs tests/deploy (pytest): the project's image built from the Dockerfile, the fleet from
+#     docker-compose.yml, a model, the API, 2,000-text jobs with 1 and 3 workers, a worker
+#     killed, a worker stopped, Flower.
 # It prints the check's report (artifacts/fleet/report.txt) and its wall time.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,16 +12,17 @@ runs on the hot path are built once and executed with parameters.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, Text, bindparam, func, insert, select, update
+from sqlalchemy import DateTime, Text, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from storage import repository
-from storage.models import Batch, BatchState, Job, Lease
+from storage.models import Batch, BatchState, Job, Lease, as_utc
 from storage.session import commit_without_flush
 
 _batches: Any = Batch.__table__
@@ -287,3 +288,42 @@ def fail_pending(session: Session, job_id: str, reason: str) -> int:
     for batch in pending_batches(session, job_id):
         total += fail_batch(session, job_id, batch.batch_index, batch.item_ids, reason)[0]
     return total
+
+
+ALIVE = "alive:"
+"""Prefix of the leases that say a worker process is alive (``tasks.fleet`` renews them)."""
+
+
+def keep_alive(session: Session, process: str, ttl_s: float) -> None:
+    """Say that worker process ``process`` (``host[/machine]:pid``) is alive for ``ttl_s``
+    seconds. The lease's name is a digest (names are short); its holder is the process."""
+    name = ALIVE + hashlib.sha256(process.encode()).hexdigest()[:40]
+    take_lease(session, name, process, ttl_s)
+
+
+def machines(session: Session, forget_after_s: float) -> dict[str, bool]:
+    """Every machine (``host[/machine]``) a worker process has said it lives on, and whether
+    one still does. Leases expired more than ``forget_after_s`` ago are deleted first."""
+    now = datetime.now(UTC)
+    session.execute(
+        delete(Lease).where(
+            Lease.name.startswith(ALIVE),
+            Lease.expires_at < now - timedelta(seconds=forget_after_s),
+        )
+    )
+    alive: dict[str, bool] = {}
+    for holder, expires_at in session.execute(
+        select(Lease.holder, Lease.expires_at).where(Lease.name.startswith(ALIVE))
+    ):
+        machine = holder.rsplit(":", 1)[0]
+        alive[machine] = alive.get(machine, False) or as_utc(expires_at) >= now
+    return alive
+
+
+def claimed_batches(session: Session, older_than_s: float, limit: int = 500) -> Sequence[Batch]:
+    """Pending batches a worker process has claimed, with no progress for ``older_than_s``."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+    query = select(Batch).where(
+        Batch.state == BatchState.SENT, Batch.worker.is_not(None), Batch.updated_at < cutoff
+    )
+    return session.scalars(query.order_by(Batch.updated_at).limit(limit)).all()

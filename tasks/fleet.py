@@ -22,13 +22,15 @@ from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import Task, bootsteps
 from celery.signals import task_failure
 
+from storage import ledger
+from storage.session import scope
 from tasks import completion, download, names
 from tasks.batches import fail_raw
 from tasks.message import BatchMessage, task_id
-from tasks.reconciler import Reconciler, redis_presence
+from tasks.reconciler import Reconciler, alive_ttl, redis_presence, redis_release
 from worker import lifecycle, metrics
 from worker.app import app
-from worker.settings import get_settings
+from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from celery.worker import WorkController
@@ -62,7 +64,16 @@ def record_lost(
 
 
 class ReconcilerThread(threading.Thread):
-    """Sweeps the ledger every interval until stopped; a failed sweep is logged and retried."""
+    """Says this worker is alive and sweeps the ledger every interval until stopped; a failed
+    sweep is logged and retried."""
+
+    @staticmethod
+    def keep_alive(me: str, settings: Settings) -> None:
+        try:
+            with scope(lifecycle.get_sessions()) as session:
+                ledger.keep_alive(session, me, alive_ttl(settings))
+        except Exception:  # the store is away: the lease lapses, the next interval renews it
+            logger.warning("could not renew this worker's alive lease", exc_info=True)
 
     def __init__(self) -> None:
         super().__init__(name="embedq-reconciler", daemon=True)
@@ -71,18 +82,22 @@ class ReconcilerThread(threading.Thread):
     def run(self) -> None:
         settings = get_settings()
         broker = settings.celery_broker()
-        presence = redis_presence(broker) if broker.startswith(("redis://", "rediss://")) else None
+        on_redis = broker.startswith(("redis://", "rediss://"))
+        me = lifecycle.process_name(settings)
         reconciler = Reconciler(
             settings,
             lifecycle.get_sessions(),
             _Publisher().send,
-            presence,
-            holder=lifecycle.process_name(settings),
+            redis_presence(broker) if on_redis else None,
+            holder=me,
+            release=redis_release(broker) if on_redis else None,
         )
+        self.keep_alive(me, settings)
         # Workers started together spread their sweeps over the interval.
         pause = random.uniform(0, settings.sweep_interval)
         while not self.stopping.wait(pause):
             pause = settings.sweep_interval
+            self.keep_alive(me, settings)
             try:
                 report = reconciler.sweep()
             except Exception:  # the store or broker is away: the next sweep tries again

@@ -15,6 +15,16 @@ then treated as lost (a duplicate message costs a ledger lookup, not a second in
 
 Every worker runs a sweep every ``EMBEDQ_SWEEP_INTERVAL`` seconds (``tasks.fleet``); a lease row
 in the store lets one of them sweep at a time across the fleet.
+
+**Dead workers.** A worker killed outright (``docker kill``, a lost host) leaves the batches it
+ran among Redis's unacknowledged messages, which Redis hands out again only after the visibility
+timeout (by default 31 minutes). Each worker process says it is alive with a lease renewed every
+sweep (``ledger.keep_alive``). A batch claimed on a machine that has said so before and where no
+worker process says so any more is its worker's orphan: the sweep takes its message out of the
+unacknowledged ones (so Redis will not hand it out later as well) and re-publishes it, the same
+way as a lost one. A machine that never said so (a worker of an older version) is left to the
+visibility timeout, and on a machine where another worker process still lives (one host, two
+workers) so is a dead one's batch.
 """
 
 from __future__ import annotations
@@ -44,6 +54,10 @@ LEASE = "reconciler"
 Publish = Callable[[BatchMessage, str], None]
 Presence = Callable[[set[str]], set[str]]
 """Given task ids, the ones whose message the broker still holds."""
+Release = Callable[[set[str]], set[str]]
+"""Given task ids, take their messages out of the unacknowledged ones; the ones it took."""
+FORGET_S = 86400.0
+"""Alive leases expired longer ago than this are deleted."""
 Overdue = tuple[int, str, int, datetime]
 """An overdue batch as a sweep found it: its row id, job, index and last progress."""
 
@@ -56,6 +70,8 @@ class Sweep:
     """False when another worker held the lease."""
     overdue: int = 0
     on_broker: int = 0
+    orphaned: int = 0
+    """Batches claimed on a machine whose workers stopped saying they are alive."""
     republished: int = 0
     failed: int = 0
     finished_jobs: tuple[str, ...] = ()
@@ -72,6 +88,7 @@ class Reconciler:
         presence: Presence | None,
         holder: str,
         recheck_after_s: float = 0.5,
+        release: Release | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -79,12 +96,20 @@ class Reconciler:
         self.presence = presence
         self.holder = holder
         self.recheck_after_s = recheck_after_s
+        self.release = release
 
     def sweep(self, limit: int = 500) -> Sweep:
         report = Sweep()
         if not self._lease():
             return report
         report.swept = True
+        finished: list[str] = []
+        for batch_id, job_id, index, seen in self._orphans(limit):
+            report.orphaned += 1
+            action, done_job = self._settle(batch_id, job_id, index, seen, ORPHANED)
+            report.republished += action == "republished"
+            report.failed += action == "failed"
+            finished += [job_id] if done_job else []
         with scope(self.sessions) as session:
             overdue = [
                 (b.id, b.job_id, b.batch_index, as_utc(b.updated_at))
@@ -92,33 +117,54 @@ class Reconciler:
             ]
         report.overdue = len(overdue)
         if not overdue:
+            report.finished_jobs = tuple(finished)
+            self._log(report)
             return report
         lost = self._absent(overdue)
         if lost and self.presence is not None:  # a message may be between list and hash
             time.sleep(self.recheck_after_s)
             lost = self._absent(lost)
         report.on_broker = len(overdue) - len(lost)
-        finished: list[str] = []
         for batch_id, job_id, index, seen in lost:
-            action, done_job = self._settle(batch_id, job_id, index, seen)
-            if action == "republished":
-                report.republished += 1
-            elif action == "failed":
-                report.failed += 1
-            if done_job:
-                finished.append(job_id)
+            action, done_job = self._settle(batch_id, job_id, index, seen, LOST)
+            report.republished += action == "republished"
+            report.failed += action == "failed"
+            finished += [job_id] if done_job else []
         report.finished_jobs = tuple(finished)
+        self._log(report)
+        return report
+
+    def _log(self, report: Sweep) -> None:
         if report.republished or report.failed:
             logger.warning(
-                "reconciler: %d overdue batches, %d still on the broker, %d re-published,"
-                " %d failed",
+                "reconciler: %d batches of dead workers, %d overdue batches, %d still on the"
+                " broker, %d re-published, %d failed",
+                report.orphaned,
                 report.overdue,
                 report.on_broker,
                 report.republished,
                 report.failed,
                 extra={"action": "reconcile", **{k: getattr(report, k) for k in _COUNTS}},
             )
-        return report
+
+    def _orphans(self, limit: int) -> list[Overdue]:
+        """Claimed batches whose machine's workers stopped saying they are alive, taken out of
+        the broker's unacknowledged messages; those whose message is still queued are left."""
+        if self.release is None or self.presence is None:
+            return []
+        with scope(self.sessions) as session:
+            known = ledger.machines(session, FORGET_S)
+            orphans = [
+                (b.id, b.job_id, b.batch_index, as_utc(b.updated_at))
+                for b in ledger.claimed_batches(session, alive_ttl(self.settings), limit)
+                if known.get((b.worker or "").rsplit(":", 1)[0]) is False
+            ]
+        if not orphans:
+            return []
+        ids = {task_id(job, index) for _, job, index, _ in orphans}
+        released = self.release(ids)
+        held = self.presence(ids - released)
+        return [b for b in orphans if task_id(b[1], b[2]) not in held]
 
     def _lease(self) -> bool:
         ttl = max(3 * self.settings.sweep_interval, 30.0)
@@ -134,8 +180,10 @@ class Reconciler:
         held = self.presence({task_id(job, index) for _, job, index, _ in batches})
         return [b for b in batches if task_id(b[1], b[2]) not in held]
 
-    def _settle(self, batch_id: int, job_id: str, index: int, seen: datetime) -> tuple[str, bool]:
-        """Re-publish or fail one lost batch, unless it moved since it was found overdue."""
+    def _settle(
+        self, batch_id: int, job_id: str, index: int, seen: datetime, why: str
+    ) -> tuple[str, bool]:
+        """Re-publish or fail one lost or orphaned batch, unless it moved since it was found."""
         with scope(self.sessions) as session:
             batch = ledger.get_batch(session, job_id, index)
             job = repository.get_job(session, job_id)
@@ -149,7 +197,7 @@ class Reconciler:
             if batch.sends > self.settings.max_retries:
                 reason = (
                     f"its message was lost {batch.sends} times (sent, never finished, gone from"
-                    f" the broker); last error: {batch.last_error or 'none'}"
+                    f" the broker or its worker dead); last error: {batch.last_error or 'none'}"
                 )
             elif not texts:
                 reason = (
@@ -159,9 +207,7 @@ class Reconciler:
             if reason is not None:
                 _, finished = ledger.fail_batch(session, job_id, index, batch.item_ids, reason)
                 return "failed", finished
-            ledger.mark_resent(
-                session, batch_id, f"message lost; re-published (send {batch.sends + 1})"
-            )
+            ledger.mark_resent(session, batch_id, f"{why}; re-published (send {batch.sends + 1})")
             message = BatchMessage.model_construct(
                 job_id=job_id,
                 batch_index=index,
@@ -181,7 +227,37 @@ class Reconciler:
         return "republished", False
 
 
-_COUNTS = ("overdue", "on_broker", "republished", "failed")
+_COUNTS = ("orphaned", "overdue", "on_broker", "republished", "failed")
+LOST = "message lost"
+ORPHANED = "its worker died (its machine stopped renewing its alive lease)"
+
+
+def alive_ttl(settings: Settings) -> float:
+    """How long a worker's word that it is alive holds: three sweeps, at least 30 s."""
+    return max(3 * settings.sweep_interval, 30.0)
+
+
+def redis_release(url: str) -> Release:
+    """Takes messages out of kombu's unacknowledged ones on a Redis broker (the hash and its
+    index), so Redis does not hand them out again when their visibility timeout passes."""
+    client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
+
+    def release(ids: set[str]) -> set[str]:
+        released: set[str] = set()
+        if not ids:
+            return released
+        for tag, value in client.hscan_iter("unacked", count=200):
+            found = _task_id_of_unacked(value)
+            if found in ids:
+                pipe = client.pipeline(transaction=True)
+                pipe.hdel("unacked", tag)
+                pipe.zrem("unacked_index", tag)
+                removed, _ = pipe.execute()
+                if removed:
+                    released.add(found)
+        return released
+
+    return release
 
 
 def redis_presence(url: str, queues: Iterable[str] = tuple(names.Queue)) -> Presence:
@@ -202,10 +278,7 @@ def redis_presence(url: str, queues: Iterable[str] = tuple(names.Queue)) -> Pres
                     break
                 start += 200
         for _, value in client.hscan_iter("unacked", count=200):
-            try:  # [message, exchange, routing key]
-                found.add(str(json.loads(value)[0]["headers"]["id"]))
-            except (ValueError, IndexError, KeyError, TypeError):
-                continue
+            found.add(_task_id_of_unacked(value))
         return found & ids
 
     return present
@@ -215,4 +288,11 @@ def _task_id(raw: bytes | str) -> str:
     try:
         return str(json.loads(raw)["headers"]["id"])
     except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def _task_id_of_unacked(value: bytes | str) -> str:
+    try:  # [message, exchange, routing key]
+        return str(json.loads(value)[0]["headers"]["id"])
+    except (ValueError, IndexError, KeyError, TypeError):
         return ""

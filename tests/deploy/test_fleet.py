@@ -1,14 +1,15 @@
 """The compose fleet, built and run for real: ``deploy/check.sh`` runs this module.
 
-It builds the project's images from the ``Dockerfile`` and starts ``docker-compose.yml`` (with
-``deploy/check.yml``, which only shortens the timeouts after which a killed worker's batches
-go to another worker) as an operator would: Redis, PostgreSQL, the migration, one CPU worker
-and Flower; the GPU worker is left out on a machine without a GPU. From the host it then
-registers a model (an archive served over HTTP, prepared by the workers into the shared
-``models`` volume), submits 2,000-text jobs with the producer on the fleet's own Redis and
-PostgreSQL, and checks what came back: with one worker, with three, with one killed mid-job,
-and with one stopped mid-batch. Flower must refuse a request without its login and list the
-workers with it. Each test appends what it saw to ``artifacts/fleet/report.txt``.
+It builds the project's images from the ``Dockerfile`` and starts ``docker-compose.yml`` as an
+operator would: Redis, PostgreSQL, the migration, one CPU worker, the API and Flower; the GPU
+worker is left out on a machine without a GPU, so the CPU workers take interactive jobs too.
+From the host it then registers a model (an archive served over HTTP, prepared by the workers
+into the shared ``models`` volume), calls the API with OpenAI's client, submits 2,000-text jobs
+with the producer on the fleet's own Redis and PostgreSQL, and checks what came back: with one
+worker, with three, with one killed mid-job (with the default timeouts: the reconciler, not
+Redis's 31-minute visibility timeout, brings its batches back), and with one stopped mid-batch.
+Flower must refuse a request without its login and list the workers with it. Each test
+appends what it saw to ``artifacts/fleet/report.txt``.
 
 The tests run in file order and share the fleet (a module fixture); each leaves it running.
 """
@@ -42,7 +43,7 @@ from worker.engine import Engine
 from worker.settings import get_settings
 
 PROJECT = os.environ.get("EMBEDQ_FLEET_PROJECT", "embedqcheck")
-FILES = ["-f", str(REPO / "docker-compose.yml"), "-f", str(REPO / "deploy" / "check.yml")]
+FILES = ["-f", str(REPO / "docker-compose.yml")]
 SERVICES = ["redis", "postgres", "migrate", "worker-cpu", "api", "flower"]
 IMAGES = ["embedq:cpu", "python:3.11-slim", "redis:7", "postgres:16"]
 ARTIFACTS = REPO / "artifacts" / "fleet"
