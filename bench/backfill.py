@@ -35,7 +35,8 @@ from bench.pipeline import (
 )
 from storage.models import CachedVector
 from storage.session import scope, sessions_for
-from tasks import backfill, readers
+from tasks import backfill
+from tasks.backfill import readers
 
 
 def round_trips(texts: list[str], count: int) -> list[float]:

@@ -1,7 +1,7 @@
 """Queries of a backfill run: its row and its job, what the store already holds of a chunk of
 source rows, the counts a run adds to its job, and what its summary reports.
 
-Like ``repository``, functions take the session first and never commit.
+Functions take the session first and never commit.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def forget_failures(session: Session, job_id: str) -> int:
     session.execute(
         update(Job)
         .where(Job.id == job_id)
-        .values(failed_items=Job.failed_items - forgotten, error=None)
+        .values(failed_items=Job.failed_items - forgotten, error=None, error_kind=None)
     )
     return forgotten
 
@@ -123,7 +123,7 @@ def add_reused(session: Session, job_id: str, count: int) -> None:
 def seal_job(session: Session, name: str, job_id: str, duplicates: int) -> None:
     """Fix the job's total at the items accounted for (done or failed) and seal it, and record
     the run's duplicates on backfill ``name``. The caller settles the job's state
-    (``repository.add_progress``)."""
+    (``jobs.add_progress``)."""
     session.execute(
         update(Job)
         .where(Job.id == job_id)

@@ -1,21 +1,58 @@
-"""Reading ``batch_stats``: the rows timing reports are made of, and the sums a backfill's
-progress and summary show.
+"""``batch_stats``: each executed batch's timing, written once per batch (a redelivered batch
+replaces its row), and read back as the rows timing reports are made of and the sums a
+backfill's progress and summary show.
 
-Like ``repository``, functions take the session first and never commit.
+Functions take the session first and never commit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session
 
+from storage import dialect
 from storage.models import BatchStat, Job
 
 STREAM_PAGE = 5000
+
+FIELDS = (
+    "host",
+    "pid",
+    "provider",
+    "precision",
+    "texts",
+    "tokens",
+    "padded_tokens",
+    "queue_wait_ms",
+    "tokenize_ms",
+    "inference_ms",
+    "pool_ms",
+    "write_ms",
+    "total_ms",
+)
+"""What a batch's timing row holds besides its job and batch index."""
+
+
+def _upsert(session: Session) -> Any:
+    insert: Any = dialect.upsert(session, BatchStat.__table__)
+    return insert.on_conflict_do_update(
+        index_elements=["job_id", "batch_index"],
+        set_={field: insert.excluded[field] for field in FIELDS},
+    )
+
+
+def upsert_batch_stat(session: Session, row: dict[str, Any]) -> None:
+    """Store a batch's timing (``job_id``, ``batch_index`` and every one of ``FIELDS``); a
+    redelivered batch replaces its earlier row."""
+    missing = {"job_id", "batch_index", *FIELDS} - set(row)
+    if missing:
+        raise ValueError(f"batch stat row lacks {sorted(missing)}")
+    statement = dialect.prepared(session, "batch_stat", _upsert)
+    session.connection().execute(statement, {**row, "created_at": datetime.now(UTC)})
 
 
 def list_batch_stats(

@@ -6,23 +6,22 @@ batch before running it (attempts + 1, who, when) and ends it in the transaction
 vectors (or its failures), clearing the texts it kept for a re-publish. The reconciler reads the
 rows that stopped moving (``overdue_batches``) and re-publishes or fails them under a lease.
 
-Like ``repository``, functions take the session first and never commit. The statements a batch
+Functions take the session first and never commit. The statements a batch
 runs on the hot path are built once and executed with parameters.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, Text, bindparam, delete, func, insert, select, update
+from sqlalchemy import DateTime, Text, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from storage import repository
-from storage.models import Batch, BatchState, Job, Lease, as_utc
+from storage import failed_items, jobs
+from storage.models import Batch, BatchState, FailureKind, Job
 from storage.session import commit_without_flush
 
 _batches: Any = Batch.__table__
@@ -51,6 +50,17 @@ class Claim:
     job_total: int | None
     """The job's item count once known (sealed), to check positions against; else ``None``."""
     job_exists: bool = True
+
+
+def kept(batch: Batch) -> NewBatch | None:
+    """What the ledger keeps of a pending batch to publish it again (its items, texts and
+    positions), or ``None`` when it keeps no texts (sent without embedq's producer)."""
+    payload: dict[str, Any] = batch.payload or {}
+    texts = list(payload.get("texts") or [])
+    if not texts:
+        return None
+    positions = list(payload.get("positions") or [])
+    return NewBatch(batch.batch_index, list(batch.item_ids), texts, positions)
 
 
 def add_batches(session: Session, job_id: str, batches: Sequence[NewBatch]) -> None:
@@ -197,21 +207,31 @@ def pending_indexes(session: Session, job_id: str) -> set[int]:
     )
 
 
+def _cutoff(older_than_s: float, now: datetime | None) -> datetime:
+    return (now or datetime.now(UTC)) - timedelta(seconds=older_than_s)
+
+
 def overdue_batches(
-    session: Session, older_than_s: float, job_id: str | None = None, limit: int = 100
+    session: Session,
+    older_than_s: float,
+    job_id: str | None = None,
+    limit: int = 100,
+    now: datetime | None = None,
 ) -> Sequence[Batch]:
     """Pending batches with no progress (sent, started, retried, re-published) for longer than
-    ``older_than_s`` seconds, oldest first."""
-    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+    ``older_than_s`` seconds at ``now`` (default: the present), oldest first."""
+    cutoff = _cutoff(older_than_s, now)
     query = select(Batch).where(Batch.state == BatchState.SENT, Batch.updated_at < cutoff)
     if job_id is not None:
         query = query.where(Batch.job_id == job_id)
     return session.scalars(query.order_by(Batch.updated_at).limit(limit)).all()
 
 
-def count_overdue(session: Session, older_than_s: float, job_id: str | None = None) -> int:
+def count_overdue(
+    session: Session, older_than_s: float, job_id: str | None = None, now: datetime | None = None
+) -> int:
     """How many batches ``overdue_batches`` would list (of one job, or of all)."""
-    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+    cutoff = _cutoff(older_than_s, now)
     query = select(func.count()).where(Batch.state == BatchState.SENT, Batch.updated_at < cutoff)
     if job_id is not None:
         query = query.where(Batch.job_id == job_id)
@@ -250,79 +270,39 @@ def mark_resent(session: Session, batch_id: int, note: str) -> None:
     )
 
 
-def take_lease(session: Session, name: str, holder: str, ttl_s: float) -> bool:
-    """Hold lease ``name`` for ``ttl_s`` seconds unless another holder's has not expired."""
-    now = datetime.now(UTC)
-    until = now + timedelta(seconds=ttl_s)
-    taken = session.execute(
-        update(Lease)
-        .where(Lease.name == name, (Lease.holder == holder) | (Lease.expires_at < now))
-        .values(holder=holder, expires_at=until)
-    )
-    if getattr(taken, "rowcount", 0) == 1:
-        return True
-    if session.get(Lease, name) is not None:
-        return False
-    session.add(Lease(name=name, holder=holder, expires_at=until))
-    session.flush()
-    return True
-
-
 def fail_batch(
-    session: Session, job_id: str, index: int, item_ids: Sequence[str], reason: str
+    session: Session,
+    job_id: str,
+    index: int,
+    item_ids: Sequence[str],
+    reason: str,
+    kind: FailureKind,
 ) -> tuple[int, bool]:
-    """End a batch as failed: its items recorded failed with ``reason`` (once, however often
-    this is called) and counted in the job. A batch that already ended (another delivery stored
-    it) is left as it is. Returns (items newly failed, whether this finished the job)."""
+    """End a batch as failed: its items recorded failed with ``reason`` of ``kind`` (once,
+    however often this is called) and counted in the job. A batch that already ended (another
+    delivery stored it) is left as it is. Returns (items newly failed, whether this finished
+    the job)."""
     ended = finish(session, job_id, index, BatchState.FAILED, reason)
     if not ended and session.connection().execute(_STATE, {"job": job_id, "index": index}).first():
         return 0, False
-    failed = repository.record_failures(session, job_id, item_ids, reason)
-    finished = repository.add_progress(session, job_id, done=0, failed=failed, error=reason)
+    failed = failed_items.record_failures(session, job_id, item_ids, reason, kind)
+    finished = jobs.add_progress(session, job_id, done=0, failed=failed, error=reason, kind=kind)
     return failed, finished
 
 
-def fail_pending(session: Session, job_id: str, reason: str) -> int:
+def fail_pending(session: Session, job_id: str, reason: str, kind: FailureKind) -> int:
     """Fail every batch of ``job_id`` that has not ended; returns the items failed."""
     total = 0
     for batch in pending_batches(session, job_id):
-        total += fail_batch(session, job_id, batch.batch_index, batch.item_ids, reason)[0]
+        total += fail_batch(session, job_id, batch.batch_index, batch.item_ids, reason, kind)[0]
     return total
 
 
-ALIVE = "alive:"
-"""Prefix of the leases that say a worker process is alive (``tasks.fleet`` renews them)."""
-
-
-def keep_alive(session: Session, process: str, ttl_s: float) -> None:
-    """Say that worker process ``process`` (``host[/machine]:pid``) is alive for ``ttl_s``
-    seconds. The lease's name is a digest (names are short); its holder is the process."""
-    name = ALIVE + hashlib.sha256(process.encode()).hexdigest()[:40]
-    take_lease(session, name, process, ttl_s)
-
-
-def machines(session: Session, forget_after_s: float) -> dict[str, bool]:
-    """Every machine (``host[/machine]``) a worker process has said it lives on, and whether
-    one still does. Leases expired more than ``forget_after_s`` ago are deleted first."""
-    now = datetime.now(UTC)
-    session.execute(
-        delete(Lease).where(
-            Lease.name.startswith(ALIVE),
-            Lease.expires_at < now - timedelta(seconds=forget_after_s),
-        )
-    )
-    alive: dict[str, bool] = {}
-    for holder, expires_at in session.execute(
-        select(Lease.holder, Lease.expires_at).where(Lease.name.startswith(ALIVE))
-    ):
-        machine = holder.rsplit(":", 1)[0]
-        alive[machine] = alive.get(machine, False) or as_utc(expires_at) >= now
-    return alive
-
-
-def claimed_batches(session: Session, older_than_s: float, limit: int = 500) -> Sequence[Batch]:
+def claimed_batches(
+    session: Session, older_than_s: float, limit: int = 500, now: datetime | None = None
+) -> Sequence[Batch]:
     """Pending batches a worker process has claimed, with no progress for ``older_than_s``."""
-    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+    cutoff = _cutoff(older_than_s, now)
     query = select(Batch).where(
         Batch.state == BatchState.SENT, Batch.worker.is_not(None), Batch.updated_at < cutoff
     )

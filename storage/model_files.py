@@ -6,7 +6,7 @@ hold different files under one model name can embed later batches with another f
 never recorded silently over the first, but added to the job's ``meta["other_model_sha256"]``
 (each file once), and the worker logs a warning. ``model_files`` lists them all, first first.
 
-Like ``repository``, functions take the session first and never commit. The lookup every batch
+Functions take the session first and never commit. The lookup every batch
 runs is one primary-key read; the job row is written only by the batch that meets a new file.
 """
 

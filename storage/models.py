@@ -83,12 +83,67 @@ class JobState(StrEnum):
     FAILED = "failed"
     PARTIALLY_FAILED = "partially_failed"
 
+    @property
+    def finished(self) -> bool:
+        """True once every item of the job is done or failed: its state no longer changes."""
+        return self in _FINISHED_JOB_STATES
+
+
+_FINISHED_JOB_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.PARTIALLY_FAILED})
+
 
 class BatchState(StrEnum):
     SENT = "sent"
     DONE = "done"
     FAILED = "failed"
     ABANDONED = "abandoned"
+
+
+class OpenAIBatchStatus(StrEnum):
+    """The phases of an OpenAI batch, as OpenAI names them (``OpenAIBatch.status``)."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """True once the batch has ended: nothing moves it on any more."""
+        return self in _FINAL_BATCH_STATUSES
+
+
+_FINAL_BATCH_STATUSES = frozenset(
+    {
+        OpenAIBatchStatus.COMPLETED,
+        OpenAIBatchStatus.FAILED,
+        OpenAIBatchStatus.EXPIRED,
+        OpenAIBatchStatus.CANCELLED,
+    }
+)
+
+
+class FailureKind(StrEnum):
+    """Why items failed, stored with each failed item and with a job's first error, so every
+    reader (the API's status code, the CLI's exit code, metrics) tells failures apart the same
+    way (``tasks.failures.classify`` decides it, once)."""
+
+    INPUT = "input"
+    """The texts or the message cannot be embedded as sent: the sender's to fix."""
+    MODEL = "model"
+    """The model is unknown here, cannot be prepared, or cannot run on this host."""
+    WORKER = "worker"
+    """The worker process died on the batch, or it ran past its time limit."""
+    UNAVAILABLE = "unavailable"
+    """The store, the broker or a model source stayed out of reach through every retry."""
+    LOST = "lost"
+    """Its message was lost more often than the retries allow."""
+    INTERNAL = "internal"
+    """Anything else: a bug."""
 
 
 class ModelState(StrEnum):
@@ -124,6 +179,11 @@ class Job(Base):
     tag: Mapped[str | None] = mapped_column(String(ID_LENGTH), index=True)
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     error: Mapped[str | None] = mapped_column(Text)
+    """The first reason an item failed."""
+    error_kind: Mapped[FailureKind | None] = mapped_column(
+        _state_column(FailureKind, "failure_kind")
+    )
+    """What kind of failure ``error`` is."""
     created_at: Mapped[datetime] = mapped_column(default=_now, server_default=func.now())
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -264,6 +324,8 @@ class FailedItem(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     item_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     reason: Mapped[str] = mapped_column(Text)
+    kind: Mapped[FailureKind | None] = mapped_column(_state_column(FailureKind, "failure_kind"))
+    """``None`` for items recorded before failures had kinds."""
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
@@ -296,7 +358,7 @@ class Backfill(Base):
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
 
 
-class ApiFile(Base):
+class OpenAIFile(Base):
     """A file uploaded through the API (``POST /v1/files``): its bytes live in the files folder
     (``EMBEDQ_FILES_DIR``) under its id, never in the database or in memory."""
 
@@ -311,7 +373,7 @@ class ApiFile(Base):
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
-class ApiBatch(Base):
+class OpenAIBatch(Base):
     """An OpenAI batch (``POST /v1/batches``): its input file, run as the backfill of the same
     name. ``status`` is the last phase reached; the request counts are read from the job until
     the batch ends, then kept here."""
@@ -324,6 +386,7 @@ class ApiBatch(Base):
     endpoint: Mapped[str] = mapped_column(String(64))
     completion_window: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(20), index=True)
+    """An ``OpenAIBatchStatus`` value."""
     model: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     """The model every request of the file names, known once the file is validated."""
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -345,7 +408,7 @@ class ApiBatch(Base):
     cancelled_at: Mapped[datetime | None]
 
 
-class ApiBatchRequest(Base):
+class OpenAIBatchRequest(Base):
     """One line of a batch's input file, as its validation found it: the request's custom id and
     how many texts it embeds, or why it is not a request the batch can run. Its texts are items
     of the batch's job named ``LLLLLLLL.I`` (line, index in ``input``), so the store can tell

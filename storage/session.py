@@ -185,3 +185,8 @@ def dispose_all() -> None:
     for engine in _engines.values():
         engine.dispose()
     _engines.clear()
+
+
+def ping(session: Session) -> None:
+    """One round trip to the store (raises when it cannot be reached)."""
+    session.execute(text("select 1"))

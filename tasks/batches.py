@@ -1,12 +1,16 @@
 """One batch of a job, run and recorded: the plain functions under the ``embed`` task
-(``tasks.embed``), which local mode also calls in the submitting process.
+(``tasks.embed``), which local mode also calls in the submitting process (``LocalPublisher``).
 
-``run_message`` parses a message, claims its batch in the ledger, embeds it and stores the
-vectors, statistics, the batch's end and the job's counts in one transaction (``embed_batch``);
-the (job, item) upsert makes a redelivered batch a no-op, and the claim skips a batch that
-already ended without running the model. A permanent failure (a malformed message, an unknown
-or broken model, bad input) is recorded with its reason (``fail_batch``, ``fail_raw``) and
+``run_message`` parses a message, claims its batch in the ledger, embeds it and stores what it
+made in one transaction (``embed_batch``, through ``storage.batch_results``); the (job, item)
+upsert makes a redelivered batch a no-op, and the claim skips a batch that already ended
+without running the model. A permanent failure (a malformed message, an unknown or broken
+model, bad input) is recorded with its reason and kind (``fail_batch``, ``fail_raw``) and
 returned; a transient one is raised for the task's retry policy.
+
+What a run needs from its process (the settings, the store, the engines, its name in the
+fleet's records) comes in a ``Runtime``: ``Runtime.of(settings)`` in a worker or in local
+mode, a runtime of their own in tests.
 """
 
 from __future__ import annotations
@@ -15,27 +19,46 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from enum import StrEnum
+from functools import partial
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import ledger, model_files, repository
-from storage.models import BatchState
-from storage.session import scope
-from tasks import completion, download
+from storage import batch_results, jobs, ledger
+from storage.models import FailureKind
+from storage.session import scope, sessions_for
+from tasks import completion, failures, names, preparation
 from tasks.completion import JobStatus
 from tasks.message import BatchMessage
 from worker import lifecycle, metrics
-from worker.engine import Embedder, Progress
-from worker.errors import InputError, ModelError, ModelNotFoundError, ProviderError
-from worker.settings import get_settings
-
-if TYPE_CHECKING:
-    pass
+from worker.engine import Embedder, Encoding, Progress
+from worker.errors import (
+    InputError,
+    ModelError,
+    ModelNotFoundError,
+    ProviderError,
+    TextsRefusedError,
+)
+from worker.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
+
+
+class Delivery(StrEnum):
+    """How one delivery of a batch ended."""
+
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    """It had ended before (a redelivery)."""
+    RETRYING = "retrying"
+    WAITING = "waiting"
+    """For its model, which its host is preparing."""
+    DROPPED = "dropped"
+    """A message without a job to record it in."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +67,7 @@ class Outcome:
 
     job_id: str | None
     batch: int | None
-    state: str
-    """``done``, ``failed``, ``skipped`` (it had ended before), ``retrying``, ``waiting``
-    (for its model) or ``dropped`` (a message without a job to record it in)."""
+    state: Delivery
     finished: bool = False
     """True when this delivery settled the job (its completion is then signalled)."""
     texts: int = 0
@@ -60,10 +81,36 @@ class Outcome:
 
     def summary(self) -> dict[str, object]:
         return {
-            key: value
+            key: str(value) if key == "state" else value
             for key, value in asdict(self).items()
             if value not in (None, "", 0) and key != "status"
         }
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What running a batch needs from its process."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    engines: Callable[[str], Embedder]
+    """The engine for a model name; raises ``ModelNotFoundError`` when this host lacks it."""
+    worker: str
+    """This process in the fleet's records (``host:pid``)."""
+    local: bool = False
+    """Local mode: a missing model is prepared in this process, not by a download task."""
+
+    @classmethod
+    def of(cls, settings: Settings, *, local: bool = False) -> Runtime:
+        """This process's runtime under ``settings``: its store and its engines, kept per
+        process (``worker.lifecycle``)."""
+        return cls(
+            settings,
+            sessions_for(settings.database_url),
+            partial(lifecycle.get_engine, settings=settings),
+            lifecycle.process_name(settings),
+            local,
+        )
 
 
 def embed_batch(
@@ -74,78 +121,74 @@ def embed_batch(
     provider: str,
     on_progress: Progress | None = None,
     model_sha256: str | None = None,
+    host: str | None = None,
 ) -> Outcome:
-    """Embed one batch and store vectors, statistics, the batch's end and the job's progress;
-    ``model_sha256`` (the ONNX file's, from its manifest) is recorded as the job's model file."""
+    """Embed one batch and store what it made (``storage.batch_results``): vectors, the texts
+    the model refused, statistics, the batch's end and the job's progress. ``model_sha256``
+    (the ONNX file's, from its manifest) is recorded as the job's model file; ``host`` is the
+    machine in the batch's statistics (default: this one)."""
     started = time.time()
     try:
-        result = engine.encode(message.texts, on_progress)
-    except InputError as exc:
-        return fail_batch(session, message, f"batch {message.batch_index}: {exc}")
+        result, refused = _encode(engine, message, on_progress)
+    except InputError as exc:  # nothing in the batch can be embedded
+        return fail_batch(
+            session, message, f"batch {message.batch_index}: {exc}", FailureKind.INPUT
+        )
+    kept = [i for i in range(len(message.texts)) if message.item_ids[i] not in refused]
     stats = result.stats
-    w0 = time.perf_counter()
     rows = [
         {
             "job_id": message.job_id,
-            "item_id": item_id,
-            "position": position,
-            "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "item_id": message.item_ids[i],
+            "position": message.positions[i],
+            "text_sha256": hashlib.sha256(message.texts[i].encode("utf-8")).hexdigest(),
             "dim": int(vector.shape[0]),
             "vector": vector.tobytes(),
             "token_count": tokens,
             "truncated": cut,
         }
-        for item_id, position, text, vector, tokens, cut in zip(
-            message.item_ids,
-            message.positions,
-            message.texts,
-            result.vectors,
-            result.token_counts,
-            result.truncated,
-            strict=True,
+        for i, vector, tokens, cut in zip(
+            kept, result.vectors, result.token_counts, result.truncated, strict=True
         )
     ]
-    stored = repository.upsert_embeddings(session, rows)
-    repository.cache_vectors(session, message.model, stored)
-    if model_sha256 is not None and stored:  # the vectors this delivery wrote
-        first = model_files.record_model_file(session, message.job_id, model_sha256)
-        if first is not None:
-            logger.warning(
-                "batch made by another model file: job=%s batch=%d file=%s job's file=%s",
-                message.job_id,
-                message.batch_index,
-                model_sha256,
-                first,
-                extra={"job": message.job_id, "batch": message.batch_index},
-            )
-    ledger.finish(session, message.job_id, message.batch_index, BatchState.DONE)
-    write_ms = (time.perf_counter() - w0) * 1000
     wait_ms = max(0.0, (started - message.enqueued_at) * 1000)
-    repository.upsert_batch_stat(
-        session,
-        {
-            "job_id": message.job_id,
-            "batch_index": message.batch_index,
-            "host": lifecycle.machine_host(),  # host_name, plus the container's own name
-            "pid": os.getpid(),
-            "provider": provider,
-            "precision": stats.precision,
-            "texts": stats.texts,
-            "tokens": stats.tokens,
-            "padded_tokens": stats.padded_tokens,
-            "queue_wait_ms": wait_ms,
-            "tokenize_ms": stats.tokenize_ms,
-            "inference_ms": stats.inference_ms,
-            "pool_ms": stats.pool_ms,
-            "write_ms": write_ms,
-            "total_ms": stats.total_ms + write_ms,
-        },
+    timing = {
+        "host": host or lifecycle.machine_host(),  # host_name, plus the container's own name
+        "pid": os.getpid(),
+        "provider": provider,
+        "precision": stats.precision,
+        "texts": stats.texts,
+        "tokens": stats.tokens,
+        "padded_tokens": stats.padded_tokens,
+        "queue_wait_ms": wait_ms,
+        "tokenize_ms": stats.tokenize_ms,
+        "inference_ms": stats.inference_ms,
+        "pool_ms": stats.pool_ms,
+    }
+    finished = batch_results.FinishedBatch(
+        job_id=message.job_id,
+        index=message.batch_index,
+        model=message.model,
+        model_sha256=model_sha256,
+        rows=rows,
+        timing=timing,
+        compute_ms=stats.total_ms,
+        refused=refused,
     )
-    settled = repository.settle_progress(
-        session, message.job_id, done=len(stored), failed=0, error=None
-    )
-    total_ms = stats.total_ms + write_ms
-    metrics.observe_batch(message.model, provider, stats, write_ms, wait_ms)
+    stored = batch_results.store_finished(session, finished)
+    if stored.other_model_file is not None:
+        logger.warning(
+            "batch made by another model file: job=%s batch=%d file=%s job's file=%s",
+            message.job_id,
+            message.batch_index,
+            model_sha256,
+            stored.other_model_file,
+            extra={"job": message.job_id, "batch": message.batch_index},
+        )
+    if stored.failed:
+        metrics.observe_failure(message.model, FailureKind.INPUT, stored.failed)
+    total_ms = stats.total_ms + stored.write_ms
+    metrics.observe_batch(message.model, provider, stats, stored.write_ms, wait_ms)
     logger.info(
         "batch done: job=%s batch=%d texts=%d tokens=%d padded=%d ms=%.1f provider=%s",
         message.job_id,
@@ -168,23 +211,39 @@ def embed_batch(
     return Outcome(
         message.job_id,
         message.batch_index,
-        "done",
-        finished=settled is not None,
-        status=None if settled is None else completion.status_of(settled),
+        Delivery.DONE,
+        finished=stored.status is not None,
+        status=None if stored.status is None else completion.status_of(stored.status),
         texts=stats.texts,
         tokens=stats.tokens,
         ms=round(total_ms, 1),
         provider=provider,
+        reason=next(iter(refused.values()), None),
     )
 
 
-def fail_batch(
-    session: Session, message: BatchMessage, reason: str, kind: str = "input"
-) -> Outcome:
-    """Record every item of the batch as failed for ``reason`` (once, however often the batch
-    is delivered), end the batch, and count the items in the job."""
+def _encode(
+    engine: Embedder, message: BatchMessage, on_progress: Progress | None
+) -> tuple[Encoding, dict[str, str]]:
+    """The batch's encoding, and the items whose text the model refused, with the reason: the
+    others are embedded without them. Raises ``InputError`` when nothing can be embedded."""
+    try:
+        return engine.encode(message.texts, on_progress), {}
+    except TextsRefusedError as exc:
+        refused = set(exc.indices)
+        if len(refused) == len(message.texts):
+            raise
+        reason = f"batch {message.batch_index}: {exc.reason}"
+        texts = [text for i, text in enumerate(message.texts) if i not in refused]
+        result = engine.encode(texts, on_progress)
+        return result, {message.item_ids[i]: reason for i in sorted(refused)}
+
+
+def fail_batch(session: Session, message: BatchMessage, reason: str, kind: FailureKind) -> Outcome:
+    """Record every item of the batch as failed for ``reason`` of ``kind`` (once, however
+    often the batch is delivered), end the batch, and count the items in the job."""
     failed, finished = ledger.fail_batch(
-        session, message.job_id, message.batch_index, message.item_ids, reason
+        session, message.job_id, message.batch_index, message.item_ids, reason, kind
     )
     metrics.observe_failure(message.model, kind, failed)
     logger.warning(
@@ -193,49 +252,57 @@ def fail_batch(
         message.batch_index,
         len(message.item_ids),
         reason,
-        extra={"job": message.job_id, "batch": message.batch_index, "kind": kind},
+        extra={"job": message.job_id, "batch": message.batch_index, "kind": str(kind)},
     )
-    return Outcome(message.job_id, message.batch_index, "failed", finished, reason=reason)
+    return Outcome(message.job_id, message.batch_index, Delivery.FAILED, finished, reason=reason)
 
 
 def run_message(
-    raw: object, *, local: bool = False, on_progress: Progress | None = None
+    raw: object, runtime: Runtime | None = None, on_progress: Progress | None = None
 ) -> Outcome:
-    """Parse ``raw``, claim its batch and run it with this process's engine and database.
+    """Parse ``raw``, claim its batch and run it with ``runtime`` (default: this process's).
 
     Permanent failures (a malformed message, an unknown or broken model, bad input) are recorded
     and returned; transient errors are raised for the caller's retry policy. A model missing on
-    this host is prepared from the catalog: in this process when ``local`` (local mode), else by
-    a download on this host's queue while ``ModelPendingError`` tells the caller to wait.
+    this host is prepared from the catalog: in this process in local mode, else by a download
+    on this host's queue while ``ModelPendingError`` tells the caller to wait.
     """
-    sessions = lifecycle.get_sessions()
+    runtime = runtime or Runtime.of(get_settings())
+    sessions = runtime.sessions
     try:
         message = BatchMessage.model_validate(raw)
     except ValidationError as exc:
-        return fail_raw(sessions, raw, f"malformed batch: {describe_errors(exc)}")
+        reason = f"malformed batch: {describe_errors(exc)}"
+        return fail_raw(sessions, raw, reason, FailureKind.INPUT)
     try:
-        engine = _engine_for(message, sessions, local)
+        engine = _engine_for(message, runtime)
     except (ModelError, ProviderError) as exc:
         with scope(sessions) as session:
-            return fail_batch(session, message, f"model {message.model}: {exc}", kind="model")
-    worker = lifecycle.process_name()
+            reason = f"model {message.model}: {exc}"
+            return fail_batch(session, message, reason, FailureKind.MODEL)
     with scope(sessions) as session:
-        claim = ledger.claim(session, message.job_id, message.batch_index, worker)
+        claim = ledger.claim(session, message.job_id, message.batch_index, runtime.worker)
         if not claim.job_exists:
             logger.error(
                 "dropped batch %d of job %s, which is not in the store",
                 message.batch_index,
                 message.job_id,
             )
-            return Outcome(message.job_id, message.batch_index, "dropped", reason="no such job")
+            return Outcome(
+                message.job_id, message.batch_index, Delivery.DROPPED, reason="no such job"
+            )
         if claim.state is None:  # an application's raw message: the ledger learns of it now
-            ledger.adopt(session, message.job_id, message.batch_index, message.item_ids, worker)
+            ledger.adopt(
+                session, message.job_id, message.batch_index, message.item_ids, runtime.worker
+            )
         elif not claim.claimed:
-            return Outcome(message.job_id, message.batch_index, "skipped", reason=claim.state)
+            return Outcome(
+                message.job_id, message.batch_index, Delivery.SKIPPED, reason=claim.state
+            )
     if claim.job_total is not None and max(message.positions) >= claim.job_total:
         reason = f"positions up to {max(message.positions)} in a job of {claim.job_total} items"
         with scope(sessions) as session:
-            return fail_batch(session, message, f"malformed batch: {reason}")
+            return fail_batch(session, message, f"malformed batch: {reason}", FailureKind.INPUT)
     with scope(sessions) as session:
         return embed_batch(
             session,
@@ -247,28 +314,30 @@ def run_message(
         )
 
 
-def _engine_for(message: BatchMessage, sessions: sessionmaker[Session], local: bool) -> Embedder:
-    settings = get_settings()
+def _engine_for(message: BatchMessage, runtime: Runtime) -> Embedder:
+    settings = runtime.settings
     try:
-        return lifecycle.get_engine(message.model)
+        return runtime.engines(message.model)
     except ModelNotFoundError:
-        if local:
-            download.prepare_here(message.model, sessions, settings)
-            return lifecycle.get_engine(message.model)
+        if runtime.local:
+            preparation.prepare_here(message.model, runtime.sessions, settings)
+            return runtime.engines(message.model)
         waited = time.time() - (message.model_wait_since or time.time())
         if waited > settings.download_time_limit + 60:
             raise ModelError(
                 f"model {message.model!r} was still not ready on"
                 f" {settings.host_name} after {waited:.0f}s"
             ) from None
-        download.request(message.model, sessions, settings)
+        preparation.request(message.model, runtime.sessions, settings)
         raise  # unreachable: request raises
     except ModelError as exc:  # present but unusable (corrupt, unreadable): this host says so
-        download.record_failed(message.model, str(exc))
+        preparation.record_failed(message.model, str(exc), runtime.sessions, settings)
         raise
 
 
-def fail_raw(sessions: sessionmaker[Session], raw: object, reason: str) -> Outcome:
+def fail_raw(
+    sessions: sessionmaker[Session], raw: object, reason: str, kind: FailureKind
+) -> Outcome:
     """Fail what a message that may not parse stands for: its batch when it names one the
     ledger (or its item ids) can tell, else the rest of its job; a message without a job id
     cannot be recorded anywhere and is dropped with a log line."""
@@ -276,26 +345,28 @@ def fail_raw(sessions: sessionmaker[Session], raw: object, reason: str) -> Outco
     job_id, index = fields.get("job_id"), fields.get("batch_index")
     if not (isinstance(job_id, str) and 0 < len(job_id) <= 36 and "\x00" not in job_id):
         logger.error("dropped a batch message without a usable job id: %s", reason)
-        return Outcome(None, None, "dropped", reason=reason)
+        return Outcome(None, None, Delivery.DROPPED, reason=reason)
     try:
         message = BatchMessage.model_validate(raw)
     except ValidationError:
         message = None
     with scope(sessions) as session:
-        if repository.get_job(session, job_id) is None:
+        if jobs.get_job(session, job_id) is None:
             logger.error("dropped a batch of job %s, which is not in the store: %s", job_id, reason)
-            return Outcome(job_id, None, "dropped", reason=reason)
+            return Outcome(job_id, None, Delivery.DROPPED, reason=reason)
         if message is not None:
-            return fail_batch(session, message, reason)
+            return fail_batch(session, message, reason, kind)
         if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
             found = ledger.get_batch(session, job_id, index)
             if found is not None:
-                _, finished = ledger.fail_batch(session, job_id, index, found.item_ids, reason)
-                return Outcome(job_id, index, "failed", finished, reason=reason)
+                _, finished = ledger.fail_batch(
+                    session, job_id, index, found.item_ids, reason, kind
+                )
+                return Outcome(job_id, index, Delivery.FAILED, finished, reason=reason)
         # Which items it carried cannot be told: the job cannot complete, so it ends here.
-        ledger.fail_pending(session, job_id, reason)
-        finished = repository.fail_rest(session, job_id, reason)
-        return Outcome(job_id, None, "failed", finished, reason=reason)
+        ledger.fail_pending(session, job_id, reason, kind)
+        finished = jobs.fail_rest(session, job_id, reason, kind)
+        return Outcome(job_id, None, Delivery.FAILED, finished, reason=reason)
 
 
 def describe_errors(exc: ValidationError) -> str:
@@ -306,3 +377,23 @@ def describe_errors(exc: ValidationError) -> str:
         parts.append(f"{where}: {error['msg']}")
     more = len(exc.errors()) - 5
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+class LocalPublisher:
+    """Local mode (no broker configured): each batch runs in this process as it is published,
+    with the same code a worker runs; no retries, so a batch that raises ends failed with the
+    reason."""
+
+    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        """Default: this process's, under ``settings``."""
+
+    def publish(self, messages: Sequence[BatchMessage], queue: names.Queue | str) -> None:
+        runtime = self.runtime or Runtime.of(self.settings, local=True)
+        for message in messages:
+            raw = message.body()
+            try:
+                run_message(raw, runtime)
+            except Exception as exc:  # no retries in local mode: the batch ends with the reason
+                fail_raw(runtime.sessions, raw, failures.describe(exc), failures.classify(exc))

@@ -44,6 +44,9 @@ class JobStatus(TypedDict):
     done: int
     failed: int
     error: str | None
+    """The first reason an item failed."""
+    error_kind: str | None
+    """A ``storage.models.FailureKind`` value: what kind of failure ``error`` is."""
 
 
 def _client(url: str) -> redis.Redis | None:
@@ -56,7 +59,7 @@ def _client(url: str) -> redis.Redis | None:
 
 
 def status_of(row: Row[*tuple[Any, ...]]) -> JobStatus:
-    """The status ``JobHandle.status`` returns, from a ``repository.job_status`` row."""
+    """The status ``JobHandle.status`` returns, from a ``storage.jobs.job_status`` row."""
     return {
         "id": row.id,
         "state": str(row.state),
@@ -65,6 +68,7 @@ def status_of(row: Row[*tuple[Any, ...]]) -> JobStatus:
         "done": row.done_items,
         "failed": row.failed_items,
         "error": row.error,
+        "error_kind": None if row.error_kind is None else str(row.error_kind),
     }
 
 

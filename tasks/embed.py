@@ -1,17 +1,17 @@
 """The ``embed`` task: one queue message is one batch of one job.
 
 The task is a thin shell over ``tasks.batches.run_message``, which parses the message, claims
-the batch in the ledger, embeds it and stores vectors, statistics, the batch's end and the
-job's counts in one transaction; the (job, item) upsert makes a redelivered batch a no-op, and
-the claim skips a batch that already ended without running the model.
+the batch in the ledger, embeds it and stores what it made in one transaction; the (job, item)
+upsert makes a redelivered batch a no-op, and the claim skips a batch that already ended
+without running the model.
 
-Every way out of the task is a recorded outcome (see ``tasks.retry`` for the classes):
+Every way out of the task is a recorded outcome (``tasks.failures`` decides which):
 - done, or failed with a reason for a permanent error (the items are recorded failed at once);
 - sent again with backoff for a transient error, at most ``EMBEDQ_TRANSIENT_RETRIES`` times,
   then failed with the last reason;
 - sent again later while its host prepares the batch's model;
 - a pool process that dies on the batch: Celery sends it again up to ``EMBEDQ_MAX_RETRIES``
-  times, then the worker's parent fails it (``tasks.fleet``);
+  times, then the worker's parent fails it (``tasks.fleet.step``);
 - whatever could not be recorded (the store down for good, the broker down while sending
   again) stays pending in the ledger, where the reconciler finds it.
 """
@@ -27,11 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage import ledger
 from storage.session import scope
-from tasks import batches, completion, names, retry
-from tasks.batches import Outcome
-from tasks.download import ModelPendingError
-from tasks.message import task_id
-from worker import lifecycle
+from tasks import batches, completion, failures, names, publishing
+from tasks.batches import Delivery, Outcome, Runtime
+from tasks.preparation import ModelPendingError
 from worker.app import app
 from worker.engine import Progress
 from worker.settings import get_settings
@@ -51,45 +49,45 @@ class EmbedTask(Task):  # type: ignore[misc]
 @app.task(name=names.EMBED, base=EmbedTask, bind=True, ignore_result=True, default_retry_delay=1)  # type: ignore[untyped-decorator]
 def embed(self: Any, raw: dict[str, Any]) -> dict[str, Any]:
     """Embed one batch of a job (see ``tasks.message.BatchMessage``) and store the vectors."""
-    settings = get_settings()
+    runtime = Runtime.of(get_settings())
     try:
-        outcome = batches.run_message(raw, on_progress=_progress_events(self))
+        outcome = batches.run_message(raw, runtime, on_progress=_progress_events(self))
     except ModelPendingError as pending:
         # Sent again under the same task id with a countdown; this message is acknowledged
         # when the task returns, so the batch always has a message. The lost-worker retries
         # are carried over unspent.
         since = raw.get("model_wait_since") or time.time()
-        _send_again(self, {**raw, "model_wait_since": since}, settings.model_wait_interval)
-        _note(lifecycle.get_sessions(), raw, str(pending))  # alive, not overdue
+        wait = runtime.settings.model_wait_interval
+        _send_again(self, {**raw, "model_wait_since": since}, wait)
+        _note(runtime.sessions, raw, str(pending))  # alive, not overdue
         return {"job_id": raw.get("job_id"), "waiting_for_model": pending.name}
     except Exception as exc:  # every other way out is recorded: see the module's docstring
-        return after_error(self, raw, exc).summary()
+        return after_error(self, raw, exc, runtime).summary()
     if outcome.finished:  # committed: wake whoever waits for this job
-        completion.signal(settings.celery_broker(), str(outcome.job_id), outcome.status)
+        completion.signal(runtime.settings.celery_broker(), str(outcome.job_id), outcome.status)
     return outcome.summary()
 
 
-def after_error(task: Any, raw: dict[str, Any], exc: Exception) -> Outcome:
+def after_error(task: Any, raw: dict[str, Any], exc: Exception, runtime: Runtime) -> Outcome:
     """Send the batch again after a transient error (bounded, with backoff), or fail it with
-    the reason; what cannot be recorded is left pending for the reconciler."""
-    settings = get_settings()
-    sessions = lifecycle.get_sessions()
-    reason = retry.describe(exc)
+    the reason and its kind; what cannot be recorded is left pending for the reconciler."""
+    settings = runtime.settings
+    reason = failures.describe(exc)
     counted = raw.get("tries")
     tries = counted if isinstance(counted, int) else 0
     job_id, index = raw.get("job_id"), raw.get("batch_index")
-    transient = retry.is_transient(exc)
+    transient = failures.is_transient(exc)
     if not transient:
         logger.error("batch %s/%s failed: %s", job_id, index, reason, exc_info=exc)
     if transient and tries < settings.transient_retries:
-        countdown = retry.backoff(tries, settings)
+        countdown = failures.backoff(tries, settings)
         try:
             _send_again(task, {**raw, "tries": tries + 1}, countdown)
         except Exception as send_exc:  # the broker is gone too
-            note = f"{reason}; could not be sent again ({retry.describe(send_exc)})"
+            note = f"{reason}; could not be sent again ({failures.describe(send_exc)})"
             logger.warning("batch %s/%s: %s: left for the reconciler", job_id, index, note)
-            _note(sessions, raw, note)
-            return Outcome(job_id, index, "retrying", reason=note)
+            _note(runtime.sessions, raw, note)
+            return Outcome(job_id, index, Delivery.RETRYING, reason=note)
         logger.warning(
             "batch %s/%s try %d failed (%s); trying again in %.1fs",
             job_id,
@@ -98,31 +96,31 @@ def after_error(task: Any, raw: dict[str, Any], exc: Exception) -> Outcome:
             reason,
             countdown,
         )
-        _note(sessions, raw, f"try {tries + 1}: {reason}")
-        return Outcome(job_id, index, "retrying", reason=reason)
+        _note(runtime.sessions, raw, f"try {tries + 1}: {reason}")
+        return Outcome(job_id, index, Delivery.RETRYING, reason=reason)
     final = f"gave up after {tries + 1} tries: {reason}" if transient else reason
     try:
-        return batches.fail_raw(sessions, raw, final)
+        return batches.fail_raw(runtime.sessions, raw, final, failures.classify(exc))
     except Exception as record_exc:  # the store is down for good: the ledger still says sent
         logger.error(
             "batch %s/%s could not be recorded failed (%s); left for the reconciler",
             job_id,
             index,
-            retry.describe(record_exc),
+            failures.describe(record_exc),
         )
-        return Outcome(job_id, index, "retrying", reason=final)
+        return Outcome(job_id, index, Delivery.RETRYING, reason=final)
 
 
 def _send_again(task: Any, raw: dict[str, Any], countdown: float) -> None:
+    """This message again, under the task id it came with, to the queue it came from."""
     delivery = task.request.delivery_info or {}
-    job_id, index = raw.get("job_id"), raw.get("batch_index")
-    task.apply_async(
-        args=[raw],
+    publishing.send(
+        task.app,
+        raw,
+        delivery.get("routing_key") or names.Queue.INTERACTIVE,
         countdown=countdown,
-        queue=delivery.get("routing_key") or names.Queue.INTERACTIVE,
-        task_id=task.request.id or task_id(str(job_id), int(index or 0)),
         retries=task.request.retries,
-        argsrepr=f"job={job_id} batch={index} model={raw.get('model')}",
+        sent_as=task.request.id,
     )
 
 

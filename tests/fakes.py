@@ -1,6 +1,7 @@
-"""A deterministic fake engine for tests that need the task logic, not the model.
+"""Fakes for tests that need the task logic, not the model or the broker: a deterministic fake
+engine, and publishers that keep or run what they are given.
 
-It keeps the real engine's contract (``tests/integration/test_engine_contract.py`` runs the same
+The fake engine keeps the real engine's contract (``tests/integration/test_engine_contract.py`` runs the same
 checks on both): unit float32 vectors in input order, the same vector for the same text whatever
 its neighbours, the validation errors, per-text token counts and truncation at ``max_tokens``,
 progress after each micro-batch, and statistics that add up.
@@ -9,17 +10,25 @@ progress after each micro-batch, and statistics that add up.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
 
-from worker.engine import EncodeStats, Encoding, Progress
+from storage.session import sessions_for
+from tasks.batches import Outcome, Runtime, run_message
+from tasks.message import BatchMessage
+from worker.engine import NOTHING_READ, EncodeStats, Encoding, Progress
+from worker.errors import TextsRefusedError
+from worker.settings import Settings
 from worker.validation import validate
 
 
 class FakeEngine:
     """Vectors from a hash of each text: equal texts give equal unit vectors. A text "has" a
-    token per word plus two special tokens, cut at ``max_tokens``."""
+    token per word plus two special tokens, cut at ``max_tokens``; a text of nothing but
+    characters a BERT tokenizer removes (control, format, whitespace, combining marks) has no
+    token of its own, and is refused as the real engine refuses it."""
 
     provider = "FakeProvider"
     precision = "fp32"
@@ -37,6 +46,9 @@ class FakeEngine:
 
     def encode(self, texts: Sequence[object], on_progress: Progress | None = None) -> Encoding:
         clean = validate(texts, 1024)
+        unread = tuple(i for i, text in enumerate(clean) if not _read(text))
+        if unread:
+            raise TextsRefusedError(unread, NOTHING_READ)
         rows = []
         for done, text in enumerate(clean, start=1):
             seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
@@ -60,3 +72,48 @@ class FakeEngine:
             precision=self.precision,
         )
         return Encoding(np.stack(rows), stats, token_counts=tokens, truncated=truncated)
+
+
+def _read(text: str) -> bool:
+    """Whether a BERT tokenizer keeps any character of ``text``."""
+    return any(
+        unicodedata.category(c)[0] not in "CZ" and unicodedata.category(c) != "Mn" for c in text
+    )
+
+
+class RecordingPublisher:
+    """A broker that keeps what it is given: the messages, and the queue of each."""
+
+    def __init__(self) -> None:
+        self.sent: list[BatchMessage] = []
+        self.queues: list[str] = []
+
+    def publish(self, messages: Sequence[BatchMessage], queue: str) -> None:
+        self.sent.extend(messages)
+        self.queues.extend(str(queue) for _ in messages)
+
+
+def fake_runtime(settings: Settings, engine: FakeEngine | None = None) -> Runtime:
+    """A worker's runtime on the store ``settings`` name, with the fake engine for every
+    model (``Runtime.engines``)."""
+    model = engine or FakeEngine()
+    return Runtime(
+        settings,
+        sessions_for(settings.database_url),
+        lambda name: model,
+        worker="test-host:1",
+        local=True,
+    )
+
+
+class InlinePublisher:
+    """The broker and a worker in one: each batch runs as it is published, with the worker's
+    own code (``tasks.batches.run_message``) and the fake engine."""
+
+    def __init__(self, settings: Settings, engine: FakeEngine | None = None) -> None:
+        self.runtime = fake_runtime(settings, engine)
+        self.outcomes: list[Outcome] = []
+
+    def publish(self, messages: Sequence[BatchMessage], queue: str) -> None:
+        for message in messages:
+            self.outcomes.append(run_message(message.body(), self.runtime))

@@ -103,7 +103,7 @@ def connect_signals(**_: Any) -> None:
 
 
 celeryd_init.connect(connect_signals, weak=False)
-app.steps["worker"].add("tasks.fleet:FleetStep")
+app.steps["worker"].add("tasks.fleet.step:FleetStep")
 
 
 def embedq_config(state: Any, **_: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from tokenizers import Encoding as TokenEncoding
 from tokenizers import Tokenizer
 
 from worker import batching, pooling, runtimes
-from worker.errors import ModelError
+from worker.errors import ModelError, TextsRefusedError
 from worker.manifest import TOKENIZER_FILE, Manifest, verify_onnx
 from worker.settings import Settings
 from worker.validation import validate
@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 # to tokenise than a few pages.
 CHARS_PER_TOKEN = 250
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+NOTHING_READ = (
+    "the model reads nothing in this text: its tokenizer keeps none of its characters (only"
+    " characters it removes, such as zero-width or control characters)"
+)
+"""Why a text is refused whose tokens are all the tokenizer's own (``[CLS] [SEP]``): like an
+empty text, it has nothing to embed."""
 Feeds = runtimes.Feeds
 
 
@@ -184,7 +190,7 @@ class Engine:
 
     def encode(self, texts: Sequence[object], on_progress: Progress | None = None) -> Encoding:
         """Vectors for ``texts`` in input order; raises ``InputError`` before any work if the
-        batch is unusable."""
+        batch is unusable, ``TextsRefusedError`` naming the texts the model reads nothing in."""
         t0 = time.perf_counter()
         clean = validate(texts, self._max_items)
         behaviour = self.manifest.behaviour
@@ -194,6 +200,9 @@ class Engine:
             bool(enc.overflowing) or len(text) > limit
             for text, enc in zip(clean, encodings, strict=True)
         )
+        unread = tuple(i for i, enc in enumerate(encodings) if all(enc.special_tokens_mask))
+        if unread:
+            raise TextsRefusedError(unread, NOTHING_READ)
         lengths = [len(enc.ids) for enc in encodings]
         plan = batching.plan(lengths, max_items=self._micro_items, max_tokens=self._micro_tokens)
         t1 = time.perf_counter()

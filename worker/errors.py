@@ -20,6 +20,21 @@ class InputError(EmbedqError):
     """Raised when the texts handed to the engine cannot be embedded (empty, not text, too many)."""
 
 
+class TextsRefusedError(InputError):
+    """Raised when the model reads nothing in some of the texts: its tokenizer leaves none of
+    their own tokens (only characters it removes, such as zero-width or control characters, or
+    accents an uncased model strips). ``indices`` names those texts, so a caller can still
+    embed the others; ``reason`` says why, for each of them."""
+
+    def __init__(self, indices: tuple[int, ...], reason: str) -> None:
+        shown = ", ".join(map(str, indices[:5])) + (
+            f" and {len(indices) - 5} more" if len(indices) > 5 else ""
+        )
+        super().__init__(f"texts at index {shown}: {reason}")
+        self.indices = indices
+        self.reason = reason
+
+
 class ModelError(EmbedqError):
     """Raised when a model cannot be prepared or loaded; retrying the same request will not help."""
 

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import current_process_index
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # onnxruntime loads with the engine, in pool processes, not a
 logger = logging.getLogger(__name__)
 
 _pid = 0
-_engines: dict[str, Engine] = {}
+_engines: dict[tuple[Path, str], Engine] = {}
 
 
 def machine_host(settings: Settings | None = None) -> str:
@@ -68,23 +69,25 @@ def this_device() -> int | None:
     return device_for(get_settings(), current_process_index(base=0))
 
 
-def get_engine(model: str) -> Engine:
-    """This process's engine for ``model``, loaded on first use and kept."""
+def get_engine(model: str, settings: Settings | None = None) -> Engine:
+    """This process's engine for ``model`` in the model store ``settings`` name (default:
+    ``get_settings()``), loaded on first use and kept."""
     # onnxruntime and tokenizers: loaded in a worker's pool process, never by a producer
     from worker.engine import Engine
     from worker.model_store import ModelStore
 
     _own_process()
-    if model not in _engines:
-        settings = get_settings()
+    settings = settings or get_settings()
+    key = (settings.model_dir, model)
+    if key not in _engines:
         store = ModelStore(settings.model_dir)
         store.get(model)  # ModelNotFoundError, with how to pull it, before anything loads
         started = time.perf_counter()
         engine = Engine.load(store.path(model), settings, this_device())
         seconds = time.perf_counter() - started
         metrics.observe_load(model, engine.provider, this_device(), seconds, str(engine.precision))
-        _engines[model] = engine
-    return _engines[model]
+        _engines[key] = engine
+    return _engines[key]
 
 
 def get_sessions() -> sessionmaker[Session]:

@@ -17,9 +17,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from tasks import producer
-from tasks.api import batches, catalog, embeddings, errors, files, jobs
+from tasks.api import catalog, embeddings, errors, files, jobs, openai_batches
 from tasks.api.auth import RateLimiter, async_broker_client, broker_client
 from tasks.api.limits import BodyCap
+from tasks.publishing import Publisher
 from worker.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -29,9 +30,16 @@ logger = logging.getLogger(__name__)
 MULTIPART_SLACK = 1024**2
 
 
-def create_app(settings: Settings | None = None, *, require_auth: bool = True) -> FastAPI:
-    """The API app. ``settings`` default to ``get_settings()``; ``require_auth=False`` is
-    ``serve --insecure-no-auth`` (every request is ``anonymous``, with no rate limit)."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    require_auth: bool = True,
+    publisher: Publisher | None = None,
+) -> FastAPI:
+    """The API app, working under ``settings`` (default: ``get_settings()``): the store, the
+    broker and the limits they name. ``require_auth=False`` is ``serve --insecure-no-auth``
+    (every request is ``anonymous``, with no rate limit). Jobs' batches go to ``publisher``
+    (default: the settings' broker; tests hand in their own)."""
     settings = settings or get_settings()
     client = broker_client(settings)
     limiter = RateLimiter(settings.api_rate_limit, async_broker_client(settings))
@@ -39,7 +47,7 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            await asyncio.to_thread(batches.resume_unfinished, settings)
+            await asyncio.to_thread(openai_batches.resume_unfinished, settings)
         except Exception:  # the store is away: the first batch request resumes them instead
             logger.warning("could not resume unfinished batches at startup", exc_info=True)
         yield
@@ -55,6 +63,7 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.publisher = publisher
     app.state.require_auth = require_auth
     app.state.redis = client
     app.state.limiter = limiter
@@ -69,5 +78,5 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
     app.include_router(embeddings.router)
     app.include_router(jobs.router)
     app.include_router(files.router)
-    app.include_router(batches.router)
+    app.include_router(openai_batches.router)
     return app

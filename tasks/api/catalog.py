@@ -27,9 +27,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 
-from storage import repository
+from storage import model_catalog
 from storage.models import ModelState, as_utc
-from storage.session import scope, sessions_for
+from storage.session import ping, scope, sessions_for
 from tasks.api.auth import require_key
 from tasks.api.errors import ApiError
 from worker.settings import Settings
@@ -75,11 +75,11 @@ def known_models(settings: Settings) -> dict[str, ModelInfo]:
     """Every model a job may name, by name: ready or preparing on a host, or registered."""
     found: dict[str, ModelInfo] = {}
     with scope(sessions_for(settings.database_url)) as session:
-        for source in repository.list_sources(session):
+        for source in model_catalog.list_sources(session):
             found[source.name] = ModelInfo(
                 source.name, as_utc(source.registered_at), source=source.source
             )
-        for row in repository.list_prepared(session):
+        for row in model_catalog.list_prepared(session):
             if row.state == ModelState.FAILED:
                 continue
             info = found.setdefault(row.name, ModelInfo(row.name, as_utc(row.updated_at)))
@@ -171,7 +171,7 @@ def health(request: Request) -> JSONResponse:
     checks = {"store": "ok", "broker": "ok" if settings.broker_url else "none (local mode)"}
     try:
         with scope(sessions_for(settings.database_url)) as session:
-            repository.ping(session)
+            ping(session)
     except SQLAlchemyError as exc:
         checks["store"] = f"unreachable ({type(exc).__name__})"
     client: redis.Redis | None = request.app.state.redis

@@ -13,25 +13,25 @@ the HTTP layer's (``bench/api.py`` reports it).
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from typing import Annotated, Literal
 
-import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, Field
 from starlette.concurrency import run_in_threadpool
 
-from storage import repository
-from storage.models import JobState
+from storage import embeddings
+from storage.models import FailureKind, JobState
 from storage.session import scope, sessions_for
 from tasks import names, producer
 from tasks.api import catalog
 from tasks.api.auth import require_key
 from tasks.api.errors import ApiError
 from tasks.completion import JobStatus
+from tasks.openai_batch.shapes import embeddings_body
+from tasks.publishing import Publisher
 from worker.settings import Settings
 
 router = APIRouter(tags=["embeddings"])
@@ -86,13 +86,13 @@ class EmbeddingResponse(BaseModel):
 
 
 def failure(status: JobStatus) -> ApiError:
-    """The error a failed (or partly failed) job answers: 400 for input the engine refused,
-    500 for anything else, with the job's first recorded reason."""
+    """The error a failed (or partly failed) job answers: 400 when the failure is the input's
+    (a text the model refused), 500 for anything else, with the job's first recorded reason."""
     reason = status["error"] or "no reason recorded"
     words = f"job {status['id']} {status['state']}: {status['failed']} of {status['total']}"
     message = f"{words} texts failed: {reason}"
     headers = {JOB_HEADER: status["id"]}
-    if reason.startswith("InputError"):
+    if status["error_kind"] == FailureKind.INPUT:
         return ApiError(400, message, code="invalid_input", param="input", headers=headers)
     return ApiError(500, message, "server_error", code="job_failed", headers=headers)
 
@@ -116,11 +116,15 @@ async def create_embeddings(
     # The key was checked on the loop; what blocks (the store, the broker, the wait) runs in
     # one trip through the thread pool.
     state = request.app.state
-    return await run_in_threadpool(embed, body, key, state.settings, state.models)
+    return await run_in_threadpool(embed, body, key, state.settings, state.models, state.publisher)
 
 
 def embed(
-    body: EmbeddingRequest, key: str, settings: Settings, models: catalog.ModelCache
+    body: EmbeddingRequest,
+    key: str,
+    settings: Settings,
+    models: catalog.ModelCache,
+    publisher: Publisher | None = None,
 ) -> Response:
     """The blocking part of ``POST /v1/embeddings``: submit, wait, read the vectors."""
     timing = Timing()
@@ -128,7 +132,12 @@ def embed(
     check_dimensions(body.dimensions, info.dim, body.model)
     given = [body.input] if isinstance(body.input, str) else body.input
     handle = producer.submit(
-        given, model=body.model, queue=names.Queue.INTERACTIVE, tag=f"api:{key}"
+        given,
+        model=body.model,
+        queue=names.Queue.INTERACTIVE,
+        tag=f"api:{key}",
+        settings=settings,
+        publisher=publisher,
     )
     timing.mark("submit")
     try:
@@ -146,30 +155,12 @@ def embed(
     if status["state"] != JobState.SUCCEEDED:
         raise failure(status)
     with scope(sessions_for(settings.database_url)) as session:
-        rows = repository.vectors_with_tokens(session, handle.id)
+        rows = embeddings.vectors_with_tokens(session, handle.id)
     timing.mark("read")
-    vectors = [np.frombuffer(row.vector, dtype="<f4") for row in rows]
-    if vectors:
-        check_dimensions(body.dimensions, len(vectors[0]), body.model)
-    tokens = sum(int(row.token_count) for row in rows)
-    data = [
-        {
-            "object": "embedding",
-            "index": index,
-            "embedding": (
-                base64.b64encode(vector.tobytes()).decode("ascii")
-                if body.encoding_format == "base64"
-                else vector.tolist()
-            ),
-        }
-        for index, vector in enumerate(vectors)
-    ]
-    answer = {
-        "object": "list",
-        "data": data,
-        "model": body.model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+    if rows:
+        check_dimensions(body.dimensions, len(rows[0].vector) // 4, body.model)
+    vectors = [(bytes(row.vector), int(row.token_count)) for row in rows]
+    answer = embeddings_body(body.model, vectors, body.encoding_format == "base64")
     # Built by hand: validating a million floats against the model would cost more than the
     # job; the response model documents the shape.
     content = json.dumps(answer)

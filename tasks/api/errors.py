@@ -18,7 +18,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
-from worker.errors import InputError, UnavailableError
+from storage.models import FailureKind
+from tasks import failures
+from worker.errors import EmbedqError
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +114,19 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return respond(ApiError(422, message, param=param))
 
 
-def _input_error(request: Request, exc: Exception) -> JSONResponse:
-    """Input the producer refused before storing anything (an empty text, a bad name)."""
-    return respond(ApiError(400, str(exc), code="invalid_input"))
+def _failure(request: Request, exc: Exception) -> JSONResponse:
+    """One of embedq's errors, or the store out of reach, answered by its kind
+    (``tasks.failures.classify``): input the producer refused before storing anything (an empty
+    text, a bad name) is a 400, a service out of reach a 503, anything else a 500."""
+    kind = failures.classify(exc)
+    if kind == FailureKind.INPUT:
+        return respond(ApiError(400, str(exc), code="invalid_input"))
+    if kind == FailureKind.UNAVAILABLE:
+        return _unavailable(exc)
+    return _internal(request, exc)
 
 
-def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+def _unavailable(exc: Exception) -> JSONResponse:
     # SQLAlchemy's text can hold the URL and the driver's words: the client is told which
     # service is down; the log keeps the exception's type. (embedq's own UnavailableError
     # messages show URLs redacted already.)
@@ -141,6 +150,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(InputError, _input_error)
-    app.add_exception_handler(UnavailableError, _unavailable)
-    app.add_exception_handler(OperationalError, _unavailable)
+    app.add_exception_handler(EmbedqError, _failure)
+    app.add_exception_handler(OperationalError, _failure)

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 
-from storage import api_files
-from storage.models import ApiBatch, ApiFile
+from storage import openai_batches, openai_files
+from storage.models import OpenAIBatch, OpenAIFile
 from storage.session import scope, sessions_for
 from tasks.api.auth import require_key
 from tasks.api.errors import ApiError
@@ -37,19 +37,19 @@ def _missing(file_id: str) -> ApiError:
     return ApiError(404, f"no such file: {file_id}", code="file_not_found", param="file_id")
 
 
-def find_file(settings: Settings, file_id: str, owner: str) -> ApiFile:
+def find_file(settings: Settings, file_id: str, owner: str) -> OpenAIFile:
     """The uploaded file ``file_id`` of ``owner``, or 404."""
     with scope(sessions_for(settings.database_url)) as session:
-        found = api_files.get_file(session, file_id, owner)
+        found = openai_files.get_file(session, file_id, owner)
     if found is None:
         raise _missing(file_id)
     return found
 
 
-def _output_batch(settings: Settings, out: shapes.OutputFile, owner: str) -> ApiBatch:
+def _output_batch(settings: Settings, out: shapes.OutputFile, owner: str) -> OpenAIBatch:
     """The ended batch whose output (or error) file ``out`` is, or 404."""
     with scope(sessions_for(settings.database_url)) as session:
-        batch = api_files.get_batch(session, out.batch_id, owner)
+        batch = openai_batches.get_batch(session, out.batch_id, owner)
     if batch is None or out.id not in (batch.output_file_id, batch.error_file_id):
         raise _missing(out.id)
     return batch
@@ -72,9 +72,9 @@ def upload_file(
     except uploads.TooLarge as exc:
         raise ApiError(413, str(exc), code="file_too_large", param="file") from None
     name = (file.filename or "upload.jsonl")[:255]
-    row = ApiFile(id=file_id, owner=key, filename=name, purpose=purpose, bytes=size)
+    row = OpenAIFile(id=file_id, owner=key, filename=name, purpose=purpose, bytes=size)
     with scope(sessions_for(settings.database_url)) as session:
-        api_files.add_file(session, row)
+        openai_files.add_file(session, row)
     return shapes.file_object(row)
 
 
@@ -88,7 +88,7 @@ def list_files(
     """This key's uploaded files, the newest first."""
     settings = _settings(request)
     with scope(sessions_for(settings.database_url)) as session:
-        found = api_files.list_files(session, key, purpose, max(1, min(limit, 10_000)))
+        found = openai_files.list_files(session, key, purpose, max(1, min(limit, 10_000)))
     data = [shapes.file_object(file) for file in found]
     return {"object": "list", "data": data, "has_more": False}
 
@@ -133,10 +133,10 @@ def delete_file(request: Request, file_id: str, key: str = Depends(require_key))
     if shapes.OutputFile.parse(file_id) is not None:
         raise ApiError(400, "a batch's output file goes with its batch", param="file_id")
     with scope(sessions_for(settings.database_url)) as session:
-        if api_files.get_file(session, file_id, key) is None:
+        if openai_files.get_file(session, file_id, key) is None:
             raise _missing(file_id)
-        if api_files.file_in_use(session, file_id):
+        if openai_files.file_in_use(session, file_id):
             raise ApiError(409, f"file {file_id} is the input of a batch", param="file_id")
-        api_files.delete_file(session, file_id)
+        openai_files.delete_file(session, file_id)
     uploads.remove(settings.files_dir, file_id)
     return {"id": file_id, "object": "file", "deleted": True}

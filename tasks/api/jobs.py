@@ -6,21 +6,17 @@ job costs the memory of one page.
 
 from __future__ import annotations
 
-import io
-import json
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Literal
 
-import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from storage import repository, vectors
+from storage import embeddings, jobs
 from storage.models import Job, JobState, as_utc
 from storage.session import scope, sessions_for
-from tasks import names, producer
+from tasks import names, producer, vector_files
 from tasks.api import catalog
 from tasks.api.auth import require_key
 from tasks.api.embeddings import Input
@@ -28,8 +24,6 @@ from tasks.api.errors import ApiError
 from worker.settings import Settings
 
 router = APIRouter(tags=["jobs"])
-PAGE = 1000
-FINISHED = {JobState.SUCCEEDED, JobState.FAILED, JobState.PARTIALLY_FAILED}
 
 
 class JobRequest(BaseModel):
@@ -82,7 +76,7 @@ def _out(job: Job) -> JobOut:
 
 def _job(settings: Settings, job_id: str) -> JobOut:
     with scope(sessions_for(settings.database_url)) as session:
-        job = repository.get_job(session, job_id)
+        job = jobs.get_job(session, job_id)
         if job is None:
             raise ApiError(404, f"no job {job_id!r}", code="job_not_found")
         return _out(job)
@@ -102,6 +96,8 @@ def create_job(body: JobRequest, request: Request, key: str = Depends(require_ke
         ids=body.ids,
         queue=names.Queue(body.queue),
         tag=body.tag or f"api:{key}",
+        settings=settings,
+        publisher=request.app.state.publisher,
     )
     return _job(settings, handle.id)
 
@@ -133,51 +129,23 @@ def job_embeddings(
     carry the ids; ``X-Embedq-Count`` says how many rows follow."""
     settings: Settings = request.app.state.settings
     job = _job(settings, job_id)
-    if JobState(job.state) not in FINISHED:
+    if not JobState(job.state).finished:
         raise ApiError(
             409,
             f"job {job_id} is {job.state}: its vectors can be read once it has finished",
             code="job_not_finished",
         )
     with scope(sessions_for(settings.database_url)) as session:
-        count, dim = vectors.count_vectors(session, job_id)
+        count, dim = embeddings.count_vectors(session, job_id)
     headers = {"X-Embedq-Count": str(count)}
+    rows = vector_files.pages(settings.database_url, job_id)  # a finished job's rows stay put
     if format == "jsonl":
         return StreamingResponse(
-            _jsonl(settings.database_url, job_id),
-            media_type="application/x-ndjson",
-            headers=headers,
+            vector_files.jsonl_chunks(rows), media_type="application/x-ndjson", headers=headers
         )
     headers["Content-Disposition"] = f'attachment; filename="{job_id}.npy"'
     return StreamingResponse(
-        _npy(settings.database_url, job_id, count, dim or 0),
+        vector_files.npy_chunks(rows, count, dim or 0),
         media_type="application/octet-stream",
         headers=headers,
     )
-
-
-def _pages(database_url: str, job_id: str) -> Iterator[list[vectors.VectorRow]]:
-    with scope(sessions_for(database_url)) as session:
-        yield from vectors.stream_vectors(session, job_id, PAGE)
-
-
-def _npy(database_url: str, job_id: str, count: int, dim: int) -> Iterator[bytes]:
-    header = {"descr": "<f4", "fortran_order": False, "shape": (count, dim)}
-    yield _npy_header(header)
-    for page in _pages(database_url, job_id):  # a finished job's rows no longer change
-        yield b"".join(vector for _, _, vector in page)
-
-
-def _npy_header(header: dict[str, object]) -> bytes:
-    """The npy format 1.0 preamble for ``header``, as numpy writes it."""
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, header)
-    return buffer.getvalue()
-
-
-def _jsonl(database_url: str, job_id: str) -> Iterator[bytes]:
-    for page in _pages(database_url, job_id):
-        yield "".join(
-            json.dumps({"id": item_id, "embedding": np.frombuffer(vector, "<f4").tolist()}) + "\n"
-            for item_id, _, vector in page
-        ).encode()

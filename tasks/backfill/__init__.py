@@ -25,9 +25,8 @@ from tasks.backfill.options import (
     Limits,
     Options,
     Report,
-    Send,
 )
-from tasks.backfill.run import BackfillRun, publish_bulk
+from tasks.backfill.run import BackfillRun
 from tasks.backfill.summary import BackfillSummary, WorkerShare, summary
 
 __all__ = [
@@ -38,8 +37,6 @@ __all__ = [
     "Limits",
     "Options",
     "Report",
-    "Send",
     "WorkerShare",
-    "publish_bulk",
     "summary",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
-from tasks.readers import Row
+from tasks.backfill.readers import Row
 
 
 def text_sha(text: str) -> str:

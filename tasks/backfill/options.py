@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from tasks.message import BatchMessage
 from worker.errors import EmbedqError
 from worker.settings import Settings
 
@@ -82,5 +81,3 @@ class BackfillProgress:
 
 
 Report = Callable[[BackfillProgress], None]
-Send = Callable[[BatchMessage], None]
-"""Publishes one batch's message; raises ``UnavailableError`` when the broker cannot be reached."""

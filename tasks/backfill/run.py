@@ -10,35 +10,35 @@ from dataclasses import asdict
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import backfills, batch_stats, ledger, model_files, repository
-from storage.session import scope, sessions_for
-from tasks import names, producer
-from tasks.backfill.chunks import chunks, text_sha
-from tasks.backfill.options import (
-    BackfillError,
-    BackfillProgress,
-    Limits,
-    Options,
-    Report,
-    Send,
+from storage import (
+    backfills,
+    batch_stats,
+    content_cache,
+    embeddings,
+    failed_items,
+    jobs,
+    ledger,
+    model_files,
 )
+from storage.models import FailureKind
+from storage.session import scope, sessions_for
+from tasks import names, publishing
+from tasks.backfill.chunks import chunks, text_sha
+from tasks.backfill.options import BackfillError, BackfillProgress, Limits, Options, Report
+from tasks.backfill.readers import Reader, Row
 from tasks.message import BatchMessage
-from tasks.readers import Reader, Row
+from tasks.publishing import Publisher
 from worker.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
 
-def publish_bulk(message: BatchMessage) -> None:
-    """Send a backfill's batch on the bulk queue (or run it here, in local mode)."""
-    producer.publish([message], names.Queue.BULK)
-
-
 class BackfillRun:
     """One run of a named backfill over a source.
 
-    ``sessions`` is the job store (default: the settings' database) and ``send`` publishes a
-    batch (default: ``publish_bulk``); tests hand in their own to run it without a broker.
+    ``sessions`` is the job store (default: the settings' database) and ``publisher`` sends its
+    batches on the bulk queue (default: ``publishing.publisher_for(settings)``, which runs them
+    here in local mode); tests hand in their own to run it without a broker.
     """
 
     poll_s = 0.05
@@ -51,14 +51,14 @@ class BackfillRun:
         settings: Settings | None = None,
         *,
         sessions: sessionmaker[Session] | None = None,
-        send: Send | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         settings = settings or get_settings()
         self.reader = reader
         self.options = options
         self.limits = Limits.of(options, settings)
         self.sessions = sessions or sessions_for(settings.database_url)
-        self.send = send or publish_bulk
+        self.publisher = publisher or publishing.publisher_for(settings)
         self._refreshed = 0.0
         self.in_flight_items: set[str] = set()
         """Items in batches an earlier run left pending (the reconciler sees to them)."""
@@ -160,12 +160,12 @@ class BackfillRun:
                 else:
                     fresh.append(row)
             failed = sum(
-                repository.record_failures(session, job_id, items, reason)
+                failed_items.record_failures(session, job_id, items, reason, FailureKind.INPUT)
                 for reason, items in failures.items()
             )
             progress.failed_here += failed
             hashes = {row.item_id: text_sha(row.text) for row in fresh}
-            cached = repository.cached_vectors(session, model, list(hashes.values()))
+            cached = content_cache.cached_vectors(session, model, list(hashes.values()))
             reuse = [row for row in fresh if hashes[row.item_id] in cached]
             copies = [
                 {
@@ -180,15 +180,16 @@ class BackfillRun:
                 }
                 for row in reuse
             ]
-            reused = len(repository.upsert_embeddings(session, copies))
+            reused = len(embeddings.upsert_embeddings(session, copies))
             progress.reused += reused
             if reused or failed:
-                repository.add_progress(
+                jobs.add_progress(
                     session,
                     job_id,
                     done=reused,
                     failed=failed,
                     error=next(iter(failures), None),
+                    kind=FailureKind.INPUT,
                 )
                 backfills.add_reused(session, job_id, reused)
                 sources = {cached[hashes[row.item_id]].job_id for row in reuse}
@@ -241,7 +242,8 @@ class BackfillRun:
         with scope(self.sessions) as session:
             ledger.add_batches(session, progress.job_id, [batch])
         self.sent_here[index] = batch.item_ids
-        self.send(producer.message_for(progress.job_id, self.options.model, batch, time.time()))
+        message = BatchMessage.of(progress.job_id, self.options.model, batch, time.time())
+        self.publisher.publish([message], names.Queue.BULK)
         progress.sent += len(rows)
         progress.batches += 1
 
@@ -262,7 +264,7 @@ class BackfillRun:
             return progress
         self._refreshed = now
         with scope(self.sessions) as session:
-            job = repository.get_job(session, progress.job_id)
+            job = jobs.get_job(session, progress.job_id)
             if job is None:
                 raise BackfillError(f"job {progress.job_id} vanished from the store")
             progress.done, progress.failed = job.done_items, job.failed_items
@@ -274,6 +276,6 @@ class BackfillRun:
         """All items are accounted for: fix the total, seal, and settle the state."""
         with scope(self.sessions) as session:
             backfills.seal_job(session, self.options.name, progress.job_id, progress.duplicates)
-            repository.add_progress(session, progress.job_id, done=0, failed=0, error=None)
+            jobs.add_progress(session, progress.job_id, done=0, failed=0, error=None)
         progress.finished = True
         self._refresh(progress)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from storage import backfills, batch_stats, ledger, model_files, repository
+from storage import backfills, batch_stats, jobs, ledger, model_files
 from storage.models import as_utc
 from storage.session import scope, sessions_for
 from tasks.backfill.options import BackfillError
@@ -59,7 +59,7 @@ def summary(database_url: str, name: str, limit: int = 10) -> BackfillSummary:
         found = backfills.get_backfill(session, name)
         if found is None:
             raise InputError(f"no backfill named {name!r} in the store")
-        job = repository.get_job(session, found.job_id)
+        job = jobs.get_job(session, found.job_id)
         if job is None:
             raise BackfillError(f"the job of backfill {name!r} vanished from the store")
         reasons = backfills.failure_reasons(session, job.id, limit)

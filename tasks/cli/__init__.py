@@ -46,7 +46,7 @@ app = typer.Typer(
 app.add_typer(catalog.app, name="models")
 app.add_typer(ops.db_app, name="db")
 app.command("embed")(jobs.embed)
-app.command("jobs")(jobs.jobs)
+app.command("jobs")(jobs.list_jobs)
 app.command("job")(jobs.job)
 app.command("worker")(serve.worker)
 app.command("backfill")(backfills.backfill)

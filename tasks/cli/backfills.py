@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tasks import readers
+from tasks.backfill import readers
 from tasks.cli import present
 from tasks.cli.failures import Code, fail
 from tasks.cli.inputs import NamedSource

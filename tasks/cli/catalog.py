@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from storage import repository
+from storage import model_catalog
 from storage.session import scope, sessions_for
 from tasks.cli import present
 from tasks.cli.failures import fail
@@ -89,7 +89,7 @@ def pull(
     normalize: Normalize = None,
 ) -> None:
     """Fetch or export a model and install it in this machine's model store under NAME."""
-    from tasks.download import pull_options  # loads the Celery app
+    from tasks.model_options import pull_options
 
     options = _options(quantize, fp16, bf16, sha256, max_seq_length, pooling, normalize)
     try:
@@ -131,7 +131,7 @@ def register(
 def hosts() -> None:
     """What each worker host has prepared (or is preparing, or failed to prepare, and why)."""
     with scope(sessions_for(get_settings().database_url)) as session:
-        rows = repository.list_prepared(session)
+        rows = model_catalog.list_prepared(session)
         if not rows:
             typer.echo("no worker host has recorded a model yet")
         for row in rows:

@@ -18,9 +18,11 @@ import sqlalchemy.exc
 import typer
 from sqlalchemy.engine import make_url
 
+from storage.models import FailureKind
 from storage.session import redacted
+from tasks import failures
 from worker import extra
-from worker.errors import EmbedqError, TransientError
+from worker.errors import EmbedqError
 from worker.settings import get_settings
 
 
@@ -49,10 +51,10 @@ def ending(exc: BaseException, command: str = "this command") -> tuple[str, int]
     pull``, for the line) failing with ``exc``."""
     if isinstance(exc, ModuleNotFoundError) and (absent := missing_extra(exc)) is not None:
         return f"{command} needs the worker extra ({absent}): {extra.INSTALL}", Code.INPUT
-    if isinstance(exc, TransientError):  # the store, the broker, a model source: try later
-        refused = _password_problem(exc)
-        return refused or scrub(one_line(str(exc))), Code.UNREACHABLE
-    if isinstance(exc, EmbedqError):
+    if isinstance(exc, EmbedqError):  # raised on purpose: its kind says which code
+        if failures.classify(exc) == FailureKind.UNAVAILABLE:  # the store, the broker, a source
+            refused = _password_problem(exc)
+            return refused or scrub(one_line(str(exc))), Code.UNREACHABLE
         return scrub(one_line(str(exc))), Code.INPUT
     if isinstance(exc, UnicodeDecodeError):
         return f"the input is not UTF-8 text ({bad_byte(exc)})", Code.INPUT

@@ -2,11 +2,11 @@
 
 ``read_texts`` reads the small JSON Lines files of ``embed -f`` and ``encode -f`` whole and
 strictly: the first bad line stops the command, named by its line number (blank lines counted)
-and, for bytes that are not UTF-8, their offset. It stays beside ``tasks.readers.JsonLines``
-rather than on top of it because that reader, made for backfills, streams rows, keeps a bad row
-as a failed item instead of stopping, numbers rows without the blank lines, needs an id per
-object, and does not strip a byte-order mark: the messages these commands promise cannot be
-rebuilt from its rows.
+and, for bytes that are not UTF-8, their offset. It stays beside the backfill's reader
+(``tasks.backfill.readers.JsonLines``) rather than on top of it because that reader streams
+rows, keeps a bad row as a failed item instead of stopping, numbers rows without the blank
+lines, needs an id per object, and does not strip a byte-order mark: the messages these
+commands promise cannot be rebuilt from its rows.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import sqlalchemy.exc
 
 from storage.session import redacted
+from tasks.backfill.readers import Reader, Row
 from tasks.cli.failures import bad_byte, first_line, scrub
-from tasks.readers import Reader, Row
 from worker.errors import InputError, UnavailableError
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from storage import ledger, repository
+from storage import jobs, ledger
 from storage.session import scope, sessions_for
 from tasks.cli import present
 from tasks.cli.failures import (
@@ -91,10 +91,10 @@ def embed(
         raise typer.Exit(code=Code.FAILED)
 
 
-def jobs(limit: Annotated[int, typer.Option(help="how many")] = 20) -> None:
+def list_jobs(limit: Annotated[int, typer.Option(help="how many")] = 20) -> None:
     """List recent jobs, newest first."""
     with scope(sessions_for(get_settings().database_url)) as session:
-        for found in repository.list_jobs(session, limit):
+        for found in jobs.list_jobs(session, limit):
             present.job_row(found)
 
 
@@ -103,10 +103,10 @@ def job(job_id: str) -> None:
     settings = get_settings()
     stuck_after = settings.stuck_after
     with scope(sessions_for(settings.database_url)) as session:
-        found = repository.get_job(session, job_id)
+        found = jobs.get_job(session, job_id)
         if found is None:
             raise fail(EmbedqError(f"job {job_id} is not in the store"))
-        timing = repository.job_timing(session, job_id)
+        timing = jobs.job_timing(session, job_id)
         present.job_detail(found, ledger.job_batches(session, job_id), timing)
         overdue = ledger.overdue_batches(session, stuck_after, job_id=job_id, limit=SHOWN_OVERDUE)
         count = ledger.count_overdue(session, stuck_after, job_id=job_id)

@@ -28,7 +28,7 @@ def stats(
 ) -> None:
     """Per model, worker and provider: texts/s, tokens/s, padding waste and p50/p95/p99 of each
     batch stage and of the queue wait, from the store's batch statistics."""
-    from tasks import stats as report  # loads numpy
+    from tasks.cli import stats as report  # loads numpy
 
     url = get_settings().database_url
     try:
@@ -48,7 +48,7 @@ def health(
 ) -> None:
     """Ping the workers; list what each consumes and serves, and the queue depths. Exits 1 when
     a queue holds messages that no answering worker consumes, or a batch is overdue."""
-    from tasks import health as fleet  # loads the Celery app
+    from tasks.fleet import health as fleet  # loads the Celery app
     from worker.app import app as celery_app
 
     settings = get_settings()

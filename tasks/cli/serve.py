@@ -1,5 +1,5 @@
 """The commands that start a long-running process: ``worker``, ``flower`` and ``serve``. The
-processes themselves are started by ``tasks.supervisor`` (the API by uvicorn); these commands
+processes themselves are started by ``tasks.cli.supervisor`` (the API by uvicorn); these commands
 read the options and say what is about to run."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from typing import Annotated
 import typer
 
 from storage.session import redacted
-from tasks import supervisor
-from tasks.cli import present
+from tasks.cli import present, supervisor
 from tasks.cli.failures import Code, fail
 from worker.errors import EmbedqError
 from worker.settings import get_settings

@@ -22,11 +22,11 @@ import uuid
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import api_files, ledger
+from storage import leases, openai_batches
+from storage.models import OpenAIBatchStatus
 from storage.session import scope
-from tasks import backfill
-from tasks.openai_batch.runner import LEASE_TTL_S, BatchRunner, Catalog, lease_name
-from tasks.openai_batch.shapes import FINAL
+from tasks.openai_batch.runner import LEASE_TTL_S, Catalog, OpenAIBatchRunner, lease_name
+from tasks.publishing import Publisher
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def ensure_running(
     *,
     sessions: sessionmaker[Session],
     catalog: Catalog,
-    send: backfill.Send | None = None,
+    publisher: Publisher | None = None,
 ) -> bool:
     """Start a runner for ``batch_id`` in this process unless it has ended or a live runner
     (here or in another process) holds it; returns whether one runs here now."""
@@ -61,15 +61,20 @@ def ensure_running(
             return True
         try:
             with scope(sessions) as session:
-                batch = api_files.get_batch(session, batch_id)
-                if batch is None or batch.status in FINAL:
+                batch = openai_batches.get_batch(session, batch_id)
+                if batch is None or OpenAIBatchStatus(batch.status).final:
                     return False
-                if not ledger.take_lease(session, lease_name(batch_id), holder(), LEASE_TTL_S):
+                if not leases.take_lease(session, lease_name(batch_id), holder(), LEASE_TTL_S):
                     return False
         except IntegrityError:  # another process created the lease row at the same moment
             return False
-        runner = BatchRunner(
-            batch_id, settings, sessions=sessions, catalog=catalog, holder=holder(), send=send
+        runner = OpenAIBatchRunner(
+            batch_id,
+            settings,
+            sessions=sessions,
+            catalog=catalog,
+            holder=holder(),
+            publisher=publisher,
         )
         thread = threading.Thread(
             target=_run, args=(runner,), name=f"batch-{batch_id}", daemon=True
@@ -79,7 +84,7 @@ def ensure_running(
         return True
 
 
-def _run(runner: BatchRunner) -> None:
+def _run(runner: OpenAIBatchRunner) -> None:
     try:
         status = runner.run()
         logger.info("batch runner stops: batch=%s status=%s", runner.batch_id, status)
@@ -88,7 +93,7 @@ def _run(runner: BatchRunner) -> None:
     finally:
         try:
             with scope(runner.sessions) as session:
-                api_files.release_lease(session, lease_name(runner.batch_id), runner.holder)
+                leases.release_lease(session, lease_name(runner.batch_id), runner.holder)
         except SQLAlchemyError:  # the lease expires on its own
             logger.warning("could not release the lease of batch %s", runner.batch_id)
 
@@ -103,7 +108,7 @@ def resume_all(
             return 0
         _resumed.add(os.getpid())
     with scope(sessions) as session:
-        unfinished = api_files.unfinished_batches(session)
+        unfinished = openai_batches.unfinished_batches(session)
     return sum(
         ensure_running(batch_id, settings, sessions=sessions, catalog=catalog)
         for batch_id in unfinished

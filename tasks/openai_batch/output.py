@@ -17,19 +17,19 @@ and the line), so a download that breaks can be started again.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import api_files, backfills
-from storage.api_files import LineItems
-from storage.models import ApiBatch, ApiBatchRequest
+from storage import backfills, openai_batches
+from storage.models import OpenAIBatch, OpenAIBatchRequest
+from storage.models import OpenAIBatchStatus as Status
+from storage.openai_batches import LineItems
 from storage.session import scope
 from tasks.openai_batch.requests import NOT_A_REQUEST, PARAMS
+from tasks.openai_batch.shapes import embeddings_body
 
 PAGE = 200
 """Input lines read from the store at a time."""
@@ -59,7 +59,7 @@ def _error_body(message: str, type: str, code: str, param: str | None) -> dict[s
 
 
 def result_line(
-    batch: ApiBatch, request: ApiBatchRequest, items: LineItems | None
+    batch: OpenAIBatch, request: OpenAIBatchRequest, items: LineItems | None
 ) -> tuple[bool, dict[str, Any]] | None:
     """(goes to the error file, its JSON) for one input line; ``None`` while it is unfinished
     in a batch still running."""
@@ -82,46 +82,36 @@ def result_line(
         return False, _line(
             bid, custom_id, line, _response(bid, line, 200, _embeddings(batch, request, items))
         )
-    if batch.status in ("cancelled", "expired"):
-        code = "batch_cancelled" if batch.status == "cancelled" else "batch_expired"
+    if batch.status in (Status.CANCELLED, Status.EXPIRED):
+        code = "batch_cancelled" if batch.status == Status.CANCELLED else "batch_expired"
         error = {"code": code, "message": f"the batch was {batch.status} before this request ran"}
         return True, _line(bid, custom_id, line, None, error)
     return None
 
 
-def _embeddings(batch: ApiBatch, request: ApiBatchRequest, items: LineItems) -> dict[str, Any]:
-    data = []
-    tokens = 0
-    for index in range(request.inputs):
-        text = items.stored[index]
-        tokens += text.token_count
-        vector: Any = (
-            base64.b64encode(text.vector).decode("ascii")
-            if request.base64
-            else np.frombuffer(text.vector, dtype="<f4").tolist()
-        )
-        data.append({"object": "embedding", "index": index, "embedding": vector})
-    return {
-        "object": "list",
-        "data": data,
-        "model": batch.model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+def _embeddings(
+    batch: OpenAIBatch, request: OpenAIBatchRequest, items: LineItems
+) -> dict[str, Any]:
+    texts = [items.stored[index] for index in range(request.inputs)]
+    vectors = [(text.vector, text.token_count) for text in texts]
+    return embeddings_body(str(batch.model), vectors, request.base64)
 
 
-def file_lines(sessions: sessionmaker[Session], batch: ApiBatch, errors: bool) -> Iterator[bytes]:
+def file_lines(
+    sessions: sessionmaker[Session], batch: OpenAIBatch, errors: bool
+) -> Iterator[bytes]:
     """The output file of ``batch`` (``errors=False``) or its error file, a line at a time."""
     after = 0
     with scope(sessions) as session:
         job_id = backfills.job_of(session, batch.id)
     while True:
         with scope(sessions) as session:
-            page = api_files.request_page(session, batch.id, after, PAGE)
+            page = openai_batches.request_page(session, batch.id, after, PAGE)
             if not page:
                 return
             held: dict[int, LineItems] = {}
             if job_id is not None:
-                held = api_files.items_of_lines(session, job_id, page[0].line, page[-1].line)
+                held = openai_batches.items_of_lines(session, job_id, page[0].line, page[-1].line)
         for request in page:
             result = result_line(batch, request, held.get(request.line))
             if result is not None and result[0] == errors:
@@ -129,6 +119,6 @@ def file_lines(sessions: sessionmaker[Session], batch: ApiBatch, errors: bool) -
         after = page[-1].line
 
 
-def file_size(sessions: sessionmaker[Session], batch: ApiBatch, errors: bool) -> int:
+def file_size(sessions: sessionmaker[Session], batch: OpenAIBatch, errors: bool) -> int:
     """The bytes of a batch's output or error file (read through once)."""
     return sum(len(line) for line in file_lines(sessions, batch, errors))

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from storage.api_files import item_name
 from storage.models import ID_LENGTH
-from tasks.readers import Row
+from storage.openai_batches import item_name
+from tasks.backfill.readers import Row
 from worker.validation import is_unicode
 
 ENDPOINT = "/v1/embeddings"
@@ -177,9 +177,10 @@ def _input_problem(texts: object) -> str | None:
 
 @dataclass
 class InputReader:
-    """The texts of a batch's requests, as a backfill source (``tasks.readers.Reader``): one
-    row per text, named ``item_name(line, index)``. Lines the validation rejected (``skip``,
-    read from the store) yield nothing; the counts come from the store too (``texts``)."""
+    """The texts of a batch's requests, as a backfill source (a ``Reader`` of
+    ``tasks.backfill.readers``): one row per text, named ``item_name(line, index)``. Lines the
+    validation rejected (``skip``, read from the store) yield nothing; the counts come from the
+    store too (``texts``)."""
 
     path: Path
     model: str

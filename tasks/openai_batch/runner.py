@@ -30,8 +30,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import api_files, backfills, ledger, repository
-from storage.models import ApiBatch, as_utc
+from storage import backfills, jobs, leases, ledger, openai_batches
+from storage.models import OpenAIBatch, as_utc
+from storage.models import OpenAIBatchStatus as Status
 from storage.session import scope
 from tasks import backfill
 from tasks.openai_batch import uploads
@@ -44,6 +45,7 @@ from tasks.openai_batch.requests import (
     parse_line,
 )
 from tasks.openai_batch.shapes import OutputFile
+from tasks.publishing import Publisher
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-class BatchRunner:
+class OpenAIBatchRunner:
     """Moves batch ``batch_id`` on from its current phase to a final one (see the module)."""
 
     poll_s = 0.5
@@ -84,38 +86,38 @@ class BatchRunner:
         sessions: sessionmaker[Session],
         catalog: Catalog,
         holder: str,
-        send: backfill.Send | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self.batch_id = batch_id
         self.settings = settings
         self.sessions = sessions
         self.catalog = catalog
         self.holder = holder
-        self.send = send
+        self.publisher = publisher
         self._kept = 0.0
 
-    def run(self) -> str:
+    def run(self) -> Status:
         """Drive the batch as far as it goes; returns the status it is left in."""
-        status = self._batch().status
+        status = self._status()
         try:
-            if status == "validating":
+            if status == Status.VALIDATING:
                 status = self.validate()
-            if status == "in_progress":
+            if status == Status.IN_PROGRESS:
                 status = self.embed()
         except Stopped:
-            status = self._batch().status
-        if status in ("finalizing", "cancelling"):
+            status = self._status()
+        if status in (Status.FINALIZING, Status.CANCELLING):
             status = self.settle(status)
         return status
 
     # --- phases --------------------------------------------------------------------------------
-    def validate(self) -> str:
+    def validate(self) -> Status:
         batch = self._batch()
         path = uploads.path_of(self.settings.files_dir, batch.input_file_id)
         if not path.is_file():
             return self._fail("file_missing", f"the input file {batch.input_file_id} is gone")
         with scope(self.sessions) as session:
-            api_files.clear_requests(session, batch.id)
+            openai_batches.clear_requests(session, batch.id)
         models = self.catalog()
         model: str | None = None
         rows: list[dict[str, Any]] = []
@@ -129,10 +131,10 @@ class BatchRunner:
                 self._write(rows)
         self._write(rows)
         with scope(self.sessions) as session:
-            api_files.reject_duplicates(
+            openai_batches.reject_duplicates(
                 session, batch.id, "duplicate_custom_id", "an earlier line has this custom_id"
             )
-            total, _ = api_files.count_inputs(session, batch.id)
+            total, _ = openai_batches.count_inputs(session, batch.id)
         if total == 0:
             return self._fail("empty_file", "the input file holds no line")
         if model is not None and model not in models:
@@ -144,10 +146,10 @@ class BatchRunner:
             )
         fields = {"model": model, "total": total, "in_progress_at": now()}
         with scope(self.sessions) as session:
-            moved = api_files.move_batch(
-                session, batch.id, "in_progress", only_from=["validating"], **fields
+            moved = openai_batches.move_batch(
+                session, batch.id, Status.IN_PROGRESS, only_from=[Status.VALIDATING], **fields
             )
-        return "in_progress" if moved else self._batch().status
+        return Status.IN_PROGRESS if moved else self._status()
 
     def _row(self, parsed: Request | Rejected) -> dict[str, Any]:
         row = {"batch_id": self.batch_id, "line": parsed.line, "custom_id": parsed.custom_id}
@@ -170,30 +172,34 @@ class BatchRunner:
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             with scope(self.sessions) as session:
-                api_files.add_requests(session, rows)
+                openai_batches.add_requests(session, rows)
             rows.clear()
         self.keep(force=False)
 
-    def embed(self) -> str:
+    def embed(self) -> Status:
         batch = self._batch()
         with scope(self.sessions) as session:
-            skip = api_files.rejected_lines(session, batch.id)
-            _, texts = api_files.count_inputs(session, batch.id)
+            skip = openai_batches.rejected_lines(session, batch.id)
+            _, texts = openai_batches.count_inputs(session, batch.id)
         if batch.model is not None and texts:
             path = uploads.path_of(self.settings.files_dir, batch.input_file_id)
             reader = InputReader(path, batch.model, skip, texts)
             options = backfill.Options(name=batch.id, model=batch.model)
             run = backfill.BackfillRun(
-                reader, options, self.settings, sessions=self.sessions, send=self.send
+                reader, options, self.settings, sessions=self.sessions, publisher=self.publisher
             )
             run.run(lambda _progress: self.keep(force=False))
         with scope(self.sessions) as session:
-            api_files.move_batch(
-                session, batch.id, "finalizing", only_from=["in_progress"], finalizing_at=now()
+            openai_batches.move_batch(
+                session,
+                batch.id,
+                Status.FINALIZING,
+                only_from=[Status.IN_PROGRESS],
+                finalizing_at=now(),
             )
-        return self._batch().status
+        return self._status()
 
-    def settle(self, status: str) -> str:
+    def settle(self, status: Status) -> Status:
         """Wait for the batches in flight, then end the batch with its counts."""
         with scope(self.sessions) as session:
             job_id = backfills.job_of(session, self.batch_id)
@@ -204,17 +210,17 @@ class BatchRunner:
             self.keep(force=False, stop=False)
             time.sleep(self.poll_s)
         batch = self._batch()
-        final = "cancelled" if status == "cancelling" else "completed"
-        if batch.expired_at is not None and status == "finalizing":
-            final = "expired"
+        final = Status.CANCELLED if status == Status.CANCELLING else Status.COMPLETED
+        if batch.expired_at is not None and status == Status.FINALIZING:
+            final = Status.EXPIRED
         with scope(self.sessions) as session:
-            total, completed, failed = api_files.request_counts(session, batch.id, job_id)
+            total, completed, failed = openai_batches.request_counts(session, batch.id, job_id)
             unfinished = total - completed - failed
-            if job_id is not None and final != "completed":  # the run stopped before sealing
+            if job_id is not None and final != Status.COMPLETED:  # the run stopped before sealing
                 backfills.seal_job(session, batch.id, job_id, 0)
-                repository.add_progress(session, job_id, done=0, failed=0, error=None)
-            stamps = {} if final == "expired" else {f"{final}_at": now()}
-            api_files.move_batch(
+                jobs.add_progress(session, job_id, done=0, failed=0, error=None)
+            stamps = {} if final == Status.EXPIRED else {f"{final}_at": now()}
+            openai_batches.move_batch(
                 session,
                 batch.id,
                 final,
@@ -234,7 +240,7 @@ class BatchRunner:
             failed,
             extra={"batch": batch.id, "status": final},
         )
-        return self._batch().status
+        return self._status()
 
     # --- the lease, cancel and expiry ------------------------------------------------------------
     def keep(self, force: bool = True, stop: bool = True) -> None:
@@ -245,42 +251,45 @@ class BatchRunner:
         self._kept = time.monotonic()
         expired = False
         with scope(self.sessions) as session:
-            held = ledger.take_lease(session, lease_name(self.batch_id), self.holder, LEASE_TTL_S)
-            batch = api_files.get_batch(session, self.batch_id)
+            held = leases.take_lease(session, lease_name(self.batch_id), self.holder, LEASE_TTL_S)
+            batch = openai_batches.get_batch(session, self.batch_id)
             status = None if batch is None else batch.status
-            if batch is not None and status in ("validating", "in_progress"):
+            if batch is not None and status in (Status.VALIDATING, Status.IN_PROGRESS):
                 expired = now() > as_utc(batch.expires_at)
                 if expired:
-                    api_files.move_batch(
+                    openai_batches.move_batch(
                         session,
                         batch.id,
-                        "finalizing",
+                        Status.FINALIZING,
                         only_from=[batch.status],
                         finalizing_at=now(),
                         expired_at=now(),
                     )
         if not held:
             raise Stopped(f"batch {self.batch_id} is run by another process now")
-        if stop and (expired or status == "cancelling"):
+        if stop and (expired or status == Status.CANCELLING):
             raise Stopped(f"batch {self.batch_id} is {'expired' if expired else status}")
 
-    def _batch(self) -> ApiBatch:
+    def _batch(self) -> OpenAIBatch:
         with scope(self.sessions) as session:
-            batch = api_files.get_batch(session, self.batch_id)
+            batch = openai_batches.get_batch(session, self.batch_id)
         if batch is None:
             raise Stopped(f"batch {self.batch_id} vanished from the store")
         return batch
 
-    def _fail(self, code: str, message: str, param: str | None = None) -> str:
+    def _status(self) -> Status:
+        return Status(self._batch().status)
+
+    def _fail(self, code: str, message: str, param: str | None = None) -> Status:
         error = {"code": code, "message": message, "param": param, "line": None}
         with scope(self.sessions) as session:
-            api_files.move_batch(
+            openai_batches.move_batch(
                 session,
                 self.batch_id,
-                "failed",
-                only_from=["validating"],
+                Status.FAILED,
+                only_from=[Status.VALIDATING],
                 errors=[error],
                 failed_at=now(),
             )
         logger.warning("batch failed: batch=%s %s", self.batch_id, message)
-        return self._batch().status
+        return self._status()

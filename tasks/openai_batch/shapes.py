@@ -1,4 +1,5 @@
-"""OpenAI's File and Batch objects as the API answers them, and the ids they go by.
+"""OpenAI's objects as embedq answers them: the embeddings list (``POST /v1/embeddings`` and
+each line of a batch's output file), the File and Batch objects, and the ids they go by.
 
 A batch's output and error files are not rows: they are read from the store when downloaded,
 so their ids name the batch (``file-batchout-<batch>``, ``file-batcherr-<batch>``) and a
@@ -7,17 +8,45 @@ download needs no lookup table.
 
 from __future__ import annotations
 
+import base64
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from storage.models import ApiBatch, ApiFile, as_utc
+import numpy as np
+
+from storage.models import OpenAIBatch, OpenAIFile, as_utc
 
 OUTPUT_PREFIX = "file-batchout-"
 ERROR_PREFIX = "file-batcherr-"
 
-FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+def embeddings_body(
+    model: str, vectors: Sequence[tuple[bytes, int]], as_base64: bool
+) -> dict[str, Any]:
+    """OpenAI's embeddings list for ``vectors`` (each a vector's float32 bytes and the tokens
+    counted for its text), in order: floats, or the bytes base64-encoded when asked for."""
+    data = [
+        {
+            "object": "embedding",
+            "index": index,
+            "embedding": (
+                base64.b64encode(vector).decode("ascii")
+                if as_base64
+                else np.frombuffer(vector, dtype="<f4").tolist()
+            ),
+        }
+        for index, (vector, _) in enumerate(vectors)
+    ]
+    tokens = sum(count for _, count in vectors)
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def new_file_id() -> str:
@@ -57,7 +86,7 @@ def stamp(moment: datetime | None) -> int | None:
     return None if moment is None else int(as_utc(moment).timestamp())
 
 
-def file_object(file: ApiFile) -> dict[str, Any]:
+def file_object(file: OpenAIFile) -> dict[str, Any]:
     """An uploaded file as OpenAI's FileObject."""
     return {
         "id": file.id,
@@ -85,7 +114,7 @@ def output_file_object(output: OutputFile, size: int, created: datetime | None) 
     }
 
 
-def batch_object(batch: ApiBatch, counts: tuple[int, int, int]) -> dict[str, Any]:
+def batch_object(batch: OpenAIBatch, counts: tuple[int, int, int]) -> dict[str, Any]:
     """A batch as OpenAI's Batch; ``counts`` are its (total, completed, failed) requests."""
     total, completed, failed = counts
     errors = None

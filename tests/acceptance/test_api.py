@@ -15,7 +15,7 @@ import openai
 import pytest
 import redis
 
-from storage import repository
+from storage import embeddings
 from storage.session import scope, sessions_for
 from tasks.api.auth import key_id
 from tests.acceptance.conftest import KEY, Server, Worker
@@ -66,7 +66,7 @@ def test_openai_s_client_gets_the_engine_s_vectors_and_the_stored_token_counts(
     assert float(np.min(cosines(got, reference.vectors))) >= 0.9999
     assert [item.index for item in floats.data] == [0, 1, 2]
     with scope(sessions_for(database_url)) as session:
-        stored = sum(row.token_count for row in repository.vectors_with_tokens(session, job_id))
+        stored = sum(row.token_count for row in embeddings.vectors_with_tokens(session, job_id))
     assert stored == sum(reference.token_counts)
     assert floats.usage.prompt_tokens == floats.usage.total_tokens == stored
     assert reference.token_counts[2] == 256  # the long text was cut at the model's length

@@ -18,7 +18,7 @@ import pytest
 from openai.types import Batch
 from sqlalchemy import func, select
 
-from storage import api_files, backfills
+from storage import backfills, openai_batches
 from storage.models import Batch as LedgerBatch
 from storage.models import Embedding, Job
 from storage.session import scope, sessions_for
@@ -137,7 +137,7 @@ def test_a_batch_file_comes_back_with_the_engine_s_vectors_and_stored_tokens(
         got = np.array([item["embedding"] for item in data], dtype=np.float32)
         assert np.asarray(cosines(got, reference.vectors)).min() >= 0.9999
         line = by_line[request(custom_id, texts if len(texts) > 1 else texts[0])]
-        tokens = sum(stored[api_files.item_name(line, i)] for i in range(len(texts)))
+        tokens = sum(stored[openai_batches.item_name(line, i)] for i in range(len(texts)))
         assert tokens == sum(reference.token_counts)
         assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
 

@@ -70,7 +70,7 @@ def recorded_but_never_published(texts: list[str]) -> object:
     with its batch, no message anywhere."""
     import uuid
 
-    from storage import ledger, repository
+    from storage import jobs, ledger
     from storage.models import Job
     from storage.session import scope, sessions_for
     from tasks import producer
@@ -81,6 +81,6 @@ def recorded_but_never_published(texts: list[str]) -> object:
     ids = [str(i) for i in range(len(texts))]
     with scope(sessions_for(settings.database_url)) as session:
         job = Job(id=job_id, model_name="minilm", queue="interactive", total_items=len(texts))
-        repository.create_job(session, job)
+        jobs.create_job(session, job)
         ledger.add_batches(session, job_id, producer.plan_batches(texts, ids, 128))
     return producer.JobHandle(job_id, settings.database_url, settings.broker_url)

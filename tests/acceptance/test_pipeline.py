@@ -137,7 +137,7 @@ def test_a_registered_model_is_prepared_on_the_worker_host_when_a_job_needs_it(
     """The worker lacks a copy of minilm under a new name; the catalog says it comes from a
     folder of ONNX files. The first batch asks its host for it, the download task prepares it,
     the batch runs."""
-    from storage import repository
+    from storage import model_catalog
     from tasks import producer
 
     copy = f"minilm-copy-{uuid.uuid4().hex[:8]}"  # new in every run: it must be downloaded
@@ -156,7 +156,7 @@ def test_a_registered_model_is_prepared_on_the_worker_host_when_a_job_needs_it(
     assert failed["state"] == "failed"
     assert "could not be prepared" in failed["error"] and "/nowhere/such-model" in failed["error"]
     with scope(session_factory(database := make_engine(database_url))) as session:
-        states = {(row.name, str(row.state)) for row in repository.list_prepared(session)}
+        states = {(row.name, str(row.state)) for row in model_catalog.list_prepared(session)}
     database.dispose()
     assert {("minilm", "ready"), (copy, "ready"), ("broken", "failed")} <= states
     # The download task ran for each model, each time to its end (one ran per model and per

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from storage import ledger, schema
+from storage import leases, ledger, schema
 from storage.models import Batch, Job
 from storage.session import dispose_all, scope, sessions_for
+from tasks.fleet.broker import redis_presence, redis_release
+from tasks.fleet.reconciler import Reconciler, alive_ttl
 from tasks.message import BatchMessage, task_id
-from tasks.reconciler import Reconciler, alive_ttl, redis_presence, redis_release
 from tests.faults.services import PrivateRedis
 from worker.settings import Settings
 
@@ -46,8 +47,8 @@ def test_the_batches_a_dead_worker_claimed_are_published_again_and_taken_from_re
         ledger.add_batches(session, "j", texts)
         for index, machine in enumerate([DEAD, LIVE, NEVER_SEEN]):
             assert ledger.claim(session, "j", index, f"{machine}:8").claimed
-        ledger.keep_alive(session, f"{DEAD}:1", ttl_s=-1)  # said so once; lapsed since
-        ledger.keep_alive(session, f"{LIVE}:1", ttl_s=300)
+        leases.keep_alive(session, f"{DEAD}:1", ttl_s=-1)  # said so once; lapsed since
+        leases.keep_alive(session, f"{LIVE}:1", ttl_s=300)
         # The claims are older than an alive lease lasts (their machine had time to renew).
         before = datetime.now(UTC) - timedelta(seconds=alive_ttl(settings) + 5)
         session.execute(update(Batch).values(updated_at=before))
@@ -85,8 +86,8 @@ def test_a_machine_is_dead_only_when_no_worker_process_on_it_renews_its_lease(
     url = f"sqlite:///{tmp_path / 'store.db'}"
     schema.upgrade(url)
     with scope(sessions_for(url)) as session:
-        ledger.keep_alive(session, f"{DEAD}:1", ttl_s=-1)
-        ledger.keep_alive(session, f"{DEAD}:2", ttl_s=300 if alive else -1)
-        ledger.keep_alive(session, f"{LIVE}:1", ttl_s=-3600)  # long gone: forgotten
-        assert ledger.machines(session, forget_after_s=600) == {DEAD: alive}
+        leases.keep_alive(session, f"{DEAD}:1", ttl_s=-1)
+        leases.keep_alive(session, f"{DEAD}:2", ttl_s=300 if alive else -1)
+        leases.keep_alive(session, f"{LIVE}:1", ttl_s=-3600)  # long gone: forgotten
+        assert leases.machines(session, forget_after_s=600) == {DEAD: alive}
     dispose_all()

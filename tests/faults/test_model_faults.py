@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import repository
+from storage import model_catalog
 from storage.session import scope, sessions_for
 from tests.acceptance.conftest import Worker
 from tests.faults.outcomes import Outcome, job_texts, tail, wait_terminal
@@ -48,8 +48,8 @@ def test_a_model_file_damaged_after_it_was_prepared_is_refused_and_its_job_fails
     assert outcome.verdict == ("failed", 0, 0, 0), (status, tail(worker))
     assert "does not match its manifest" in str(status["error"])
     with scope(sessions_for(database_url)) as session:
-        hosts = {(row.name, str(row.state)) for row in repository.list_prepared(session)}
-        errors = [row.error or "" for row in repository.list_prepared(session)]
+        hosts = {(row.name, str(row.state)) for row in model_catalog.list_prepared(session)}
+        errors = [row.error or "" for row in model_catalog.list_prepared(session)]
     assert ("minilm", "failed") in hosts
     assert any("does not match its manifest" in error for error in errors)
     assert worker.process.poll() is None

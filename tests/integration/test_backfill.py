@@ -17,7 +17,8 @@ from sqlalchemy import func, select
 from storage import schema
 from storage.models import BatchStat
 from storage.session import scope, sessions_for
-from tasks import backfill, readers
+from tasks import backfill
+from tasks.backfill import readers
 from tasks.vector_files import export
 from tests.conftest import cosines
 from worker.engine import Engine
@@ -205,7 +206,7 @@ def test_lost_batches_are_sent_again_by_the_reconciler_then_failed_after_too_man
 ) -> None:
     from tasks import producer
     from tasks.batches import run_message
-    from tasks.reconciler import Reconciler
+    from tasks.fleet.reconciler import Reconciler
 
     monkeypatch.setenv("EMBEDQ_SWEEP_INTERVAL", "0.1")
     monkeypatch.setenv("EMBEDQ_STUCK_AFTER", "0.5")

@@ -24,7 +24,8 @@ from sqlalchemy import func, select
 from storage import schema
 from storage.models import Batch, Embedding, FailedItem, Job
 from storage.session import scope, sessions_for
-from tasks import backfill, producer, readers
+from tasks import backfill, producer
+from tasks.backfill import readers
 from tests.fakes import FakeEngine
 from worker import lifecycle
 from worker.errors import InputError

@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from storage import model_files, repository, schema
+from storage import embeddings, jobs, model_files, schema
 from storage.models import Base, Job
 from storage.session import make_engine, scope, session_factory
 
@@ -53,11 +53,11 @@ def test_a_redelivered_batch_writes_each_item_once(database_url: str) -> None:
     with scope(factory) as session:
         session.add(Job(id="job-1", model_name="minilm", queue="interactive", total_items=3))
     with scope(factory) as session:
-        assert len(repository.upsert_embeddings(session, rows)) == 3
+        assert len(embeddings.upsert_embeddings(session, rows)) == 3
     with scope(factory) as session:  # the same batch again, as after a lost worker
-        assert repository.upsert_embeddings(session, rows) == []
-        assert repository.count_embeddings(session, "job-1") == 3
-        stored = repository.list_embeddings(session, "job-1")
+        assert embeddings.upsert_embeddings(session, rows) == []
+        assert embeddings.count_embeddings(session, "job-1") == 3
+        stored = embeddings.list_embeddings(session, "job-1")
         assert [e.item_id for e in stored] == ["item-0", "item-1", "item-2"]
         np.testing.assert_array_equal(
             np.stack([np.frombuffer(e.vector, dtype=np.float32) for e in stored]), vectors
@@ -78,7 +78,7 @@ def test_a_job_records_its_first_model_file_and_any_other_once(database_url: str
             recorded.append(model_files.record_model_file(session, "job-1", sha))
     assert recorded == [None, None, first, first, None]
     with scope(factory) as session:
-        job = repository.get_job(session, "job-1")
+        job = jobs.get_job(session, "job-1")
         assert job is not None and job.model_sha256 == first
         assert job.meta == {"backfill": "x", model_files.OTHER_FILES: [other]}
         assert model_files.model_files(job) == [first, other]

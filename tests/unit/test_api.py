@@ -1,6 +1,7 @@
 """The HTTP API in process (FastAPI's TestClient): keys, rate limits, OpenAI's shapes and error
 bodies, request caps, and jobs. Jobs go through the real producer into a SQLite store; only
-the broker is replaced, by a publisher that embeds each batch at once with the fake engine."""
+the broker is replaced, by a publisher handed to the app that embeds each batch at once with
+the worker's own code and the fake engine."""
 
 from __future__ import annotations
 
@@ -9,73 +10,74 @@ import base64
 import hashlib
 import io
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 
-from storage import repository, schema
-from storage.models import ModelState
+from storage import jobs, model_catalog
+from storage.models import FailureKind, ModelState
 from storage.session import dispose_all, scope, sessions_for
-from tasks import names, producer
 from tasks.api.app import create_app
 from tasks.api.auth import RateLimiter, key_id
-from tasks.batches import embed_batch, fail_batch
+from tasks.batches import fail_batch
 from tasks.message import BatchMessage
-from tests.fakes import FakeEngine
-from worker.settings import get_settings
+from tests.fakes import FakeEngine, InlinePublisher, RecordingPublisher
+from worker.settings import Settings
 
 KEY = "sk-test-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TEXTS = ["the first text", "a second, longer text than the first", "third"]
-Publish = Callable[[Sequence[BatchMessage], names.Queue], None]
 
 
-def embed_at_once(messages: Sequence[BatchMessage], queue: names.Queue) -> None:
-    """The broker and a worker in one: each batch is embedded by the fake engine now."""
-    url = get_settings().database_url
-    for message in messages:
-        with scope(sessions_for(url)) as session:
-            embed_batch(session, FakeEngine(), message, provider="FakeProvider")
+class FailingPublisher:
+    """A worker that fails every batch it is given with ``reason`` of ``kind``."""
 
+    def __init__(self, settings: Settings, reason: str, kind: FailureKind) -> None:
+        self.sessions = sessions_for(settings.database_url)
+        self.reason, self.kind = reason, kind
 
-def fail_with(reason: str) -> Publish:
-    def publish(messages: Sequence[BatchMessage], queue: names.Queue) -> None:
-        with scope(sessions_for(get_settings().database_url)) as session:
+    def publish(self, messages: Sequence[BatchMessage], queue: str) -> None:
+        with scope(self.sessions) as session:
             for message in messages:
-                fail_batch(session, message, reason)
+                fail_batch(session, message, self.reason, self.kind)
 
-    return publish
+
+@dataclass
+class Store:
+    """A SQLite store where host-a has the fake model (dimension 8) ready, and the settings of
+    a keyed API on it; ``app`` builds the API with a publisher that embeds every batch as it is
+    sent, with the fake engine."""
+
+    url: str
+
+    def settings(self, **given: Any) -> Settings:
+        values = {"database_url": self.url, "api_keys": [KEY, "sk-other"], **given}
+        return Settings(**values)
+
+    def app(self, publisher: Any = None, require_auth: bool = True, **given: Any) -> FastAPI:
+        settings = self.settings(**given)
+        publisher = publisher or InlinePublisher(settings)
+        return create_app(settings, require_auth=require_auth, publisher=publisher)
 
 
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A SQLite store where host-a has the fake model (dimension 8) ready, and the settings
-    of a keyed API in local mode; jobs are embedded as soon as they are sent."""
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    monkeypatch.delenv("EMBEDQ_BROKER_URL", raising=False)
-    monkeypatch.delenv("EMBEDQ_DEFAULT_MODEL", raising=False)
-    monkeypatch.setenv("EMBEDQ_DATABASE_URL", url)
-    monkeypatch.setenv("EMBEDQ_API_KEYS", f"{KEY}, sk-other")
-    get_settings.cache_clear()
-    schema.upgrade(url)
-    with scope(sessions_for(url)) as session:
-        repository.set_prepared(session, "fake", "host-a", ModelState.READY, dim=8)
-        repository.register_source(session, "later", "hf://org/later", {})
-    monkeypatch.setattr(producer, "publish", embed_at_once)
-    yield url
+def store(sqlite_url: str) -> Iterator[Store]:
+    with scope(sessions_for(sqlite_url)) as session:
+        model_catalog.set_prepared(session, "fake", "host-a", ModelState.READY, dim=8)
+        model_catalog.register_source(session, "later", "hf://org/later", {})
+    yield Store(sqlite_url)
     dispose_all()
 
 
 @pytest.fixture
-def client(store: str) -> Iterator[TestClient]:
-    with TestClient(create_app(), raise_server_exceptions=False) as test_client:
+def client(store: Store) -> Iterator[TestClient]:
+    with TestClient(store.app(), raise_server_exceptions=False) as test_client:
         yield test_client
 
 
@@ -107,11 +109,9 @@ def test_the_key_id_is_a_short_hash_that_never_shows_the_key() -> None:
 
 
 def test_over_the_rate_limit_a_key_is_answered_429_until_the_next_minute(
-    store: str, monkeypatch: pytest.MonkeyPatch
+    store: Store,
 ) -> None:
-    monkeypatch.setenv("EMBEDQ_API_RATE_LIMIT", "3")
-    get_settings.cache_clear()
-    with TestClient(create_app()) as client:
+    with TestClient(store.app(api_rate_limit=3)) as client:
         codes = [client.get("/v1/models", headers=AUTH).status_code for _ in range(4)]
         other = client.get("/v1/models", headers={"Authorization": "Bearer sk-other"})
         limited = client.get("/v1/models", headers=AUTH)
@@ -139,11 +139,9 @@ def test_the_rate_limit_counts_per_key_in_one_minute_windows() -> None:
 
 
 def test_without_auth_every_request_is_anonymous_and_unlimited(
-    store: str, monkeypatch: pytest.MonkeyPatch
+    store: Store,
 ) -> None:
-    monkeypatch.setenv("EMBEDQ_API_RATE_LIMIT", "1")
-    get_settings.cache_clear()
-    with TestClient(create_app(require_auth=False)) as client:
+    with TestClient(store.app(require_auth=False, api_rate_limit=1)) as client:
         codes = [client.get("/v1/models").status_code for _ in range(3)]
         job = client.post("/v1/jobs", json={"input": "x", "model": "fake"}).json()
     assert codes == [200, 200, 200]
@@ -174,8 +172,8 @@ def test_embeddings_answer_openai_s_shape_with_the_vectors_and_tokens_stored(
     phases = [part.strip().split(";dur=") for part in response.headers["server-timing"].split(",")]
     assert [name for name, _ in phases] == ["submit", "wait", "read", "encode"]
     assert all(float(ms) >= 0 for _, ms in phases)
-    with scope(sessions_for(get_settings().database_url)) as session:
-        (job,) = repository.list_jobs(session)
+    with scope(sessions_for(client.app.state.settings.database_url)) as session:  # type: ignore[attr-defined]
+        (job,) = jobs.list_jobs(session)
     assert response.headers["x-embedq-job"] == job.id
     assert (job.queue, job.tag) == ("interactive", f"api:{key_id(KEY)}")
 
@@ -231,8 +229,8 @@ def test_bad_embedding_requests_are_refused_in_openai_s_error_body(
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
     assert words in str(error["message"])
-    with scope(sessions_for(get_settings().database_url)) as session:
-        assert repository.list_jobs(session) == []  # nothing was submitted
+    with scope(sessions_for(client.app.state.settings.database_url)) as session:  # type: ignore[attr-defined]
+        assert jobs.list_jobs(session) == []  # nothing was submitted
 
 
 def test_the_model_s_own_dimension_is_accepted(client: TestClient) -> None:
@@ -249,36 +247,40 @@ def test_a_body_that_is_not_json_is_a_400(client: TestClient) -> None:
 
 
 def test_a_job_that_does_not_finish_in_time_is_a_504_naming_the_job(
-    store: str, monkeypatch: pytest.MonkeyPatch
+    store: Store,
 ) -> None:
-    monkeypatch.setattr(producer, "publish", lambda messages, queue: None)  # no worker
-    monkeypatch.setenv("EMBEDQ_API_WAIT_TIMEOUT", "0.2")
-    get_settings.cache_clear()
-    with TestClient(create_app()) as client:
+    nobody = RecordingPublisher()  # no worker
+    with TestClient(store.app(nobody, api_wait_timeout=0.2)) as client:
         response = client.post("/v1/embeddings", headers=AUTH, json={"input": "a", "model": "fake"})
     assert response.status_code == 504
     error = error_of(response)
     assert error["code"] == "job_pending"
     assert response.headers["x-should-retry"] == "false"  # OpenAI's client must not resubmit
-    with scope(sessions_for(store)) as session:
-        (job,) = repository.list_jobs(session)
+    with scope(sessions_for(store.url)) as session:
+        (job,) = jobs.list_jobs(session)
     assert f"job {job.id} did not finish within 0.2s" in str(error["message"])
     assert response.headers["x-embedq-job"] == job.id
     assert (job.queue, job.state) == ("interactive", "queued")
 
 
 @pytest.mark.parametrize(
-    ("reason", "status", "kind"),
+    ("failure", "reason", "status", "kind"),
     [
-        ("InputError: text 0 cannot be embedded", 400, "invalid_request_error"),
-        ("ModelNotFoundError: no model fake on host-a", 500, "server_error"),
+        (
+            FailureKind.INPUT,
+            "batch 0: texts at index 0: nothing to read",
+            400,
+            "invalid_request_error",
+        ),
+        (FailureKind.MODEL, "model fake: not prepared on host-a", 500, "server_error"),
+        (FailureKind.WORKER, "worker process died 4 times on this batch", 500, "server_error"),
     ],
 )
-def test_a_failed_job_answers_its_reason(
-    store: str, monkeypatch: pytest.MonkeyPatch, reason: str, status: int, kind: str
+def test_a_failed_job_answers_its_reason_by_its_kind(
+    store: Store, failure: FailureKind, reason: str, status: int, kind: str
 ) -> None:
-    monkeypatch.setattr(producer, "publish", fail_with(reason))
-    with TestClient(create_app()) as client:
+    failing = FailingPublisher(store.settings(), reason, failure)
+    with TestClient(store.app(failing)) as client:
         response = client.post("/v1/embeddings", headers=AUTH, json={"input": "a", "model": "fake"})
     assert response.status_code == status
     error = error_of(response)
@@ -287,16 +289,28 @@ def test_a_failed_job_answers_its_reason(
     assert f"job {response.headers['x-embedq-job']} failed" in str(error["message"])
 
 
+def test_a_text_the_model_reads_nothing_in_is_a_400_through_openai_s_client(
+    client: TestClient,
+) -> None:
+    """The producer accepts a text of zero-width spaces (it is not whitespace); the worker's
+    engine refuses it, and the job's failure, stored as input, is the client's 400."""
+    openai = OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=client)
+    with pytest.raises(BadRequestError) as refused:
+        openai.embeddings.create(input=["fine", "\u200b\u200b"], model="fake")
+    error = refused.value.body
+    assert isinstance(error, dict) and (error["code"], error["param"]) == ("invalid_input", "input")
+    assert "partially_failed: 1 of 2 texts failed" in error["message"]
+    assert "reads nothing in this text" in error["message"]
+
+
 # --- caps, unavailable services, documentation -------------------------------------------------
 
 
 def test_a_body_over_the_cap_is_a_413_whether_announced_or_streamed(
-    store: str, monkeypatch: pytest.MonkeyPatch
+    store: Store,
 ) -> None:
-    monkeypatch.setenv("EMBEDQ_API_MAX_REQUEST_BYTES", "300")
-    get_settings.cache_clear()
     big = json.dumps({"input": ["x" * 200, "y" * 200], "model": "fake"}).encode()
-    with TestClient(create_app()) as client:
+    with TestClient(store.app(api_max_request_bytes=300)) as client:
         announced = client.post("/v1/embeddings", headers=AUTH, content=big)
         streamed = client.post(
             "/v1/jobs",
@@ -309,12 +323,9 @@ def test_a_body_over_the_cap_is_a_413_whether_announced_or_streamed(
     assert error_of(streamed)["type"] == "invalid_request_error"
 
 
-def test_a_store_that_cannot_be_reached_is_a_503(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("EMBEDQ_BROKER_URL", raising=False)
-    monkeypatch.setenv("EMBEDQ_DATABASE_URL", "sqlite:////nonexistent/dir/store.db")
-    monkeypatch.setenv("EMBEDQ_API_KEYS", KEY)
-    get_settings.cache_clear()
-    with TestClient(create_app()) as client:
+def test_a_store_that_cannot_be_reached_is_a_503() -> None:
+    settings = Settings(database_url="sqlite:////nonexistent/dir/store.db", api_keys=[KEY])
+    with TestClient(create_app(settings, publisher=RecordingPublisher())) as client:
         models = client.get("/v1/models", headers=AUTH)
         health = client.get("/health")
     assert models.status_code == 503
@@ -354,18 +365,6 @@ def test_the_openapi_document_and_the_docs_are_served(client: TestClient) -> Non
     assert set(request["properties"]) == {"input", "model", "encoding_format", "dimensions", "user"}
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
-
-
-def test_importing_the_api_loads_no_inference_library() -> None:
-    code = (
-        "import sys; import tasks.api.app; "
-        "print(sorted(m for m in ('onnxruntime', 'tokenizers', 'torch', 'transformers',"
-        " 'openvino', 'celery') if m in sys.modules))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
-    )
-    assert result.stdout.strip() == "[]"
 
 
 # --- /v1/models and /v1/jobs -------------------------------------------------------------------
@@ -422,10 +421,9 @@ def test_a_job_is_submitted_followed_and_its_vectors_streamed(client: TestClient
 
 
 def test_an_unfinished_job_s_vectors_are_a_409_and_an_unknown_job_a_404(
-    store: str, monkeypatch: pytest.MonkeyPatch
+    store: Store,
 ) -> None:
-    monkeypatch.setattr(producer, "publish", lambda messages, queue: None)
-    with TestClient(create_app()) as client:
+    with TestClient(store.app(RecordingPublisher())) as client:
         job = client.post("/v1/jobs", headers=AUTH, json={"input": "a", "model": "fake"}).json()
         pending = client.get(f"/v1/jobs/{job['id']}/embeddings", headers=AUTH)
         unknown = client.get("/v1/jobs/no-such-job", headers=AUTH)

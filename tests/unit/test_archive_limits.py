@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import repository, schema
+from storage import model_catalog, schema
 from storage.models import ModelState, PreparedModel
 from storage.session import dispose_all, make_engine, scope, session_factory
-from tasks import download
+from tasks import download, preparation
 from worker import sources
 from worker.app import app
 from worker.errors import ModelError
@@ -177,12 +177,12 @@ def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[sessionma
 
 def register(sessions: sessionmaker[Session], source: str) -> None:
     with scope(sessions) as session:
-        repository.register_source(session, "m", source, {})
+        model_catalog.register_source(session, "m", source, {})
 
 
 def host_row(sessions: sessionmaker[Session]) -> PreparedModel:
     with scope(sessions) as session:
-        row = repository.get_prepared(session, "m", HOST)
+        row = model_catalog.get_prepared(session, "m", HOST)
         assert row is not None
         session.expunge(row)
         return row
@@ -202,7 +202,7 @@ def test_a_truncated_archive_fails_its_download_once_with_the_reason(
     assert row.state == ModelState.FAILED
     assert row.error is not None and "m.tar.gz is not a readable archive" in row.error
     with pytest.raises(ModelError, match=f"could not be prepared on {HOST}: .*readable archive"):
-        download.request("m", fleet, get_settings())
+        preparation.request("m", fleet, get_settings())
 
 
 def test_an_unexpected_error_is_recorded_as_the_hosts_failure(

@@ -18,9 +18,9 @@ from storage.models import Base
 from storage.session import dispose_all, make_engine, scope, session_factory
 from tasks import backfill
 from tasks.backfill.chunks import chunks
+from tasks.backfill.readers import Row
 from tasks.batches import embed_batch
 from tasks.message import BatchMessage
-from tasks.readers import Row
 from tests.fakes import FakeEngine
 from worker.settings import Settings
 

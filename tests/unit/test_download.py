@@ -1,4 +1,4 @@
-"""What a batch does when its host lacks the model: the decisions in ``tasks.download.request``,
+"""What a batch does when its host lacks the model: the decisions in ``tasks.preparation.request``,
 on a real SQLite store, with the broker replaced by a list of sent messages."""
 
 from collections.abc import Iterator
@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import repository, schema
+from storage import model_catalog, schema
 from storage.models import ModelState, PreparedModel
 from storage.session import make_engine, scope, session_factory
-from tasks import download, names
+from tasks import model_options, names, preparation
 from worker.errors import InputError, ModelError, ModelNotFoundError
 from worker.settings import Settings
 
@@ -36,7 +36,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[Any], str]]:
     def send_task(name: str, args: list[Any], queue: str) -> None:
         messages.append((name, args, queue))
 
-    monkeypatch.setattr(download.app, "send_task", send_task)
+    monkeypatch.setattr(preparation.app, "send_task", send_task)
     return messages
 
 
@@ -47,7 +47,7 @@ def settings(tmp_path: Path) -> Settings:
 
 def state(sessions: sessionmaker[Session], name: str) -> PreparedModel | None:
     with scope(sessions) as session:
-        row = repository.get_prepared(session, name, HOST)
+        row = model_catalog.get_prepared(session, name, HOST)
         if row is not None:
             session.expunge(row)
         return row
@@ -57,7 +57,7 @@ def test_an_unregistered_model_fails_with_how_to_provide_it(
     sessions: sessionmaker[Session], settings: Settings, sent: list[Any]
 ) -> None:
     with pytest.raises(ModelNotFoundError, match="embedq models register SOURCE --name m"):
-        download.request("m", sessions, settings)
+        preparation.request("m", sessions, settings)
     assert sent == []
 
 
@@ -65,10 +65,10 @@ def test_one_download_is_sent_to_this_host_and_the_batch_waits(
     sessions: sessionmaker[Session], settings: Settings, sent: list[Any]
 ) -> None:
     with scope(sessions) as session:
-        repository.register_source(session, "m", "hf://org/m", {"precision": "int8"})
+        model_catalog.register_source(session, "m", "hf://org/m", {"precision": "int8"})
     for _ in range(3):  # three batches of jobs needing it
-        with pytest.raises(download.ModelPendingError, match="being prepared on gpu-host-1"):
-            download.request("m", sessions, settings)
+        with pytest.raises(preparation.ModelPendingError, match="being prepared on gpu-host-1"):
+            preparation.request("m", sessions, settings)
     assert sent == [(names.DOWNLOAD, ["m"], "download.gpu-host-1")]
     row = state(sessions, "m")
     assert row is not None and row.state == ModelState.PREPARING
@@ -78,14 +78,14 @@ def test_a_download_that_went_quiet_is_asked_for_again(
     sessions: sessionmaker[Session], settings: Settings, sent: list[Any]
 ) -> None:
     with scope(sessions) as session:
-        repository.register_source(session, "m", "hf://org/m", {})
-    with pytest.raises(download.ModelPendingError):
-        download.request("m", sessions, settings)
+        model_catalog.register_source(session, "m", "hf://org/m", {})
+    with pytest.raises(preparation.ModelPendingError):
+        preparation.request("m", sessions, settings)
     with scope(sessions) as session:  # its worker died: nothing touched the row since
         long_ago = datetime.now(UTC) - timedelta(seconds=settings.download_time_limit + 61)
         session.execute(update(PreparedModel).values(updated_at=long_ago))
-    with pytest.raises(download.ModelPendingError):
-        download.request("m", sessions, settings)
+    with pytest.raises(preparation.ModelPendingError):
+        preparation.request("m", sessions, settings)
     assert len(sent) == 2
 
 
@@ -93,20 +93,20 @@ def test_a_recorded_failure_fails_the_batch_until_the_model_is_registered_again(
     sessions: sessionmaker[Session], settings: Settings, sent: list[Any]
 ) -> None:
     with scope(sessions) as session:
-        repository.register_source(session, "m", "/nowhere", {})
+        model_catalog.register_source(session, "m", "/nowhere", {})
     with pytest.raises(ModelNotFoundError, match="unknown model source '/nowhere'"):
-        download.prepare_here("m", sessions, settings)
+        preparation.prepare_here("m", sessions, settings)
     row = state(sessions, "m")
     assert row is not None and row.state == ModelState.FAILED
     with pytest.raises(ModelError, match="could not be prepared on gpu-host-1: unknown model"):
-        download.request("m", sessions, settings)
+        preparation.request("m", sessions, settings)
     assert sent == []
 
     with scope(sessions) as session:
-        repository.register_source(session, "m", "hf://org/fixed", {})
+        model_catalog.register_source(session, "m", "hf://org/fixed", {})
     assert state(sessions, "m") is None
-    with pytest.raises(download.ModelPendingError):
-        download.request("m", sessions, settings)
+    with pytest.raises(preparation.ModelPendingError):
+        preparation.request("m", sessions, settings)
     assert len(sent) == 1
 
 
@@ -120,11 +120,13 @@ def test_a_recorded_failure_fails_the_batch_until_the_model_is_registered_again(
 )
 def test_catalog_options_are_checked(options: dict[str, Any], message: str) -> None:
     with pytest.raises(InputError, match=message):
-        download.check_options(options)
+        model_options.check_options(options)
 
 
 def test_catalog_options_become_pull_options() -> None:
-    options = download.pull_options({"precision": "int8", "pooling": "cls", "normalize": False})
+    options = model_options.pull_options(
+        {"precision": "int8", "pooling": "cls", "normalize": False}
+    )
     assert (str(options.precision), str(options.pooling), options.normalize) == (
         "int8",
         "cls",

@@ -1,23 +1,24 @@
+"""One batch run and recorded (``tasks.batches``) on a SQLite store, with the fake engine."""
+
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import ledger, repository, schema
-from storage.models import Job
+from storage import embeddings, jobs, ledger
+from storage.models import FailedItem, FailureKind, Job
 from storage.session import make_engine, scope, session_factory
-from tasks.batches import embed_batch
+from tasks.batches import Delivery, embed_batch, fail_batch, run_message
 from tasks.message import BatchMessage
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, fake_runtime
+from worker.settings import Settings
 
 
 @pytest.fixture
-def sessions(tmp_path: Path) -> sessionmaker[Session]:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    schema.upgrade(url)
-    engine = make_engine(url)
+def sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(sqlite_url)
     factory = session_factory(engine)
     with scope(factory) as session:
         session.add(Job(id="j", model_name="fake", queue="interactive", total_items=3, meta={}))
@@ -46,10 +47,10 @@ def test_a_redelivered_batch_writes_each_item_once(sessions: sessionmaker[Sessio
             finished.append(outcome.finished)
     assert finished == [True, False]  # only the delivery that finished the job signals it
     with scope(sessions) as session:
-        job = repository.get_job(session, "j")
+        job = jobs.get_job(session, "j")
         assert job is not None
         assert (job.state, job.done_items, job.failed_items) == ("succeeded", 3, 0)
-        stored = repository.list_embeddings(session, "j")
+        stored = embeddings.list_embeddings(session, "j")
         assert [e.item_id for e in stored] == ["i0", "i1", "i2"]
         assert [e.token_count for e in stored] == [3, 4, 3]
         expected = FakeEngine().encode(batch.texts).vectors
@@ -65,35 +66,56 @@ def test_a_bad_text_fails_the_batch_with_a_stored_reason(sessions: sessionmaker[
         )
     assert outcome.state == "failed" and outcome.reason and "whitespace only" in outcome.reason
     with scope(sessions) as session:
-        job = repository.get_job(session, "j")
+        job = jobs.get_job(session, "j")
         assert job is not None
         assert (job.state, job.done_items, job.failed_items) == ("failed", 0, 3)
         assert job.error is not None and "index 1 are empty or whitespace only" in job.error
+        assert job.error_kind == FailureKind.INPUT
+
+
+def test_a_text_the_model_reads_nothing_in_fails_alone_as_input(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A text of zero-width spaces passes every check a producer can make, but the model's
+    tokenizer keeps none of it: that item fails as input, the others are stored."""
+    with scope(sessions) as session:
+        outcome = embed_batch(
+            session, FakeEngine(), payload(["fine", "\u200b\u200b", "ok"]), provider="Fake"
+        )
+    assert outcome.state == Delivery.DONE and outcome.finished and outcome.texts == 2
+    assert outcome.status is not None
+    assert (outcome.status["state"], outcome.status["error_kind"]) == ("partially_failed", "input")
+    with scope(sessions) as session:
+        job = jobs.get_job(session, "j")
+        assert job is not None
+        assert (job.done_items, job.failed_items) == (2, 1)
+        assert job.error is not None and "reads nothing in this text" in job.error
+        assert [e.item_id for e in embeddings.list_embeddings(session, "j")] == ["i0", "i2"]
+        (failed,) = session.query(FailedItem).all()
+        assert (failed.item_id, failed.kind) == ("i1", FailureKind.INPUT)
+        expected = FakeEngine().encode(["fine", "ok"]).vectors
+        stored = embeddings.list_embeddings(session, "j")
+        np.testing.assert_array_equal(
+            np.stack([np.frombuffer(e.vector, dtype=np.float32) for e in stored]), expected
+        )
 
 
 def test_a_malformed_message_fails_its_items_with_a_readable_reason(
-    sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sessions: sessionmaker[Session], sqlite_url: str
 ) -> None:
-    from tasks.batches import run_message
-    from worker import lifecycle
-    from worker.settings import get_settings
-
-    monkeypatch.setenv("EMBEDQ_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
-    get_settings.cache_clear()
-    try:
-        outcome = run_message({"job_id": "j", "batch_index": -1, "texts": ["a", "b", "c"]})
-        dropped = run_message({"no": "job id"})
-    finally:
-        lifecycle.close()
+    runtime = fake_runtime(Settings(database_url=sqlite_url))
+    outcome = run_message({"job_id": "j", "batch_index": -1, "texts": ["a", "b", "c"]}, runtime)
+    dropped = run_message({"no": "job id"}, runtime)
     assert dropped.state == "dropped" and dropped.job_id is None
     assert outcome.state == "failed" and outcome.reason
     assert outcome.reason.startswith("malformed batch")
     with scope(sessions) as session:
-        job = repository.get_job(session, "j")
+        job = jobs.get_job(session, "j")
         assert job is not None
         # Which items the broken batch carried cannot be told: the rest of the job fails.
         assert (job.state, job.failed_items) == ("failed", 3)
         assert job.error is not None and "batch_index" in job.error and "model" in job.error
+        assert job.error_kind == FailureKind.INPUT
         assert ledger.job_batches(session, "j") == {}
 
 
@@ -123,8 +145,6 @@ def test_a_failure_reported_after_the_batch_was_stored_changes_nothing(
 ) -> None:
     """A late delivery that fails (its model broke meanwhile, its process died) must not count
     items another delivery already stored as failed."""
-    from tasks.batches import fail_batch
-
     batch = payload(["alpha", "beta gamma", "delta"])
     with scope(sessions) as session:
         ledger.add_batches(
@@ -133,10 +153,11 @@ def test_a_failure_reported_after_the_batch_was_stored_changes_nothing(
     with scope(sessions) as session:
         assert embed_batch(session, FakeEngine(), batch, provider="FakeProvider").finished
     with scope(sessions) as session:
-        late = fail_batch(session, batch, "worker process died 4 times on this batch")
+        reason = "worker process died 4 times on this batch"
+        late = fail_batch(session, batch, reason, FailureKind.WORKER)
         assert not late.finished
     with scope(sessions) as session:
-        job = repository.get_job(session, "j")
+        job = jobs.get_job(session, "j")
         assert job is not None
         assert (job.state, job.done_items, job.failed_items) == ("succeeded", 3, 0)
         assert ledger.job_batches(session, "j") == {"done": 1}

@@ -1,5 +1,5 @@
 """OpenAI batches without a broker or a server: input lines read as requests, and whole batches
-run by ``BatchRunner`` on a SQLite store, their messages embedded at once by the fake engine;
+run by ``OpenAIBatchRunner`` on a SQLite store, their messages embedded at once by the fake engine;
 the output and error files are read back from the store."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from openai import OpenAI
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import api_files, backfills, ledger, repository, schema
-from storage.models import ApiBatch, ApiFile, Base, Embedding, ModelState
+from storage import backfills, leases, ledger, model_catalog, openai_batches, openai_files, schema
+from storage.models import Base, Embedding, ModelState, OpenAIBatch, OpenAIFile
 from storage.session import dispose_all, make_engine, scope, session_factory, sessions_for
 from tasks import producer
 from tasks.api.app import create_app
@@ -31,7 +31,7 @@ from tasks.batches import embed_batch
 from tasks.message import BatchMessage
 from tasks.openai_batch import output, runner, uploads
 from tasks.openai_batch.requests import Rejected, Request, check_dimensions, parse_line
-from tasks.openai_batch.runner import BatchRunner
+from tasks.openai_batch.runner import OpenAIBatchRunner
 from tests.fakes import FakeEngine
 from worker.settings import Settings, get_settings
 
@@ -121,8 +121,8 @@ class Fleet:
         with scope(self.sessions) as session:
             embed_batch(session, FakeEngine(), message, provider=FakeEngine.provider)
 
-    def runner(self, batch_id: str, holder: str = "here") -> BatchRunner:
-        run = BatchRunner(
+    def runner(self, batch_id: str, holder: str = "here") -> OpenAIBatchRunner:
+        run = OpenAIBatchRunner(
             batch_id,
             self.settings,
             sessions=self.sessions,
@@ -133,9 +133,9 @@ class Fleet:
         run.poll_s = 0.0
         return run
 
-    def batch(self, batch_id: str) -> ApiBatch:
+    def batch(self, batch_id: str) -> OpenAIBatch:
         with scope(self.sessions) as session:
-            found = api_files.get_batch(session, batch_id)
+            found = openai_batches.get_batch(session, batch_id)
         assert found is not None
         return found
 
@@ -163,14 +163,14 @@ def submit(fleet: Fleet, lines: list[bytes], batch_id: str = "batch_1") -> str:
     )
     now = datetime.now(UTC)
     with scope(fleet.sessions) as session:
-        api_files.add_file(
+        openai_files.add_file(
             session,
-            ApiFile(id="file-1", owner="k", filename="in.jsonl", purpose="batch", bytes=size),
+            OpenAIFile(id="file-1", owner="k", filename="in.jsonl", purpose="batch", bytes=size),
         )
         session.flush()
-        api_files.add_batch(
+        openai_batches.add_batch(
             session,
-            ApiBatch(
+            OpenAIBatch(
                 id=batch_id,
                 owner="k",
                 input_file_id="file-1",
@@ -230,7 +230,7 @@ def test_a_batch_completes_with_one_output_line_per_good_request_and_the_rest_in
         assert [d["index"] for d in body["data"]] == list(range(len(texts)))
         vectors = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
         np.testing.assert_allclose(vectors, engine.encode(texts).vectors, atol=1e-6)
-        stored = sum(tokens[api_files.item_name(index + 1, i)] for i in range(len(texts)))
+        stored = sum(tokens[openai_batches.item_name(index + 1, i)] for i in range(len(texts)))
         assert body["usage"] == {"prompt_tokens": stored, "total_tokens": stored}
         assert body["model"] == MODEL
     as_base64 = out[10]["response"]["body"]["data"][0]["embedding"]
@@ -262,7 +262,7 @@ def test_a_cancelled_batch_sends_nothing_more_and_lists_what_it_did_not_run(flee
     def cancel_on_second(sent: int) -> None:
         if sent == 2:
             with scope(fleet.sessions) as session:
-                api_files.move_batch(
+                openai_batches.move_batch(
                     session,
                     batch_id,
                     "cancelling",
@@ -296,7 +296,7 @@ def test_a_batch_whose_runner_died_is_resumed_with_nothing_lost_or_sent_twice(
     assert fleet.batch(batch_id).status == "in_progress"
     fleet.on_send = None
     with scope(fleet.sessions) as session:  # the first holder's lease has run out
-        api_files.release_lease(session, runner.lease_name(batch_id), "first")
+        leases.release_lease(session, runner.lease_name(batch_id), "first")
         job_id = backfills.job_of(session, batch_id)
         assert job_id is not None
         lost = ledger.pending_batches(session, job_id)
@@ -319,7 +319,7 @@ def test_a_batch_whose_runner_died_is_resumed_with_nothing_lost_or_sent_twice(
 def test_a_runner_stops_when_another_process_holds_the_lease(fleet: Fleet) -> None:
     batch_id = submit(fleet, requests(5))
     with scope(fleet.sessions) as session:
-        assert ledger.take_lease(session, runner.lease_name(batch_id), "other", 60)
+        assert leases.take_lease(session, runner.lease_name(batch_id), "other", 60)
     assert fleet.runner(batch_id).run() == "validating"
     assert fleet.sent == []
 
@@ -338,7 +338,7 @@ def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAI]:
     get_settings.cache_clear()
     schema.upgrade(url)
     with scope(sessions_for(url)) as session:
-        repository.set_prepared(session, MODEL, "host-a", ModelState.READY, dim=8)
+        model_catalog.set_prepared(session, MODEL, "host-a", ModelState.READY, dim=8)
 
     def embed_at_once(messages: list[BatchMessage], queue: object) -> None:
         for message in messages:

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from storage import batch_stats, repository, schema
+from storage import batch_stats, schema
 from storage.models import Job
 from storage.session import dispose_all, scope, sessions_for
-from tasks import stats
+from tasks.cli import stats
 from worker import lifecycle
 from worker.errors import InputError
 from worker.settings import get_settings
@@ -44,8 +44,8 @@ def test_the_report_groups_by_worker_and_gives_rates_waste_and_percentiles(
             session.add(Job(id=job, model_name=model, queue="bulk", total_items=0, meta={}))
         session.flush()
         for index in range(100):
-            repository.upsert_batch_stat(session, stat("a", index, 1 + index % 2, 100.0 + index))
-        repository.upsert_batch_stat(session, stat("b", 0, 9, 50.0))
+            batch_stats.upsert_batch_stat(session, stat("a", index, 1 + index % 2, 100.0 + index))
+        batch_stats.upsert_batch_stat(session, stat("b", 0, 9, 50.0))
     rows = stats.report(url, since=timedelta(hours=1), model="minilm")
     dispose_all()
     assert [(r["model"], r["pid"], r["batches"]) for r in rows] == [
@@ -104,7 +104,7 @@ def test_containers_sharing_a_host_name_and_pids_stay_apart(
         for index, machine in enumerate(["compose-host/3f2a9c", "compose-host/77d1e0"]):
             row = stat("a", index, 8, 100.0) | {"host": machine}
             row["provider"] = f"provider-{index}"
-            repository.upsert_batch_stat(session, row)
+            batch_stats.upsert_batch_stat(session, row)
         session.flush()
         assert batch_stats.last_provider(session, "compose-host") == "provider-1"
         assert batch_stats.last_provider(session, "compose") is None  # a prefix is not a host

@@ -15,8 +15,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from storage import api_files, backfills
-from storage.models import ApiBatch
+from storage import backfills, openai_batches
+from storage.models import OpenAIBatch, OpenAIBatchStatus
 from storage.session import scope, sessions_for
 from tasks.api import catalog
 from tasks.api.auth import require_key
@@ -62,18 +62,18 @@ def _start(settings: Settings, batch_id: str | None = None) -> None:
         background.ensure_running(batch_id, settings, sessions=sessions, catalog=models)
 
 
-def _answer(settings: Settings, batch: ApiBatch) -> dict[str, Any]:
+def _answer(settings: Settings, batch: OpenAIBatch) -> dict[str, Any]:
     counts = (batch.total, batch.completed, batch.failed)
-    if batch.status not in shapes.FINAL:
+    if not OpenAIBatchStatus(batch.status).final:
         with scope(sessions_for(settings.database_url)) as session:
             job_id = backfills.job_of(session, batch.id)
-            counts = api_files.request_counts(session, batch.id, job_id)
+            counts = openai_batches.request_counts(session, batch.id, job_id)
     return shapes.batch_object(batch, counts)
 
 
-def _find(settings: Settings, batch_id: str, key: str) -> ApiBatch:
+def _find(settings: Settings, batch_id: str, key: str) -> OpenAIBatch:
     with scope(sessions_for(settings.database_url)) as session:
-        found = api_files.get_batch(session, batch_id, key)
+        found = openai_batches.get_batch(session, batch_id, key)
     if found is None:
         raise ApiError(404, f"no such batch: {batch_id}", code="batch_not_found")
     return found
@@ -95,13 +95,13 @@ def create_batch(
     if file.purpose != "batch":
         raise ApiError(400, f"file {file.id} is not a batch input", param="input_file_id")
     created = datetime.now(UTC)
-    batch = ApiBatch(
+    batch = OpenAIBatch(
         id=shapes.new_batch_id(),
         owner=key,
         input_file_id=file.id,
         endpoint=body.endpoint,
         completion_window=body.completion_window,
-        status="validating",
+        status=OpenAIBatchStatus.VALIDATING,
         meta=body.metadata,
         total=0,
         completed=0,
@@ -110,7 +110,7 @@ def create_batch(
         expires_at=created + timedelta(hours=24),
     )
     with scope(sessions_for(settings.database_url)) as session:
-        api_files.add_batch(session, batch)
+        openai_batches.add_batch(session, batch)
     _start(settings, batch.id)
     return shapes.batch_object(batch, (0, 0, 0))
 
@@ -128,7 +128,7 @@ def list_batches(
     since = _find(settings, after, key).created_at if after else None
     limit = max(1, min(limit, 100))
     with scope(sessions_for(settings.database_url)) as session:
-        found = api_files.list_batches(session, key, since, limit + 1)
+        found = openai_batches.list_batches(session, key, since, limit + 1)
     data = [_answer(settings, batch) for batch in found[:limit]]
     return {
         "object": "list",
@@ -146,7 +146,7 @@ def retrieve_batch(
     """A batch's status and request counts; resumes it if no process runs it."""
     settings: Settings = request.app.state.settings
     batch = _find(settings, batch_id, key)
-    if batch.status not in shapes.FINAL:
+    if not OpenAIBatchStatus(batch.status).final:
         _start(settings, batch.id)
     return _answer(settings, batch)
 
@@ -160,15 +160,15 @@ def cancel_batch(
     settings: Settings = request.app.state.settings
     batch = _find(settings, batch_id, key)
     with scope(sessions_for(settings.database_url)) as session:
-        api_files.move_batch(
+        openai_batches.move_batch(
             session,
             batch.id,
-            "cancelling",
-            only_from=["validating", "in_progress"],
+            OpenAIBatchStatus.CANCELLING,
+            only_from=[OpenAIBatchStatus.VALIDATING, OpenAIBatchStatus.IN_PROGRESS],
             cancelling_at=datetime.now(UTC),
         )
     batch = _find(settings, batch_id, key)
-    if batch.status not in ("cancelling", "cancelled"):
+    if batch.status not in (OpenAIBatchStatus.CANCELLING, OpenAIBatchStatus.CANCELLED):
         raise ApiError(409, f"batch {batch.id} is {batch.status}: too late to cancel it")
     _start(settings, batch.id)
     return _answer(settings, batch)

@@ -1,5 +1,5 @@
-"""Queries of the API's Files and Batches: the file and batch rows, the lines of a batch's input
-as its validation found them, and what the job of a batch holds of each line's texts.
+"""OpenAI batches (``POST /v1/batches``): their rows, the lines of each batch's input as its
+validation found them, and what the job of a batch holds of each line's texts.
 
 A batch's texts are items of its job named ``LLLLLLLL.I``: the input line (eight digits, so
 the names sort by line) and the text's index in that line's ``input``. A request is completed
@@ -7,7 +7,7 @@ when its job stores as many items of its line as it has inputs, and failed when 
 line failed; both are counted here in SQL, from the item names, so the counts are the store's
 whoever asks (any ``serve`` instance, after any restart).
 
-Like ``repository``, functions take the session first and never commit.
+Functions take the session first and never commit.
 """
 
 from __future__ import annotations
@@ -20,12 +20,18 @@ from typing import Any
 from sqlalchemy import Integer, and_, cast, delete, distinct, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from storage.models import ApiBatch, ApiBatchRequest, ApiFile, Embedding, FailedItem, Lease
+from storage.models import (
+    Embedding,
+    FailedItem,
+    OpenAIBatch,
+    OpenAIBatchRequest,
+    OpenAIBatchStatus,
+)
 
 LINE_DIGITS = 8
 """Digits of the line number that opens each item name of a batch's job."""
 
-UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+UNFINISHED = tuple(status for status in OpenAIBatchStatus if not status.final)
 """Batch statuses that a runner still has to move on."""
 
 
@@ -55,63 +61,34 @@ class LineItems:
     failures: list[str]
 
 
-# --- files -----------------------------------------------------------------------------------
-def add_file(session: Session, file: ApiFile) -> ApiFile:
-    session.add(file)
-    return file
-
-
-def get_file(session: Session, file_id: str, owner: str | None = None) -> ApiFile | None:
-    """The file ``file_id``; ``None`` when there is none, or it is not ``owner``'s."""
-    found = session.get(ApiFile, file_id)
-    return found if found is not None and owner in (None, found.owner) else None
-
-
-def list_files(session: Session, owner: str, purpose: str | None, limit: int) -> Sequence[ApiFile]:
-    """``owner``'s files, the newest first."""
-    query = select(ApiFile).where(ApiFile.owner == owner)
-    if purpose is not None:
-        query = query.where(ApiFile.purpose == purpose)
-    return session.scalars(query.order_by(ApiFile.created_at.desc()).limit(limit)).all()
-
-
-def file_in_use(session: Session, file_id: str) -> bool:
-    """Whether a batch reads ``file_id``."""
-    found = session.scalar(select(ApiBatch.id).where(ApiBatch.input_file_id == file_id).limit(1))
-    return found is not None
-
-
-def delete_file(session: Session, file_id: str) -> None:
-    session.execute(delete(ApiFile).where(ApiFile.id == file_id))
-
-
-# --- batches ---------------------------------------------------------------------------------
-def add_batch(session: Session, batch: ApiBatch) -> ApiBatch:
+def add_batch(session: Session, batch: OpenAIBatch) -> OpenAIBatch:
     session.add(batch)
     return batch
 
 
-def get_batch(session: Session, batch_id: str, owner: str | None = None) -> ApiBatch | None:
+def get_batch(session: Session, batch_id: str, owner: str | None = None) -> OpenAIBatch | None:
     """The batch ``batch_id``; ``None`` when there is none, or it is not ``owner``'s."""
-    found = session.get(ApiBatch, batch_id)
+    found = session.get(OpenAIBatch, batch_id)
     return found if found is not None and owner in (None, found.owner) else None
 
 
 def list_batches(
     session: Session, owner: str, after: datetime | None, limit: int
-) -> Sequence[ApiBatch]:
+) -> Sequence[OpenAIBatch]:
     """``owner``'s batches, the newest first, those created before ``after`` when given."""
-    query = select(ApiBatch).where(ApiBatch.owner == owner)
+    query = select(OpenAIBatch).where(OpenAIBatch.owner == owner)
     if after is not None:
-        query = query.where(ApiBatch.created_at < after)
-    return session.scalars(query.order_by(ApiBatch.created_at.desc()).limit(limit)).all()
+        query = query.where(OpenAIBatch.created_at < after)
+    return session.scalars(query.order_by(OpenAIBatch.created_at.desc()).limit(limit)).all()
 
 
 def unfinished_batches(session: Session) -> list[str]:
     """The ids of batches not yet in a final status, the oldest first."""
     return list(
         session.scalars(
-            select(ApiBatch.id).where(ApiBatch.status.in_(UNFINISHED)).order_by(ApiBatch.created_at)
+            select(OpenAIBatch.id)
+            .where(OpenAIBatch.status.in_(UNFINISHED))
+            .order_by(OpenAIBatch.created_at)
         )
     )
 
@@ -123,47 +100,46 @@ def move_batch(
     ``only_from``; returns whether it moved. The condition makes two runners, or a runner
     and a cancel, agree on one order."""
     result: Any = session.execute(
-        update(ApiBatch)
-        .where(ApiBatch.id == batch_id, ApiBatch.status.in_(only_from))
+        update(OpenAIBatch)
+        .where(OpenAIBatch.id == batch_id, OpenAIBatch.status.in_(only_from))
         .values(status=to, **fields)
     )
     return int(result.rowcount) == 1
 
 
-# --- the lines of a batch --------------------------------------------------------------------
 def clear_requests(session: Session, batch_id: str) -> None:
     """Forget a validation that did not finish (it starts again from the first line)."""
-    session.execute(delete(ApiBatchRequest).where(ApiBatchRequest.batch_id == batch_id))
+    session.execute(delete(OpenAIBatchRequest).where(OpenAIBatchRequest.batch_id == batch_id))
 
 
 def add_requests(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Record validated lines: ``batch_id``, ``line``, ``custom_id``, ``inputs``, ``base64``,
     ``error_code``, ``error``."""
     if rows:
-        session.execute(insert(ApiBatchRequest), list(rows))
+        session.execute(insert(OpenAIBatchRequest), list(rows))
 
 
 def reject_duplicates(session: Session, batch_id: str, code: str, message: str) -> int:
     """Mark as errors the lines whose custom id an earlier line of the batch has; returns how
     many. Found in SQL, so validation holds no set of ids in memory."""
     first = (
-        select(ApiBatchRequest.custom_id, func.min(ApiBatchRequest.line).label("first"))
-        .where(ApiBatchRequest.batch_id == batch_id, ApiBatchRequest.custom_id.is_not(None))
-        .group_by(ApiBatchRequest.custom_id)
+        select(OpenAIBatchRequest.custom_id, func.min(OpenAIBatchRequest.line).label("first"))
+        .where(OpenAIBatchRequest.batch_id == batch_id, OpenAIBatchRequest.custom_id.is_not(None))
+        .group_by(OpenAIBatchRequest.custom_id)
         .having(func.count() > 1)
         .subquery()
     )
     lines = list(
         session.scalars(
-            select(ApiBatchRequest.line)
-            .join(first, first.c.custom_id == ApiBatchRequest.custom_id)
-            .where(ApiBatchRequest.batch_id == batch_id, ApiBatchRequest.line > first.c.first)
+            select(OpenAIBatchRequest.line)
+            .join(first, first.c.custom_id == OpenAIBatchRequest.custom_id)
+            .where(OpenAIBatchRequest.batch_id == batch_id, OpenAIBatchRequest.line > first.c.first)
         )
     )
     if lines:
         session.execute(
-            update(ApiBatchRequest)
-            .where(ApiBatchRequest.batch_id == batch_id, ApiBatchRequest.line.in_(lines))
+            update(OpenAIBatchRequest)
+            .where(OpenAIBatchRequest.batch_id == batch_id, OpenAIBatchRequest.line.in_(lines))
             .values(error_code=code, error=message, inputs=0)
         )
     return len(lines)
@@ -173,8 +149,8 @@ def rejected_lines(session: Session, batch_id: str) -> set[int]:
     """The lines of the batch that are not requests it runs."""
     return set(
         session.scalars(
-            select(ApiBatchRequest.line).where(
-                ApiBatchRequest.batch_id == batch_id, ApiBatchRequest.error_code.is_not(None)
+            select(OpenAIBatchRequest.line).where(
+                OpenAIBatchRequest.batch_id == batch_id, OpenAIBatchRequest.error_code.is_not(None)
             )
         )
     )
@@ -183,18 +159,18 @@ def rejected_lines(session: Session, batch_id: str) -> set[int]:
 def count_inputs(session: Session, batch_id: str) -> tuple[int, int]:
     """(lines, texts to embed) of the batch."""
     lines, texts = session.execute(
-        select(func.count(), func.coalesce(func.sum(ApiBatchRequest.inputs), 0)).where(
-            ApiBatchRequest.batch_id == batch_id
+        select(func.count(), func.coalesce(func.sum(OpenAIBatchRequest.inputs), 0)).where(
+            OpenAIBatchRequest.batch_id == batch_id
         )
     ).one()
     return int(lines), int(texts)
 
 
-def first_error(session: Session, batch_id: str) -> ApiBatchRequest | None:
+def first_error(session: Session, batch_id: str) -> OpenAIBatchRequest | None:
     return session.scalars(
-        select(ApiBatchRequest)
-        .where(ApiBatchRequest.batch_id == batch_id, ApiBatchRequest.error_code.is_not(None))
-        .order_by(ApiBatchRequest.line)
+        select(OpenAIBatchRequest)
+        .where(OpenAIBatchRequest.batch_id == batch_id, OpenAIBatchRequest.error_code.is_not(None))
+        .order_by(OpenAIBatchRequest.line)
         .limit(1)
     ).first()
 
@@ -205,8 +181,8 @@ def request_counts(session: Session, batch_id: str, job_id: str | None) -> tuple
     total, rejected = session.execute(
         select(
             func.count(),
-            func.count(ApiBatchRequest.error_code),
-        ).where(ApiBatchRequest.batch_id == batch_id)
+            func.count(OpenAIBatchRequest.error_code),
+        ).where(OpenAIBatchRequest.batch_id == batch_id)
     ).one()
     if job_id is None:
         return int(total), 0, int(rejected)
@@ -218,15 +194,15 @@ def request_counts(session: Session, batch_id: str, job_id: str | None) -> tuple
     )
     completed = session.scalar(
         select(func.count())
-        .select_from(ApiBatchRequest)
+        .select_from(OpenAIBatchRequest)
         .join(
             per_line,
             and_(
-                per_line.c.line == ApiBatchRequest.line,
-                per_line.c.stored == ApiBatchRequest.inputs,
+                per_line.c.line == OpenAIBatchRequest.line,
+                per_line.c.stored == OpenAIBatchRequest.inputs,
             ),
         )
-        .where(ApiBatchRequest.batch_id == batch_id, ApiBatchRequest.error_code.is_(None))
+        .where(OpenAIBatchRequest.batch_id == batch_id, OpenAIBatchRequest.error_code.is_(None))
     )
     failed = session.scalar(
         select(func.count(distinct(_line_of(FailedItem.item_id)))).where(
@@ -236,13 +212,15 @@ def request_counts(session: Session, batch_id: str, job_id: str | None) -> tuple
     return int(total), int(completed or 0), int(rejected) + int(failed or 0)
 
 
-def request_page(session: Session, batch_id: str, after: int, limit: int) -> list[ApiBatchRequest]:
+def request_page(
+    session: Session, batch_id: str, after: int, limit: int
+) -> list[OpenAIBatchRequest]:
     """The batch's lines after line ``after``, in order, ``limit`` at most."""
     return list(
         session.scalars(
-            select(ApiBatchRequest)
-            .where(ApiBatchRequest.batch_id == batch_id, ApiBatchRequest.line > after)
-            .order_by(ApiBatchRequest.line)
+            select(OpenAIBatchRequest)
+            .where(OpenAIBatchRequest.batch_id == batch_id, OpenAIBatchRequest.line > after)
+            .order_by(OpenAIBatchRequest.line)
             .limit(limit)
         )
     )
@@ -270,8 +248,3 @@ def items_of_lines(session: Session, job_id: str, first: int, last: int) -> dict
     for item_id, reason in failures:
         found.setdefault(int(item_id[:LINE_DIGITS]), LineItems({}, [])).failures.append(reason)
     return found
-
-
-def release_lease(session: Session, name: str, holder: str) -> None:
-    """Give lease ``name`` up, if ``holder`` holds it, so another process may take it now."""
-    session.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))

@@ -22,19 +22,19 @@ from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import Task, bootsteps
 from celery.signals import task_failure
 
-from storage import ledger
+from storage import leases
+from storage.models import FailureKind
 from storage.session import scope
-from tasks import completion, download, names
+from tasks import completion, names, preparation
 from tasks.batches import fail_raw
-from tasks.message import BatchMessage, task_id
-from tasks.reconciler import Reconciler, alive_ttl, redis_presence, redis_release
+from tasks.fleet.broker import redis_presence, redis_release
+from tasks.fleet.reconciler import Reconciler, alive_ttl
+from tasks.publishing import BrokerPublisher
 from worker import lifecycle, metrics
-from worker.app import app
 from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from celery.worker import WorkController
-    from kombu.connection import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def record_lost(
         return  # the task itself recorded every other failure
     raw = args[0] if args else None
     try:
-        outcome = fail_raw(lifecycle.get_sessions(), raw, reason)
+        outcome = fail_raw(lifecycle.get_sessions(), raw, reason, FailureKind.WORKER)
     except Exception as exc:  # the store is away: the ledger still says sent
         logger.error("could not record a lost batch (%s): left for the reconciler", exc)
         return
@@ -71,7 +71,7 @@ class ReconcilerThread(threading.Thread):
     def keep_alive(me: str, settings: Settings) -> None:
         try:
             with scope(lifecycle.get_sessions()) as session:
-                ledger.keep_alive(session, me, alive_ttl(settings))
+                leases.keep_alive(session, me, alive_ttl(settings))
         except Exception:  # the store is away: the lease lapses, the next interval renews it
             logger.warning("could not renew this worker's alive lease", exc_info=True)
 
@@ -84,10 +84,11 @@ class ReconcilerThread(threading.Thread):
         broker = settings.celery_broker()
         on_redis = broker.startswith(("redis://", "rediss://"))
         me = lifecycle.process_name(settings)
+        publisher = BrokerPublisher(settings)  # on connections of this thread's own
         reconciler = Reconciler(
             settings,
             lifecycle.get_sessions(),
-            _Publisher().send,
+            publisher,
             redis_presence(broker) if on_redis else None,
             holder=me,
             release=redis_release(broker) if on_redis else None,
@@ -109,30 +110,6 @@ class ReconcilerThread(threading.Thread):
                 completion.signal(broker, job_id)
 
 
-class _Publisher:
-    """Publishes from the reconciler's thread on a broker connection of its own."""
-
-    def __init__(self) -> None:
-        self._connection: Connection | None = None
-
-    def send(self, message: BatchMessage, queue: str) -> None:
-        if self._connection is None:
-            self._connection = app.connection_for_write()
-        try:
-            app.send_task(
-                names.EMBED,
-                args=[message.model_dump(mode="json")],
-                queue=queue,
-                task_id=task_id(message.job_id, message.batch_index),
-                connection=self._connection,
-                argsrepr=message.shown(),
-            )
-        except Exception:
-            self._connection.release()
-            self._connection = None
-            raise
-
-
 class FleetStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """The worker's fleet duties: lost-batch records, the reconciler, this host's models."""
 
@@ -144,7 +121,7 @@ class FleetStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, parent: WorkController) -> None:
         task_failure.connect(record_lost, weak=False)
-        download.report_models()
+        preparation.report_models(get_settings())
         self.thread = ReconcilerThread()
         self.thread.start()
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from celery import Celery
 
-from storage import batch_stats, ledger, repository
+from storage import batch_stats, ledger, model_catalog
 from storage.session import scope, sessions_for
 from tasks import names
 from worker.app import queue_depths
@@ -73,7 +73,7 @@ def check(app: Celery, database_url: str, timeout: float, stuck_after: float) ->
         for node in sorted(answered):
             config = configs.get(node, {})
             host = config.get("host_name") or node.split("@", 1)[-1]
-            models = repository.list_ready_models(session, host)
+            models = model_catalog.list_ready_models(session, host)
             provider = batch_stats.last_provider(session, host)
             gpu = bool(config.get("gpu_devices"))
             workers.append(
