@@ -1,10 +1,11 @@
 """Database engines and session scopes.
 
 ``storage`` never reads settings: callers hand it a URL. SQLite gets WAL and a busy timeout on
-every connection, so a reader never blocks the writer and concurrent writers wait instead of
-failing with "database is locked"; and ``synchronous=NORMAL``, the setting SQLite recommends
-with WAL: no fsync per commit (2 ms here, a tenth of a one-text job), never a corrupt file, and
-a commit survives a killed process; only a power loss or OS crash can undo the last commits.
+every connection (30 s, or the URL's ``?timeout=SECONDS``), so a reader never blocks the writer
+and concurrent writers wait instead of failing with "database is locked"; and
+``synchronous=NORMAL``, the setting SQLite recommends with WAL: no fsync per commit (2 ms here,
+a tenth of a one-text job), never a corrupt file, and a commit survives a killed process; only
+a power loss or OS crash can undo the last commits.
 Engines are made per process (after a worker forks), never shared across a fork.
 
 PostgreSQL connections are pinged at checkout only when they sat idle in the pool for over a
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, exc, make_url, text
@@ -47,7 +49,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("connect_args", {"connect_timeout": 10})
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        # The busy timeout in the URL (``sqlite:///path?timeout=SECONDS``, pysqlite's own
+        # parameter), else 30 s.
+        timeout = make_url(url).query.get("timeout")
+        busy_ms = SQLITE_BUSY_TIMEOUT_MS if timeout is None else int(float(str(timeout)) * 1000)
+        event.listen(engine, "connect", partial(_sqlite_pragmas, busy_ms=busy_ms))
     else:
         event.listen(engine, "checkout", _ping_if_idle(engine))
         event.listen(engine, "checkin", _note_checkin)
@@ -85,11 +91,11 @@ def commit_without_flush(session: Session) -> None:
         connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
-def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(connection: Any, _record: Any, busy_ms: int) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 

@@ -1,5 +1,5 @@
 """One batch of a job, run and recorded: the plain functions under the ``embed`` task
-(``tasks.embed``), which local mode also calls in the submitting process (``LocalPublisher``).
+(``tasks.embed``), which local mode also calls in the submitting process (``tasks.local``).
 
 ``run_message`` parses a message, claims its batch in the ledger, embeds it and stores what it
 made in one transaction (``embed_batch``, through ``storage.batch_results``); the (job, item)
@@ -8,9 +8,7 @@ without running the model. A permanent failure (a malformed message, an unknown 
 model, bad input) is recorded with its reason and kind (``fail_batch``, ``fail_raw``) and
 returned; a transient one is raised for the task's retry policy.
 
-What a run needs from its process (the settings, the store, the engines, its name in the
-fleet's records) comes in a ``Runtime``: ``Runtime.of(settings)`` in a worker or in local
-mode, a runtime of their own in tests.
+What a run needs from its process comes in a ``tasks.runtime.Runtime``.
 """
 
 from __future__ import annotations
@@ -19,20 +17,19 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from functools import partial
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import batch_results, jobs, ledger
 from storage.models import FailureKind
-from storage.session import scope, sessions_for
-from tasks import completion, failures, names, preparation
+from storage.session import scope
+from tasks import completion, preparation
 from tasks.completion import JobStatus
 from tasks.message import BatchMessage
+from tasks.runtime import Runtime
 from worker import lifecycle, metrics
 from worker.engine import Embedder, Encoding, Progress
 from worker.errors import (
@@ -42,7 +39,7 @@ from worker.errors import (
     ProviderError,
     TextsRefusedError,
 )
-from worker.settings import Settings, get_settings
+from worker.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -85,32 +82,6 @@ class Outcome:
             for key, value in asdict(self).items()
             if value not in (None, "", 0) and key != "status"
         }
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """What running a batch needs from its process."""
-
-    settings: Settings
-    sessions: sessionmaker[Session]
-    engines: Callable[[str], Embedder]
-    """The engine for a model name; raises ``ModelNotFoundError`` when this host lacks it."""
-    worker: str
-    """This process in the fleet's records (``host:pid``)."""
-    local: bool = False
-    """Local mode: a missing model is prepared in this process, not by a download task."""
-
-    @classmethod
-    def of(cls, settings: Settings, *, local: bool = False) -> Runtime:
-        """This process's runtime under ``settings``: its store and its engines, kept per
-        process (``worker.lifecycle``)."""
-        return cls(
-            settings,
-            sessions_for(settings.database_url),
-            partial(lifecycle.get_engine, settings=settings),
-            lifecycle.process_name(settings),
-            local,
-        )
 
 
 def embed_batch(
@@ -377,23 +348,3 @@ def describe_errors(exc: ValidationError) -> str:
         parts.append(f"{where}: {error['msg']}")
     more = len(exc.errors()) - 5
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
-
-
-class LocalPublisher:
-    """Local mode (no broker configured): each batch runs in this process as it is published,
-    with the same code a worker runs; no retries, so a batch that raises ends failed with the
-    reason."""
-
-    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
-        self.settings = settings
-        self.runtime = runtime
-        """Default: this process's, under ``settings``."""
-
-    def publish(self, messages: Sequence[BatchMessage], queue: names.Queue | str) -> None:
-        runtime = self.runtime or Runtime.of(self.settings, local=True)
-        for message in messages:
-            raw = message.body()
-            try:
-                run_message(raw, runtime)
-            except Exception as exc:  # no retries in local mode: the batch ends with the reason
-                fail_raw(runtime.sessions, raw, failures.describe(exc), failures.classify(exc))

@@ -28,8 +28,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import ledger
 from storage.session import scope
 from tasks import batches, completion, failures, names, publishing
-from tasks.batches import Delivery, Outcome, Runtime
+from tasks.batches import Delivery, Outcome
 from tasks.preparation import ModelPendingError
+from tasks.runtime import Runtime
 from worker.app import app
 from worker.engine import Progress
 from worker.settings import get_settings

@@ -3,7 +3,7 @@ queue (by task name, under its deterministic task id), and the publishers that p
 backfills and the reconciler hand their batches to.
 
 A ``Publisher`` is passed in: ``BrokerPublisher`` sends to the configured broker, a local-mode
-publisher (``tasks.batches.LocalPublisher``) runs each batch in this process, and tests hand in
+publisher (``tasks.local.LocalPublisher``) runs each batch in this process, and tests hand in
 their own. ``publisher_for(settings)`` picks the one the settings call for.
 
 Celery and kombu are imported when a message is first sent, not when this module is imported:
@@ -139,7 +139,7 @@ def publisher_for(settings: Settings) -> Publisher:
     if settings.local_mode:
         # Local mode runs the task's code here: the engine, onnxruntime and tokenizers are
         # imported only in this case, never by a producer that sends.
-        from tasks.batches import LocalPublisher
+        from tasks.local import LocalPublisher
 
         return LocalPublisher(settings)
     url = settings.celery_broker()
