@@ -2,11 +2,20 @@
 
 - imports flow one way between the packages: ``tasks`` -> ``worker``, ``storage``;
   ``worker`` -> ``storage``; ``storage`` -> nothing of ours;
+- inside ``tasks``, its wings depend one way too (``WINGS``): the root (the wire, the queue's
+  two ends and the two Celery tasks) depends on no wing; ``fleet`` and ``backfill`` on the root;
+  ``openai_batch`` on those and ``backfill``; the faces last, ``api`` and then ``cli``;
+- no module imports a Celery task module (``tasks.embed``, ``tasks.download``): the Celery app
+  lists them by name, so neither the producer nor the CLI loads a task;
+- the producer's side of the root imports the worker's side (which loads the engine) only
+  inside a function, never when it is imported: a client install imports the producer;
 - no import cycle between the project's modules, whether the import sits at the top of a module
   or inside a function (a function-level import hides a cycle; it does not remove it);
 - the store's queries live in ``storage``: no ``select(``/``update(``/``insert(``/``delete(``/
   ``text(`` and no ``session.execute`` in ``tasks``;
 - no module in ``tasks`` over 350 lines.
+
+Each rule is shown to fail on a planted case, so none can pass for nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +29,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("storage", "worker", "tasks")
 ALLOWED = {"storage": set(), "worker": {"storage"}, "tasks": {"worker", "storage"}}
+WINGS = {
+    "root": set(),
+    "fleet": {"root"},
+    "backfill": {"root"},
+    "openai_batch": {"root", "backfill"},
+    "api": {"root", "backfill", "openai_batch"},
+    "cli": {"root", "fleet", "backfill", "openai_batch", "api"},
+}
+"""The wings of ``tasks`` (its subpackages; the modules directly in it are the root) and the
+wings each may import besides its own."""
+TASK_MODULES = {"tasks.embed", "tasks.download"}
+PRODUCER_SIDE = {
+    "tasks.names",
+    "tasks.message",
+    "tasks.publishing",
+    "tasks.producer",
+    "tasks.completion",
+    "tasks.model_options",
+    "tasks.vector_files",
+}
+WORKER_SIDE = {"tasks.batches", "tasks.local", "tasks.runtime", "tasks.preparation", *TASK_MODULES}
 QUERY_BUILDERS = {"select", "update", "insert", "delete", "text", "union", "exists"}
 MAX_LINES = 350
 
@@ -219,3 +249,118 @@ def test_no_module_in_tasks_is_over_350_lines() -> None:
         if module.startswith("tasks") and (lines := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+# --- inside tasks --------------------------------------------------------------------------------
+def wing(module: str) -> str:
+    """The wing of a ``tasks`` module: its subpackage, or ``root``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in WINGS) else "root"
+
+
+def _across_wings(module: str, path: Path) -> list[str]:
+    own = wing(module)
+    return [
+        f"{path.name}:{line} ({own}) imports {target} ({wing(target)})"
+        for target, line in _imports(module, path)
+        if target.startswith("tasks.") and wing(target) not in WINGS[own] | {own}
+    ]
+
+
+def test_the_wing_check_finds_an_import_against_the_flow(tmp_path: Path) -> None:
+    planted = tmp_path / "planted.py"
+    planted.write_text("from tasks.cli import present\nfrom tasks import names\n")
+    assert wing("tasks.producer") == "root" and wing("tasks.fleet") == "fleet"
+    assert wing("tasks.api.embeddings") == "api" and wing("tasks.cli") == "cli"
+    assert _across_wings("tasks.api.planted", planted) == [
+        "planted.py:1 (api) imports tasks.cli.present (cli)"
+    ]
+    assert _across_wings("tasks.planted", planted) == [
+        "planted.py:1 (root) imports tasks.cli.present (cli)"
+    ]
+
+
+def test_the_wings_of_tasks_depend_one_way() -> None:
+    wrong = [
+        hit
+        for module, path in MODULES.items()
+        if module.startswith("tasks.")
+        for hit in _across_wings(module, path)
+    ]
+    assert wrong == []
+
+
+def _task_module_imports(module: str, path: Path) -> list[str]:
+    return [
+        f"{path.name}:{line} imports the task module {target}"
+        for target, line in _imports(module, path)
+        if target in TASK_MODULES and target != module
+    ]
+
+
+def test_the_task_module_check_finds_an_import_of_a_task(tmp_path: Path) -> None:
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f():\n    from tasks.download import download\n")
+    assert _task_module_imports("tasks.producer", planted) == [
+        "planted.py:2 imports the task module tasks.download"
+    ]
+
+
+def test_no_module_imports_a_celery_task_module() -> None:
+    wrong = [hit for module, path in MODULES.items() for hit in _task_module_imports(module, path)]
+    assert wrong == []
+
+
+def _module_level(path: Path) -> Iterator[ast.stmt]:
+    """The statements that run when a module is imported: its body, through ``if``/``try``
+    blocks (not ``TYPE_CHECKING``), never inside a function or class body."""
+    pending = list(ast.parse(path.read_text(), str(path)).body)
+    while pending:
+        node = pending.pop(0)
+        yield node
+        if isinstance(node, ast.If) and not ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            pending += node.body + node.orelse
+        elif isinstance(node, ast.Try):
+            pending += node.body + node.orelse + node.finalbody
+            pending += [stmt for handler in node.handlers for stmt in handler.body]
+
+
+def _eager_worker_side(module: str, path: Path) -> list[str]:
+    """Imports of the worker's side that run when ``module`` is imported."""
+    found: list[str] = []
+    for node in _module_level(path):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        hits = {target for name in names if (target := _target(name)) in WORKER_SIDE}
+        found += [f"{path.name}:{node.lineno} imports {target}" for target in sorted(hits)]
+    return found
+
+
+def test_the_eager_import_check_tells_a_top_level_import_from_a_function_level_one(
+    tmp_path: Path,
+) -> None:
+    planted = tmp_path / "planted.py"
+    planted.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from tasks import batches\n"
+        "if TYPE_CHECKING:\n"
+        "    from tasks.runtime import Runtime\n"
+        "def f():\n"
+        "    from tasks.local import LocalPublisher\n"
+    )
+    assert _eager_worker_side("tasks.producer", planted) == ["planted.py:2 imports tasks.batches"]
+
+
+def test_the_producer_side_loads_the_worker_side_only_when_it_runs_a_batch_here() -> None:
+    assert set(MODULES) >= PRODUCER_SIDE and set(MODULES) >= WORKER_SIDE
+    wrong = [
+        hit
+        for module in sorted(PRODUCER_SIDE)
+        for hit in _eager_worker_side(module, MODULES[module])
+    ]
+    assert wrong == []
