@@ -209,6 +209,13 @@ def corpus() -> list[str]:
         return [json.loads(line) for line in handle]
 
 
+@pytest.fixture(scope="session")
+def short_texts(corpus: list[str]) -> list[str]:
+    """The corpus texts of 40-160 characters (about 17,000): cheap to embed, for tests whose
+    point is what happens to a job, not the model's work."""
+    return [text for text in corpus if 40 <= len(text) <= 160]
+
+
 def cosines(a: object, b: object) -> object:
     """Row-wise cosine similarity of two float arrays."""
     import numpy as np

@@ -1,10 +1,11 @@
 """Fakes for tests that need the task logic, not the model or the broker: a deterministic fake
 engine, and publishers that keep or run what they are given.
 
-The fake engine keeps the real engine's contract (``tests/integration/test_engine_contract.py`` runs the same
-checks on both): unit float32 vectors in input order, the same vector for the same text whatever
-its neighbours, the validation errors, per-text token counts and truncation at ``max_tokens``,
-progress after each micro-batch, and statistics that add up.
+The fake engine keeps the real engine's contract (``tests/integration/test_engine_contract.py``
+runs the same checks on both): unit float32 vectors in input order, the same vector for the same
+text whatever its neighbours, the validation errors (and the texts it reads nothing in),
+per-text token counts and truncation at ``max_tokens``, progress after each micro-batch, and
+statistics that add up.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from storage.session import sessions_for
-from tasks.batches import Outcome, Runtime, run_message
+from tasks.batches import Outcome, run_message
 from tasks.message import BatchMessage
+from tasks.runtime import Runtime
 from worker.engine import NOTHING_READ, EncodeStats, Encoding, Progress
 from worker.errors import TextsRefusedError
 from worker.settings import Settings

@@ -1,51 +1,197 @@
-"""Real worker and `embedq serve` processes for the acceptance tests, over real Redis (database
-11)."""
+"""Real processes over real Redis, PostgreSQL or SQLite, and the exported model.
+
+Most acceptance tests share one worker process per dialect for the whole session (``fleet``),
+as Celery's own integration tests do: starting a worker (onnxruntime, the model's hash, the
+warm-up) costs seconds, and a test that only sends it jobs does not need a new one. Between
+tests the fleet's store is emptied (job tables truncated) and its queues cleared; the worker
+and its model stay warm. PostgreSQL is the default fleet; a test parametrised with
+``fleet=["sqlite", "postgresql"]`` runs on both.
+
+A test that stops, kills or reconfigures its workers starts its own on ``pipeline_env``: a
+store of the test's own and a Redis database no session worker listens on.
+
+Redis databases, from ``EMBEDQ_TEST_REDIS`` (default ``redis://127.0.0.1:6379/11``) up: the
+PostgreSQL fleet's, the SQLite fleet's, the tests' own workers', and one nobody consumes.
+"""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
 import redis
+from sqlalchemy import text
 
-from storage import schema
+from storage.session import make_engine
 from tests.conftest import require
-from worker.settings import get_settings
+from tests.databases import Databases
+from tests.processes import KEY, Server, Worker
+from worker.settings import Settings, get_settings
 
-KEY = "sk-acceptance-7f3a91"
-"""The API key the acceptance tests' `embedq serve` processes accept."""
+__all__ = ["KEY", "REDIS", "Fleet", "Server", "Worker", "redis_database"]
+
 REDIS = os.environ.get("EMBEDQ_TEST_REDIS", "redis://127.0.0.1:6379/11")
+OFFSETS = {"postgresql": 0, "sqlite": 1, "own": 2, "nobody": 3}
+# Emptied between tests, children first (SQLite deletes in this order; PostgreSQL truncates
+# them together). The models table keeps what the fleet's worker reported ready at its start.
+TABLES = (
+    "api_batch_requests",
+    "api_batches",
+    "api_files",
+    "vector_cache",
+    "backfills",
+    "failed_items",
+    "batch_stats",
+    "embeddings",
+    "batches",
+    "jobs",
+    "model_sources",
+    "leases",
+)
+
+
+def redis_database(use: str) -> str:
+    """The Redis URL of one of the tests' databases (``OFFSETS``), flushed."""
+    base, _, index = REDIS.rpartition("/")
+    url = f"{base}/{int(index or 0) + OFFSETS[use]}"
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        client.flushdb()
+        client.close()
+    except redis.RedisError as exc:
+        require(False, f"Redis is not reachable at {url}: {exc}")
+    return url
+
+
+def settings_env(database_url: str, broker_url: str, store_root: Path) -> dict[str, str]:
+    return {
+        "EMBEDQ_BROKER_URL": broker_url,
+        "EMBEDQ_DATABASE_URL": database_url,
+        "EMBEDQ_MODEL_DIR": str(store_root),
+        "EMBEDQ_DEFAULT_MODEL": "minilm",
+        "EMBEDQ_PROVIDERS": "CPUExecutionProvider",
+    }
+
+
+@dataclass
+class Fleet:
+    """A session's worker process, its store and its broker."""
+
+    dialect: str
+    env: dict[str, str]
+    worker: Worker
+
+    @property
+    def database_url(self) -> str:
+        return self.env["EMBEDQ_DATABASE_URL"]
+
+    @property
+    def broker_url(self) -> str:
+        return self.env["EMBEDQ_BROKER_URL"]
+
+    def settings(self) -> Settings:
+        return Settings(
+            database_url=self.database_url,
+            broker_url=self.broker_url,
+            model_dir=Path(self.env["EMBEDQ_MODEL_DIR"]),
+            default_model="minilm",
+            providers=["CPUExecutionProvider"],
+        )
+
+    def clean(self) -> None:
+        """Empty the store's job tables and the broker's queues; the worker stays up."""
+        engine = make_engine(self.database_url)
+        try:
+            with engine.begin() as connection:
+                if self.dialect == "postgresql":
+                    connection.execute(
+                        text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+                    )
+                else:
+                    for table in TABLES:
+                        connection.execute(text(f"DELETE FROM {table}"))
+                connection.execute(text("DELETE FROM models WHERE state <> 'ready'"))
+        finally:
+            engine.dispose()
+        client = redis.Redis.from_url(self.broker_url, socket_timeout=5)
+        try:
+            doomed = [key for key in client.scan_iter("embedq:*")]
+            doomed += [f"{q}{suffix}" for q in ("interactive", "bulk") for suffix in _LISTS]
+            client.delete(*doomed)
+        finally:
+            client.close()
+
+
+_LISTS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+"""A kombu queue's list and its priority sub-lists."""
+
+
+class Fleets:
+    """The session's fleets, one per dialect, each started the first time a test asks."""
+
+    def __init__(self, databases: Databases, store_root: Path, folder: Path) -> None:
+        self.databases = databases
+        self.store_root = store_root
+        self.folder = folder
+        self.made: dict[str, Fleet] = {}
+
+    def get(self, dialect: str) -> Fleet:
+        if dialect not in self.made:
+            if dialect == "postgresql":
+                database = self.databases.postgres()
+            else:
+                database = self.databases.sqlite(self.folder / dialect)
+            env = settings_env(database, redis_database(dialect), self.store_root)
+            self.made[dialect] = Fleet(dialect, env, Worker(env, "embedq-test"))
+        fleet = self.made[dialect]
+        if not fleet.worker.alive():
+            pytest.fail(f"the {dialect} fleet's worker died:\n{fleet.worker.tail()}")
+        return fleet
+
+    def stop(self) -> None:
+        for fleet in self.made.values():
+            fleet.worker.stop()
+
+
+@pytest.fixture(scope="session")
+def fleets(
+    databases: Databases,
+    minilm: Path,
+    store_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Fleets]:
+    made = Fleets(databases, store_root, tmp_path_factory.mktemp("fleets"))
+    yield made
+    made.stop()
+
+
+@pytest.fixture(params=["postgresql"])
+def fleet(
+    request: pytest.FixtureRequest, fleets: Fleets, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Fleet]:
+    """The session's worker for this test's dialect, this process's settings pointed at its
+    store and broker; emptied after the test."""
+    running = fleets.get(request.param)
+    for key, value in running.env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    yield running
+    from tasks import producer
+
+    producer.dispose()
+    running.clean()
 
 
 @pytest.fixture
 def pipeline_env(
     database_url: str, minilm: Path, store_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dict[str, str]]:
-    """Settings shared by this test's producer and worker, on an empty Redis database."""
-    try:
-        client = redis.Redis.from_url(REDIS, socket_timeout=5)
-        client.flushdb()
-        client.close()
-    except redis.RedisError as exc:
-        require(False, f"Redis is not reachable at {REDIS}: {exc}")
-    schema.upgrade(database_url)
-    env = {
-        "EMBEDQ_BROKER_URL": REDIS,
-        "EMBEDQ_DATABASE_URL": database_url,
-        "EMBEDQ_MODEL_DIR": str(store_root),
-        "EMBEDQ_DEFAULT_MODEL": "minilm",
-        "EMBEDQ_PROVIDERS": "CPUExecutionProvider",
-    }
+    """Settings of this test's own (its store, a Redis database no session worker consumes),
+    for tests that start, stop or kill their own workers; this process uses them too."""
+    env = settings_env(database_url, redis_database("own"), store_root)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
@@ -53,134 +199,3 @@ def pipeline_env(
     from tasks import producer
 
     producer.dispose()
-
-
-class Worker:
-    """A real ``celery -A worker worker`` process, its log collected for assertions."""
-
-    def __init__(self, env: dict[str, str], name: str, command: list[str] | None = None) -> None:
-        command = command or [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker",
-            "worker",
-            "-Q",
-            "interactive,bulk",
-            "-c",
-            "1",
-            "--pool",
-            "prefork",
-            "-n",
-            f"{name}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "-l",
-            "INFO",
-        ]
-        self.process = subprocess.Popen(
-            command,
-            env={**os.environ, **env},
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so stop() reaches the pool too
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(90):
-            self.stop()
-            pytest.fail("the worker did not become ready:\n" + "".join(self.lines[-40:]))
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if " ready." in line:
-                self.ready.set()
-
-    def stop(self) -> None:
-        """Warm shutdown of the whole process group; SIGKILL for whatever is left after 30 s."""
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(wait)
-                os.killpg(self.process.pid, 0)  # anything left in the group (a pool child)?
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                continue
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-
-@pytest.fixture
-def worker(pipeline_env: dict[str, str]) -> Iterator[Worker]:
-    running = Worker(pipeline_env, "embedq-test")
-    yield running
-    running.stop()
-
-
-class Server:
-    """A real ``embedq serve`` process on a free port, its log kept for assertions."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tasks.cli", "serve", "--port", str(self.port)],
-            env={**os.environ, **env},
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self.clients: list[openai.OpenAI] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.2)
-        self.stop()
-        pytest.fail("embedq serve did not become healthy:\n" + "".join(self.lines[-40:]))
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def client(self, key: str = KEY) -> openai.OpenAI:
-        """OpenAI's client on this server (closed with it), without retries."""
-        self.clients.append(openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0))
-        return self.clients[-1]
-
-    def get(self, path: str, **kwargs: object) -> httpx.Response:
-        auth = {"Authorization": f"Bearer {KEY}"}
-        return httpx.get(self.url + path, headers=auth, timeout=60, **kwargs)  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        for client in self.clients:
-            client.close()
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.process.pid, sig)
-                self.process.wait(wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        if self.process.stdout is not None:
-            self.process.stdout.close()

@@ -8,6 +8,7 @@ import io
 import json
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -18,11 +19,10 @@ import redis
 from storage import embeddings
 from storage.session import scope, sessions_for
 from tasks.api.auth import key_id
-from tests.acceptance.conftest import KEY, Server, Worker
+from tests.acceptance.conftest import KEY, Fleet, Server, redis_database
 from tests.conftest import cosines
+from tests.waiting import wait_until
 from worker.engine import Engine
-
-pytestmark = pytest.mark.model
 
 TEXTS = [
     "A quick check of the embeddings endpoint.",
@@ -32,13 +32,13 @@ TEXTS = [
 
 
 @pytest.fixture
-def serve(pipeline_env: dict[str, str]) -> Iterator[Callable[..., Server]]:
-    """Start ``embedq serve`` instances on this test's broker and store (extra settings as
+def serve(fleet: Fleet) -> Iterator[Callable[..., Server]]:
+    """Start ``embedq serve`` instances on the fleet's broker and store (extra settings as
     keyword arguments); every one is stopped after the test."""
     started: list[Server] = []
 
     def start(**settings: str) -> Server:
-        env = {**pipeline_env, "EMBEDQ_API_KEYS": f"{KEY},sk-unused", **settings}
+        env = {**fleet.env, "EMBEDQ_API_KEYS": f"{KEY},sk-unused", **settings}
         started.append(Server(env))
         return started[-1]
 
@@ -49,8 +49,9 @@ def serve(pipeline_env: dict[str, str]) -> Iterator[Callable[..., Server]]:
     assert KEY not in logs  # a key's value is never logged
 
 
+@pytest.mark.parametrize("fleet", ["sqlite", "postgresql"], indirect=True)
 def test_openai_s_client_gets_the_engine_s_vectors_and_the_stored_token_counts(
-    worker: Worker, serve: Callable[..., Server], engine: Engine, database_url: str
+    fleet: Fleet, serve: Callable[..., Server], engine: Engine
 ) -> None:
     server = serve()
     client = server.client()
@@ -65,7 +66,7 @@ def test_openai_s_client_gets_the_engine_s_vectors_and_the_stored_token_counts(
     assert got.shape == (3, 384)
     assert float(np.min(cosines(got, reference.vectors))) >= 0.9999
     assert [item.index for item in floats.data] == [0, 1, 2]
-    with scope(sessions_for(database_url)) as session:
+    with scope(sessions_for(fleet.database_url)) as session:
         stored = sum(row.token_count for row in embeddings.vectors_with_tokens(session, job_id))
     assert stored == sum(reference.token_counts)
     assert floats.usage.prompt_tokens == floats.usage.total_tokens == stored
@@ -95,9 +96,37 @@ def test_openai_s_client_gets_the_engine_s_vectors_and_the_stored_token_counts(
     assert malformed.value.body["param"] == "encoding_format"  # type: ignore[index]
 
 
-def test_a_body_over_the_cap_is_a_413_in_openai_s_shape(
-    worker: Worker, serve: Callable[..., Server]
+def test_a_text_the_model_reads_nothing_in_is_a_400_from_a_real_worker(
+    fleet: Fleet, serve: Callable[..., Server], engine: Engine
 ) -> None:
+    """The producer accepts a text of zero-width spaces (it is not whitespace); the worker's
+    engine finds nothing in it to read and refuses it. The failure is stored as input, so
+    OpenAI's client gets a 400 naming the input, while the good text of the request is stored
+    with the engine's vector."""
+    client = serve().client()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.with_raw_response.create(
+            input=["a perfectly good text", "\u200b\u200b\u200b"], model="minilm"
+        )
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "invalid_input",
+        "input",
+    )
+    assert "partially_failed: 1 of 2 texts failed" in error["message"]
+    assert "the model reads nothing in this text" in error["message"]
+    job_id = refused.value.response.headers["x-embedq-job"]
+    with scope(sessions_for(fleet.database_url)) as session:
+        stored = embeddings.vectors_with_tokens(session, job_id)
+    assert [row.item_id for row in stored] == ["0"]
+    vector = np.frombuffer(stored[0].vector, "<f4")
+    reference = engine.encode(["a perfectly good text"]).vectors
+    assert float(cosines([vector], reference)[0]) >= 0.9999
+
+
+def test_a_body_over_the_cap_is_a_413_in_openai_s_shape(serve: Callable[..., Server]) -> None:
     client = serve(EMBEDQ_API_MAX_REQUEST_BYTES="4096").client()
     assert client.embeddings.create(input="small enough", model="minilm").data
     with pytest.raises(openai.APIStatusError) as too_big:
@@ -107,7 +136,7 @@ def test_a_body_over_the_cap_is_a_413_in_openai_s_shape(
 
 
 def test_jobs_models_and_health_answer_from_the_store(
-    worker: Worker, serve: Callable[..., Server], engine: Engine
+    serve: Callable[..., Server], engine: Engine
 ) -> None:
     server = serve()
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -120,11 +149,12 @@ def test_jobs_models_and_health_answer_from_the_store(
     assert submitted.status_code == 202, submitted.text
     job = submitted.json()
     assert (job["model"], job["tag"], job["total"]) == ("minilm", f"api:{key_id(KEY)}", 3)
-    deadline = time.monotonic() + 120
-    while job["state"] not in ("succeeded", "failed", "partially_failed"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.2)
-        job = server.get(f"/v1/jobs/{job['id']}").json()
+
+    def ended() -> dict[str, Any] | None:
+        found: dict[str, Any] = server.get(f"/v1/jobs/{job['id']}").json()
+        return found if found["state"] in ("succeeded", "failed", "partially_failed") else None
+
+    job = wait_until(ended, 120, f"job {job['id']} to end", every=0.2)
     assert (job["state"], job["done"], job["failed"]) == ("succeeded", 3, 0)
     reference = engine.encode(TEXTS).vectors
 
@@ -148,12 +178,13 @@ def test_jobs_models_and_health_answer_from_the_store(
 
 
 def test_a_job_no_worker_takes_is_a_504_naming_it_and_goes_on(
-    serve: Callable[..., Server], pipeline_env: dict[str, str], database_url: str
+    serve: Callable[..., Server],
 ) -> None:
     from tasks import producer
 
     producer.register_model("hf://org/unserved", "unserved")  # known, but no worker runs
-    server = serve(EMBEDQ_API_WAIT_TIMEOUT="1.5")
+    nobody = redis_database("nobody")  # a broker no worker consumes
+    server = serve(EMBEDQ_API_WAIT_TIMEOUT="1.5", EMBEDQ_BROKER_URL=nobody)
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as timed_out:
         server.client().embeddings.create(input="nobody takes this", model="unserved")
@@ -166,7 +197,6 @@ def test_a_job_no_worker_takes_is_a_504_naming_it_and_goes_on(
     assert 1.5 <= waited < 15
     job = server.get(f"/v1/jobs/{job_id}").json()
     assert (job["state"], job["queue"], job["model"]) == ("queued", "interactive", "unserved")
-    client = redis.Redis.from_url(pipeline_env["EMBEDQ_BROKER_URL"])
+    client = redis.Redis.from_url(nobody)
     assert client.llen("interactive") == 1  # the job's one batch, waiting for a worker
-    client.delete("interactive")  # so no later worker on this Redis database meets it
     client.close()

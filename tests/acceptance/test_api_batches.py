@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,23 +21,23 @@ from storage import backfills, openai_batches
 from storage.models import Batch as LedgerBatch
 from storage.models import Embedding, Job
 from storage.session import scope, sessions_for
-from tests.acceptance.conftest import KEY, Server, Worker
+from tests.acceptance.conftest import KEY, Fleet, Server
 from tests.conftest import cosines
+from tests.waiting import wait_until
 from worker.engine import Engine
-
-pytestmark = pytest.mark.model
 
 MODEL = "minilm"
 
 
 @pytest.fixture
-def start(pipeline_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start ``embedq serve`` instances sharing one files folder; all stopped after the test."""
+def start(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start ``embedq serve`` instances on the fleet, sharing one files folder; all stopped
+    after the test."""
     started: list[Server] = []
 
     def server(**settings: str) -> Server:
         env = {
-            **pipeline_env,
+            **fleet.env,
             "EMBEDQ_API_KEYS": KEY,
             "EMBEDQ_FILES_DIR": str(tmp_path / "files"),
             **settings,
@@ -77,13 +76,16 @@ def create(client: openai.OpenAI, file_id: str) -> Batch:
 def wait_for(
     client: openai.OpenAI, batch_id: str, done: Callable[[Batch], bool], timeout: float
 ) -> Batch:
-    deadline = time.monotonic() + timeout
-    batch = client.batches.retrieve(batch_id)
-    while not done(batch):
-        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch.request_counts}"
-        time.sleep(0.5)
-        batch = client.batches.retrieve(batch_id)
-    return batch
+    seen: list[Batch] = []
+
+    def reached() -> Batch | None:
+        seen.append(client.batches.retrieve(batch_id))
+        return seen[-1] if done(seen[-1]) else None
+
+    def last() -> str:
+        return f"batch still {seen[-1].status}: {seen[-1].request_counts}" if seen else ""
+
+    return wait_until(reached, timeout, f"batch {batch_id}", every=0.5, detail=last)
 
 
 def jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, object]]:
@@ -92,11 +94,7 @@ def jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, object]]
 
 
 def test_a_batch_file_comes_back_with_the_engine_s_vectors_and_stored_tokens(
-    worker: Worker,
-    start: Callable[..., Server],
-    engine: Engine,
-    database_url: str,
-    tmp_path: Path,
+    fleet: Fleet, start: Callable[..., Server], engine: Engine, tmp_path: Path
 ) -> None:
     client = start().client()
     inputs: dict[str, list[str]] = {}
@@ -118,7 +116,7 @@ def test_a_batch_file_comes_back_with_the_engine_s_vectors_and_stored_tokens(
 
     out = jsonl(client, batch.output_file_id)
     assert sorted(str(entry["custom_id"]) for entry in out) == sorted(inputs)
-    with scope(sessions_for(database_url)) as session:
+    with scope(sessions_for(fleet.database_url)) as session:
         job_id = backfills.job_of(session, batch.id)
         stored = dict(
             session.execute(
@@ -157,16 +155,11 @@ def many(count: int, corpus: list[str]) -> list[str]:
     return [request(f"c{i}", corpus[i]) for i in range(count)]
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_cancelled_batch_stops_sending_and_lists_what_it_did_not_run(
-    worker: Worker,
-    start: Callable[..., Server],
-    corpus: list[str],
-    database_url: str,
-    tmp_path: Path,
+    start: Callable[..., Server], short_texts: list[str], tmp_path: Path
 ) -> None:
     client = start(EMBEDQ_JOB_BATCH_SIZE="8", EMBEDQ_BACKFILL_MAX_IN_FLIGHT="1").client()
-    file_id = upload(client, tmp_path / "in.jsonl", many(2000, corpus))
+    file_id = upload(client, tmp_path / "in.jsonl", many(2000, short_texts))
     created = create(client, file_id)
     wait_for(
         client, created.id, lambda b: bool(b.request_counts and b.request_counts.completed), 120
@@ -183,19 +176,14 @@ def test_a_cancelled_batch_stops_sending_and_lists_what_it_did_not_run(
     assert {entry["error"]["code"] for entry in errors} == {"batch_cancelled"}  # type: ignore[index]
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_batch_whose_serve_is_killed_is_finished_by_another_with_nothing_lost_or_resent(
-    worker: Worker,
-    start: Callable[..., Server],
-    corpus: list[str],
-    database_url: str,
-    tmp_path: Path,
+    fleet: Fleet, start: Callable[..., Server], short_texts: list[str], tmp_path: Path
 ) -> None:
     settings = {"EMBEDQ_JOB_BATCH_SIZE": "16", "EMBEDQ_BACKFILL_MAX_IN_FLIGHT": "2"}
     first = start(**settings)
     client = first.client()
     total = 1500
-    file_id = upload(client, tmp_path / "in.jsonl", many(total, corpus))
+    file_id = upload(client, tmp_path / "in.jsonl", many(total, short_texts))
     created = create(client, file_id)
     half = wait_for(
         client, created.id, lambda b: bool(b.request_counts and b.request_counts.completed), 120
@@ -209,7 +197,7 @@ def test_a_batch_whose_serve_is_killed_is_finished_by_another_with_nothing_lost_
     assert batch.request_counts is not None
     assert (batch.request_counts.completed, batch.request_counts.failed) == (total, 0)
     assert len(jsonl(second, batch.output_file_id)) == total
-    with scope(sessions_for(database_url)) as session:
+    with scope(sessions_for(fleet.database_url)) as session:
         job_id = backfills.job_of(session, batch.id)
         stored = session.scalar(select(func.count()).where(Embedding.job_id == job_id))
         sent = session.scalar(
@@ -222,19 +210,13 @@ def test_a_batch_whose_serve_is_killed_is_finished_by_another_with_nothing_lost_
     assert (sent or 0) + reused == total  # no text sent in two batches
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_2000_line_batch_with_bad_lines_completes_the_rest_with_the_engine_s_vectors(
-    worker: Worker,
-    start: Callable[..., Server],
-    engine: Engine,
-    corpus: list[str],
-    database_url: str,
-    tmp_path: Path,
+    start: Callable[..., Server], engine: Engine, short_texts: list[str], tmp_path: Path
 ) -> None:
     """The issue's round trip: 2,000 lines through files.create, batches.create, polling and
     files.content, some of them bad; the bad ones are in the error file, the rest completed."""
     client = start().client()
-    texts = {f"r{i}": corpus[i][:300] for i in range(2000)}
+    texts = {f"r{i}": short_texts[i] for i in range(2000)}
     lines = [request(custom_id, text) for custom_id, text in texts.items()]
     bad = {
         7: ("r7", '{"custom_id": "r7", "method": "POST"'),  # cut short: not JSON

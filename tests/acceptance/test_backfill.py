@@ -1,6 +1,7 @@
-"""A 20,000-text backfill through real Redis, a two-process worker and PostgreSQL: the CLI is
-killed about half way and resumed, then the worker is killed and replaced; every item ends stored
-once, little is computed twice, and the bulk queue never holds more than the in-flight bound."""
+"""A 20,000-text backfill (short texts: the model's work is not the point) through real Redis, a
+two-process worker and PostgreSQL: the CLI is killed about half way and resumed, then the worker
+is killed and replaced; every item ends stored once, little is computed twice, and the bulk
+queue never holds more than the in-flight bound."""
 
 from __future__ import annotations
 
@@ -19,17 +20,14 @@ from sqlalchemy import func, select
 
 from storage.models import Backfill, BatchStat, Embedding, Job
 from storage.session import scope, sessions_for
-from tests.acceptance.conftest import REDIS, Worker
-
-pytestmark = pytest.mark.model
+from tests.processes import Worker, celery_worker
+from tests.waiting import wait_until
 
 BOUND = 4  # batches in flight
 
 
 def two_process_worker(env: dict[str, str], name: str) -> Worker:
-    command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "bulk", "-c", "2"]
-    command += ["-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "INFO"]
-    return Worker(env, name, command)
+    return Worker(env, name, celery_worker(name, queues="bulk", processes=2))
 
 
 def start_cli(env: dict[str, str], source: Path) -> subprocess.Popen[str]:
@@ -52,18 +50,11 @@ def done_items(url: str) -> int:
         return 0 if job is None else job.done_items
 
 
-def wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_backfill_survives_a_killed_cli_and_a_killed_worker(
-    pipeline_env: dict[str, str], corpus: list[str], tmp_path: Path, database_url: str
+    pipeline_env: dict[str, str], short_texts: list[str], tmp_path: Path, database_url: str
 ) -> None:
-    texts = corpus[:20000]
+    texts = [f"{short_texts[i % len(short_texts)]} ({i})" for i in range(20000)]  # all distinct
     source = tmp_path / "big.jsonl"
     with source.open("w", encoding="utf-8") as handle:
         for i, text in enumerate(texts):
@@ -80,7 +71,7 @@ def test_a_backfill_survives_a_killed_cli_and_a_killed_worker(
     stop = threading.Event()
 
     def sample() -> None:
-        client = redis.Redis.from_url(REDIS)
+        client = redis.Redis.from_url(env["EMBEDQ_BROKER_URL"])
         while not stop.is_set():
             peak["bulk"] = max(peak["bulk"], int(client.llen("bulk")))
             time.sleep(0.01)

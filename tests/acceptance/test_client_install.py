@@ -1,25 +1,28 @@
 """An application installs embedq without extras (``pip install embedq``, the client side) and
-submits jobs through it to a worker installed with the ``worker`` extra. The client venv is built
-from this checkout's source in a fresh ``python -m venv``; it must hold no onnxruntime,
+submits jobs through it to a worker installed with the ``worker`` extra. The client venv holds
+this checkout's source and what pip resolves for it (``client``); it must hold no onnxruntime,
 tokenizers or huggingface_hub, and the vectors it reads back must be the engine's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
-from tests.acceptance.conftest import Worker
+from tests import exported
+from tests.acceptance.conftest import Fleet
 from tests.conftest import cosines, require
 from worker.engine import Engine
-
-pytestmark = pytest.mark.model
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = ("pyproject.toml", "README.md", "worker", "tasks", "storage", "migrations")
@@ -65,9 +68,22 @@ def in_client(
     )
 
 
+def _dependencies_key() -> str:
+    """What decides the client venv's third-party packages: the base dependencies in
+    pyproject.toml and this Python."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    what = json.dumps([project["dependencies"], sys.version_info[:2]], sort_keys=True)
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with ``pip install <this source>`` and no extras; its python."""
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A venv with ``pip install <this source>`` and no extras; its python.
+
+    The venv is made once per machine and per set of base dependencies (its third-party
+    packages are what pip resolves from pyproject.toml, the same for the same dependencies) in
+    the tests' cache folder; each session installs this checkout's source into it again with
+    ``--no-deps``. A change of dependencies (or Python) makes a fresh venv from scratch."""
     root = tmp_path_factory.mktemp("client")
     source = root / "src"  # a copy: building in the checkout would write build/ into it
     for name in SOURCE:
@@ -78,19 +94,26 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             source.mkdir(exist_ok=True)
             shutil.copy2(REPO / name, source / name)
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    cache = exported.cache_root()
+    cache.mkdir(parents=True, exist_ok=True)
+    venv = cache / f"client-venv-{_dependencies_key()}"
     python = venv / "bin" / "python"
-    done = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(source)],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env=client_env(),
-        timeout=900,
-    )
-    require(done.returncode == 0, f"pip install of the client side failed:\n{done.stderr[-3000:]}")
-    return python
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    with FileLock(str(venv) + ".lock"):
+        if not (venv / "ready").is_file():  # a fresh venv, its dependencies resolved by pip
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            command = [*pip, str(source)]
+        else:  # the same dependencies: this checkout's code replaces the last one's
+            command = [*pip, "--no-deps", "--force-reinstall", str(source)]
+        done = subprocess.run(
+            command, capture_output=True, text=True, cwd=root, env=client_env(), timeout=900
+        )
+        require(
+            done.returncode == 0, f"pip install of the client side failed:\n{done.stderr[-3000:]}"
+        )
+        (venv / "ready").touch()
+        yield python
 
 
 def site_packages(python: Path) -> Path:
@@ -119,20 +142,16 @@ def test_the_client_install_has_no_inference_runtime(client: Path) -> None:
     print(f"client install: {client_mb:.0f} MB of site-packages (this dev venv: {full_mb:.0f} MB)")
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_job_submitted_from_the_client_install_comes_back_with_the_engines_vectors(
-    client: Path,
-    worker: Worker,
-    pipeline_env: dict[str, str],
-    engine: Engine,
-    tmp_path: Path,
+    client: Path, fleet: Fleet, engine: Engine, tmp_path: Path
 ) -> None:
+    env = fleet.env
     out = tmp_path / "vectors.npy"
     submit = [str(client), "-c", SUBMIT, json.dumps(TEXTS), str(out), json.dumps(RUNTIME)]
-    done = in_client(submit, tmp_path, pipeline_env)
+    done = in_client(submit, tmp_path, env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
-    assert result["status"]["state"] == "succeeded", (result, "".join(worker.lines[-30:]))
+    assert result["status"]["state"] == "succeeded", (result, fleet.worker.tail(30))
     assert (result["status"]["done"], result["status"]["failed"]) == (len(TEXTS), 0)
     assert result["ids"] == [f"t{i}" for i in range(len(TEXTS))]
     assert Path(result["producer"]).is_relative_to(client.parents[1])
@@ -142,9 +161,9 @@ def test_a_job_submitted_from_the_client_install_comes_back_with_the_engines_vec
     assert float(np.min(cosines(vectors, engine.encode(TEXTS).vectors))) >= 0.9999
 
     embedq = str(client.parent / "embedq")
-    shown = in_client([embedq, "job", result["job"]], tmp_path, pipeline_env)
+    shown = in_client([embedq, "job", result["job"]], tmp_path, env)
     assert shown.returncode == 0 and "succeeded" in shown.stdout, shown.stderr
-    refused = in_client([embedq, "worker"], tmp_path, pipeline_env)
+    refused = in_client([embedq, "worker"], tmp_path, env)
     assert refused.returncode == 2
     assert refused.stderr.strip() == (
         "error: embedq worker needs the worker extra (onnxruntime is not installed):"

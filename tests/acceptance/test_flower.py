@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.conftest import Worker
+from tests.acceptance.conftest import Fleet
 from tests.conftest import require
+from tests.processes import free_port
+from tests.waiting import wait_until
 
-pytestmark = pytest.mark.model
-
-PORT = 5599
+PORT = free_port()
 AUTH = {"EMBEDQ_FLOWER_USER": "ops", "EMBEDQ_FLOWER_PASSWORD": "s3cret-pass"}
 
 
@@ -39,57 +38,62 @@ def get(path: str, auth: bool = True) -> tuple[int, str]:
         return exc.code, ""
 
 
+def _answers() -> bool:
+    try:
+        return get("/healthcheck", auth=False)[0] == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
 @pytest.fixture
-def flower(pipeline_env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+def flower(fleet: Fleet) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "tasks.cli", "flower", "--port", str(PORT)],
-        env={**os.environ, **pipeline_env, **AUTH},
+        env={**os.environ, **fleet.env, **AUTH},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if get("/healthcheck", auth=False)[0] == 200:
-                break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "Flower did not start"
-        time.sleep(0.3)
+    wait_until(lambda: _answers() or process.poll() is not None, 60, "Flower to answer", every=0.3)
+    assert process.poll() is None, "Flower exited at start"
     yield process
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(30)
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def listening(producer: object) -> None:
+    """Flower answers /healthcheck before its event receiver listens: wait until it has seen a
+    task, or the events of the jobs a test sends may go before anyone hears them."""
+    sent: list[str] = []
+
+    def heard() -> bool:
+        job = producer.submit(["Flower is listening"])  # type: ignore[attr-defined]
+        assert job.wait(timeout=120)["state"] == "succeeded"
+        sent.append(job.id)
+        body = get("/api/tasks")[1]
+        return any(job_id in body for job_id in sent)
+
+    wait_until(heard, 60, "Flower to hear a task", every=0.5)
+
+
 def test_flower_shows_the_embedq_tasks_behind_a_login(
-    worker: Worker, flower: subprocess.Popen[str], corpus: list[str]
+    fleet: Fleet, flower: subprocess.Popen[str], corpus: list[str]
 ) -> None:
     from tasks import producer
 
-    # Flower answers /healthcheck before its event receiver listens: wait until it has seen a
-    # first task, or the events of the jobs below may be sent before anyone hears them.
-    first = producer.submit(["Flower is listening"])
-    deadline = time.monotonic() + 60
-    while first.id not in get("/api/tasks")[1]:
-        assert time.monotonic() < deadline, "Flower saw no task"
-        if first.wait(timeout=120)["state"] == "succeeded":  # sent again until heard
-            first = producer.submit(["Flower is listening"])
-        time.sleep(0.5)
-
+    listening(producer)
     jobs = [producer.submit(corpus[i * 10 : i * 10 + 10]) for i in range(3)]
     assert all(job.wait(timeout=120)["state"] == "succeeded" for job in jobs)
 
     assert get("/api/tasks", auth=False)[0] == 401
-    deadline = time.monotonic() + 30
-    while True:
+
+    def succeeded() -> tuple[int, str] | None:
         status, body = get("/api/tasks?taskname=embedq.embed&state=SUCCESS")
-        tasks = json.loads(body) if status == 200 else {}
-        if all(job.id in body for job in jobs) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        return (status, body) if status == 200 and all(job.id in body for job in jobs) else None
+
+    status, body = wait_until(succeeded, 30, "Flower to list the three jobs' tasks", every=0.5)
+    tasks = json.loads(body)
     assert len(tasks) >= 3, (status, body[:500])
     shown = " ".join(str(task.get("args")) for task in tasks.values())
     for job in jobs:
@@ -126,15 +130,20 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_flower_dashboard_shows_the_embedq_tasks_in_a_browser(
-    worker: Worker, flower: subprocess.Popen[str], corpus: list[str]
+    fleet: Fleet, flower: subprocess.Popen[str], corpus: list[str]
 ) -> None:
     from tasks import producer
 
+    listening(producer)
     jobs = [producer.submit(corpus[i * 5 : i * 5 + 5]) for i in range(4)]
     assert all(job.wait(timeout=120)["state"] == "succeeded" for job in jobs)
-    time.sleep(1)  # Flower has the events
+    wait_until(
+        lambda: all(job.id in get("/api/tasks?state=SUCCESS")[1] for job in jobs),
+        30,
+        "Flower to have the four jobs' events",
+        every=0.3,
+    )
     page = f"http://ops:s3cret-pass@127.0.0.1:{PORT}/tasks"
     dom = chromium("--dump-dom", page).stdout
     assert dom.count("embedq.embed") >= 4 and "SUCCESS" in dom

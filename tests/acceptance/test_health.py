@@ -10,9 +10,7 @@ import sys
 
 import pytest
 
-from tests.acceptance.conftest import Worker
-
-pytestmark = pytest.mark.model
+from tests.processes import Worker
 
 
 def health(env: dict[str, str]) -> tuple[int, dict[str, object]]:
@@ -27,17 +25,20 @@ def health(env: dict[str, str]) -> tuple[int, dict[str, object]]:
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_health_names_the_queue_nobody_serves(worker: Worker, pipeline_env: dict[str, str]) -> None:
+def test_health_names_the_queue_nobody_serves(pipeline_env: dict[str, str]) -> None:
     from tasks import producer
 
-    assert producer.submit(["a text to warm the worker"]).wait(timeout=120)["state"] == "succeeded"
-    code, result = health(pipeline_env)
-    assert code == 0, result
-    (node,) = result["workers"]  # type: ignore[misc]
-    assert {"interactive", "bulk"} <= set(node["queues"]) and "minilm" in node["models"]
-    assert node["last_provider"] == "CPUExecutionProvider" and not node["fell_back_from_gpu"]
-
-    worker.stop()  # no worker left; a bulk job waits
+    worker = Worker(pipeline_env, "embedq-health")
+    try:
+        job = producer.submit(["a text to warm the worker"])
+        assert job.wait(timeout=120)["state"] == "succeeded"
+        code, result = health(pipeline_env)
+        assert code == 0, result
+        (node,) = result["workers"]  # type: ignore[misc]
+        assert {"interactive", "bulk"} <= set(node["queues"]) and "minilm" in node["models"]
+        assert node["last_provider"] == "CPUExecutionProvider" and not node["fell_back_from_gpu"]
+    finally:
+        worker.stop()  # no worker left; a bulk job waits
     producer.submit(["nobody will take this"], queue="bulk")
     code, result = health(pipeline_env)
     assert code == 1

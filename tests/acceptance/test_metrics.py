@@ -4,20 +4,16 @@ the parent's /metrics, with queue depths read from the broker."""
 from __future__ import annotations
 
 import sys
-import time
 import urllib.request
 
 import pytest
 
-from tests.acceptance.conftest import Worker
-
-pytestmark = pytest.mark.model
-
-PORT = 9817
+from tests.processes import Worker, free_port
+from tests.waiting import wait_until
 
 
-def scrape() -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=5) as response:
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     values: dict[str, float] = {}
     for line in text.splitlines():
@@ -25,6 +21,9 @@ def scrape() -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
+
+
+REPUBLISHED = 'embedq_reconciled_batches_total{action="republished"}'
 
 
 def total(values: dict[str, float], prefix: str) -> float:
@@ -37,7 +36,8 @@ def test_worker_metrics_sum_the_pool_processes(
 ) -> None:
     from tasks import producer
 
-    env = {**pipeline_env, "EMBEDQ_METRICS_PORT": str(PORT), "EMBEDQ_PROCESSES": "2"}
+    port = free_port()
+    env = {**pipeline_env, "EMBEDQ_METRICS_PORT": str(port), "EMBEDQ_PROCESSES": "2"}
     env |= {"EMBEDQ_STUCK_AFTER": "1", "EMBEDQ_SWEEP_INTERVAL": "0.5"}
     command = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "2"]
     command += ["-n", "metrics@%h", "--without-gossip", "--without-mingle", "-l", "INFO"]
@@ -48,8 +48,12 @@ def test_worker_metrics_sum_the_pool_processes(
         assert producer.submit(["x"], model="not-there").wait(timeout=60)["state"] == "failed"
         orphan = recorded_but_never_published(corpus[700:710])
         assert orphan.wait(timeout=60)["state"] == "succeeded"  # the reconciler sent it
-        time.sleep(0.5)
-        values = scrape()
+        # The parent counts a re-publish when its sweep ends, a moment after the batch ran.
+        values = wait_until(
+            lambda: (found := scrape(port)).get(REPUBLISHED) and found,
+            30,
+            "the reconciler's re-publish in /metrics",
+        )
     finally:
         worker.stop()
     assert total(values, "embedq_texts_total{") == 610
@@ -62,7 +66,7 @@ def test_worker_metrics_sum_the_pool_processes(
     assert 'embedq_queue_messages{queue="interactive"}' in values
     pids = {k.split('pid="')[1].split('"')[0] for k in engines}
     assert len(pids) == 2  # both pool processes reported
-    assert values['embedq_reconciled_batches_total{action="republished"}'] == 1
+    assert values[REPUBLISHED] == 1
 
 
 def recorded_but_never_published(texts: list[str]) -> object:
@@ -83,4 +87,4 @@ def recorded_but_never_published(texts: list[str]) -> object:
         job = Job(id=job_id, model_name="minilm", queue="interactive", total_items=len(texts))
         jobs.create_job(session, job)
         ledger.add_batches(session, job_id, producer.plan_batches(texts, ids, 128))
-    return producer.JobHandle(job_id, settings.database_url, settings.broker_url)
+    return producer.JobHandle(job_id, settings)

@@ -18,16 +18,16 @@ import pytest
 
 from storage.models import BatchStat
 from storage.session import make_engine, scope, session_factory
-from tests.acceptance.conftest import Worker
+from tests.acceptance.conftest import Fleet, Worker
 from tests.conftest import cosines
+from tests.waiting import wait_until
 from worker.engine import Engine
 from worker.settings import get_settings
 
-pytestmark = pytest.mark.model
 
-
+@pytest.mark.parametrize("fleet", ["sqlite", "postgresql"], indirect=True)
 def test_1000_corpus_texts_round_trip_in_order(
-    worker: Worker, engine: Engine, corpus: list[str], database_url: str
+    fleet: Fleet, engine: Engine, corpus: list[str]
 ) -> None:
     from tasks import producer
 
@@ -37,14 +37,14 @@ def test_1000_corpus_texts_round_trip_in_order(
     status = job.wait(timeout=600)
     elapsed = time.monotonic() - started
 
-    assert status["state"] == "succeeded", (status, "".join(worker.lines[-30:]))
+    assert status["state"] == "succeeded", (status, fleet.worker.tail(30))
     assert (status["done"], status["failed"]) == (1000, 0)
     ids, vectors = job.embeddings()
     assert ids == [f"doc-{i}" for i in range(1000)]
     expected = np.concatenate([engine.encode(texts[i : i + 500]).vectors for i in (0, 500)])
     assert float(np.min(cosines(vectors, expected))) >= 0.9999
 
-    database = make_engine(database_url)
+    database = make_engine(fleet.database_url)
     with scope(session_factory(database)) as session:
         stats = session.query(BatchStat).filter(BatchStat.job_id == job.id).all()
     database.dispose()
@@ -55,7 +55,7 @@ def test_1000_corpus_texts_round_trip_in_order(
 
 
 def test_an_unknown_model_fails_its_job_with_a_reason_and_the_worker_goes_on(
-    worker: Worker,
+    fleet: Fleet,
 ) -> None:
     from tasks import producer
 
@@ -63,14 +63,16 @@ def test_an_unknown_model_fails_its_job_with_a_reason_and_the_worker_goes_on(
     status = bad.wait(timeout=120)
     assert status["state"] == "failed" and status["failed"] == 2
     assert "no-such-model" in status["error"] and "embedq models pull" in status["error"]
+    assert status["error_kind"] == "model"
 
     good = producer.submit(["the worker is still up"])
     assert good.wait(timeout=120)["state"] == "succeeded"
-    assert worker.process.poll() is None
+    assert fleet.worker.alive()
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(
-    pipeline_env: dict[str, str], corpus: list[str], database_url: str
+    pipeline_env: dict[str, str], corpus: list[str]
 ) -> None:
     from tasks import producer
 
@@ -79,19 +81,16 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(
     # batches; the visibility timeout must stay above it.)
     fast = {
         **pipeline_env,
-        "EMBEDQ_TASK_TIME_LIMIT": "20",
-        "EMBEDQ_VISIBILITY_TIMEOUT": "25",
+        "EMBEDQ_TASK_TIME_LIMIT": "10",
+        "EMBEDQ_VISIBILITY_TIMEOUT": "12",
         "EMBEDQ_UNACKED_RESTORE_INTERVAL": "1",
     }
     first = Worker(fast, "doomed")
     texts = corpus[1000:3000]
     try:
         job = producer.submit(texts)
-        deadline = time.monotonic() + 300
-        while job.status()["done"] < 400:
-            assert time.monotonic() < deadline, "no progress:\n" + "".join(first.lines[-30:])
-            time.sleep(0.05)
-        assert first.process.poll() is None, "".join(first.lines[-40:])
+        wait_until(lambda: job.status()["done"] >= 400, 300, "400 items", detail=first.tail)
+        assert first.alive(), first.tail()
         os.killpg(first.process.pid, signal.SIGKILL)  # the main process and its pool child
     finally:
         first.stop()
@@ -110,15 +109,13 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(
 
 
 def test_interactive_work_is_served_ahead_of_a_bulk_backlog(
-    worker: Worker, corpus: list[str]
+    fleet: Fleet, corpus: list[str]
 ) -> None:
     from tasks import producer
 
     backlog = producer.submit(corpus[5000:8000], queue="bulk", tag="backfill")
-    deadline = time.monotonic() + 300
-    while backlog.status()["done"] == 0:  # the worker is busy with the backlog
-        assert time.monotonic() < deadline, "the bulk job never started"
-        time.sleep(0.05)
+    # The worker is busy with the backlog.
+    wait_until(lambda: backlog.status()["done"] > 0, 300, "the bulk job to start")
     # Five interactive batches, queued behind about forty bulk ones.
     before = backlog.status()["done"]
     urgent = producer.submit(corpus[9000:9320])
@@ -132,7 +129,7 @@ def test_interactive_work_is_served_ahead_of_a_bulk_backlog(
 
 
 def test_a_registered_model_is_prepared_on_the_worker_host_when_a_job_needs_it(
-    worker: Worker, minilm: Path, engine: Engine, corpus: list[str], database_url: str
+    fleet: Fleet, minilm: Path, engine: Engine, corpus: list[str]
 ) -> None:
     """The worker lacks a copy of minilm under a new name; the catalog says it comes from a
     folder of ONNX files. The first batch asks its host for it, the download task prepares it,
@@ -148,25 +145,25 @@ def test_a_registered_model_is_prepared_on_the_worker_host_when_a_job_needs_it(
     broken = producer.submit(["a text for a model that cannot be prepared"], model="broken")
 
     status = job.wait(timeout=300)
-    assert (status["state"], status["done"]) == ("succeeded", 200), "".join(worker.lines[-30:])
+    assert (status["state"], status["done"]) == ("succeeded", 200), fleet.worker.tail(30)
     _, vectors = job.embeddings()
     assert float(np.min(cosines(vectors, engine.encode(texts).vectors))) >= 0.9999
 
     failed = broken.wait(timeout=120)
     assert failed["state"] == "failed"
     assert "could not be prepared" in failed["error"] and "/nowhere/such-model" in failed["error"]
-    with scope(session_factory(database := make_engine(database_url))) as session:
+    with scope(session_factory(database := make_engine(fleet.database_url))) as session:
         states = {(row.name, str(row.state)) for row in model_catalog.list_prepared(session)}
     database.dispose()
     assert {("minilm", "ready"), (copy, "ready"), ("broken", "failed")} <= states
     # The download task ran for each model, each time to its end (one ran per model and per
     # ending; a retried or repeated download would name the model twice).
-    log = "".join(worker.lines)
+    log = "".join(fleet.worker.lines)
     ended = re.findall(
         r"Task embedq\.download\[[0-9a-f-]+\] succeeded in [^:]*: \{'model': '([^']+)'", log
     )
     assert sorted(ended) == sorted([copy, "broken"]), log
-    assert worker.process.poll() is None
+    assert fleet.worker.alive()
 
 
 def embedq_worker(*options: str) -> list[str]:
@@ -186,12 +183,14 @@ def test_a_gpu_worker_binds_one_process_to_each_device(
     gpu = Worker(env, "gpu", embedq_worker())
     try:
         assert producer.submit(["bound and warm"]).wait(timeout=120)["state"] == "succeeded"
-        deadline = time.monotonic() + 60
         wanted = [f"pool process {i} bound to GPU {i}" for i in (0, 1)]
         wanted += [f"model=minilm provider=CPUExecutionProvider device={i}" for i in (0, 1)]
-        while not all(any(w in line for line in gpu.lines) for w in wanted):
-            assert time.monotonic() < deadline, "".join(gpu.lines[-40:])
-            time.sleep(0.2)
+        wait_until(
+            lambda: all(gpu.logged(words) for words in wanted),
+            60,
+            "both pool processes bound and warm",
+            detail=gpu.tail,
+        )
         log = "".join(gpu.lines)
         assert "pool  prefork x 2" in log and "gpu devices  0,1" in log
     finally:

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from storage import schema
-from tests.acceptance.conftest import Worker
 from tests.conftest import require
 from tests.faults.outcomes import Outcome, measure
 from tests.faults.services import PrivateRedis, TcpProxy
+from tests.processes import Worker
 from worker.settings import get_settings
 
 REPORTS = pytest.StashKey[list[str]]()
@@ -38,12 +37,6 @@ FAST = {
     "EMBEDQ_RETRY_BACKOFF_MAX": "4",
 }
 BATCH_SIZE = 50
-
-
-@pytest.fixture(scope="session")
-def short_texts(corpus: list[str]) -> list[str]:
-    """The corpus texts of 40-160 characters (about 17,000)."""
-    return [text for text in corpus if 40 <= len(text) <= 160]
 
 
 @pytest.fixture
@@ -64,7 +57,6 @@ def producer_env(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[dict[str, str]]:
     """This test's producer settings: the private Redis, the store read directly."""
-    schema.upgrade(database_url)
     env = {
         "EMBEDQ_BROKER_URL": broker.url,
         "EMBEDQ_DATABASE_URL": database_url,

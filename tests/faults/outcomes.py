@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from storage.models import JobState
 from storage.session import make_engine
-from tasks.producer import TERMINAL, JobHandle
-from tests.acceptance.conftest import Worker
+from tasks.producer import JobHandle
+from tests.processes import Worker
+from tests.waiting import wait_until
 
 JOB_SIZE = 1000
 
@@ -31,21 +33,21 @@ def tail(*workers: Worker, lines: int = 40) -> str:
 
 
 def finished(status: dict[str, Any]) -> bool:
-    return str(status["state"]) in TERMINAL
+    return JobState(status["state"]).finished
 
 
 def wait_done(job: JobHandle, at_least: int, *workers: Worker, timeout: float = 300) -> None:
     """Block until ``at_least`` items of ``job`` are stored: the moment to strike mid-job."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = job.status()
-        if status["done"] >= at_least:
-            if finished(status):
-                pytest.fail(f"the job finished before the fault: {status}")
-            return
-        if finished(status) or time.monotonic() > deadline:
-            pytest.fail(f"the job never reached {at_least} items: {status}\n{tail(*workers)}")
-        time.sleep(0.05)
+
+    def reached() -> dict[str, Any] | None:
+        status = dict(job.status())
+        return status if status["done"] >= at_least or finished(status) else None
+
+    status = wait_until(
+        reached, timeout, f"{at_least} items of job {job.id}", detail=lambda: tail(*workers)
+    )
+    if finished(status):
+        pytest.fail(f"the job finished before the fault: {status}")
 
 
 def wait_terminal(job: JobHandle, timeout: float, stall: float = 60) -> dict[str, Any]:
@@ -167,12 +169,13 @@ def wait_claimed(
     database_url: str, job: JobHandle, *workers: Worker, timeout: float = 30
 ) -> tuple[int, str]:
     """Block until a batch of ``job`` is running: the moment to strike mid-batch."""
-    deadline = time.monotonic() + timeout
-    while (running := claimed(database_url, job.id)) is None:
-        if time.monotonic() > deadline:
-            pytest.fail(f"no batch of the job was running: {job.status()}\n{tail(*workers)}")
-        time.sleep(0.005)
-    return running
+    return wait_until(
+        lambda: claimed(database_url, job.id),
+        timeout,
+        f"a running batch of job {job.id}",
+        every=0.005,
+        detail=lambda: f"{job.status()}\n{tail(*workers)}",
+    )
 
 
 def scalar(database_url: str, sql: str, **params: Any) -> Any:

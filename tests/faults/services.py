@@ -29,6 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from storage.session import make_engine
+from tests.waiting import wait_until
 
 
 def free_port() -> int:
@@ -155,19 +156,19 @@ class PrivateRedis:
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
         command += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
         command += ["--dir", str(self.directory), "--logfile", str(self.log)]
-        self.process = subprocess.Popen(command, start_new_session=True)
-        deadline = time.monotonic() + timeout
+        process = self.process = subprocess.Popen(command, start_new_session=True)
         client = self.client()
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited at start")
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
         try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start")
-                time.sleep(0.05)
+            wait_until(answers, timeout, f"redis-server on port {self.port}")
         finally:
             client.close()
 

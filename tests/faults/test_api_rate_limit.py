@@ -4,36 +4,30 @@ share one count, and answered 503 (OpenAI's error body) while that Redis is down
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from storage import schema
 from storage.session import dispose_all
 from tasks.api.app import create_app
 from tests.faults.services import PrivateRedis
-from worker.settings import get_settings
+from worker.settings import Settings
 
 KEY = "sk-limit-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture
-def instances(
-    broker: PrivateRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[TestClient, TestClient]]:
+def instances(broker: PrivateRedis, sqlite_url: str) -> Iterator[tuple[TestClient, TestClient]]:
     """Two apps, as two ``serve`` processes behind a load balancer: one store, one broker."""
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    schema.upgrade(url)
-    monkeypatch.setenv("EMBEDQ_DATABASE_URL", url)
-    monkeypatch.setenv("EMBEDQ_BROKER_URL", broker.url)
-    monkeypatch.setenv("EMBEDQ_API_KEYS", KEY)
-    monkeypatch.setenv("EMBEDQ_API_RATE_LIMIT", "3")
-    get_settings.cache_clear()
-    with TestClient(create_app()) as first, TestClient(create_app()) as second:
+    settings = Settings(
+        database_url=sqlite_url, broker_url=broker.url, api_keys=[KEY], api_rate_limit=3
+    )
+    with (
+        TestClient(create_app(settings)) as first,
+        TestClient(create_app(settings)) as second,
+    ):
         yield first, second
-    get_settings.cache_clear()
     dispose_all()
 
 

@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import text
 
 from storage.session import make_engine
-from tests.acceptance.conftest import Worker
 from tests.faults.outcomes import (
     JOB_SIZE,
     Outcome,
@@ -20,9 +19,8 @@ from tests.faults.outcomes import (
     wait_terminal,
 )
 from tests.faults.services import PrivateRedis
+from tests.processes import Worker
 from worker.errors import UnavailableError
-
-pytestmark = pytest.mark.faults
 
 
 @pytest.mark.model

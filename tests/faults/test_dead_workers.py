@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import update
 
-from storage import leases, ledger, schema
+from storage import leases, ledger
 from storage.models import Batch, Job
 from storage.session import dispose_all, scope, sessions_for
 from tasks.fleet.broker import redis_presence, redis_release
 from tasks.fleet.reconciler import Reconciler, alive_ttl
-from tasks.message import BatchMessage, task_id
+from tasks.message import task_id
+from tests.fakes import RecordingPublisher
 from tests.faults.services import PrivateRedis
 from worker.settings import Settings
 
@@ -34,10 +34,9 @@ def unacked(broker: PrivateRedis, job: str, index: int, tag: str) -> None:
 
 
 def test_the_batches_a_dead_worker_claimed_are_published_again_and_taken_from_redis(
-    broker: PrivateRedis, tmp_path: Path
+    broker: PrivateRedis, sqlite_url: str
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    schema.upgrade(url)
+    url = sqlite_url
     sessions = sessions_for(url)
     settings = Settings(database_url=url, broker_url=broker.url, sweep_interval=30)
     with scope(sessions) as session:
@@ -54,11 +53,11 @@ def test_the_batches_a_dead_worker_claimed_are_published_again_and_taken_from_re
         session.execute(update(Batch).values(updated_at=before))
     for index in range(3):
         unacked(broker, "j", index, tag=f"tag-{index}")
-    published: list[tuple[BatchMessage, str]] = []
+    publisher = RecordingPublisher()
     reconciler = Reconciler(
         settings,
         sessions,
-        lambda message, queue: published.append((message, queue)),
+        publisher,
         redis_presence(broker.url),
         holder="test",
         release=redis_release(broker.url),
@@ -67,6 +66,7 @@ def test_the_batches_a_dead_worker_claimed_are_published_again_and_taken_from_re
     report = reconciler.sweep()
 
     assert (report.orphaned, report.republished, report.failed) == (1, 1, 0)
+    published = zip(publisher.sent, publisher.queues, strict=True)
     assert [(m.batch_index, m.texts, q) for m, q in published] == [(0, ["text 0"], "bulk")]
     client = broker.client()
     assert sorted(client.hkeys("unacked")) == [b"tag-1", b"tag-2"]  # Redis will not resend it
@@ -81,11 +81,9 @@ def test_the_batches_a_dead_worker_claimed_are_published_again_and_taken_from_re
 
 @pytest.mark.parametrize("alive", [True, False])
 def test_a_machine_is_dead_only_when_no_worker_process_on_it_renews_its_lease(
-    tmp_path: Path, alive: bool
+    sqlite_url: str, alive: bool
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    schema.upgrade(url)
-    with scope(sessions_for(url)) as session:
+    with scope(sessions_for(sqlite_url)) as session:
         leases.keep_alive(session, f"{DEAD}:1", ttl_s=-1)
         leases.keep_alive(session, f"{DEAD}:2", ttl_s=300 if alive else -1)
         leases.keep_alive(session, f"{LIVE}:1", ttl_s=-3600)  # long gone: forgotten

@@ -15,10 +15,8 @@ from sqlalchemy import func, select
 
 from storage.models import Embedding, Job
 from storage.session import scope, sessions_for
-from tests.acceptance.conftest import Worker
 from tests.faults.conftest import REPORTS
-
-pytestmark = pytest.mark.model
+from tests.processes import Worker
 
 JOBS = 5_000
 CLIENTS = 4

@@ -15,10 +15,8 @@ import pytest
 
 from storage import model_catalog
 from storage.session import scope, sessions_for
-from tests.acceptance.conftest import Worker
 from tests.faults.outcomes import Outcome, job_texts, tail, wait_terminal
-
-pytestmark = [pytest.mark.faults, pytest.mark.model]
+from tests.processes import Worker
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

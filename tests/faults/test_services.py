@@ -18,8 +18,7 @@ from sqlalchemy.engine import make_url
 
 from tests.conftest import POSTGRES_ADMIN, require
 from tests.faults.services import PoisonKiller, PrivateRedis, SqliteLocker, TcpProxy, children
-
-pytestmark = pytest.mark.faults
+from tests.waiting import wait_until
 
 
 def _postgres(port: int) -> psycopg.Connection[tuple[object, ...]]:
@@ -140,22 +139,17 @@ def test_the_poison_killer_kills_each_new_claimant_of_its_batch_and_only_in_its_
     )
     outsider = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        deadline = time.monotonic() + 10
-        while not children(parent.pid):
-            assert time.monotonic() < deadline, "the stand-in pool child never started"
-            time.sleep(0.02)
-        (child,) = children(parent.pid)
+        (child,) = wait_until(
+            lambda: children(parent.pid), 10, "the stand-in pool child", every=0.02
+        )
 
         def claim(attempts: int, pid: int) -> None:
             store.execute("UPDATE batches SET attempts = ?, worker = ?", (attempts, f"host:{pid}"))
 
         def dead(pid: int) -> bool:
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                if pid not in children(parent.pid):
-                    return True
-                time.sleep(0.02)
-            return False
+            return wait_until(
+                lambda: pid not in children(parent.pid), 5, f"pool child {pid} killed", every=0.02
+            )
 
         with PoisonKiller(f"sqlite:///{path}", "job", 3, parent.pid) as killer:
             claim(1, child)

@@ -12,7 +12,6 @@ import pytest
 from sqlalchemy import text
 
 from storage.session import make_engine
-from tests.acceptance.conftest import Worker
 from tests.faults.outcomes import (
     JOB_SIZE,
     Outcome,
@@ -25,8 +24,7 @@ from tests.faults.outcomes import (
     wait_terminal,
 )
 from tests.faults.services import PoisonKiller, children
-
-pytestmark = [pytest.mark.faults, pytest.mark.model]
+from tests.processes import Worker
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
