@@ -47,7 +47,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            await asyncio.to_thread(openai_batches.resume_unfinished, settings)
+            await asyncio.to_thread(openai_batches.resume_unfinished, settings, publisher)
         except Exception:  # the store is away: the first batch request resumes them instead
             logger.warning("could not resume unfinished batches at startup", exc_info=True)
         yield

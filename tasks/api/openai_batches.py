@@ -25,6 +25,7 @@ from tasks.api.files import find_file
 from tasks.openai_batch import background, shapes
 from tasks.openai_batch.requests import ENDPOINT
 from tasks.openai_batch.runner import Catalog
+from tasks.publishing import Publisher
 from worker.settings import Settings
 
 router = APIRouter(tags=["batches"])
@@ -48,18 +49,21 @@ def _catalog(settings: Settings) -> Catalog:
     return models
 
 
-def resume_unfinished(settings: Settings) -> None:
+def resume_unfinished(settings: Settings, publisher: Publisher | None = None) -> None:
     """At startup: run the unfinished batches no live process holds (after a restart, this
     instance's or a dead one's), without waiting for someone to ask about them."""
-    _start(settings)
+    _start(settings, publisher)
 
 
-def _start(settings: Settings, batch_id: str | None = None) -> None:
-    """Resume this process's share of unfinished batches (once), and run ``batch_id``."""
+def _start(settings: Settings, publisher: Publisher | None, batch_id: str | None = None) -> None:
+    """Resume this process's share of unfinished batches (once), and run ``batch_id``; their
+    batches go to ``publisher`` (the app's; default: the settings' broker)."""
     sessions, models = sessions_for(settings.database_url), _catalog(settings)
-    background.resume_all(settings, sessions=sessions, catalog=models)
+    background.resume_all(settings, sessions=sessions, catalog=models, publisher=publisher)
     if batch_id is not None:
-        background.ensure_running(batch_id, settings, sessions=sessions, catalog=models)
+        background.ensure_running(
+            batch_id, settings, sessions=sessions, catalog=models, publisher=publisher
+        )
 
 
 def _answer(settings: Settings, batch: OpenAIBatch) -> dict[str, Any]:
@@ -111,7 +115,7 @@ def create_batch(
     )
     with scope(sessions_for(settings.database_url)) as session:
         openai_batches.add_batch(session, batch)
-    _start(settings, batch.id)
+    _start(settings, request.app.state.publisher, batch.id)
     return shapes.batch_object(batch, (0, 0, 0))
 
 
@@ -124,7 +128,7 @@ def list_batches(
 ) -> dict[str, Any]:
     """This key's batches, the newest first (``after``: a batch id, for the next page)."""
     settings: Settings = request.app.state.settings
-    _start(settings)
+    _start(settings, request.app.state.publisher)
     since = _find(settings, after, key).created_at if after else None
     limit = max(1, min(limit, 100))
     with scope(sessions_for(settings.database_url)) as session:
@@ -147,7 +151,7 @@ def retrieve_batch(
     settings: Settings = request.app.state.settings
     batch = _find(settings, batch_id, key)
     if not OpenAIBatchStatus(batch.status).final:
-        _start(settings, batch.id)
+        _start(settings, request.app.state.publisher, batch.id)
     return _answer(settings, batch)
 
 
@@ -170,5 +174,5 @@ def cancel_batch(
     batch = _find(settings, batch_id, key)
     if batch.status not in (OpenAIBatchStatus.CANCELLING, OpenAIBatchStatus.CANCELLED):
         raise ApiError(409, f"batch {batch.id} is {batch.status}: too late to cancel it")
-    _start(settings, batch.id)
+    _start(settings, request.app.state.publisher, batch.id)
     return _answer(settings, batch)

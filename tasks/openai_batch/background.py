@@ -99,7 +99,12 @@ def _run(runner: OpenAIBatchRunner) -> None:
 
 
 def resume_all(
-    settings: Settings, *, sessions: sessionmaker[Session], catalog: Catalog, once: bool = True
+    settings: Settings,
+    *,
+    sessions: sessionmaker[Session],
+    catalog: Catalog,
+    once: bool = True,
+    publisher: Publisher | None = None,
 ) -> int:
     """Start runners for the unfinished batches no live process holds (with ``once``, only the
     first time this process asks); returns how many started here."""
@@ -110,7 +115,7 @@ def resume_all(
     with scope(sessions) as session:
         unfinished = openai_batches.unfinished_batches(session)
     return sum(
-        ensure_running(batch_id, settings, sessions=sessions, catalog=catalog)
+        ensure_running(batch_id, settings, sessions=sessions, catalog=catalog, publisher=publisher)
         for batch_id in unfinished
     )
 
