@@ -1,5 +1,6 @@
 """``embedq serve``: it refuses to run without keys or without a broker, binds to loopback by
-default, and never prints a key."""
+default, and never prints a key. A command reads its settings from the environment, as a user
+sets them, so these tests set the environment (read anew in each test: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from typer.testing import CliRunner
 
 from tasks.api.auth import key_id
 from tasks.cli import app
-from worker.settings import get_settings
 
 KEY = "sk-secret-value-1234"
 
@@ -28,7 +28,6 @@ def started(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setattr(uvicorn, "run", run)
     monkeypatch.setenv("EMBEDQ_BROKER_URL", "redis://127.0.0.1:1/0")  # never reached
     monkeypatch.setenv("EMBEDQ_DATABASE_URL", "sqlite:////nonexistent/never.db")
-    get_settings.cache_clear()
     return seen
 
 
@@ -51,7 +50,6 @@ def test_serve_refuses_local_mode_since_it_runs_no_model(
 ) -> None:
     monkeypatch.delenv("EMBEDQ_BROKER_URL")
     monkeypatch.setenv("EMBEDQ_API_KEYS", KEY)
-    get_settings.cache_clear()
     result = invoke()
     assert result.exit_code == 2 and "set EMBEDQ_BROKER_URL" in result.output
     assert started == {}
@@ -61,7 +59,6 @@ def test_serve_binds_to_loopback_by_default_and_shows_key_ids_only(
     started: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EMBEDQ_API_KEYS", f"{KEY},sk-second-secret")
-    get_settings.cache_clear()
     result = invoke()
     assert result.exit_code == 0, result.output
     assert (started["host"], started["port"]) == ("127.0.0.1", 8000)

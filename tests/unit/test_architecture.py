@@ -21,6 +21,7 @@ Each rule is shown to fail on a planted case, so none can pass for nothing.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,13 @@ PRODUCER_SIDE = {
 WORKER_SIDE = {"tasks.batches", "tasks.local", "tasks.runtime", "tasks.preparation", *TASK_MODULES}
 QUERY_BUILDERS = {"select", "update", "insert", "delete", "text", "union", "exists"}
 MAX_LINES = 350
+
+
+@functools.cache
+def _parsed(path: Path) -> ast.Module:
+    """A module's syntax tree, parsed once per run (the rules walk every module several
+    times)."""
+    return ast.parse(path.read_text(), str(path))
 
 
 def _modules() -> dict[str, Path]:
@@ -90,7 +98,7 @@ def _typing_only(tree: ast.AST) -> set[int]:
 def _imports(module: str, path: Path) -> Iterator[tuple[str, int]]:
     """(imported project module, line) for every import that runs, at any depth."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    tree = ast.parse(path.read_text(), str(path))
+    tree = _parsed(path)
     typing_only = _typing_only(tree)
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -200,7 +208,7 @@ def test_no_import_cycle_between_project_modules() -> None:
 
 def _sql_in(path: Path) -> Iterator[str]:
     where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
-    tree = ast.parse(path.read_text(), str(path))
+    tree = _parsed(path)
     builders: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy"):
@@ -314,7 +322,7 @@ def test_no_module_imports_a_celery_task_module() -> None:
 def _module_level(path: Path) -> Iterator[ast.stmt]:
     """The statements that run when a module is imported: its body, through ``if``/``try``
     blocks (not ``TYPE_CHECKING``), never inside a function or class body."""
-    pending = list(ast.parse(path.read_text(), str(path)).body)
+    pending = list(_parsed(path).body)
     while pending:
         node = pending.pop(0)
         yield node

@@ -1,22 +1,21 @@
-"""Backfill runs without a broker: a SQLite store in a temporary folder, and a fake send that
-holds each batch's message as a queue would and runs it with the fake engine (``tests.fakes``)
-only when the backfill waits for room, as slow workers would."""
+"""Backfill runs without a broker: a migrated SQLite store of the test's own, and a publisher
+handed to the run that holds each batch's message as a queue would and runs it with the fake
+engine (``tests.fakes``) only when the backfill waits for room, as slow workers would."""
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import ledger
-from storage.models import Base
+from storage.models import FailedItem, FailureKind
 from storage.session import dispose_all, make_engine, scope, session_factory
-from tasks import backfill
+from tasks import backfill, names
 from tasks.backfill.chunks import chunks
 from tasks.backfill.readers import Row
 from tasks.batches import embed_batch
@@ -35,17 +34,15 @@ class Store:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    engine = make_engine(url)
-    Base.metadata.create_all(engine)
-    yield Store(url, session_factory(engine))
+def store(sqlite_url: str) -> Iterator[Store]:
+    engine = make_engine(sqlite_url)
+    yield Store(sqlite_url, session_factory(engine))
     engine.dispose()
     dispose_all()  # summary's engine on the same file
 
 
 class Workers:
-    """The send function and the workers behind it. A message waits in ``held`` until the
+    """The publisher and the workers behind it. A message waits in ``held`` until the
     backfill reports its progress twice without sending in between (it is waiting for room or
     for the end); then the oldest one runs."""
 
@@ -54,16 +51,19 @@ class Workers:
         self.model_file = model_file
         self.held: deque[BatchMessage] = deque()
         self.sent: list[BatchMessage] = []
+        self.queues: list[str] = []
         self.pending_at_send: list[int] = []
         """The job's unfinished batches in the ledger when each message was sent (its own
         included)."""
         self._sent_since_report = False
 
-    def send(self, message: BatchMessage) -> None:
-        with scope(self.sessions) as session:
-            self.pending_at_send.append(ledger.count_pending(session, message.job_id))
-        self.sent.append(message)
-        self.held.append(message)
+    def publish(self, messages: Sequence[BatchMessage], queue: str) -> None:
+        for message in messages:
+            with scope(self.sessions) as session:
+                self.pending_at_send.append(ledger.count_pending(session, message.job_id))
+            self.sent.append(message)
+            self.queues.append(str(queue))
+            self.held.append(message)
         self._sent_since_report = True
 
     def report(self, _progress: backfill.BackfillProgress) -> None:
@@ -114,7 +114,7 @@ def run(
 ) -> tuple[backfill.BackfillProgress, Workers]:
     workers = workers or Workers(store.sessions)
     opts = backfill.Options(name=name, model=MODEL, **options)  # type: ignore[arg-type]
-    job = backfill.BackfillRun(rows, opts, SETTINGS, sessions=store.sessions, send=workers.send)
+    job = backfill.BackfillRun(rows, opts, SETTINGS, sessions=store.sessions, publisher=workers)
     job.poll_s = 0.0
     return job.run(workers.report), workers
 
@@ -153,6 +153,7 @@ def test_a_run_sends_every_row_once_in_batches_and_settles_the_job(store: Store)
     assert [len(m.texts) for m in workers.sent] == [4, 4, 4, 4, 2]
     assert sent_ids(workers) == sorted(f"doc-{i}" for i in range(18))
     assert [m.batch_index for m in workers.sent] == [0, 1, 2, 3, 4]
+    assert workers.queues == [names.Queue.BULK] * 5
     outcome = backfill.summary(store.url, "docs")
     assert counts(store) == ("succeeded", 18, 18, 0)
     assert outcome.options == {
@@ -229,6 +230,9 @@ def test_unusable_rows_fail_with_their_reason_and_retry_failed_sends_only_them(
         "empty or whitespace-only text": 1,
     }
     assert sorted(outcome.failed_examples) == ["#3", "doc-6"]
+    with scope(store.sessions) as session:  # the kind is stored with each failed item
+        kinds = {item.item_id: item.kind for item in session.query(FailedItem).all()}
+    assert kinds == {"#3": FailureKind.INPUT, "doc-6": FailureKind.INPUT}
 
     again, workers = run(store, broken)  # without --retry-failed, failures stay
     assert (again.sent, again.skipped, workers.sent) == (0, 10, [])
@@ -244,6 +248,10 @@ def test_unusable_rows_fail_with_their_reason_and_retry_failed_sends_only_them(
 def test_another_model_under_the_same_name_is_refused(store: Store) -> None:
     run(store, source(texts(2)))
     opts = backfill.Options(name="docs", model="another")
-    other = backfill.BackfillRun(source(texts(2)), opts, SETTINGS, sessions=store.sessions)
+    workers = Workers(store.sessions)
+    other = backfill.BackfillRun(
+        source(texts(2)), opts, SETTINGS, sessions=store.sessions, publisher=workers
+    )
     with pytest.raises(backfill.BackfillError, match="embeds with 'fake', not 'another'"):
         other.run()
+    assert workers.sent == []

@@ -1,12 +1,13 @@
-"""A catalogue of bad input, one table per surface, on a real SQLite store in local mode.
+"""A catalogue of bad input, one table per surface, on a SQLite store in local mode.
 
 - ``producer.submit`` refuses bad input with an ``InputError`` that names the item, and stores
   nothing: no job, no batch.
 - A backfill turns each bad row of its source into a failed item whose reason says what is
   wrong with it, embeds the rest and never crashes; a repeated id is counted as a duplicate.
 
-The model is the deterministic fake engine (``tests.fakes``), handed to the task code through
-``lifecycle.get_engine``: what is checked here is what happens before and around the model.
+Batches run as in local mode, through the product's own ``LocalPublisher``, on a runtime whose
+engine is the deterministic fake (``tests.fakes.fake_runtime``): what is checked here is what
+happens before and around the model.
 """
 
 from __future__ import annotations
@@ -21,32 +22,37 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from storage import schema
 from storage.models import Batch, Embedding, FailedItem, Job
-from storage.session import scope, sessions_for
+from storage.session import dispose_all, scope, sessions_for
 from tasks import backfill, producer
 from tasks.backfill import readers
-from tests.fakes import FakeEngine
-from worker import lifecycle
+from tasks.local import LocalPublisher
+from tests.fakes import fake_runtime
 from worker.errors import InputError
-from worker.settings import get_settings
+from worker.settings import Settings
 
 MODEL = "fake"
 
 
+@dataclass(frozen=True)
+class Store:
+    """A migrated SQLite store in local mode (no broker), its default model the fake one."""
+
+    url: str
+
+    def settings(self, **given: Any) -> Settings:
+        values = {"database_url": self.url, "broker_url": None, "default_model": MODEL, **given}
+        return Settings(**values)
+
+    def local(self, settings: Settings) -> LocalPublisher:
+        """Local mode's publisher, running each batch here with the fake engine."""
+        return LocalPublisher(settings, fake_runtime(settings))
+
+
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Local mode (no broker) on a migrated SQLite file, with the fake engine as model."""
-    url = f"sqlite:///{tmp_path / 'embedq.db'}"
-    monkeypatch.delenv("EMBEDQ_BROKER_URL", raising=False)
-    monkeypatch.setenv("EMBEDQ_DATABASE_URL", url)
-    monkeypatch.setenv("EMBEDQ_DEFAULT_MODEL", MODEL)
-    monkeypatch.setattr(lifecycle, "get_engine", lambda model: FakeEngine())
-    get_settings.cache_clear()
-    schema.upgrade(url)
-    yield url
-    producer.dispose()
-    lifecycle.close()
+def store(sqlite_url: str) -> Iterator[Store]:
+    yield Store(sqlite_url)
+    dispose_all()
 
 
 def count(url: str, table: Any) -> int:
@@ -122,37 +128,42 @@ SUBMIT_CASES = [
 
 @pytest.mark.parametrize("bad", SUBMIT_CASES)
 def test_submit_refuses_bad_input_naming_the_item_and_stores_nothing(
-    store: str, bad: Submit, monkeypatch: pytest.MonkeyPatch
+    store: Store, bad: Submit
 ) -> None:
-    if bad.no_default_model:
-        monkeypatch.delenv("EMBEDQ_DEFAULT_MODEL")
-        get_settings.cache_clear()
-    if bad.max_job_items is not None:
-        monkeypatch.setattr(producer, "MAX_JOB_ITEMS", bad.max_job_items)
+    settings = store.settings(default_model=None) if bad.no_default_model else store.settings()
     options: dict[str, Any] = dict(bad.options)
     if bad.no_default_model:
         options["model"] = ""
+    if bad.max_job_items is not None:
+        options["max_items"] = bad.max_job_items
+    local = store.local(settings)
     with pytest.raises(InputError) as refused:
-        producer.submit(bad.texts, **options)  # type: ignore[arg-type]
+        producer.submit(bad.texts, settings=settings, publisher=local, **options)  # type: ignore[arg-type]
     assert re.search(bad.says, str(refused.value)), str(refused.value)
-    assert (count(store, Job), count(store, Batch)) == (0, 0)
+    assert (count(store.url, Job), count(store.url, Batch)) == (0, 0)
 
 
 def test_a_job_over_the_limit_is_told_the_job_limit_not_a_setting_that_cannot_raise_it(
-    store: str, monkeypatch: pytest.MonkeyPatch
+    store: Store,
 ) -> None:
-    monkeypatch.setattr(producer, "MAX_JOB_ITEMS", 3)
+    settings = store.settings()
     with pytest.raises(InputError) as refused:
-        producer.submit(["a", "b", "c", "d"])
+        producer.submit(
+            ["a", "b", "c", "d"], settings=settings, publisher=store.local(settings), max_items=3
+        )
     assert "EMBEDQ_MAX_BATCH_ITEMS" not in str(refused.value)
     assert "job" in str(refused.value)
 
 
-def test_the_same_setup_stores_a_well_formed_submit(store: str) -> None:
+def test_the_same_setup_stores_a_well_formed_submit(store: Store) -> None:
     """The control: the refusals above are the input's doing, not the setup's."""
-    job = producer.submit(["one text", "another text"], ids=["a", "b"], tag="ok")
+    settings = store.settings()
+    local = store.local(settings)
+    job = producer.submit(
+        ["one text", "another text"], ids=["a", "b"], tag="ok", settings=settings, publisher=local
+    )
     assert job.wait(timeout=5)["state"] == "succeeded"
-    assert (count(store, Job), count(store, Embedding)) == (1, 2)
+    assert (count(store.url, Job), count(store.url, Embedding)) == (1, 2)
 
 
 # --- backfill rows ----------------------------------------------------------------------------
@@ -235,9 +246,11 @@ def write_source(path: Path, bad: bytes) -> Path:
     return path
 
 
-def run_backfill(path: Path, name: str) -> backfill.BackfillProgress:
+def run_backfill(store: Store, path: Path, name: str) -> backfill.BackfillProgress:
+    settings = store.settings()
     options = backfill.Options(name=name, model=MODEL, batch_size=32)
-    return backfill.BackfillRun(readers.open_source(str(path)), options).run()
+    reader = readers.open_source(str(path))
+    return backfill.BackfillRun(reader, options, settings, publisher=store.local(settings)).run()
 
 
 def outcome(
@@ -256,10 +269,10 @@ def outcome(
 
 @pytest.mark.parametrize("bad", ROW_CASES)
 def test_a_bad_row_becomes_one_failed_item_with_its_reason_and_the_rest_is_embedded(
-    store: str, bad: BadRow, tmp_path: Path
+    store: Store, bad: BadRow, tmp_path: Path
 ) -> None:
-    progress = run_backfill(write_source(tmp_path / "rows.jsonl", bad.line), "rows")
-    summary, failed, stored = outcome(store, "rows")
+    progress = run_backfill(store, write_source(tmp_path / "rows.jsonl", bad.line), "rows")
+    summary, failed, stored = outcome(store.url, "rows")
     assert stored == [i for i, _ in GOOD]
     assert len(failed) == 1, failed
     item_id, reason = failed[0]
@@ -275,10 +288,10 @@ def test_a_bad_row_becomes_one_failed_item_with_its_reason_and_the_rest_is_embed
     assert summary.in_flight_batches == 0
 
 
-def test_a_repeated_id_is_counted_as_a_duplicate_not_failed(store: str, tmp_path: Path) -> None:
+def test_a_repeated_id_is_counted_as_a_duplicate_not_failed(store: Store, tmp_path: Path) -> None:
     again = json.dumps({"id": "g0", "text": "the same id again"}).encode("utf-8")
-    progress = run_backfill(write_source(tmp_path / "rows.jsonl", again), "rows")
-    summary, failed, stored = outcome(store, "rows")
+    progress = run_backfill(store, write_source(tmp_path / "rows.jsonl", again), "rows")
+    summary, failed, stored = outcome(store.url, "rows")
     assert (stored, failed) == ([i for i, _ in GOOD], [])
     assert progress.duplicates == 1
     assert (summary.state, summary.items, summary.failed, summary.duplicates) == (

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import model_catalog, schema
+from storage import model_catalog
 from storage.models import ModelState, PreparedModel
 from storage.session import make_engine, scope, session_factory
 from tasks import model_options, names, preparation
@@ -21,10 +21,8 @@ HOST = "gpu-host-1"
 
 
 @pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    schema.upgrade(url)
-    engine = make_engine(url)
+def sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(sqlite_url)
     yield session_factory(engine)
     engine.dispose()
 
@@ -36,13 +34,19 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[Any], str]]:
     def send_task(name: str, args: list[Any], queue: str) -> None:
         messages.append((name, args, queue))
 
+    # The Celery app ``preparation`` sends downloads with, its sending replaced (no broker).
     monkeypatch.setattr(preparation.app, "send_task", send_task)
     return messages
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(host_name=HOST, model_dir=tmp_path / "models", download_time_limit=100)
+def settings(sqlite_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=sqlite_url,
+        host_name=HOST,
+        model_dir=tmp_path / "models",
+        download_time_limit=100,
+    )
 
 
 def state(sessions: sessionmaker[Session], name: str) -> PreparedModel | None:

@@ -1,5 +1,6 @@
-"""Properties of the batch message: whatever is well formed survives the wire unchanged, and
-whatever breaks one constraint is refused by pydantic with an error that names the field."""
+"""Properties of the batch message: whatever is well formed survives the wire unchanged, whatever
+breaks one constraint is refused by pydantic with an error that names the field, and the one
+constructor (``BatchMessage.of``) builds from a recorded batch what validation would."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from storage.ledger import NewBatch
 from storage.models import ID_LENGTH, JOB_ID_LENGTH
-from tasks.message import BatchMessage
+from tasks.message import BatchMessage, task_id
 
 Raw = dict[str, Any]
 
@@ -177,3 +179,37 @@ def test_a_message_that_breaks_one_rule_is_refused_naming_the_field(
     shown = str(refused.value)
     for word in words:
         assert word in shown
+
+
+# --- the one constructor and the wire -----------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(well_formed())
+def test_of_builds_what_validation_would_from_a_recorded_batch(raw: Raw) -> None:
+    """Producers, backfills and the reconciler build a message with ``of`` from a batch already
+    checked and recorded: it is the message a worker validates from the same fields."""
+    batch = NewBatch(raw["batch_index"], raw["item_ids"], raw["texts"], raw["positions"])
+    built = BatchMessage.of(raw["job_id"], raw["model"], batch, raw["enqueued_at"])
+    expected = {**raw, "model_wait_since": None, "tries": 0}
+    assert built.model_dump() == expected
+    assert BatchMessage.model_validate(json.loads(json.dumps(built.body()))) == built
+
+
+def test_the_body_is_the_json_the_embed_task_reads_and_the_task_id_names_the_batch() -> None:
+    batch = NewBatch(7, ["a", "b"], ["first text", "second"], [3, 0])
+    message = BatchMessage.of("job-1", "minilm", batch, 1_700_000_000.5)
+    body = message.body()
+    assert body == {
+        "job_id": "job-1",
+        "batch_index": 7,
+        "model": "minilm",
+        "texts": ["first text", "second"],
+        "item_ids": ["a", "b"],
+        "positions": [3, 0],
+        "enqueued_at": 1_700_000_000.5,
+        "model_wait_since": None,
+        "tries": 0,
+    }
+    assert json.loads(json.dumps(body)) == body  # plain JSON values
+    assert message.task_id == task_id("job-1", 7) == "job-1.7"
+    body["texts"].append("changed")  # the body is the message's copy to send, not its state
+    assert message.texts == ["first text", "second"]

@@ -1,14 +1,13 @@
 """OpenAI batches without a broker or a server: input lines read as requests, and whole batches
-run by ``OpenAIBatchRunner`` on a SQLite store, their messages embedded at once by the fake engine;
-the output and error files are read back from the store."""
+run by ``OpenAIBatchRunner`` on a SQLite store, with a publisher handed in that embeds each
+message at once with the fake engine; the output and error files are read back from the store."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,18 +21,19 @@ from openai import OpenAI
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import backfills, leases, ledger, model_catalog, openai_batches, openai_files, schema
-from storage.models import Base, Embedding, ModelState, OpenAIBatch, OpenAIFile
+from storage import backfills, leases, ledger, model_catalog, openai_batches, openai_files
+from storage.models import Embedding, ModelState, OpenAIBatch, OpenAIFile
 from storage.session import dispose_all, make_engine, scope, session_factory, sessions_for
-from tasks import producer
+from tasks import names
 from tasks.api.app import create_app
 from tasks.batches import embed_batch
 from tasks.message import BatchMessage
 from tasks.openai_batch import output, runner, uploads
 from tasks.openai_batch.requests import Rejected, Request, check_dimensions, parse_line
 from tasks.openai_batch.runner import OpenAIBatchRunner
-from tests.fakes import FakeEngine
-from worker.settings import Settings, get_settings
+from tests.fakes import FakeEngine, InlinePublisher
+from tests.waiting import wait_until
+from worker.settings import Settings
 
 MODEL = "fake"
 
@@ -106,20 +106,23 @@ def test_an_upload_over_the_cap_leaves_nothing(tmp_path: Path) -> None:
 # --- whole batches ---------------------------------------------------------------------------
 @dataclass
 class Fleet:
-    """The store, the settings, and a send that embeds each message at once with the fake
+    """The store, the settings, and a publisher that embeds each message at once with the fake
     engine; ``on_send`` lets a test act when the n-th message goes out."""
 
     sessions: sessionmaker[Session]
     settings: Settings
     sent: list[BatchMessage] = field(default_factory=list)
+    queues: list[str] = field(default_factory=list)
     on_send: Any = None
 
-    def send(self, message: BatchMessage) -> None:
-        self.sent.append(message)
-        if self.on_send is not None:
-            self.on_send(len(self.sent))
-        with scope(self.sessions) as session:
-            embed_batch(session, FakeEngine(), message, provider=FakeEngine.provider)
+    def publish(self, messages: Sequence[BatchMessage], queue: str) -> None:
+        for message in messages:
+            self.sent.append(message)
+            self.queues.append(str(queue))
+            if self.on_send is not None:
+                self.on_send(len(self.sent))
+            with scope(self.sessions) as session:
+                embed_batch(session, FakeEngine(), message, provider=FakeEngine.provider)
 
     def runner(self, batch_id: str, holder: str = "here") -> OpenAIBatchRunner:
         run = OpenAIBatchRunner(
@@ -128,7 +131,7 @@ class Fleet:
             sessions=self.sessions,
             catalog=lambda: {MODEL: 8},
             holder=holder,
-            send=self.send,
+            publisher=self,
         )
         run.poll_s = 0.0
         return run
@@ -145,12 +148,16 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
-    monkeypatch.setattr(runner, "RENEW_S", 0.0)  # look at the batch between every two chunks
-    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
-    Base.metadata.create_all(engine)
+def fleet(sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
+    # Look at the batch between every two chunks (a module constant: no setting holds it).
+    monkeypatch.setattr(runner, "RENEW_S", 0.0)
+    engine = make_engine(sqlite_url)
     settings = Settings(
-        job_batch_size=4, backfill_max_in_flight=2, stuck_after=5, files_dir=tmp_path / "files"
+        database_url=sqlite_url,
+        job_batch_size=4,
+        backfill_max_in_flight=2,
+        stuck_after=5,
+        files_dir=tmp_path / "files",
     )
     yield Fleet(session_factory(engine), settings)
     engine.dispose()
@@ -218,6 +225,7 @@ def test_a_batch_completes_with_one_output_line_per_good_request_and_the_rest_in
     assert batch.output_file_id == f"file-batchout-{batch_id}"
     assert batch.error_file_id == f"file-batcherr-{batch_id}"
 
+    assert set(fleet.queues) == {names.Queue.BULK}  # a batch's requests go on the bulk queue
     out = fleet.file(batch_id, errors=False)
     assert [o["custom_id"] for o in out] == [f"r{i}" for i in range(10)] + ["b64"]
     engine = FakeEngine()
@@ -301,11 +309,9 @@ def test_a_batch_whose_runner_died_is_resumed_with_nothing_lost_or_sent_twice(
         assert job_id is not None
         lost = ledger.pending_batches(session, job_id)
     for batch in lost:  # what the workers' reconciler does with a batch whose message was lost
-        assert batch.payload is not None
-        again = ledger.NewBatch(
-            batch.batch_index, batch.item_ids, batch.payload["texts"], batch.payload["positions"]
-        )
-        fleet.send(producer.message_for(job_id, MODEL, again, 0.0))
+        again = ledger.kept(batch)
+        assert again is not None
+        fleet.publish([BatchMessage.of(job_id, MODEL, again, 0.0)], names.Queue.BULK)
     assert fleet.runner(batch_id, holder="second").run() == "completed"
     assert counts(fleet, batch_id) == (30, 30, 0)
     sent = [item for message in fleet.sent for item in message.item_ids]
@@ -326,27 +332,21 @@ def test_a_runner_stops_when_another_process_holds_the_lease(fleet: Fleet) -> No
 
 # --- the routes, with OpenAI's own client ----------------------------------------------------
 @pytest.fixture
-def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAI]:
+def api(sqlite_url: str, tmp_path: Path) -> Iterator[OpenAI]:
     """The app in process on a SQLite store where a host has the fake model; batches are
-    embedded as soon as their runner sends them."""
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    for name in ("EMBEDQ_BROKER_URL", "EMBEDQ_DEFAULT_MODEL", "EMBEDQ_API_KEYS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("EMBEDQ_DATABASE_URL", url)
-    monkeypatch.setenv("EMBEDQ_FILES_DIR", str(tmp_path / "files"))
-    monkeypatch.setenv("EMBEDQ_API_MAX_FILE_BYTES", "100000")
-    get_settings.cache_clear()
-    schema.upgrade(url)
-    with scope(sessions_for(url)) as session:
+    embedded as soon as their runner sends them, by the publisher handed to the app."""
+    settings = Settings(
+        database_url=sqlite_url,
+        broker_url=None,
+        default_model=None,
+        api_keys=[],
+        files_dir=tmp_path / "files",
+        api_max_file_bytes=100000,
+    )
+    with scope(sessions_for(sqlite_url)) as session:
         model_catalog.set_prepared(session, MODEL, "host-a", ModelState.READY, dim=8)
-
-    def embed_at_once(messages: list[BatchMessage], queue: object) -> None:
-        for message in messages:
-            with scope(sessions_for(url)) as session:
-                embed_batch(session, FakeEngine(), message, provider=FakeEngine.provider)
-
-    monkeypatch.setattr(producer, "publish", embed_at_once)
-    with TestClient(create_app(require_auth=False), raise_server_exceptions=False) as client:
+    app = create_app(settings, require_auth=False, publisher=InlinePublisher(settings))
+    with TestClient(app, raise_server_exceptions=False) as client:
         yield OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client)
     dispose_all()
 
@@ -363,13 +363,19 @@ def test_openai_s_client_uploads_runs_and_downloads_a_batch(api: OpenAI) -> None
         metadata={"run": "test"},
     )
     assert created.status == "validating" and created.metadata == {"run": "test"}
-    deadline = time.monotonic() + 30
-    batch = api.batches.retrieve(created.id)
-    while batch.status != "completed":
-        assert time.monotonic() < deadline, f"still {batch.status}"
-        time.sleep(0.1)
-        batch = api.batches.retrieve(created.id)
-    assert batch.request_counts is not None
+
+    def completed() -> openai.types.Batch | None:
+        found = api.batches.retrieve(created.id)
+        return found if found.status == "completed" else None
+
+    batch = wait_until(
+        completed,
+        30,
+        "the batch to complete",
+        every=0.1,
+        detail=lambda: f"still {api.batches.retrieve(created.id).status}",
+    )
+    assert batch is not None and batch.request_counts is not None
     assert (batch.request_counts.total, batch.request_counts.completed) == (7, 6)
     assert batch.request_counts.failed == 1
     assert batch.output_file_id and batch.error_file_id

@@ -1,27 +1,22 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
+"""``producer.submit`` with its settings and publisher handed in: what it refuses before storing
+anything, how it cuts a job into batches, and what it records when the broker cannot be
+reached. (That importing it loads no inference library: tests/integration/test_light_imports.py.)
+"""
+
+from collections.abc import Sequence
 
 import pytest
 
-from tasks import producer
-from worker.errors import InputError
+from storage import jobs, ledger
+from storage.models import FailedItem, FailureKind
+from storage.session import dispose_all, scope, sessions_for
+from tasks import names, producer
+from tasks.message import BatchMessage
+from tests.fakes import RecordingPublisher
+from worker.errors import InputError, UnavailableError
+from worker.settings import Settings
 
-
-def test_importing_the_producer_loads_no_inference_library(tmp_path: Path) -> None:
-    code = (
-        "import sys; from tasks import producer; "
-        "producer.register_model('hf://org/m', 'm', {'precision': 'int8'}); "
-        "print(sorted(m for m in ('onnxruntime', 'tokenizers', 'torch', 'transformers') "
-        "if m in sys.modules))"
-    )
-    env = {**os.environ, "EMBEDQ_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"}
-    env.pop("EMBEDQ_BROKER_URL", None)
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-    )
-    assert result.stdout.strip() == "[]"
+NEVER_REACHED = "redis://127.0.0.1:1/0"
 
 
 @pytest.mark.parametrize(
@@ -34,32 +29,62 @@ def test_importing_the_producer_loads_no_inference_library(tmp_path: Path) -> No
     ],
 )
 def test_bad_submissions_are_refused_before_anything_is_stored(
-    kwargs: dict[str, object], message: str, monkeypatch: pytest.MonkeyPatch
+    kwargs: dict[str, object], message: str
 ) -> None:
-    monkeypatch.delenv("EMBEDQ_DEFAULT_MODEL", raising=False)
-    monkeypatch.setenv("EMBEDQ_DATABASE_URL", "sqlite:////nonexistent/dir/never-created.db")
+    settings = Settings(
+        database_url="sqlite:////nonexistent/dir/never-created.db",
+        broker_url=NEVER_REACHED,
+        default_model=None,
+    )
     kwargs.setdefault("model", "m")
+    publisher = RecordingPublisher()
     with pytest.raises(InputError, match=message):
-        producer.submit(**kwargs)  # type: ignore[arg-type]
+        producer.submit(**kwargs, settings=settings, publisher=publisher)  # type: ignore[arg-type]
+    assert publisher.sent == []
 
 
 def test_a_job_is_split_into_batches_of_similar_length_that_carry_the_input_order(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    sqlite_url: str,
 ) -> None:
-    sent: list[dict[str, object]] = []
-    monkeypatch.setattr(
-        producer, "publish", lambda messages, queue: sent.extend(m.model_dump() for m in messages)
-    )
-    monkeypatch.setenv("EMBEDQ_BROKER_URL", "redis://127.0.0.1:1/0")  # never reached
-    monkeypatch.setenv("EMBEDQ_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
-    monkeypatch.setenv("EMBEDQ_JOB_BATCH_SIZE", "2")
-    from storage import schema
-
-    schema.upgrade(f"sqlite:///{tmp_path / 'store.db'}")
+    settings = Settings(database_url=sqlite_url, broker_url=NEVER_REACHED, job_batch_size=2)
+    publisher = RecordingPublisher()
     texts = ["a" * 50, "b", "c" * 30, "d" * 5, "e" * 40]
-    producer.submit(texts, model="m", ids=["A", "B", "C", "D", "E"])
-    producer.dispose()
+    job = producer.submit(
+        texts, model="m", ids=["A", "B", "C", "D", "E"], settings=settings, publisher=publisher
+    )
+    sent = [m.model_dump() for m in publisher.sent]
     assert [p["texts"] for p in sent] == [["b", "d" * 5], ["c" * 30, "e" * 40], ["a" * 50]]
     assert [p["item_ids"] for p in sent] == [["B", "D"], ["C", "E"], ["A"]]
     assert [p["positions"] for p in sent] == [[1, 3], [2, 4], [0]]
     assert [p["batch_index"] for p in sent] == [0, 1, 2]
+    assert {p["job_id"] for p in sent} == {job.id} and {p["model"] for p in sent} == {"m"}
+    assert publisher.queues == [names.Queue.INTERACTIVE] * 3
+    with scope(sessions_for(sqlite_url)) as session:
+        assert ledger.job_batches(session, job.id) == {"sent": 3}  # recorded before sending
+        stored = jobs.get_job(session, job.id)
+        assert stored is not None and stored.total_items == 5
+    assert (job.settings, job.database_url, job.broker_url) == (settings, sqlite_url, NEVER_REACHED)
+    producer.dispose()
+
+
+class Unreachable:
+    """A broker that cannot be reached."""
+
+    def publish(self, messages: Sequence[BatchMessage], queue: str) -> None:
+        raise UnavailableError("the broker at redis://nowhere cannot be reached")
+
+
+def test_a_job_whose_broker_cannot_be_reached_fails_its_items_as_unavailable(
+    sqlite_url: str,
+) -> None:
+    settings = Settings(database_url=sqlite_url, broker_url=NEVER_REACHED, job_batch_size=2)
+    with pytest.raises(UnavailableError, match="cannot be reached"):
+        producer.submit(["a", "b", "c"], model="m", settings=settings, publisher=Unreachable())
+    with scope(sessions_for(sqlite_url)) as session:
+        (job,) = jobs.list_jobs(session)
+        assert (job.state, job.failed_items, job.error_kind) == ("failed", 3, "unavailable")
+        assert job.error is not None and job.error.startswith("not enqueued: ")
+        assert ledger.job_batches(session, job.id) == {"failed": 2}
+        kinds = {item.kind for item in session.query(FailedItem).all()}
+        assert kinds == {FailureKind.UNAVAILABLE}
+    dispose_all()

@@ -1,6 +1,8 @@
+"""The settings object: read from the environment (the one place tests set it), checked, and
+the values derived from it. (That the Celery app and the download task read it when used, not
+at import: tests/integration/test_light_imports.py.)"""
+
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,7 +47,7 @@ def test_the_visibility_timeout_outlasts_the_longest_task() -> None:
     assert Settings(task_time_limit=1000, download_time_limit=900).visibility() == 2060
 
 
-def test_json_logs_carry_the_batch_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_json_logs_carry_the_batch_fields() -> None:
     import json
     import logging
 
@@ -58,23 +60,3 @@ def test_json_logs_carry_the_batch_fields(monkeypatch: pytest.MonkeyPatch) -> No
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "batch done: j1" and line["level"] == "INFO"
     assert (line["job"], line["texts"], line["provider"]) == ("j1", 128, "CPUExecutionProvider")
-
-
-def test_the_celery_app_and_the_download_task_read_the_settings_when_used_not_at_import() -> None:
-    """Both modules are imported by now (a producer imports them to send by name); settings
-    changed afterwards still reach the app's configuration and the task's limits."""
-    code = (
-        "import os\n"
-        "from tasks.download import download\n"
-        "from worker.app import app\n"
-        "os.environ['EMBEDQ_BROKER_URL'] = 'redis://127.0.0.1:6379/5'\n"
-        "os.environ['EMBEDQ_DOWNLOAD_TIME_LIMIT'] = '777'\n"
-        "os.environ['EMBEDQ_TASK_TIME_LIMIT'] = '100'\n"
-        "print(app.conf.broker_url, app.conf.task_time_limit, app.conf.task_soft_time_limit,"
-        " download.time_limit, download.soft_time_limit)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-    )
-    assert result.stdout.split() == ["redis://127.0.0.1:6379/5", "100", "90", "777", "747"]

@@ -1,3 +1,6 @@
+"""``embedq stats``: batch statistics grouped by worker, rates, waste and percentiles, read from
+a SQLite store."""
+
 import os
 import socket
 from datetime import timedelta
@@ -5,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from storage import batch_stats, schema
+from storage import batch_stats
 from storage.models import Job
 from storage.session import dispose_all, scope, sessions_for
 from tasks.cli import stats
 from worker import lifecycle
 from worker.errors import InputError
-from worker.settings import get_settings
+from worker.settings import Settings
 
 
 def stat(job: str, index: int, pid: int, total: float) -> dict[str, object]:
@@ -35,10 +38,9 @@ def stat(job: str, index: int, pid: int, total: float) -> dict[str, object]:
 
 
 def test_the_report_groups_by_worker_and_gives_rates_waste_and_percentiles(
-    tmp_path: Path,
+    sqlite_url: str, tmp_path: Path
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    schema.upgrade(url)
+    url = sqlite_url
     with scope(sessions_for(url)) as session:
         for job, model in (("a", "minilm"), ("b", "other")):
             session.add(Job(id=job, model_name=model, queue="bulk", total_items=0, meta={}))
@@ -82,22 +84,19 @@ def test_a_bad_since_is_refused() -> None:
 
 
 def test_containers_sharing_a_host_name_and_pids_stay_apart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by the compose fleet check: three worker containers share EMBEDQ_HOST_NAME and,
     each numbering its processes from 1, the same pids. Their records carry the container's
     own name; a host's last provider is still found under the shared name."""
-    monkeypatch.setenv("EMBEDQ_HOST_NAME", "compose-host")
-    get_settings.cache_clear()
-    monkeypatch.setattr(socket, "gethostname", lambda: "compose-host")
-    assert lifecycle.machine_host() == "compose-host"
+    settings = Settings(host_name="compose-host")
+    monkeypatch.setattr(socket, "gethostname", lambda: "compose-host")  # the machine's name
+    assert lifecycle.machine_host(settings) == "compose-host"
     monkeypatch.setattr(socket, "gethostname", lambda: "3f2a9c")
-    assert lifecycle.machine_host() == "compose-host/3f2a9c"
-    assert lifecycle.process_name() == f"compose-host/3f2a9c:{os.getpid()}"
-    get_settings.cache_clear()
+    assert lifecycle.machine_host(settings) == "compose-host/3f2a9c"
+    assert lifecycle.process_name(settings) == f"compose-host/3f2a9c:{os.getpid()}"
 
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    schema.upgrade(url)
+    url = sqlite_url
     with scope(sessions_for(url)) as session:
         session.add(Job(id="a", model_name="minilm", queue="bulk", total_items=0, meta={}))
         session.flush()
