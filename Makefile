@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= all-MiniLM-L6-v2
 
-.PHONY: setup run test lint fleet-check bench bench-pipeline bench-backfill bench-ledger bench-layout bench-openvino bench-api clean
+.PHONY: setup run test test-unit test-quick coverage lint fleet-check bench bench-pipeline bench-backfill bench-ledger bench-layout bench-openvino bench-api clean
 
 $(BIN)/embedq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,21 @@ run: setup
 	env -u EMBEDQ_BROKER_URL $(BIN)/embedq embed --model $(MODEL) -f examples/texts.jsonl --out vectors.npy
 	env -u EMBEDQ_BROKER_URL $(BIN)/embedq jobs --limit 1
 
+# The folder is the layer (tests/conftest.py): unit (no service, no model, no subprocess),
+# integration (real services and model, in process), acceptance (real processes), faults.
 test: setup
 	$(BIN)/python -m pytest
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+test-quick: setup
+	$(BIN)/python -m pytest tests/unit tests/integration
+
+# Line coverage of worker/, tasks/ and storage/ over the whole suite (in this process; the
+# worker and serve processes the acceptance tests start are not traced).
+coverage: setup
+	$(BIN)/python -m pytest --cov=worker --cov=tasks --cov=storage --cov-report=term
 
 lint: setup
 	$(BIN)/ruff check .

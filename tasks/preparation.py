@@ -146,7 +146,10 @@ def request(name: str, sessions: sessionmaker[Session], settings: Settings) -> N
         if not in_progress:  # never asked, lost (its worker died), or deleted since
             model_catalog.set_prepared(session, name, host, ModelState.PREPARING)
     if not in_progress:
-        app.send_task(names.DOWNLOAD, args=[name], queue=settings.download_queue())
+        with app.connection_for_write(settings.celery_broker()) as connection:
+            app.send_task(
+                names.DOWNLOAD, args=[name], queue=settings.download_queue(), connection=connection
+            )
         logger.info("model %s missing on %s: download requested", name, host)
     raise ModelPendingError(name, host)
 

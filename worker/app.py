@@ -120,10 +120,11 @@ def embedq_config(state: Any, **_: Any) -> dict[str, Any]:
 inspect_command()(embedq_config)
 
 
-def queue_depths(app: Celery, queues: list[str]) -> dict[str, int]:
-    """Ready messages per queue (kombu's passive declare counts Redis priority sub-lists too)."""
+def queue_depths(app: Celery, queues: list[str], url: str | None = None) -> dict[str, int]:
+    """Ready messages per queue on the broker at ``url`` (default: the app's), by kombu's
+    passive declare, which counts Redis priority sub-lists too."""
     depths: dict[str, int] = {}
-    with app.connection_for_read() as connection:
+    with app.connection_for_read(url) as connection:
         channel: Any = connection.default_channel
         for queue in queues:
             try:

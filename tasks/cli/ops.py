@@ -52,7 +52,7 @@ def health(
     from worker.app import app as celery_app
 
     settings = get_settings()
-    result = fleet.check(celery_app, settings.database_url, timeout, settings.stuck_after)
+    result = fleet.check(celery_app, settings, timeout)
     typer.echo(json.dumps(result.as_json(), indent=2) if as_json else fleet.render(result))
     if not result.ok:
         problems = [f"no worker consumes {queue}" for queue in result.unserved]

@@ -18,6 +18,7 @@ from storage import batch_stats, ledger, model_catalog
 from storage.session import scope, sessions_for
 from tasks import names
 from worker.app import queue_depths
+from worker.settings import Settings
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -55,20 +56,23 @@ class FleetHealth:
         return {**asdict(self), "ok": self.ok}
 
 
-def check(app: Celery, database_url: str, timeout: float, stuck_after: float) -> FleetHealth:
-    """Ask the workers that answer within ``timeout`` seconds, the broker and the store; batches
-    with no progress for ``stuck_after`` seconds are overdue (``EMBEDQ_STUCK_AFTER``)."""
-    inspect = app.control.inspect(timeout=timeout)
-    answered = inspect.ping() or {}
-    active = inspect.active_queues() or {}
-    configs = inspect._request("embedq_config") or {}
+def check(app: Celery, settings: Settings, timeout: float) -> FleetHealth:
+    """Ask the workers that answer within ``timeout`` seconds on the broker ``settings`` name,
+    that broker and the store; batches with no progress for ``EMBEDQ_STUCK_AFTER`` seconds are
+    overdue."""
+    broker, stuck_after = settings.celery_broker(), settings.stuck_after
+    with app.connection_for_read(broker) as connection:
+        inspect = app.control.inspect(timeout=timeout, connection=connection)
+        answered = inspect.ping() or {}
+        active = inspect.active_queues() or {}
+        configs = inspect._request("embedq_config") or {}
     consumed = {queue["name"] for queues in active.values() for queue in queues}
     queues = [str(q) for q in names.Queue] + sorted(
         q for q in consumed if q.startswith("download.")
     )
-    depths = queue_depths(app, queues)
+    depths = queue_depths(app, queues, broker)
     workers = []
-    with scope(sessions_for(database_url)) as session:
+    with scope(sessions_for(settings.database_url)) as session:
         overdue = ledger.count_overdue(session, stuck_after)
         for node in sorted(answered):
             config = configs.get(node, {})

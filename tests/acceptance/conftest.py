@@ -10,8 +10,9 @@ and its model stay warm. PostgreSQL is the default fleet; a test parametrised wi
 A test that stops, kills or reconfigures its workers starts its own on ``pipeline_env``: a
 store of the test's own and a Redis database no session worker listens on.
 
-Redis databases, from ``EMBEDQ_TEST_REDIS`` (default ``redis://127.0.0.1:6379/11``) up: the
-PostgreSQL fleet's, the SQLite fleet's, the tests' own workers', and one nobody consumes.
+Redis databases, the four after ``EMBEDQ_TEST_REDIS``'s (default ``redis://127.0.0.1:6379/11``,
+the integration tests'): the PostgreSQL fleet's, the SQLite fleet's, the tests' own workers',
+and one nobody consumes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from worker.settings import Settings, get_settings
 __all__ = ["KEY", "REDIS", "Fleet", "Server", "Worker", "redis_database"]
 
 REDIS = os.environ.get("EMBEDQ_TEST_REDIS", "redis://127.0.0.1:6379/11")
-OFFSETS = {"postgresql": 0, "sqlite": 1, "own": 2, "nobody": 3}
+OFFSETS = {"postgresql": 1, "sqlite": 2, "own": 3, "nobody": 4}
+"""Redis databases after ``EMBEDQ_TEST_REDIS``'s own (the integration tests')."""
 # Emptied between tests, children first (SQLite deletes in this order; PostgreSQL truncates
 # them together). The models table keeps what the fleet's worker reported ready at its start.
 TABLES = (

@@ -1,7 +1,8 @@
 """Every way the ``embedq`` command fails ends with one line on stderr, ``error: ...``, and an exit
 code (2 bad input, 4 store or broker out of reach, 5 timed out, 1 a job that failed), never a
-traceback and never a password. Each case runs the installed entry point against real files, a
-real refused port, and a private Redis that wants a password."""
+traceback and never a password. Each case runs the command in this process (``tests.cli``)
+against real files, a real refused port, and a private Redis that wants a password; the
+entry point and ``python -m tasks.cli`` themselves are run in tests/acceptance."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,13 @@ from pathlib import Path
 import pytest
 import redis
 
+from storage import ledger
+from storage.session import scope, sessions_for
+from tests.cli import Cli, Result
+from tests.cli import assert_ends_with_one_error as ends_with_one_error
 from tests.conftest import require
+from tests.databases import Databases
+from tests.waiting import wait_until
 
 PASSWORD = "s3cr3t-pw"  # the private Redis's
 WRONG = "wr0ng-pw-42"
@@ -50,16 +55,17 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         stderr=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port, password=PASSWORD, socket_timeout=2)
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"redis-server exited with {process.returncode}")
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise
-                time.sleep(0.05)
+        wait_until(answers, 10, "the private redis-server to answer")
         yield port
     finally:
         client.close()
@@ -67,42 +73,11 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         process.wait(timeout=10)
 
 
-def embedq(
-    *args: str, env: dict[str, str], module: bool = False
-) -> subprocess.CompletedProcess[str]:
-    """Run the command as a user does: the installed entry point (or ``python -m tasks.cli``)."""
-    if module:
-        command = [sys.executable, "-m", "tasks.cli"]
-    else:
-        executable = shutil.which("embedq", path=str(Path(sys.executable).parent))
-        assert executable, "the embedq entry point is not installed (pip install -e .)"
-        command = [executable]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
-    return subprocess.run(
-        [*command, *args],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def assert_ends_with_one_error(
-    result: subprocess.CompletedProcess[str], code: int, says: str, before: str | None = None
+    result: Result, code: int, says: str, before: str | None = None
 ) -> str:
-    """The run exited ``code`` and its stderr is one ``error:`` line holding ``says`` (after
-    lines matching ``before``, where a case has notices); no traceback, no password."""
-    shown = f"exit {result.returncode}\nstderr:\n{result.stderr}"
-    assert result.returncode == code, shown
-    lines = result.stderr.splitlines()
-    assert lines and lines[-1].startswith("error: "), shown
-    for line in lines[:-1]:
-        assert before is not None and re.match(before, line), shown
-    assert says in lines[-1], shown
-    assert "Traceback" not in result.stderr, shown
-    for secret in SECRETS:
-        assert secret not in result.stderr + result.stdout, shown
-    return lines[-1]
+    """``tests.cli.assert_ends_with_one_error``, with this module's passwords as the secrets."""
+    return ends_with_one_error(result, code, says, before, SECRETS)
 
 
 @dataclass(frozen=True)
@@ -122,7 +97,7 @@ class Case:
 
 NO_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 SUBMITTED = r"job \S+ submitted: \d+ texts$"
-BROKER_UP = {"EMBEDQ_BROKER_URL": f"redis://:{PASSWORD}@127.0.0.1:{{redis}}/12"}
+BROKER_UP = {"EMBEDQ_BROKER_URL": f"redis://:{PASSWORD}@127.0.0.1:{{redis}}/9"}
 
 CASES = {
     # input files
@@ -222,36 +197,36 @@ CASES = {
     "wrong Redis password at submit": Case(
         ("embed", "text", "--model", "m"),
         4,
-        "the broker at redis://:***@127.0.0.1:{redis}/0 refuses the password",
-        {"EMBEDQ_BROKER_URL": f"redis://:{WRONG}@127.0.0.1:{{redis}}/0"},
+        "the broker at redis://:***@127.0.0.1:{redis}/9 refuses the password",
+        {"EMBEDQ_BROKER_URL": f"redis://:{WRONG}@127.0.0.1:{{redis}}/9"},
         schema=True,
     ),
     "no Redis password at submit": Case(
         ("embed", "text", "--model", "m"),
         4,
-        "the broker at redis://127.0.0.1:{redis}/0 asks for a password",
-        {"EMBEDQ_BROKER_URL": "redis://127.0.0.1:{redis}/0"},
+        "the broker at redis://127.0.0.1:{redis}/9 asks for a password",
+        {"EMBEDQ_BROKER_URL": "redis://127.0.0.1:{redis}/9"},
         schema=True,
     ),
     "unreachable Redis at submit": Case(
         ("embed", "text", "--model", "m"),
         4,
-        "the broker at redis://:***@127.0.0.1:{free}/0 cannot be reached",
-        {"EMBEDQ_BROKER_URL": f"redis://:{PASSWORD}@127.0.0.1:{{free}}/0"},
+        "the broker at redis://:***@127.0.0.1:{free}/9 cannot be reached",
+        {"EMBEDQ_BROKER_URL": f"redis://:{PASSWORD}@127.0.0.1:{{free}}/9"},
         schema=True,
     ),
     "wrong Redis password at health": Case(
-        ("health", "--timeout", "1"),
+        ("health", "--timeout", "0.3"),
         4,
         "refuses the password",
-        {"EMBEDQ_BROKER_URL": f"redis://:{WRONG}@127.0.0.1:{{redis}}/0"},
+        {"EMBEDQ_BROKER_URL": f"redis://:{WRONG}@127.0.0.1:{{redis}}/9"},
         schema=True,
     ),
     # endings of a job
     "--timeout reached": Case(
-        ("embed", "text", "--model", "m", "--timeout", "1"),
+        ("embed", "text", "--model", "m", "--timeout", "0.5"),
         5,
-        "not finished after 1s",
+        "not finished after 0.5s",
         BROKER_UP,
         before=SUBMITTED,
         schema=True,
@@ -286,9 +261,16 @@ def settings_for(tmp: Path) -> dict[str, str]:
     }
 
 
+def migrated_store(databases: Databases, tmp: Path) -> str:
+    """The store ``settings_for(tmp)`` names, with the schema (as `embedq db upgrade` makes)."""
+    url = databases.sqlite(tmp / "store", "embedq.db")
+    assert url == settings_for(tmp)["EMBEDQ_DATABASE_URL"]
+    return url
+
+
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_a_failure_ends_with_one_error_line_and_its_exit_code(
-    case: Case, tmp_path: Path, request: pytest.FixtureRequest
+    case: Case, cli: Cli, databases: Databases, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     write_inputs(tmp_path)
     needs_redis = any("{redis}" in v for v in case.env.values())
@@ -301,52 +283,48 @@ def test_a_failure_ends_with_one_error_line_and_its_exit_code(
     }
     env = settings_for(tmp_path) | {k: v.format(**fill) for k, v in case.env.items()}
     if case.schema:
-        upgraded = embedq("db", "upgrade", env=settings_for(tmp_path))
-        assert upgraded.returncode == 0, upgraded.stderr
-    result = embedq(*(arg.format(**fill) for arg in case.args), env=env)
+        migrated_store(databases, tmp_path)
+    result = cli(*(arg.format(**fill) for arg in case.args), env=env)
     assert_ends_with_one_error(result, case.code, case.says.format(**fill), case.before)
 
 
-def test_python_dash_m_ends_the_same_way(tmp_path: Path) -> None:
-    write_inputs(tmp_path)
-    result = embedq(
-        "embed", "-f", str(tmp_path / "latin1.jsonl"), env=settings_for(tmp_path), module=True
-    )
-    assert_ends_with_one_error(result, 2, "latin1.jsonl:2 is not UTF-8 text")
-
-
-def test_verbose_adds_the_traceback_before_the_same_line(tmp_path: Path) -> None:
+def test_verbose_adds_the_traceback_before_the_same_line(cli: Cli, tmp_path: Path) -> None:
     env = settings_for(tmp_path) | {"EMBEDQ_DATABASE_URL": f"sqlite:///{tmp_path}/gone/x.db"}
-    result = embedq("--verbose", "jobs", env=env)
-    assert result.returncode == 4, result.stderr
+    result = cli("--verbose", "jobs", env=env)
+    assert result.code == 4, result.shown()
     assert "Traceback" in result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: the job store at sqlite:///")
+    plain = cli("jobs", env=env)  # the same failure without --verbose: the line alone
+    assert plain.code == 4 and "Traceback" not in plain.stderr, plain.shown()
+    assert plain.stderr.splitlines() == result.stderr.splitlines()[-1:]
 
 
 def test_after_a_timeout_job_and_health_say_what_is_pending(
-    private_redis: int, tmp_path: Path
+    cli: Cli, databases: Databases, private_redis: int, tmp_path: Path
 ) -> None:
-    from storage import ledger
-    from storage.session import scope, sessions_for
-
+    url = migrated_store(databases, tmp_path)
     env = settings_for(tmp_path) | {
-        "EMBEDQ_BROKER_URL": f"redis://:{PASSWORD}@127.0.0.1:{private_redis}/12",
+        "EMBEDQ_BROKER_URL": f"redis://:{PASSWORD}@127.0.0.1:{private_redis}/9",
         "EMBEDQ_JOB_BATCH_SIZE": "1",
     }
-    assert embedq("db", "upgrade", env=settings_for(tmp_path)).returncode == 0
     texts = [f"text {i:02}" for i in range(12)]
-    waited = embedq("embed", *texts, "--model", "m", "--timeout", "0.5", env=env)
+    waited = cli("embed", *texts, "--model", "m", "--timeout", "0.5", env=env)
     line = assert_ends_with_one_error(waited, 5, "(the job goes on; see `embedq job ", SUBMITTED)
     found = re.search(r"see `embedq job (\S+)`", line)
     assert found is not None, line
     job_id = found[1]
-    with scope(sessions_for(env["EMBEDQ_DATABASE_URL"])) as session:
+    with scope(sessions_for(url)) as session:
         for index in range(12):  # in order: batch 0 is left the oldest
             ledger.note_error(session, job_id, index, f"try {index} failed\nsecond line")
 
+    def all_overdue() -> bool:  # 10 ms with no progress, as the store's own clock sees it
+        with scope(sessions_for(url)) as session:
+            return ledger.count_overdue(session, 0.01, job_id=job_id) == 12
+
+    wait_until(all_overdue, 5, "the 12 batches to be overdue")
     overdue_now = env | {"EMBEDQ_STUCK_AFTER": "0.01"}
-    shown = embedq("job", job_id, env=overdue_now)
-    assert shown.returncode == 0, shown.stderr
+    shown = cli("job", job_id, env=overdue_now)
+    assert shown.code == 0, shown.shown()
     assert "batches: 12 sent" in shown.stdout, shown.stdout
     overdue = re.findall(
         r"^overdue: batch (\d+) \(1 items, no progress for \d+s, attempts 0, sends 1,"
@@ -358,27 +336,21 @@ def test_after_a_timeout_job_and_health_say_what_is_pending(
     assert "\nand 2 more\n" in shown.stdout, shown.stdout
     assert "EMBEDQ_SWEEP_INTERVAL" in shown.stdout and "`embedq health` fails" in shown.stdout
 
-    health = embedq("health", "--timeout", "1", env=overdue_now)
+    health = cli("health", "--timeout", "0.3", env=overdue_now)  # no worker: none answers
     assert_ends_with_one_error(
         health, 1, "the fleet is not healthy: no worker consumes interactive; 12 batches overdue"
     )
 
 
 def test_a_failed_backfill_ends_with_an_error_line_and_counts_duplicate_ids(
-    tmp_path: Path,
+    cli: Cli, tmp_path: Path
 ) -> None:
     source = tmp_path / "rows.jsonl"
     rows = [("a", "one"), ("b", "two"), ("a", "again"), ("b", "again")]
     source.write_text("".join(f'{{"id": "{i}", "text": "{t}"}}\n' for i, t in rows))
-    result = embedq(
-        "backfill",
-        "dups",
-        "--source",
-        str(source),
-        "--model",
-        "missing",
-        env=settings_for(tmp_path),
-    )
+    (tmp_path / "store").mkdir()
+    args = ("backfill", "dups", "--source", str(source), "--model", "missing")
+    result = cli(*args, env=settings_for(tmp_path))
     assert "skipped 2 duplicate ids" in result.stdout, result.stdout
     assert_ends_with_one_error(
         result, 1, "backfill dups ended failed: 0 done, 2 failed of 2 items", r"(WARNING|INFO) "

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tests.fakes import FakeEngine
-from worker.engine import Embedder, Engine
-from worker.errors import InputError
+from worker.engine import NOTHING_READ, Embedder, Engine
+from worker.errors import InputError, TextsRefusedError
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -81,3 +81,13 @@ def test_progress_after_each_micro_batch_ends_at_the_total(embedder: Embedder) -
 def test_unusable_batches_are_refused_whole(embedder: Embedder, bad: list[object]) -> None:
     with pytest.raises(InputError):
         embedder.encode(bad)
+
+
+def test_texts_the_model_reads_nothing_in_are_refused_by_index(embedder: Embedder) -> None:
+    texts = ["a good text", "\u200b\u200b", "another good one", "\u200b \u200d"]
+    with pytest.raises(TextsRefusedError) as caught:
+        embedder.encode(texts)
+    assert caught.value.indices == (1, 3)
+    assert caught.value.reason == NOTHING_READ
+    assert str(caught.value).startswith("texts at index 1, 3: ")
+    assert embedder.encode([t for i, t in enumerate(texts) if i not in (1, 3)]).stats.texts == 2

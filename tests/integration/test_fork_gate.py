@@ -8,16 +8,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 
-from storage import schema
 from storage.models import Job
 from storage.session import dispose_all, scope, sessions_for
 
 
-def test_a_child_forked_while_a_thread_writes_can_write_at_once(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    schema.upgrade(url)
+def test_a_child_forked_while_a_thread_writes_can_write_at_once(sqlite_url: str) -> None:
+    url = sqlite_url
     writing, release = threading.Event(), threading.Event()
 
     def writer() -> None:

@@ -6,39 +6,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from storage.session import dispose_all
+from tasks import producer
 from tests.conftest import cosines
-from worker import lifecycle
 from worker.engine import Engine
-from worker.settings import get_settings
+from worker.settings import Settings
 
 pytestmark = pytest.mark.model
 
 
 @pytest.fixture
-def local_env(
-    tmp_path: Path, minilm: Path, store_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
+def local(tmp_path: Path, minilm: Path, cpu_settings: Settings) -> Iterator[Settings]:
+    """No broker, and a store in a folder that does not exist yet."""
     url = f"sqlite:///{tmp_path / 'data' / 'embedq.db'}"
-    monkeypatch.delenv("EMBEDQ_BROKER_URL", raising=False)
-    monkeypatch.setenv("EMBEDQ_DATABASE_URL", url)
-    monkeypatch.setenv("EMBEDQ_MODEL_DIR", str(store_root))
-    monkeypatch.setenv("EMBEDQ_DEFAULT_MODEL", "minilm")
-    monkeypatch.setenv("EMBEDQ_PROVIDERS", "CPUExecutionProvider")
-    get_settings.cache_clear()
-    yield url
-    from tasks import producer
-
-    producer.dispose()
-    lifecycle.close()
+    values = {"database_url": url, "broker_url": None, "default_model": "minilm"}
+    yield cpu_settings.model_copy(update=values)
+    dispose_all()
 
 
 def test_local_mode_needs_no_broker_and_no_prepared_database(
-    local_env: str, engine: Engine, corpus: list[str]
+    local: Settings, engine: Engine, short_texts: list[str]
 ) -> None:
-    from tasks import producer
-
-    texts = corpus[100:250]
-    job = producer.submit(texts, tag="laptop")
+    assert local.local_mode
+    texts = short_texts[100:250]
+    job = producer.submit(texts, tag="laptop", settings=local)
+    assert job.broker_url is None
     assert job.wait(timeout=5)["state"] == "succeeded"  # already done: it ran in-process
     ids, vectors = job.embeddings()
     assert ids == [str(i) for i in range(150)]

@@ -4,6 +4,8 @@ its refusal or fallback where it does not), with real OpenVINO and the corpus.""
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +24,6 @@ pytestmark = pytest.mark.model
 HAS_BF16 = hardware.bf16_missing() is None
 
 
-def reference_vectors(checkpoint: Path, texts: list[str]) -> np.ndarray:
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(checkpoint), device="cpu")
-    return np.asarray(model.encode(texts, batch_size=32, normalize_embeddings=True))
-
-
 @pytest.fixture(scope="module")
 def sample(corpus: list[str]) -> list[str]:
     """500 corpus texts spread over the file, and its 20 longest (cut at 256 tokens)."""
@@ -39,27 +34,30 @@ def sample(corpus: list[str]) -> list[str]:
 
 
 def test_openvino_fp32_gives_sentence_transformers_vectors(
-    minilm: Path, checkpoint: Path, cpu_settings: Settings, sample: list[str]
+    minilm: Path,
+    cpu_settings: Settings,
+    sample: list[str],
+    reference_vectors: Callable[[list[str]], np.ndarray],
 ) -> None:
     engine = Engine.load(minilm, cpu_settings.model_copy(update={"runtime": "openvino"}))
     assert (engine.provider, engine.precision) == (openvino_runtime.PROVIDER, Precision.FP32)
     encoding = engine.encode(sample)
     assert encoding.stats.provider == "OpenVINO:CPU" and encoding.stats.precision == "fp32"
-    assert float(np.min(cosines(encoding.vectors, reference_vectors(checkpoint, sample)))) >= 0.9999
+    assert float(np.min(cosines(encoding.vectors, reference_vectors(sample)))) >= 0.9999
 
 
 def test_a_bf16_model_runs_bf16_where_the_cpu_has_it_and_fp32_with_a_warning_elsewhere(
     bf16_model: Path,
-    checkpoint: Path,
     cpu_settings: Settings,
     sample: list[str],
+    reference_vectors: Callable[[list[str]], np.ndarray],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="worker.runtimes"):
         engine = Engine.load(bf16_model, cpu_settings)
     assert engine.provider == "OpenVINO:CPU"  # EMBEDQ_RUNTIME=auto gives bf16 to OpenVINO
     vectors = engine.encode(sample).vectors
-    similarity = cosines(vectors, reference_vectors(checkpoint, sample))
+    similarity = cosines(vectors, reference_vectors(sample))
     if HAS_BF16:
         assert engine.precision is Precision.BF16
         assert not caplog.records
@@ -84,18 +82,20 @@ def test_a_bf16_model_is_refused_on_a_cpu_without_bf16_under_the_error_policy(
 
 
 def test_a_bf16_pull_is_refused_when_openvino_does_not_really_compute_in_bf16(
-    checkpoint: Path, tmp_path: Path, cpu_settings: Settings, monkeypatch: pytest.MonkeyPatch
+    minilm: Path, tmp_path: Path, cpu_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The second gate: the CPU's flags claim bf16 (simulated here where they do not), but the
-    plugin reports after compiling that it kept fp32; nothing is installed."""
+    plugin reports after compiling that it kept fp32; nothing is installed. (The gate runs on
+    the fp32 ONNX file whatever its source: an ONNX folder spares the checkpoint's export.)"""
     if HAS_BF16:
         monkeypatch.setattr(openvino_runtime, "really_runs", lambda compiled: Precision.FP32)
     else:
         monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    onnx = shutil.copytree(minilm, tmp_path / "plain", ignore=shutil.ignore_patterns("manifest.*"))
     store = ModelStore(tmp_path / "models")
     settings = cpu_settings.model_copy(update={"model_dir": tmp_path / "models"})
     with pytest.raises(ModelError, match="OpenVINO kept fp32"):
-        store.pull(str(checkpoint), "bf16", PullOptions(precision=Precision.BF16), settings)
+        store.pull(str(onnx), "bf16", PullOptions(precision=Precision.BF16), settings)
     assert store.list() == []
 
 

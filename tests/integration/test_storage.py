@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +12,11 @@ from sqlalchemy import inspect
 from storage import embeddings, jobs, model_files, schema
 from storage.models import Base, Job
 from storage.session import make_engine, scope, session_factory
+from tests.cli import Cli
 
 
-def test_migrations_create_exactly_the_models_schema(database_url: str) -> None:
+def test_migrations_create_exactly_the_models_schema(empty_database_url: str) -> None:
+    database_url = empty_database_url
     schema.upgrade(database_url)
     engine = make_engine(database_url)
     with engine.connect() as connection:
@@ -33,7 +32,6 @@ def test_migrations_create_exactly_the_models_schema(database_url: str) -> None:
 
 
 def test_a_redelivered_batch_writes_each_item_once(database_url: str) -> None:
-    schema.upgrade(database_url)
     engine = make_engine(database_url)
     factory = session_factory(engine)
     vectors = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
@@ -66,7 +64,6 @@ def test_a_redelivered_batch_writes_each_item_once(database_url: str) -> None:
 
 
 def test_a_job_records_its_first_model_file_and_any_other_once(database_url: str) -> None:
-    schema.upgrade(database_url)
     engine = make_engine(database_url)
     factory = session_factory(engine)
     first, other = "a" * 64, "b" * 64
@@ -87,17 +84,11 @@ def test_a_job_records_its_first_model_file_and_any_other_once(database_url: str
     engine.dispose()
 
 
-def test_embedq_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
+def test_embedq_db_upgrade_creates_the_schema(cli: Cli, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'nested' / 'embedq.db'}"
-    executable = Path(sys.executable).parent / "embedq"
-    result = subprocess.run(
-        [str(executable), "db", "upgrade"],
-        env={**os.environ, "EMBEDQ_DATABASE_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    result = cli("db", "upgrade", env={"EMBEDQ_DATABASE_URL": url})
+    assert result.code == 0, result.shown()
+    assert result.stdout == f"schema at head in {url}\n"
     engine = make_engine(url)
     assert "jobs" in inspect(engine).get_table_names()
     engine.dispose()

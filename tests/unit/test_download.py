@@ -31,7 +31,13 @@ def sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[Any], str]]:
     messages: list[tuple[str, list[Any], str]] = []
 
-    def send_task(name: str, args: list[Any], queue: str) -> None:
+    def send_task(name: str, args: list[Any], queue: str, connection: Any) -> None:
+        # On the settings' broker (never reached here), not the Celery app's default one.
+        assert (connection.hostname, connection.port, connection.virtual_host) == (
+            "127.0.0.1",
+            6399,
+            "5",
+        )
         messages.append((name, args, queue))
 
     # The Celery app ``preparation`` sends downloads with, its sending replaced (no broker).
@@ -43,6 +49,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[Any], str]]:
 def settings(sqlite_url: str, tmp_path: Path) -> Settings:
     return Settings(
         database_url=sqlite_url,
+        broker_url="redis://127.0.0.1:6399/5",
         host_name=HOST,
         model_dir=tmp_path / "models",
         download_time_limit=100,
