@@ -1,6 +1,7 @@
-"""Real embedq processes for the acceptance and fault tests: a Celery worker and an ``embedq
-serve``, each with its log collected for assertions, started and stopped as a supervisor would
-(their own process group, SIGTERM then SIGKILL)."""
+"""Real processes for the acceptance and fault tests: a Celery worker and an ``embedq serve``,
+each with its log collected for assertions, started and stopped as a supervisor would (their
+own process group, SIGTERM then SIGKILL), and a ``redis-server`` of a test's (or a session's)
+own on a free port."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.waiting import wait_until
 
@@ -165,3 +170,57 @@ class Server(Process):
         for client in self.clients:
             client.close()
         super().stop(term_s)
+
+
+class PrivateRedis:
+    """A ``redis-server`` of this test's own on a free port, without persistence: ``restart()``
+    kills it and starts it again on the same port, empty, as a host restart without AOF/RDB."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = directory / f"redis-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A client that fails at once when the server is down (redis-py's default retries
+        a refused connection for about 4 s)."""
+        return redis.Redis(
+            port=self.port, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
+
+    def start(self, timeout: float = 15) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        command += ["--dir", str(self.directory), "--logfile", str(self.log)]
+        process = self.process = subprocess.Popen(command, start_new_session=True)
+        client = self.client()
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited at start")
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        try:
+            wait_until(answers, timeout, f"redis-server on port {self.port}")
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: nothing is saved, every client connection drops."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     """Largest file ``POST /v1/files`` accepts (OpenAI's Batch API takes up to 200 MB)."""
     api_wait_timeout: float = Field(default=60, gt=0)
     """Seconds ``POST /v1/embeddings`` waits for its job before answering 504 with the job id."""
+    api_batch_lease: float = Field(default=30, gt=0)
+    """Seconds an OpenAI batch's runner holds its lease between renewals: when its ``serve``
+    process dies, another instance takes the batch over after this long."""
     files_dir: Path = Field(default_factory=lambda: platformdirs.user_data_path("embedq") / "files")
     """Where the API keeps uploaded batch input files (their metadata is in the store); every
     ``serve`` instance of a fleet must see the same folder."""

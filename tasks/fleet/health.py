@@ -11,6 +11,7 @@ answering worker consumes them, and ``overdue`` counts batches in the ledger wit
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from celery import Celery
 
@@ -61,11 +62,19 @@ def check(app: Celery, settings: Settings, timeout: float) -> FleetHealth:
     that broker and the store; batches with no progress for ``EMBEDQ_STUCK_AFTER`` seconds are
     overdue."""
     broker, stuck_after = settings.celery_broker(), settings.stuck_after
+    active: dict[str, Any] = {}
+    configs: dict[str, Any] = {}
     with app.connection_for_read(broker) as connection:
-        inspect = app.control.inspect(timeout=timeout, connection=connection)
-        answered = inspect.ping() or {}
-        active = inspect.active_queues() or {}
-        configs = inspect._request("embedq_config") or {}
+        # A broker that refuses us (down, a wrong password) is said at once: kombu would retry
+        # each broadcast's connection for seconds, and no retry mends a wrong password.
+        connection.ensure_connection(max_retries=1, interval_start=0.2)
+        # The ping waits the whole timeout (who will answer is unknown); the two questions after
+        # it end as soon as every worker that answered it has answered them.
+        answered = app.control.inspect(timeout=timeout, connection=connection).ping() or {}
+        if answered:
+            ask = app.control.inspect(timeout=timeout, connection=connection, limit=len(answered))
+            active = ask.active_queues() or {}
+            configs = ask._request("embedq_config") or {}
     consumed = {queue["name"] for queues in active.values() for queue in queues}
     queues = [str(q) for q in names.Queue] + sorted(
         q for q in consumed if q.startswith("download.")

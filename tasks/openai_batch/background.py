@@ -7,8 +7,8 @@ the serve instances are up whenever a client can ask about a batch. Why a lease:
 instance is asked first (at creation, on ``GET /v1/batches/{id}``, or on its first batch
 request after a start, which resumes every unfinished batch) takes the batch's lease and runs
 it; the others see the lease held and leave it. A runner renews its lease every few seconds,
-so when its process dies another instance takes the batch over within ``LEASE_TTL_S`` and
-resumes it from the store.
+so when its process dies another instance takes the batch over within
+``EMBEDQ_API_BATCH_LEASE`` seconds and resumes it from the store.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import leases, openai_batches
 from storage.models import OpenAIBatchStatus
 from storage.session import scope
-from tasks.openai_batch.runner import LEASE_TTL_S, Catalog, OpenAIBatchRunner, lease_name
+from tasks.openai_batch.runner import Catalog, OpenAIBatchRunner, lease_name
 from tasks.publishing import Publisher
 from worker.settings import Settings
 
@@ -64,7 +64,8 @@ def ensure_running(
                 batch = openai_batches.get_batch(session, batch_id)
                 if batch is None or OpenAIBatchStatus(batch.status).final:
                     return False
-                if not leases.take_lease(session, lease_name(batch_id), holder(), LEASE_TTL_S):
+                lease = settings.api_batch_lease
+                if not leases.take_lease(session, lease_name(batch_id), holder(), lease):
                     return False
         except IntegrityError:  # another process created the lease row at the same moment
             return False

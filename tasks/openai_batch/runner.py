@@ -50,10 +50,10 @@ from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-LEASE_TTL_S = 30.0
-"""A runner that stops renewing its lease (its process died) leaves the batch to another
-process after this long."""
 RENEW_S = 5.0
+"""A runner renews its lease this often at most, and at least three times per lease
+(``EMBEDQ_API_BATCH_LEASE``, after which a runner that stopped renewing it, its process dead,
+leaves the batch to another process)."""
 PAGE = 1000
 """Validated lines written at a time."""
 
@@ -244,14 +244,18 @@ class OpenAIBatchRunner:
 
     # --- the lease, cancel and expiry ------------------------------------------------------------
     def keep(self, force: bool = True, stop: bool = True) -> None:
-        """Renew the lease (at most every ``RENEW_S`` unless ``force``); with ``stop``, raise
-        ``Stopped`` when the batch is being cancelled or has expired (moved to finalizing)."""
-        if not force and time.monotonic() - self._kept < RENEW_S:
+        """Renew the lease (at most every ``RENEW_S``, or a third of the lease, unless
+        ``force``); with ``stop``, raise ``Stopped`` when the batch is being cancelled or has
+        expired (moved to finalizing)."""
+        every = min(RENEW_S, self.settings.api_batch_lease / 3)
+        if not force and time.monotonic() - self._kept < every:
             return
         self._kept = time.monotonic()
         expired = False
         with scope(self.sessions) as session:
-            held = leases.take_lease(session, lease_name(self.batch_id), self.holder, LEASE_TTL_S)
+            held = leases.take_lease(
+                session, lease_name(self.batch_id), self.holder, self.settings.api_batch_lease
+            )
             batch = openai_batches.get_batch(session, self.batch_id)
             status = None if batch is None else batch.status
             if batch is not None and status in (Status.VALIDATING, Status.IN_PROGRESS):

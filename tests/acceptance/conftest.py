@@ -10,14 +10,15 @@ and its model stay warm. PostgreSQL is the default fleet; a test parametrised wi
 A test that stops, kills or reconfigures its workers starts its own on ``pipeline_env``: a
 store of the test's own and a Redis database no session worker listens on.
 
-Redis databases, the four after ``EMBEDQ_TEST_REDIS``'s (default ``redis://127.0.0.1:6379/11``,
-the integration tests'): the PostgreSQL fleet's, the SQLite fleet's, the tests' own workers',
-and one nobody consumes.
+The brokers are databases of a ``redis-server`` of the session's own, on a free port
+(``Brokers``): the PostgreSQL fleet's, the SQLite fleet's, the tests' own workers', and one
+nobody consumes. Two test sessions at once (``pytest -n``, or two runs on one machine) never
+share a queue.
 """
 
 from __future__ import annotations
 
-import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,12 @@ from sqlalchemy import text
 from storage.session import make_engine
 from tests.conftest import require
 from tests.databases import Databases
-from tests.processes import KEY, Server, Worker
+from tests.processes import KEY, PrivateRedis, Server, Worker
 from worker.settings import Settings, get_settings
 
-__all__ = ["KEY", "REDIS", "Fleet", "Server", "Worker", "redis_database"]
+__all__ = ["KEY", "Brokers", "Fleet", "Server", "Worker"]
 
-REDIS = os.environ.get("EMBEDQ_TEST_REDIS", "redis://127.0.0.1:6379/11")
-OFFSETS = {"postgresql": 1, "sqlite": 2, "own": 3, "nobody": 4}
-"""Redis databases after ``EMBEDQ_TEST_REDIS``'s own (the integration tests')."""
+USES = ("postgresql", "sqlite", "own", "nobody")
 # Emptied between tests, children first (SQLite deletes in this order; PostgreSQL truncates
 # them together). The models table keeps what the fleet's worker reported ready at its start.
 TABLES = (
@@ -55,17 +54,30 @@ TABLES = (
 )
 
 
-def redis_database(use: str) -> str:
-    """The Redis URL of one of the tests' databases (``OFFSETS``), flushed."""
-    base, _, index = REDIS.rpartition("/")
-    url = f"{base}/{int(index or 0) + OFFSETS[use]}"
-    try:
+class Brokers:
+    """The session's Redis server: one database per use (``USES``)."""
+
+    def __init__(self, server: PrivateRedis) -> None:
+        self.server = server
+
+    def database(self, use: str) -> str:
+        """The Redis URL of the database for ``use``, flushed."""
+        url = f"redis://127.0.0.1:{self.server.port}/{USES.index(use)}"
         client = redis.Redis.from_url(url, socket_timeout=5)
-        client.flushdb()
-        client.close()
-    except redis.RedisError as exc:
-        require(False, f"Redis is not reachable at {url}: {exc}")
-    return url
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+        return url
+
+
+@pytest.fixture(scope="session")
+def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brokers]:
+    require(shutil.which("redis-server") is not None, "redis-server is not installed")
+    server = PrivateRedis(tmp_path_factory.mktemp("brokers"))
+    server.start()
+    yield Brokers(server)
+    server.kill()
 
 
 def settings_env(database_url: str, broker_url: str, store_root: Path) -> dict[str, str]:
@@ -75,6 +87,10 @@ def settings_env(database_url: str, broker_url: str, store_root: Path) -> dict[s
         "EMBEDQ_MODEL_DIR": str(store_root),
         "EMBEDQ_DEFAULT_MODEL": "minilm",
         "EMBEDQ_PROVIDERS": "CPUExecutionProvider",
+        # A batch whose message is lost (a producer or serve killed between its commit and its
+        # publish) is re-published by the reconciler within about 20 s, not 5 minutes.
+        "EMBEDQ_STUCK_AFTER": "20",
+        "EMBEDQ_SWEEP_INTERVAL": "2",
     }
 
 
@@ -134,8 +150,11 @@ _LISTS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 class Fleets:
     """The session's fleets, one per dialect, each started the first time a test asks."""
 
-    def __init__(self, databases: Databases, store_root: Path, folder: Path) -> None:
+    def __init__(
+        self, databases: Databases, brokers: Brokers, store_root: Path, folder: Path
+    ) -> None:
         self.databases = databases
+        self.brokers = brokers
         self.store_root = store_root
         self.folder = folder
         self.made: dict[str, Fleet] = {}
@@ -146,7 +165,7 @@ class Fleets:
                 database = self.databases.postgres()
             else:
                 database = self.databases.sqlite(self.folder / dialect)
-            env = settings_env(database, redis_database(dialect), self.store_root)
+            env = settings_env(database, self.brokers.database(dialect), self.store_root)
             self.made[dialect] = Fleet(dialect, env, Worker(env, "embedq-test"))
         fleet = self.made[dialect]
         if not fleet.worker.alive():
@@ -161,11 +180,12 @@ class Fleets:
 @pytest.fixture(scope="session")
 def fleets(
     databases: Databases,
+    brokers: Brokers,
     minilm: Path,
     store_root: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Fleets]:
-    made = Fleets(databases, store_root, tmp_path_factory.mktemp("fleets"))
+    made = Fleets(databases, brokers, store_root, tmp_path_factory.mktemp("fleets"))
     yield made
     made.stop()
 
@@ -189,11 +209,15 @@ def fleet(
 
 @pytest.fixture
 def pipeline_env(
-    database_url: str, minilm: Path, store_root: Path, monkeypatch: pytest.MonkeyPatch
+    database_url: str,
+    brokers: Brokers,
+    minilm: Path,
+    store_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[dict[str, str]]:
     """Settings of this test's own (its store, a Redis database no session worker consumes),
     for tests that start, stop or kill their own workers; this process uses them too."""
-    env = settings_env(database_url, redis_database("own"), store_root)
+    env = settings_env(database_url, brokers.database("own"), store_root)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()

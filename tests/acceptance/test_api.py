@@ -19,7 +19,7 @@ import redis
 from storage import embeddings
 from storage.session import scope, sessions_for
 from tasks.api.auth import key_id
-from tests.acceptance.conftest import KEY, Fleet, Server, redis_database
+from tests.acceptance.conftest import KEY, Brokers, Fleet, Server
 from tests.conftest import cosines
 from tests.waiting import wait_until
 from worker.engine import Engine
@@ -178,12 +178,12 @@ def test_jobs_models_and_health_answer_from_the_store(
 
 
 def test_a_job_no_worker_takes_is_a_504_naming_it_and_goes_on(
-    serve: Callable[..., Server],
+    serve: Callable[..., Server], brokers: Brokers
 ) -> None:
     from tasks import producer
 
     producer.register_model("hf://org/unserved", "unserved")  # known, but no worker runs
-    nobody = redis_database("nobody")  # a broker no worker consumes
+    nobody = brokers.database("nobody")  # a broker no worker consumes
     server = serve(EMBEDQ_API_WAIT_TIMEOUT="1.5", EMBEDQ_BROKER_URL=nobody)
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as timed_out:

@@ -180,6 +180,7 @@ def test_a_batch_whose_serve_is_killed_is_finished_by_another_with_nothing_lost_
     fleet: Fleet, start: Callable[..., Server], short_texts: list[str], tmp_path: Path
 ) -> None:
     settings = {"EMBEDQ_JOB_BATCH_SIZE": "16", "EMBEDQ_BACKFILL_MAX_IN_FLIGHT": "2"}
+    settings["EMBEDQ_API_BATCH_LEASE"] = "4"  # the dead runner's lease lapses in seconds
     first = start(**settings)
     client = first.client()
     total = 1500

@@ -24,6 +24,8 @@ from tests.processes import Worker, celery_worker
 from tests.waiting import wait_until
 
 BOUND = 4  # batches in flight
+SMALL, LARGE = 10_000, 100_000
+"""The memory test's sources: one ten times the other."""
 
 
 def two_process_worker(env: dict[str, str], name: str) -> Worker:
@@ -62,10 +64,15 @@ def test_a_backfill_survives_a_killed_cli_and_a_killed_worker(
     env = {
         **pipeline_env,
         "EMBEDQ_PROCESSES": "2",
-        "EMBEDQ_TASK_TIME_LIMIT": "60",
-        "EMBEDQ_VISIBILITY_TIMEOUT": "20",  # a dead worker's batches come back in seconds
+        # Batches of short texts take well under a second: the hard limit is a backstop, and a
+        # dead worker's batches come back after the visibility timeout, in seconds.
+        "EMBEDQ_TASK_TIME_LIMIT": "8",
+        "EMBEDQ_VISIBILITY_TIMEOUT": "10",
         "EMBEDQ_UNACKED_RESTORE_INTERVAL": "1",
-        "EMBEDQ_STUCK_AFTER": "120",
+        # A message the killed worker had taken but not yet claimed is the reconciler's to
+        # send again: it looks every 2 s for batches idle for 20 s.
+        "EMBEDQ_STUCK_AFTER": "20",
+        "EMBEDQ_SWEEP_INTERVAL": "2",
     }
     peak = {"bulk": 0}
     stop = threading.Event()
@@ -149,13 +156,13 @@ def peak_rss_kb(command: list[str], env: dict[str, str]) -> tuple[int, str]:
 def test_the_backfill_process_memory_does_not_grow_with_the_source(
     pipeline_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """20 thousand and 200 thousand short rows (64 distinct texts, so after the first batches
+    """10 thousand and 100 thousand short rows (64 distinct texts, so after the first batches
     the content cache serves them and the test stays short): the producer streams, so its peak
     RSS is about the same."""
     worker = two_process_worker(pipeline_env, "bulk-mem")
     try:
         peaks = {}
-        for rows in (20_000, 200_000):
+        for rows in (SMALL, LARGE):
             source = tmp_path / f"rows-{rows}.jsonl"
             with source.open("w", encoding="utf-8") as handle:
                 for i in range(rows):
@@ -169,5 +176,5 @@ def test_the_backfill_process_memory_does_not_grow_with_the_source(
             assert outcome["reused"] >= rows - 64 * 40  # almost all from the content cache
     finally:
         worker.stop()
-    print(f"peak RSS: {peaks[20_000]} KiB for 20k rows, {peaks[200_000]} KiB for 200k rows")
-    assert peaks[200_000] <= 1.5 * peaks[20_000], peaks
+    print(f"peak RSS: {peaks[SMALL]} KiB for {SMALL} rows, {peaks[LARGE]} KiB for {LARGE} rows")
+    assert peaks[LARGE] <= 1.5 * peaks[SMALL], peaks

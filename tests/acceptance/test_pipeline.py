@@ -70,44 +70,6 @@ def test_an_unknown_model_fails_its_job_with_a_reason_and_the_worker_goes_on(
     assert fleet.worker.alive()
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_a_worker_killed_mid_job_loses_and_duplicates_nothing(
-    pipeline_env: dict[str, str], corpus: list[str]
-) -> None:
-    from tasks import producer
-
-    # Short timeouts so the killed worker's unacknowledged batch comes back within seconds.
-    # (The hard limit is a backstop: on a loaded two-core machine a tight one stops healthy
-    # batches; the visibility timeout must stay above it.)
-    fast = {
-        **pipeline_env,
-        "EMBEDQ_TASK_TIME_LIMIT": "10",
-        "EMBEDQ_VISIBILITY_TIMEOUT": "12",
-        "EMBEDQ_UNACKED_RESTORE_INTERVAL": "1",
-    }
-    first = Worker(fast, "doomed")
-    texts = corpus[1000:3000]
-    try:
-        job = producer.submit(texts)
-        wait_until(lambda: job.status()["done"] >= 400, 300, "400 items", detail=first.tail)
-        assert first.alive(), first.tail()
-        os.killpg(first.process.pid, signal.SIGKILL)  # the main process and its pool child
-    finally:
-        first.stop()
-    assert job.status()["done"] < len(texts), "the job finished before the kill"
-
-    second = Worker(fast, "rescuer")
-    try:
-        status = job.wait(timeout=300)
-    finally:
-        second.stop()
-    outcome = (status["state"], status["done"], status["failed"])
-    assert outcome == ("succeeded", 2000, 0), status["error"]
-    ids, vectors = job.embeddings()
-    assert ids == [str(i) for i in range(2000)]  # every item exactly once, in order
-    assert vectors.shape == (2000, 384)
-
-
 def test_interactive_work_is_served_ahead_of_a_bulk_backlog(
     fleet: Fleet, corpus: list[str]
 ) -> None:

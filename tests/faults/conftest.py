@@ -18,8 +18,8 @@ from sqlalchemy.engine import make_url
 
 from tests.conftest import require
 from tests.faults.outcomes import Outcome, measure
-from tests.faults.services import PrivateRedis, TcpProxy
-from tests.processes import Worker
+from tests.faults.services import TcpProxy
+from tests.processes import PrivateRedis, Worker, celery_worker
 from worker.settings import get_settings
 
 REPORTS = pytest.StashKey[list[str]]()
@@ -82,12 +82,14 @@ def fault_env(producer_env: dict[str, str], minilm: Path) -> dict[str, str]:
 
 @pytest.fixture
 def start_worker(fault_env: dict[str, str]) -> Iterator[Callable[..., Worker]]:
-    """Start a real worker on this test's settings and the fast timings, with ``overrides``
-    (``EMBEDQ_*`` names); every worker started is stopped at the end of the test."""
+    """Start a real worker of ``processes`` pool processes on this test's settings and the fast
+    timings, with ``overrides`` (``EMBEDQ_*`` names); every worker started is stopped at the
+    end of the test."""
     started: list[Worker] = []
 
-    def start(name: str, **overrides: str) -> Worker:
-        started.append(Worker({**fault_env, **FAST, **overrides}, name))
+    def start(name: str, processes: int = 1, **overrides: str) -> Worker:
+        env = {**fault_env, **FAST, "EMBEDQ_PROCESSES": str(processes), **overrides}
+        started.append(Worker(env, name, celery_worker(name, processes=processes)))
         return started[-1]
 
     yield start

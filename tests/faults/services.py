@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,21 +21,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from storage.session import make_engine
-from tests.waiting import wait_until
-
-
-def free_port() -> int:
-    """A TCP port on the loopback that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.processes import free_port
 
 
 class TcpProxy:
@@ -128,60 +117,6 @@ def through(proxy: TcpProxy, database_url: str) -> str:
     """``database_url`` with its host and port replaced by the proxy's."""
     url = make_url(database_url).set(host="127.0.0.1", port=proxy.port)
     return url.render_as_string(hide_password=False)
-
-
-class PrivateRedis:
-    """A ``redis-server`` of this test's own on a free port, without persistence: ``restart()``
-    kills it and starts it again on the same port, empty, as a host restart without AOF/RDB."""
-
-    def __init__(self, directory: Path, port: int | None = None) -> None:
-        self.directory = directory
-        self.port = port or free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = directory / f"redis-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        """A client that fails at once when the server is down (redis-py's default retries
-        a refused connection for about 4 s)."""
-        return redis.Redis(
-            port=self.port, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
-        )
-
-    def start(self, timeout: float = 15) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-        command += ["--dir", str(self.directory), "--logfile", str(self.log)]
-        process = self.process = subprocess.Popen(command, start_new_session=True)
-        client = self.client()
-
-        def answers() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"redis-server on port {self.port} exited at start")
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-
-        try:
-            wait_until(answers, timeout, f"redis-server on port {self.port}")
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: nothing is saved, every client connection drops."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self.process = None
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
 
 
 _LOCKER = """

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from storage.session import dispose_all
 from tasks.api.app import create_app
-from tests.faults.services import PrivateRedis
+from tests.processes import PrivateRedis
 from worker.settings import Settings
 
 KEY = "sk-limit-test"

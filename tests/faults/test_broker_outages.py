@@ -18,8 +18,7 @@ from tests.faults.outcomes import (
     wait_done,
     wait_terminal,
 )
-from tests.faults.services import PrivateRedis
-from tests.processes import Worker
+from tests.processes import PrivateRedis, Worker
 from worker.errors import UnavailableError
 
 

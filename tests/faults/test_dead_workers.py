@@ -17,7 +17,7 @@ from tasks.fleet.broker import redis_presence, redis_release
 from tasks.fleet.reconciler import Reconciler, alive_ttl
 from tasks.message import task_id
 from tests.fakes import RecordingPublisher
-from tests.faults.services import PrivateRedis
+from tests.processes import PrivateRedis
 from worker.settings import Settings
 
 DEAD = "compose-host/deadbeef0001"

@@ -17,7 +17,8 @@ import redis
 from sqlalchemy.engine import make_url
 
 from tests.conftest import POSTGRES_ADMIN, require
-from tests.faults.services import PoisonKiller, PrivateRedis, SqliteLocker, TcpProxy, children
+from tests.faults.services import PoisonKiller, SqliteLocker, TcpProxy, children
+from tests.processes import PrivateRedis
 from tests.waiting import wait_until
 
 

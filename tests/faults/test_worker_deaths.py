@@ -136,6 +136,9 @@ def test_a_worker_killed_mid_job_and_replaced_loses_and_duplicates_nothing(
     )
     row = ledger_row(database_url, job.id, index)
     assert row["state"] == "done" and row["attempts"] >= 2, row
+    ids, vectors = job.embeddings()
+    assert ids == [str(i) for i in range(JOB_SIZE)]  # every item exactly once, in order
+    assert vectors.shape == (JOB_SIZE, 384)
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)

@@ -1,9 +1,10 @@
 """Fixtures of the integration layer: the real Redis, sentence-transformers' reference vectors,
 and the ``embedq`` command run in this process.
 
-The Redis database comes from ``EMBEDQ_TEST_REDIS`` (default ``redis://127.0.0.1:6379/11``),
-so two runs on one server (a CI job and a developer's) can keep apart by setting it; a test
-flushes it before and after, and a server that does not answer is a skip (a failure in CI).
+The Redis database comes from ``EMBEDQ_TEST_REDIS`` (default ``redis://127.0.0.1:6379/11``,
+one further per parallel test process), so two runs on one server (a CI job and a
+developer's) can keep apart by setting it; a test flushes it before and after, and a server
+that does not answer is a skip (a failure in CI).
 
 sentence-transformers on this CPU takes about ten times as long as the engine it checks (a
 minute for a thousand corpus texts on two cores), so its vectors for a set of texts are kept
@@ -29,7 +30,18 @@ from tests import exported
 from tests.cli import Cli
 from tests.conftest import require
 
-REDIS = os.environ.get("EMBEDQ_TEST_REDIS", "redis://127.0.0.1:6379/11")
+
+def _database() -> str:
+    """``EMBEDQ_TEST_REDIS``, one database further for each parallel test process
+    (``pytest -n``: gw0, gw1, ...), so they never flush each other's."""
+    base, _, index = os.environ.get("EMBEDQ_TEST_REDIS", "redis://127.0.0.1:6379/11").rpartition(
+        "/"
+    )
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    return f"{base}/{int(index or 0) + int(worker or 0)}"
+
+
+REDIS = _database()
 
 
 def _flush(url: str) -> None:
