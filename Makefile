@@ -27,8 +27,14 @@ run: setup
 
 # The folder is the layer (tests/conftest.py): unit (no service, no model, no subprocess),
 # integration (real services and model, in process), acceptance (real processes), faults.
+# The whole suite runs in TEST_PROCESSES processes (pytest-xdist, a test file each at a time):
+# its tests wait on workers, timeouts and outages as much as they compute, so two processes on
+# two cores finish it in about 0.85 of the time one takes (measured; at most 4: the
+# integration tests take one Redis database each after EMBEDQ_TEST_REDIS's).
+TEST_PROCESSES ?= 2
+
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit

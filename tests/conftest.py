@@ -65,6 +65,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.model)
 
 
+SCENARIO = "scenario"
+"""The test property a fault test reports its outcome under, one line per scenario."""
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault scenarios' lines (items submitted, stored, duplicated, lost), gathered from the
+    tests' reports: they reach this process from parallel workers too (``pytest -n``)."""
+    lines = [
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == SCENARIO
+    ]
+    if lines:
+        terminalreporter.write_sep("=", "fault scenarios")
+        for line in lines:
+            terminalreporter.write_line(str(line))
+
+
 def require(condition: bool, why: str) -> None:
     """Skip when ``condition`` is false, except in CI, where it is a failure."""
     if not condition:

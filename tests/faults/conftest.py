@@ -1,6 +1,7 @@
 """Fixtures of the fault tests: real worker processes, a private Redis per test, a proxy in front
-of PostgreSQL, and a report line per scenario shown in the terminal summary (so CI logs carry
-the table whether or not pytest runs with ``-s``).
+of PostgreSQL, and a report line per scenario (a test property, shown in the terminal summary by
+``tests/conftest.py``, so CI logs carry the table whether or not pytest runs with ``-s`` or in
+parallel).
 
 Workers get short timings so a lost batch comes back in seconds, not minutes, and jobs are
 1,000 corpus texts of 40-160 characters in batches of 50: a batch takes about a second on a
@@ -16,13 +17,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import require
+from tests.conftest import SCENARIO, require
 from tests.faults.outcomes import Outcome, measure
 from tests.faults.services import TcpProxy
 from tests.processes import PrivateRedis, Worker, celery_worker
 from worker.settings import get_settings
-
-REPORTS = pytest.StashKey[list[str]]()
 
 # Timings the worker runs under in every scenario (a scenario may override some): a batch
 # without progress for 5 s is overdue, the reconciler sweeps every second, an unacknowledged
@@ -114,17 +113,7 @@ def report(request: pytest.FixtureRequest, database_url: str) -> Callable[..., O
     def record(job_id: str, submitted: int, seconds: float, note: str = "") -> Outcome:
         outcome = measure(request.node.name, database_url, job_id, submitted, seconds, note)
         print(outcome.line())
-        request.config.stash.setdefault(REPORTS, []).append(outcome.line())
+        request.node.user_properties.append((SCENARIO, outcome.line()))
         return outcome
 
     return record
-
-
-def pytest_terminal_summary(
-    terminalreporter: pytest.TerminalReporter, config: pytest.Config
-) -> None:
-    lines = config.stash.get(REPORTS, [])
-    if lines:
-        terminalreporter.write_sep("=", "fault scenarios")
-        for line in lines:
-            terminalreporter.write_line(line)

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from storage.models import Embedding, Job
 from storage.session import scope, sessions_for
-from tests.faults.conftest import REPORTS
+from tests.conftest import SCENARIO
 from tests.processes import Worker
 
 JOBS = 5_000
@@ -80,7 +80,7 @@ def test_5000_one_text_jobs_all_end_and_none_is_lost(
         f" lost {JOBS - stored}"
     )
     print(line)
-    request.config.stash.setdefault(REPORTS, []).append(line)
+    request.node.user_properties.append((SCENARIO, line))
     assert errors == [], errors[:5]
     assert set(states.values()) == {"succeeded"} and len(states) == JOBS
     assert (stored, distinct) == (JOBS, JOBS)  # one vector per job, none lost or repeated
