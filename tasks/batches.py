@@ -52,8 +52,6 @@ class Delivery(StrEnum):
     SKIPPED = "skipped"
     """It had ended before (a redelivery)."""
     RETRYING = "retrying"
-    WAITING = "waiting"
-    """For its model, which its host is preparing."""
     DROPPED = "dropped"
     """A message without a job to record it in."""
 
@@ -282,6 +280,7 @@ def run_message(
             provider=engine.provider,
             on_progress=on_progress,
             model_sha256=engine.model_sha256,
+            host=lifecycle.machine_host(runtime.settings),
         )
 
 

@@ -117,20 +117,21 @@ def sqlite_url(databases: Databases, tmp_path: Path) -> str:
     return databases.sqlite(tmp_path)
 
 
-def _postgres(databases: Databases, migrated: bool) -> str:
+def _postgres(databases: Databases, migrated: bool) -> Iterator[str]:
+    """A PostgreSQL database of the test's own (migrated, or empty), dropped after it."""
     try:
-        return databases.postgres(migrated)
+        url = databases.postgres(migrated)
     except Exception as exc:  # any failure to reach the server
         require(False, f"PostgreSQL is not reachable at {POSTGRES_ADMIN}: {exc}")
         raise
+    yield url
+    databases.drop(url)
 
 
 @pytest.fixture
 def postgres_url(databases: Databases) -> Iterator[str]:
     """A migrated PostgreSQL database of this test's own, dropped after it."""
-    url = _postgres(databases, migrated=True)
-    yield url
-    databases.drop(url)
+    yield from _postgres(databases, migrated=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -141,10 +142,8 @@ def database_url(
     the migrations themselves, round trips). Parametrise it indirectly to run one kind."""
     if request.param == "sqlite":
         yield databases.sqlite(tmp_path)
-        return
-    url = _postgres(databases, migrated=True)
-    yield url
-    databases.drop(url)
+    else:
+        yield from _postgres(databases, migrated=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -154,10 +153,8 @@ def empty_database_url(
     """An empty database of each kind, for the migrations."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'empty.db'}"
-        return
-    url = _postgres(databases, migrated=False)
-    yield url
-    databases.drop(url)
+    else:
+        yield from _postgres(databases, migrated=False)
 
 
 # --- the reference model -----------------------------------------------------------------------

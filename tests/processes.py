@@ -173,12 +173,16 @@ class Server(Process):
 
 
 class PrivateRedis:
-    """A ``redis-server`` of this test's own on a free port, without persistence: ``restart()``
-    kills it and starts it again on the same port, empty, as a host restart without AOF/RDB."""
+    """A ``redis-server`` of this test's own on a free port, without persistence (and with a
+    ``password`` when given): ``restart()`` kills it and starts it again on the same port,
+    empty, as a host restart without AOF/RDB."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, password: str | None = None
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
         self.log = directory / f"redis-{self.port}.log"
 
@@ -190,7 +194,11 @@ class PrivateRedis:
         """A client that fails at once when the server is down (redis-py's default retries
         a refused connection for about 4 s)."""
         return redis.Redis(
-            port=self.port, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+            port=self.port,
+            password=self.password,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0),
         )
 
     def start(self, timeout: float = 15) -> None:
@@ -198,6 +206,7 @@ class PrivateRedis:
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
         command += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
         command += ["--dir", str(self.directory), "--logfile", str(self.log)]
+        command += ["--requirepass", self.password] if self.password else []
         process = self.process = subprocess.Popen(command, start_new_session=True)
         client = self.client()
 

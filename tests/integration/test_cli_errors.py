@@ -9,14 +9,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import redis
 
 from storage import ledger
 from storage.session import scope, sessions_for
@@ -24,6 +21,7 @@ from tests.cli import Cli, Result
 from tests.cli import assert_ends_with_one_error as ends_with_one_error
 from tests.conftest import require
 from tests.databases import Databases
+from tests.processes import PrivateRedis, free_port
 from tests.waiting import wait_until
 
 PASSWORD = "s3cr3t-pw"  # the private Redis's
@@ -32,45 +30,14 @@ PG_PASSWORD = "hunter2-pg"
 SECRETS = (PASSWORD, WRONG, PG_PASSWORD)
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, read, and closed again)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A Redis of this module's own on a free port, with ``--requirepass``; stopped after."""
-    server = shutil.which("redis-server")
-    require(server is not None, "redis-server is not installed")
-    assert server is not None
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    options = {"--port": str(port), "--bind": "127.0.0.1", "--requirepass": PASSWORD}
-    options |= {"--save": "", "--appendonly": "no", "--dir": str(folder)}
-    process = subprocess.Popen(
-        [server, *(word for pair in options.items() for word in pair)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, password=PASSWORD, socket_timeout=2)
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"redis-server exited with {process.returncode}")
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    try:
-        wait_until(answers, 10, "the private redis-server to answer")
-        yield port
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(timeout=10)
+    require(shutil.which("redis-server") is not None, "redis-server is not installed")
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"), password=PASSWORD)
+    server.start()
+    yield server.port
+    server.kill()
 
 
 def assert_ends_with_one_error(
