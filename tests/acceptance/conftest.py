@@ -96,11 +96,20 @@ def settings_env(database_url: str, broker_url: str, store_root: Path) -> dict[s
 
 @dataclass
 class Fleet:
-    """A session's worker process, its store and its broker."""
+    """A session's worker process, its store and its broker, and the ``embedq serve`` in front
+    of them (started when a test first asks, kept for the session)."""
 
     dialect: str
     env: dict[str, str]
     worker: Worker
+    server: Server | None = None
+
+    def serve(self) -> Server:
+        """The session's ``embedq serve`` on this fleet, keyed with ``KEY`` (and an unused
+        second key), its settings the fleet's."""
+        if self.server is None or not self.server.alive():
+            self.server = Server({**self.env, "EMBEDQ_API_KEYS": f"{KEY},sk-unused"})
+        return self.server
 
     @property
     def database_url(self) -> str:
@@ -166,6 +175,7 @@ class Fleets:
             else:
                 database = self.databases.sqlite(self.folder / dialect)
             env = settings_env(database, self.brokers.database(dialect), self.store_root)
+            env["EMBEDQ_FILES_DIR"] = str(self.folder / dialect / "files")  # serve's uploads
             self.made[dialect] = Fleet(dialect, env, Worker(env, "embedq-test"))
         fleet = self.made[dialect]
         if not fleet.worker.alive():
@@ -174,6 +184,8 @@ class Fleets:
 
     def stop(self) -> None:
         for fleet in self.made.values():
+            if fleet.server is not None:
+                fleet.server.stop()
             fleet.worker.stop()
 
 

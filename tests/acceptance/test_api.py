@@ -33,11 +33,13 @@ TEXTS = [
 
 @pytest.fixture
 def serve(fleet: Fleet) -> Iterator[Callable[..., Server]]:
-    """Start ``embedq serve`` instances on the fleet's broker and store (extra settings as
-    keyword arguments); every one is stopped after the test."""
+    """``embedq serve`` on the fleet's broker and store: the session's, or, with extra settings
+    (keyword arguments), one of the test's own, stopped after it."""
     started: list[Server] = []
 
     def start(**settings: str) -> Server:
+        if not settings:
+            return fleet.serve()
         env = {**fleet.env, "EMBEDQ_API_KEYS": f"{KEY},sk-unused", **settings}
         started.append(Server(env))
         return started[-1]
@@ -45,7 +47,8 @@ def serve(fleet: Fleet) -> Iterator[Callable[..., Server]]:
     yield start
     for server in started:
         server.stop()
-    logs = "".join(line for server in started for line in server.lines)
+    servers = [*started, *([fleet.server] if fleet.server is not None else [])]
+    logs = "".join(line for server in servers for line in server.lines)
     assert KEY not in logs  # a key's value is never logged
 
 

@@ -31,11 +31,13 @@ MODEL = "minilm"
 
 @pytest.fixture
 def start(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start ``embedq serve`` instances on the fleet, sharing one files folder; all stopped
-    after the test."""
+    """``embedq serve`` on the fleet: the session's, or, with extra settings, instances of the
+    test's own sharing one files folder, stopped after the test."""
     started: list[Server] = []
 
     def server(**settings: str) -> Server:
+        if not settings:
+            return fleet.serve()
         env = {
             **fleet.env,
             "EMBEDQ_API_KEYS": KEY,
