@@ -1,4 +1,4 @@
-"""A bounded loopback load test: 5,000 one-text jobs from 4 client threads against one real
+"""A bounded loopback load test: 3,000 one-text jobs from 4 client threads against one real
 worker of two pool processes (so batches of different jobs also race each other inside the
 worker) over Redis and PostgreSQL. Every job must reach a terminal state with its vector
 stored once; nothing may be lost. The latency figures are printed, not asserted (speed is for
@@ -19,14 +19,14 @@ from storage.session import scope, sessions_for
 from tests.conftest import SCENARIO
 from tests.processes import Worker
 
-JOBS = 5_000
+JOBS = 3_000
 CLIENTS = 4
 POOL = 2
 DEADLINE_S = 900  # the whole run; a job waits at most 120 s
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_5000_one_text_jobs_all_end_and_none_is_lost(
+def test_3000_one_text_jobs_from_4_clients_all_end_and_none_is_lost(
     start_worker: Callable[..., Worker],
     corpus: list[str],
     database_url: str,
