@@ -16,6 +16,17 @@ class LayerError(AssertionError):
     """Raised when a unit test reaches for a service or a process."""
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _matplotlib_font_list() -> None:
+    """matplotlib lists the machine's fonts with ``fc-list`` the first time it is imported on a
+    machine (then keeps the list in its cache): that is the library setting itself up, done
+    here before the guard below, not a process a test starts."""
+    try:
+        import matplotlib.font_manager  # noqa: F401
+    except ImportError:  # the plot extra is optional
+        pass
+
+
 @pytest.fixture(autouse=True)
 def _no_services_or_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     connect = socket.socket.connect
