@@ -33,7 +33,7 @@ from bench.pipeline import (
     start_worker,
     stop_worker,
 )
-from storage.models import CachedVector
+from storage.models import Embedding
 from storage.session import scope, sessions_for
 from tasks import backfill
 from tasks.backfill import readers
@@ -55,9 +55,10 @@ def round_trips(texts: list[str], count: int) -> list[float]:
 def uncached_backfill(
     name: str, args: argparse.Namespace, source: Path, settings: Any
 ) -> backfill.BackfillRun:
-    """A new backfill of ``source`` with the content cache emptied, so every text is embedded."""
+    """A new backfill of ``source`` with no vector stored before it (the stored vectors are the
+    content cache), so every text is embedded."""
     with scope(sessions_for(settings.database_url)) as session:
-        session.execute(delete(CachedVector))
+        session.execute(delete(Embedding))
     options = backfill.Options(
         name=f"{name}-{int(time.time())}",
         model=MODEL,

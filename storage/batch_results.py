@@ -1,10 +1,17 @@
 """What a batch that ran leaves in the store, written by one call in the caller's transaction:
-its vectors (an upsert per (job, item), so a redelivery writes nothing twice), the content
-cache, the model file that made them, the texts the model refused, the batch's end in the
-ledger, its timing, and the job's counts and state.
+the batch's end in the ledger, its vectors, the model file that made them, the texts the model
+refused, its timing, and the job's counts and state.
 
-The caller says "store this finished batch"; the statements behind it are this module's to
-choose (issue 20 makes them bulk writes). Functions take the session first and never commit.
+The batch is ended first (``UPDATE .. WHERE state = 'sent'``): of two deliveries of one batch,
+only the one whose update ends it writes anything (the other waits on the row lock, then finds
+it ended and writes nothing), so the vectors can go in by the store's bulk write
+(``embeddings.insert_embeddings``: COPY on PostgreSQL, one executemany on SQLite) with no
+conflict check per row. A batch the ledger has no row for (an application's message the worker
+did not adopt) is written by the upsert instead, which skips items already stored; so is a
+batch whose bulk write meets an item stored anyway (two batches of one job naming one item),
+under a savepoint.
+
+Functions take the session first and never commit.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Row
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage import batch_stats, content_cache, embeddings, failed_items, jobs, ledger, model_files
+from storage import batch_stats, embeddings, failed_items, jobs, ledger, model_files
 from storage.models import BatchState, FailureKind
 
 
@@ -28,12 +36,11 @@ class FinishedBatch:
     job_id: str
     index: int
     model: str
-    """The model's name: the content cache's key."""
+    """The model's name."""
     model_sha256: str | None
     """The model file that made the vectors (its manifest's sha256), recorded with the job."""
-    rows: Sequence[Mapping[str, Any]]
-    """Embedding rows: job_id, item_id, position, text_sha256, dim, vector, token_count,
-    truncated."""
+    rows: Sequence[Sequence[Any]]
+    """Embedding rows, tuples in ``embeddings.COLUMNS`` order."""
     timing: Mapping[str, Any]
     """``batch_stats.FIELDS`` but ``write_ms`` and ``total_ms``, which the store measures."""
     compute_ms: float
@@ -59,20 +66,24 @@ class StoredBatch:
 
 
 def store_finished(session: Session, batch: FinishedBatch) -> StoredBatch:
-    """Store a batch that ran: see the module. Returns what was written."""
+    """Store a batch that ran: see the module. Returns what was written (nothing when another
+    delivery of the batch had ended it)."""
     started = time.perf_counter()
-    inserted = embeddings.upsert_embeddings(session, batch.rows)
-    content_cache.cache_vectors(session, batch.model, inserted)
+    error = next(iter(batch.refused.values()), None)
+    if not ledger.finish(session, batch.job_id, batch.index, BatchState.DONE, error):
+        if ledger.batch_state(session, batch.job_id, batch.index) is not None:
+            return StoredBatch(0, 0, (time.perf_counter() - started) * 1000, None, None)
+        inserted = _upsert(session, batch.rows)  # a batch the ledger does not know
+    else:
+        inserted = _insert(session, batch.rows)
     other = None
     if batch.model_sha256 is not None and inserted:  # the vectors this delivery wrote
         other = model_files.record_model_file(session, batch.job_id, batch.model_sha256)
-    failed, error = 0, None
+    failed = 0
     for reason, items in _by_reason(batch.refused).items():
         failed += failed_items.record_failures(
             session, batch.job_id, items, reason, FailureKind.INPUT
         )
-        error = error or reason
-    ledger.finish(session, batch.job_id, batch.index, BatchState.DONE, error)
     write_ms = (time.perf_counter() - started) * 1000
     batch_stats.upsert_batch_stat(
         session,
@@ -87,12 +98,26 @@ def store_finished(session: Session, batch: FinishedBatch) -> StoredBatch:
     status = jobs.settle_progress(
         session,
         batch.job_id,
-        done=len(inserted),
+        done=inserted,
         failed=failed,
         error=error,
         kind=FailureKind.INPUT if error else None,
     )
-    return StoredBatch(len(inserted), failed, write_ms, other, status)
+    return StoredBatch(inserted, failed, write_ms, other, status)
+
+
+def _insert(session: Session, rows: Sequence[Sequence[Any]]) -> int:
+    """The bulk write, under a savepoint: an item already stored sends it to the upsert."""
+    try:
+        with session.begin_nested():
+            return embeddings.insert_embeddings(session, rows)
+    except IntegrityError:
+        return _upsert(session, rows)
+
+
+def _upsert(session: Session, rows: Sequence[Sequence[Any]]) -> int:
+    named = [dict(zip(embeddings.COLUMNS, row, strict=True)) for row in rows]
+    return len(embeddings.upsert_embeddings(session, named))
 
 
 def _by_reason(refused: Mapping[str, str]) -> dict[str, list[str]]:

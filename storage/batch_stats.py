@@ -8,6 +8,7 @@ Functions take the session first and never commit.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -108,3 +109,78 @@ def worker_shares(session: Session, job_id: str) -> list[tuple[str, int, int, in
         .order_by(func.sum(BatchStat.texts).desc())
     )
     return [(host, int(pid), int(texts), int(batches)) for host, pid, texts, batches in rows]
+
+
+BUSY_WINDOW_S = 60.0
+"""The span ``embedq health`` and ``embedq_engine_busy_ratio`` measure a worker's busy ratio
+over: the last minute."""
+
+
+@dataclass(frozen=True)
+class EngineBusy:
+    """How much of a span one worker process's engine was busy: the share of wall time spent
+    in ``encode`` (tokenising, running the model, pooling), not in SQL, the broker or Celery.
+    A process that holds a GPU and shows a low ratio while work waits is starving."""
+
+    host: str
+    pid: int
+    batches: int
+    busy_s: float
+    span_s: float
+
+    @property
+    def ratio(self) -> float:
+        return round(min(1.0, self.busy_s / self.span_s), 3) if self.span_s > 0 else 0.0
+
+
+def engine_interval(created_at: datetime, engine_ms: float, write_ms: float) -> tuple[float, float]:
+    """When a batch's engine ran, in epoch seconds: it ended where the write began (the row is
+    stamped after the write) and lasted ``engine_ms``."""
+    end = _epoch(created_at) - write_ms / 1000
+    return end - engine_ms / 1000, end
+
+
+def busy_seconds(intervals: Sequence[tuple[float, float]], start: float, end: float) -> float:
+    """The time inside [start, end] covered by any of ``intervals`` (overlaps counted once:
+    batches that share one engine on threads overlap)."""
+    total, reached = 0.0, start
+    for low, high in sorted(intervals):
+        low, high = max(low, reached), min(high, end)
+        if high > low:
+            total += high - low
+            reached = high
+    return total
+
+
+def engine_busy(
+    session: Session, until: datetime, window_s: float = BUSY_WINDOW_S, host: str | None = None
+) -> list[EngineBusy]:
+    """The busy ratio of each worker process (of ``host`` when given, as ``last_provider``
+    matches it) over the ``window_s`` seconds before ``until``, from the batches it stored."""
+    end = _epoch(until)
+    start = end - window_s
+    query = select(
+        BatchStat.host,
+        BatchStat.pid,
+        BatchStat.created_at,
+        BatchStat.tokenize_ms + BatchStat.inference_ms + BatchStat.pool_ms,
+        BatchStat.write_ms,
+    ).where(BatchStat.created_at >= datetime.fromtimestamp(start, UTC))
+    if host is not None:
+        query = query.where(
+            (BatchStat.host == host) | BatchStat.host.startswith(f"{host}/", autoescape=True)
+        )
+    found: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for row_host, pid, created_at, engine_ms, write_ms in session.execute(query):
+        found.setdefault((row_host, int(pid)), []).append(
+            engine_interval(created_at, engine_ms, write_ms)
+        )
+    return [
+        EngineBusy(h, p, len(spans), busy_seconds(spans, start, end), window_s)
+        for (h, p), spans in sorted(found.items())
+    ]
+
+
+def _epoch(moment: datetime) -> float:
+    """Epoch seconds of a stored time (SQLite gives it back without its UTC zone)."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()

@@ -1,7 +1,16 @@
-"""Embeddings: one row per (job, item), written by upsert, read back in input order.
+"""Embeddings: one row per (job, item), written in bulk, read back in input order.
 
-Functions take the session first and never commit. A redelivered batch's rows are skipped by
-the (job, item) upsert, so at-least-once delivery never stores an item twice.
+A batch's rows are written the fastest way each store has (``insert_embeddings``): PostgreSQL
+``COPY ... FROM STDIN (FORMAT BINARY)``, SQLite one prepared ``executemany``. Neither skips a
+row already there: the caller makes sure none is (``storage.batch_results`` ends the batch in
+the ledger first, so only one delivery of a batch ever writes its rows) and falls back to the
+upsert (``upsert_embeddings``), which skips the (job, item) pairs already stored, when the
+bulk write meets one anyway.
+
+The table is also the content cache: ``cached_vectors`` finds a text's stored vector under a
+model by the text's sha256 (indexed), so a backfill that meets a text again copies it.
+
+Functions take the session first and never commit.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from storage import dialect
-from storage.models import Embedding
+from storage.models import Embedding, Job
 
 VectorRow = tuple[str, int, bytes]
 """An item id, the vector's dimension and its float32 bytes."""
@@ -41,6 +50,56 @@ def upsert_embeddings(session: Session, rows: Sequence[Mapping[str, Any]]) -> li
         return []
     statement = dialect.prepared(session, "embeddings", _upsert)
     return [(row[0], row[1]) for row in session.connection().execute(statement, list(rows))]
+
+
+COLUMNS = (
+    "job_id",
+    "item_id",
+    "position",
+    "text_sha256",
+    "dim",
+    "vector",
+    "token_count",
+    "truncated",
+)
+"""An embedding row's columns, in the order ``insert_embeddings`` writes them."""
+_NAMES = ", ".join(COLUMNS)
+_COPY = f"COPY {Embedding.__tablename__} ({_NAMES}) FROM STDIN (FORMAT BINARY)"
+_COPY_TYPES = ("text", "text", "int4", "text", "int4", "bytea", "int4", "bool")
+_INSERT = f"INSERT INTO {Embedding.__tablename__} ({_NAMES}) VALUES ({', '.join('?' * 8)})"
+
+
+def insert_embeddings(session: Session, rows: Sequence[Sequence[Any]]) -> int:
+    """Write embedding rows (tuples in ``COLUMNS`` order) in bulk; returns how many. A (job,
+    item) pair already stored raises ``IntegrityError`` (see the module)."""
+    if not rows:
+        return 0
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        driver = connection.connection.driver_connection  # psycopg 3, in the session's transaction
+        assert driver is not None
+        with driver.cursor() as cursor, cursor.copy(_COPY) as copy:
+            copy.set_types(list(_COPY_TYPES))
+            for row in rows:
+                copy.write_row(row)
+    else:
+        connection.exec_driver_sql(_INSERT, list(rows))
+    return len(rows)
+
+
+def cached_vectors(session: Session, model: str, hashes: Sequence[str]) -> dict[str, Embedding]:
+    """A stored embedding of each of these texts under ``model`` (the first stored), by text
+    sha256: what a backfill copies instead of running the model again."""
+    if not hashes:
+        return {}
+    first = (
+        select(func.min(Embedding.id))
+        .join(Job, Job.id == Embedding.job_id)
+        .where(Job.model_name == model, Embedding.text_sha256.in_(set(hashes)))
+        .group_by(Embedding.text_sha256)
+    )
+    found = session.scalars(select(Embedding).where(Embedding.id.in_(first))).all()
+    return {embedding.text_sha256: embedding for embedding in found}
 
 
 def count_embeddings(session: Session, job_id: str) -> int:

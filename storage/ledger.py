@@ -112,10 +112,7 @@ def claim(session: Session, job_id: str, index: int, worker: str) -> Claim:
     connection = session.connection()
     params = {"job": job_id, "index": index, "worker": worker, "now": datetime.now(UTC)}
     claimed = connection.execute(_CLAIM, params).rowcount == 1
-    state = BatchState.SENT if claimed else None
-    if not claimed:
-        found = connection.execute(_STATE, params).scalar()
-        state = None if found is None else BatchState(found)
+    state = BatchState.SENT if claimed else batch_state(session, job_id, index)
     job = connection.execute(_JOB, params).first()
     total = int(job.total_items) if job is not None and job.sealed else None
     return Claim(state=state, claimed=claimed, job_total=total, job_exists=job is not None)
@@ -181,6 +178,12 @@ def note_error(session: Session, job_id: str, index: int, error: str) -> None:
         .where(Batch.job_id == job_id, Batch.batch_index == index, Batch.state == BatchState.SENT)
         .values(last_error=error, updated_at=datetime.now(UTC))
     )
+
+
+def batch_state(session: Session, job_id: str, index: int) -> BatchState | None:
+    """The batch's state, or ``None`` when the ledger has no such batch."""
+    found = session.connection().execute(_STATE, {"job": job_id, "index": index}).scalar()
+    return None if found is None else BatchState(found)
 
 
 def get_batch(session: Session, job_id: str, index: int) -> Batch | None:
@@ -283,7 +286,7 @@ def fail_batch(
     delivery stored it) is left as it is. Returns (items newly failed, whether this finished
     the job)."""
     ended = finish(session, job_id, index, BatchState.FAILED, reason)
-    if not ended and session.connection().execute(_STATE, {"job": job_id, "index": index}).first():
+    if not ended and batch_state(session, job_id, index) is not None:
         return 0, False
     failed = failed_items.record_failures(session, job_id, item_ids, reason, kind)
     finished = jobs.add_progress(session, job_id, done=0, failed=failed, error=reason, kind=kind)

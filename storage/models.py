@@ -329,18 +329,6 @@ class FailedItem(Base):
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
-class CachedVector(Base):
-    """The content cache: the first stored vector of a text under a model, by text sha256."""
-
-    __tablename__ = "vector_cache"
-
-    model_name: Mapped[str] = mapped_column(String(200), primary_key=True)
-    text_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
-    embedding_id: Mapped[int] = mapped_column(
-        BigId, ForeignKey("embeddings.id", ondelete="CASCADE")
-    )
-
-
 class Backfill(Base):
     """A named backfill and the job that holds its items; running it again resumes it."""
 

@@ -105,17 +105,18 @@ def embed_batch(
         )
     kept = [i for i in range(len(message.texts)) if message.item_ids[i] not in refused]
     stats = result.stats
-    rows = [
-        {
-            "job_id": message.job_id,
-            "item_id": message.item_ids[i],
-            "position": message.positions[i],
-            "text_sha256": hashlib.sha256(message.texts[i].encode("utf-8")).hexdigest(),
-            "dim": int(vector.shape[0]),
-            "vector": vector.tobytes(),
-            "token_count": tokens,
-            "truncated": cut,
-        }
+    dim = int(result.vectors.shape[1])
+    rows = [  # in embeddings.COLUMNS order
+        (
+            message.job_id,
+            message.item_ids[i],
+            message.positions[i],
+            hashlib.sha256(message.texts[i].encode("utf-8")).hexdigest(),
+            dim,
+            vector.tobytes(),
+            tokens,
+            cut,
+        )
         for i, vector, tokens, cut in zip(
             kept, result.vectors, result.token_counts, result.truncated, strict=True
         )

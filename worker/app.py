@@ -96,7 +96,10 @@ def connect_signals(**_: Any) -> None:
     after_setup_logger.connect(logs.on_setup, weak=False)
     after_setup_task_logger.connect(logs.on_setup, weak=False)
     celeryd_after_setup.connect(_consume_host_download_queue, weak=False)
-    worker_init.connect(partial(metrics.serve, depths=partial(queue_depths, app)), weak=False)
+    worker_init.connect(
+        partial(metrics.serve, depths=partial(queue_depths, app), host=lifecycle.machine_host),
+        weak=False,
+    )
     worker_process_init.connect(lifecycle.warm, weak=False)
     worker_process_shutdown.connect(lifecycle.close, weak=False)
     worker_process_shutdown.connect(metrics.process_gone, weak=False)

@@ -3,8 +3,9 @@
 With ``EMBEDQ_METRICS_PORT`` set, the worker's parent (Celery's ``worker_init``) points
 prometheus_client's multiprocess mode at a fresh folder (``PROMETHEUS_MULTIPROC_DIR``) before the
 pool forks, and serves ``/metrics`` on that port from a registry that sums what every pool process
-wrote there, plus the broker's queue depths read at scrape time (Flower has no queue-length
-metric). Pool processes create their metrics lazily, after the fork; a process that exits is
+wrote there, plus two figures read at scrape time: the broker's queue depths (Flower has no
+queue-length metric) and each pool process's engine busy ratio over the last minute, from the
+store. Pool processes create their metrics lazily, after the fork; a process that exits is
 marked dead so its live gauges disappear. Without the setting every call here does nothing.
 
 Scrape target: ``http://<worker host>:<EMBEDQ_METRICS_PORT>/metrics``.
@@ -17,9 +18,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
+from storage import session
 from worker.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -138,9 +141,41 @@ class QueueDepths:
         yield family
 
 
-def serve(depths: Depths, **_: Any) -> None:
+class EngineBusyRatio:
+    """A collector: ``embedq_engine_busy_ratio`` of each pool process of this machine, the share
+    of the last minute its engine was busy (``storage.batch_stats.engine_busy``: the same
+    figure ``embedq health`` and ``embedq stats`` show), read from the store per scrape. A
+    process that ran no batch in the minute is not listed; an idle worker shows no series."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        """This machine in the fleet's records (``worker.lifecycle.machine_host``)."""
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from storage import batch_stats
+
+        family = GaugeMetricFamily(
+            "embedq_engine_busy_ratio",
+            "Share of the last minute the pool process's engine was busy (encode), not waiting"
+            " on SQL, the broker or Celery",
+            labels=["pid"],
+        )
+        settings = get_settings()
+        try:
+            with session.scope(session.sessions_for(settings.database_url)) as store:
+                busy = batch_stats.engine_busy(store, datetime.now(UTC), host=self.host)
+            for process in busy:
+                family.add_metric([str(process.pid)], process.ratio)
+        except Exception:  # the store is down: the scrape still answers
+            logger.warning("could not read the engine busy ratio for /metrics", exc_info=True)
+        yield family
+
+
+def serve(depths: Depths, host: Callable[[], str], **_: Any) -> None:
     """``worker_init``: serve ``/metrics`` from the worker's parent when configured; ``depths``
-    reads the queues' lengths for each scrape."""
+    reads the queues' lengths for each scrape, ``host`` names this machine in the store."""
     settings = get_settings()
     if not settings.metrics_port:
         return
@@ -156,6 +191,7 @@ def serve(depths: Depths, **_: Any) -> None:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     registry.register(QueueDepths(depths))
+    registry.register(EngineBusyRatio(host()))
     start_http_server(settings.metrics_port, addr=settings.metrics_address, registry=registry)
     logger.info(
         "metrics on http://%s:%d/metrics (multiprocess files in %s)",

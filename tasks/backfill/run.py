@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import (
     backfills,
     batch_stats,
-    content_cache,
     embeddings,
     failed_items,
     jobs,
@@ -165,7 +164,7 @@ class BackfillRun:
             )
             progress.failed_here += failed
             hashes = {row.item_id: text_sha(row.text) for row in fresh}
-            cached = content_cache.cached_vectors(session, model, list(hashes.values()))
+            cached = embeddings.cached_vectors(session, model, list(hashes.values()))
             reuse = [row for row in fresh if hashes[row.item_id] in cached]
             copies = [
                 {

@@ -45,15 +45,42 @@ def report(
 ) -> list[dict[str, Any]]:
     """One row per (model, worker host and pid, provider, precision) over the matching
     batches."""
-    fields = ("host", "pid", "provider", "precision", "texts", "tokens", "padded_tokens", *STAGES)
+    # host, pid, provider, precision, texts, tokens, padded_tokens; the stages; when stored
+    fields = (*batch_stats.FIELDS[:7], *STAGES, "created_at")
     after = None if since is None else datetime.now(UTC) - since
     groups: dict[Group, list[tuple[float, ...]]] = defaultdict(list)
+    ends: dict[Group, list[datetime]] = defaultdict(list)
     with scope(sessions_for(database_url)) as session:
         for row in batch_stats.list_batch_stats(
             session, fields, after=after, model=model, job_id=job_id
         ):
-            groups[Group(row[0], row[1], row[2], row[3], row[4])].append(tuple(row[5:]))
-    return [_summarise(group, rows) for group, rows in sorted(groups.items(), key=_order)]
+            groups[Group(row[0], row[1], row[2], row[3], row[4])].append(tuple(row[5:-1]))
+            ends[Group(row[0], row[1], row[2], row[3], row[4])].append(row[-1])
+    return [
+        {**_summarise(group, rows), "engine_busy_ratio": _busy(rows, ends[group])}
+        for group, rows in sorted(groups.items(), key=_order)
+    ]
+
+
+def _busy(rows: list[tuple[float, ...]], stamped: list[datetime]) -> float:
+    """The share of the worker's active span in the report (from its first batch's engine start
+    to its last batch's end) that its engine was busy: ``storage.batch_stats.EngineBusy``."""
+    at = {stage: 3 + i for i, stage in enumerate(STAGES)}
+    intervals = [
+        batch_stats.engine_interval(
+            when,
+            row[at["tokenize_ms"]] + row[at["inference_ms"]] + row[at["pool_ms"]],
+            row[at["write_ms"]],
+        )
+        for row, when in zip(rows, stamped, strict=True)
+    ]
+    start = min(low for low, _ in intervals)
+    end = max(
+        high + row[at["write_ms"]] / 1000 for (_, high), row in zip(intervals, rows, strict=True)
+    )
+    return batch_stats.EngineBusy(
+        "", 0, len(rows), batch_stats.busy_seconds(intervals, start, end), end - start
+    ).ratio
 
 
 def _order(item: tuple[Group, list[tuple[float, ...]]]) -> tuple[str, str, int]:
@@ -97,7 +124,8 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"{row['model']}  {row['host']}:{row['pid']}  {row['provider']} {row['precision']}"
             f"  {row['batches']}"
             f" batches, {row['texts']} texts, {row['texts_per_s']} texts/s,"
-            f" {row['tokens_per_s']} tokens/s, padding waste {row['padding_waste_pct']}%"
+            f" {row['tokens_per_s']} tokens/s, padding waste {row['padding_waste_pct']}%,"
+            f" engine busy {row['engine_busy_ratio']:.0%}"
         )
         lines.append(f"  {'ms':<12}{'p50':>10}{'p95':>10}{'p99':>10}")
         for stage, cut in row["ms"].items():

@@ -11,6 +11,7 @@ answering worker consumes them, and ``overdue`` counts batches in the ledger wit
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
@@ -35,6 +36,10 @@ class WorkerHealth:
     gpu_devices: list[int]
     last_provider: str | None
     fell_back_from_gpu: bool
+    engine_busy_ratio: float | None = None
+    """The share of the last minute its pool processes' engines were busy
+    (``storage.batch_stats.engine_busy``), over the processes that ran a batch in it; ``None``
+    when none did."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,8 @@ def check(app: Celery, settings: Settings, timeout: float) -> FleetHealth:
             host = config.get("host_name") or node.split("@", 1)[-1]
             models = model_catalog.list_ready_models(session, host)
             provider = batch_stats.last_provider(session, host)
+            busy = batch_stats.engine_busy(session, datetime.now(UTC), host=host)
+            span = sum(process.span_s for process in busy)
             gpu = bool(config.get("gpu_devices"))
             workers.append(
                 WorkerHealth(
@@ -98,6 +105,9 @@ def check(app: Celery, settings: Settings, timeout: float) -> FleetHealth:
                     gpu_devices=config.get("gpu_devices", []),
                     last_provider=provider,
                     fell_back_from_gpu=bool(gpu and provider and provider not in GPU_PROVIDERS),
+                    engine_busy_ratio=(
+                        round(sum(p.busy_s for p in busy) / span, 3) if span else None
+                    ),
                 )
             )
     unserved = [queue for queue, depth in depths.items() if depth and queue not in consumed]
@@ -111,7 +121,8 @@ def render(result: FleetHealth) -> str:
         lines.append(
             f"worker {worker.name}: queues {','.join(worker.queues)}; models"
             f" {','.join(worker.models) or '-'}; last provider"
-            f" {worker.last_provider or '-'}{fallback}"
+            f" {worker.last_provider or '-'}{fallback}; engine busy"
+            f" {_share(worker.engine_busy_ratio)} of the last {batch_stats.BUSY_WINDOW_S:g}s"
         )
     if not result.workers:
         lines.append("no worker answered")
@@ -124,3 +135,7 @@ def render(result: FleetHealth) -> str:
             f" {result.stuck_after_s:g}s (see `embedq job ID`; workers re-send lost ones)"
         )
     return "\n".join(lines)
+
+
+def _share(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.0%}"

@@ -42,7 +42,6 @@ TABLES = (
     "api_batch_requests",
     "api_batches",
     "api_files",
-    "vector_cache",
     "backfills",
     "failed_items",
     "batch_stats",

@@ -37,6 +37,7 @@ def test_health_names_the_queue_nobody_serves(pipeline_env: dict[str, str]) -> N
         (node,) = result["workers"]  # type: ignore[misc]
         assert {"interactive", "bulk"} <= set(node["queues"]) and "minilm" in node["models"]
         assert node["last_provider"] == "CPUExecutionProvider" and not node["fell_back_from_gpu"]
+        assert 0 < node["engine_busy_ratio"] <= 1  # it embedded a text in the last minute
     finally:
         worker.stop()  # no worker left; a bulk job waits
     producer.submit(["nobody will take this"], queue="bulk")

@@ -67,6 +67,9 @@ def test_worker_metrics_sum_the_pool_processes(
     pids = {k.split('pid="')[1].split('"')[0] for k in engines}
     assert len(pids) == 2  # both pool processes reported
     assert values[REPUBLISHED] == 1
+    busy = {k: v for k, v in values.items() if k.startswith("embedq_engine_busy_ratio{")}
+    assert {k.split('pid="')[1].split('"')[0] for k in busy} == pids  # each ran batches
+    assert all(0 < ratio <= 1 for ratio in busy.values())
 
 
 def recorded_but_never_published(texts: list[str]) -> object:

@@ -4,6 +4,7 @@ machine where the service happens to run (and taking its time)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -21,10 +22,8 @@ def _matplotlib_font_list() -> None:
     """matplotlib lists the machine's fonts with ``fc-list`` the first time it is imported on a
     machine (then keeps the list in its cache): that is the library setting itself up, done
     here before the guard below, not a process a test starts."""
-    try:
+    with contextlib.suppress(ImportError):  # the plot extra is optional
         import matplotlib.font_manager  # noqa: F401
-    except ImportError:  # the plot extra is optional
-        pass
 
 
 @pytest.fixture(autouse=True)
