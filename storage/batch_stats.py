@@ -130,7 +130,7 @@ class EngineBusy:
 
     @property
     def ratio(self) -> float:
-        return round(min(1.0, self.busy_s / self.span_s), 3) if self.span_s > 0 else 0.0
+        return min(1.0, self.busy_s / self.span_s) if self.span_s > 0 else 0.0
 
 
 def engine_interval(created_at: datetime, engine_ms: float, write_ms: float) -> tuple[float, float]:

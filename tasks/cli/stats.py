@@ -57,7 +57,7 @@ def report(
             groups[Group(row[0], row[1], row[2], row[3], row[4])].append(tuple(row[5:-1]))
             ends[Group(row[0], row[1], row[2], row[3], row[4])].append(row[-1])
     return [
-        {**_summarise(group, rows), "engine_busy_ratio": _busy(rows, ends[group])}
+        {**_summarise(group, rows), "engine_busy_ratio": round(_busy(rows, ends[group]), 3)}
         for group, rows in sorted(groups.items(), key=_order)
     ]
 

@@ -105,9 +105,7 @@ def check(app: Celery, settings: Settings, timeout: float) -> FleetHealth:
                     gpu_devices=config.get("gpu_devices", []),
                     last_provider=provider,
                     fell_back_from_gpu=bool(gpu and provider and provider not in GPU_PROVIDERS),
-                    engine_busy_ratio=(
-                        round(sum(p.busy_s for p in busy) / span, 3) if span else None
-                    ),
+                    engine_busy_ratio=(sum(p.busy_s for p in busy) / span if span else None),
                 )
             )
     unserved = [queue for queue, depth in depths.items() if depth and queue not in consumed]
