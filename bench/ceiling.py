@@ -267,7 +267,7 @@ def stages(texts: list[str], settings: Any, clock: Clock, engine: FreeEngine) ->
     from storage import ledger
     from storage.session import scope, sessions_for
     from tasks import completion, producer
-    from tasks.batches import embed_batch, run_message  # noqa: F401
+    from tasks.batches import embed_batch
     from tasks.message import BatchMessage
     from tasks.publishing import BrokerPublisher
 

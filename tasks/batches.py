@@ -17,8 +17,6 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,8 +25,8 @@ from storage import batch_results, jobs, ledger
 from storage.models import FailureKind
 from storage.session import scope
 from tasks import completion, preparation
-from tasks.completion import JobStatus
 from tasks.message import BatchMessage
+from tasks.outcomes import Delivery, Outcome
 from tasks.runtime import Runtime
 from worker import lifecycle, metrics
 from worker.engine import Embedder, Encoding, Progress
@@ -42,44 +40,6 @@ from worker.errors import (
 from worker.settings import get_settings
 
 logger = logging.getLogger(__name__)
-
-
-class Delivery(StrEnum):
-    """How one delivery of a batch ended."""
-
-    DONE = "done"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    """It had ended before (a redelivery)."""
-    RETRYING = "retrying"
-    DROPPED = "dropped"
-    """A message without a job to record it in."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one delivery of a batch ended; the task returns it as a dict for Flower."""
-
-    job_id: str | None
-    batch: int | None
-    state: Delivery
-    finished: bool = False
-    """True when this delivery settled the job (its completion is then signalled)."""
-    texts: int = 0
-    tokens: int = 0
-    ms: float = 0.0
-    provider: str = ""
-    reason: str | None = None
-    status: JobStatus | None = field(default=None, compare=False)
-    """The job's final status when this delivery finished it: its completion signal carries
-    it, so the waiting client need not read the job again."""
-
-    def summary(self) -> dict[str, object]:
-        return {
-            key: str(value) if key == "state" else value
-            for key, value in asdict(self).items()
-            if value not in (None, "", 0) and key != "status"
-        }
 
 
 def embed_batch(
@@ -103,6 +63,32 @@ def embed_batch(
         return fail_batch(
             session, message, f"batch {message.batch_index}: {exc}", FailureKind.INPUT
         )
+    return store_encoded(
+        session,
+        message,
+        result,
+        refused,
+        provider=provider,
+        started=started,
+        model_sha256=model_sha256,
+        host=host,
+    )
+
+
+def store_encoded(
+    session: Session,
+    message: BatchMessage,
+    result: Encoding,
+    refused: dict[str, str],
+    *,
+    provider: str,
+    started: float,
+    model_sha256: str | None = None,
+    host: str | None = None,
+) -> Outcome:
+    """Store what the engine made of one batch (``result``: its texts but those ``refused``)
+    and log it: ``embed_batch``'s second half, which the feeder (``tasks.feeder``) calls for
+    each batch of a coalesced engine call. ``started`` is when the batch left the queue."""
     kept = [i for i in range(len(message.texts)) if message.item_ids[i] not in refused]
     stats = result.stats
     dim = int(result.vectors.shape[1])

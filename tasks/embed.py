@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage import ledger
 from storage.session import scope
-from tasks import batches, completion, failures, names, publishing
-from tasks.batches import Delivery, Outcome
+from tasks import batches, completion, failures, feeder, names, publishing
+from tasks.outcomes import Delivery, Outcome
 from tasks.preparation import ModelPendingError
 from tasks.runtime import Runtime
 from worker.app import app
@@ -52,7 +52,10 @@ def embed(self: Any, raw: dict[str, Any]) -> dict[str, Any]:
     """Embed one batch of a job (see ``tasks.message.BatchMessage``) and store the vectors."""
     runtime = Runtime.of(get_settings())
     try:
-        outcome = batches.run_message(raw, runtime, on_progress=_progress_events(self))
+        if runtime.settings.batches_in_flight() > 1:  # the threads pool: through the feeder
+            outcome = feeder.run_message(raw, runtime)
+        else:
+            outcome = batches.run_message(raw, runtime, on_progress=_progress_events(self))
     except ModelPendingError as pending:
         # Sent again under the same task id with a countdown; this message is acknowledged
         # when the task returns, so the batch always has a message. The lost-worker retries

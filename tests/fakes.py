@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from storage.session import sessions_for
-from tasks.batches import Outcome, run_message
+from tasks.batches import run_message
 from tasks.message import BatchMessage
+from tasks.outcomes import Outcome
 from tasks.runtime import Runtime
 from worker.engine import NOTHING_READ, EncodeStats, Encoding, Progress
 from worker.errors import TextsRefusedError

@@ -35,8 +35,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def celery_worker(name: str, *, queues: str = "interactive,bulk", processes: int = 1) -> list[str]:
-    """The command of a prefork worker as the tests start it."""
+def celery_worker(
+    name: str, *, queues: str = "interactive,bulk", processes: int = 1, pool: str = "prefork"
+) -> list[str]:
+    """The command of a worker as the tests start it: prefork with ``processes`` pool processes,
+    or ``pool="threads"`` with that many threads."""
     return [
         sys.executable,
         "-m",
@@ -49,7 +52,7 @@ def celery_worker(name: str, *, queues: str = "interactive,bulk", processes: int
         "-c",
         str(processes),
         "--pool",
-        "prefork",
+        pool,
         "-n",
         f"{name}@%h",
         "--without-gossip",

@@ -4,7 +4,10 @@ app never imports them (and so never imports onnxruntime in a producer).
 Reliability settings, each for a reason (see ../shared/notes/celery-fleet.md):
 - JSON only: pickle from a broker is code execution.
 - Late acks with prefetch 1: a batch is acknowledged after it is stored, and a worker holds no
-  more than the one it runs, so a crash loses nothing and a slow worker hoards nothing.
+  more than the one it runs, so a crash loses nothing and a slow worker hoards nothing. A
+  worker that holds several batches at once (``EMBEDQ_IN_FLIGHT``, the default with one GPU)
+  runs the threads pool with that many threads, one message each, feeding one engine
+  (``tasks.feeder``); each message is still acknowledged only after its batch is stored.
 - The Redis visibility timeout is above the hard time limit, or a long batch would be delivered
   to a second worker while the first still runs it.
 - ``queue_order_strategy=priority``: a worker consuming ``interactive,bulk`` drains interactive
@@ -33,6 +36,7 @@ from celery.signals import (
     worker_init,
     worker_process_init,
     worker_process_shutdown,
+    worker_shutdown,
 )
 from celery.worker.control import inspect_command
 from kombu.entity import Exchange, Queue
@@ -44,7 +48,10 @@ from worker.settings import Settings, get_settings
 def config(settings: Settings) -> dict[str, Any]:
     """The app's configuration from the settings; Celery reads it when it first needs its
     configuration (a send, a worker start), not when this module is imported."""
+    in_flight = settings.batches_in_flight()
+    pool = dict(worker_pool="threads", worker_concurrency=in_flight) if in_flight > 1 else {}
     return dict(
+        **pool,
         broker_url=settings.celery_broker(),
         task_serializer="json",
         accept_content=["json"],
@@ -100,9 +107,13 @@ def connect_signals(**_: Any) -> None:
         partial(metrics.serve, depths=partial(queue_depths, app), host=lifecycle.machine_host),
         weak=False,
     )
-    worker_process_init.connect(lifecycle.warm, weak=False)
-    worker_process_shutdown.connect(lifecycle.close, weak=False)
-    worker_process_shutdown.connect(metrics.process_gone, weak=False)
+    if get_settings().batches_in_flight() > 1:  # threads: the worker's own process runs tasks
+        worker_init.connect(lifecycle.warm, weak=False)
+        worker_shutdown.connect(lifecycle.close, weak=False)
+    else:
+        worker_process_init.connect(lifecycle.warm, weak=False)
+        worker_process_shutdown.connect(lifecycle.close, weak=False)
+        worker_process_shutdown.connect(metrics.process_gone, weak=False)
 
 
 celeryd_init.connect(connect_signals, weak=False)

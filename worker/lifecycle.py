@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 _pid = 0
 _engines: dict[tuple[Path, str], Engine] = {}
+_loading = threading.Lock()  # the threads pool: one load per model, not one per thread
 
 
 def machine_host(settings: Settings | None = None) -> str:
@@ -72,13 +74,20 @@ def this_device() -> int | None:
 def get_engine(model: str, settings: Settings | None = None) -> Engine:
     """This process's engine for ``model`` in the model store ``settings`` name (default:
     ``get_settings()``), loaded on first use and kept."""
+    _own_process()
+    settings = settings or get_settings()
+    key = (settings.model_dir, model)
+    if key in _engines:
+        return _engines[key]
+    with _loading:
+        return _load(key, model, settings)
+
+
+def _load(key: tuple[Path, str], model: str, settings: Settings) -> Engine:
     # onnxruntime and tokenizers: loaded in a worker's pool process, never by a producer
     from worker.engine import Engine
     from worker.model_store import ModelStore
 
-    _own_process()
-    settings = settings or get_settings()
-    key = (settings.model_dir, model)
     if key not in _engines:
         store = ModelStore(settings.model_dir)
         store.get(model)  # ModelNotFoundError, with how to pull it, before anything loads

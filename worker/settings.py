@@ -162,6 +162,17 @@ class Settings(BaseSettings):
     # Small micro-batches win on CPU: on the 2-core development machine, 8-16 texts with a
     # 2048-4096 token budget ran all-MiniLM-L6-v2 about 1.35x faster than 64 / 16384 (less
     # padding, and activations that stay in cache). See bench/README.md. GPUs want larger ones.
+    in_flight: int | None = Field(default=None, ge=1)
+    """Batches one worker process holds at once. 1: Celery's prefork pool, one batch at a time
+    per process (a CPU worker: the engine already uses every core). More: the threads pool with
+    that many threads in one process, feeding one engine through overlapping stages
+    (``tasks.feeder``: claim and run one group while the last one is written) and coalescing
+    the batches waiting into one engine call. Default: 16 on a worker with one GPU
+    (``EMBEDQ_GPU_DEVICES=0``), else 1 (a worker with several GPUs runs a process per device)."""
+    coalesce_texts: int = Field(default=1024, ge=1)
+    """Most texts the feeder puts in one engine call (with ``in_flight`` > 1)."""
+    coalesce_wait_ms: float = Field(default=2.0, ge=0)
+    """How long the feeder lets a lone batch wait for others to share its engine call."""
     micro_batch_size: int = Field(default=16, ge=1)
     """Most texts in one session run."""
     micro_batch_tokens: int = Field(default=4096, ge=1)
@@ -183,6 +194,12 @@ class Settings(BaseSettings):
     def download_queue(self) -> str:
         """This host's queue of model downloads, consumed by every worker on the host."""
         return f"download.{self.host_name}"
+
+    def batches_in_flight(self) -> int:
+        """``in_flight``, or its default: 16 on a worker with one GPU, else 1."""
+        if self.in_flight is not None:
+            return self.in_flight
+        return 16 if len(self.gpu_devices) == 1 else 1
 
     def worker_processes(self) -> int:
         """Pool processes for a worker on this machine: one per GPU, else ``processes``."""

@@ -49,14 +49,17 @@ def unfit_gpu(settings: Settings) -> int | None:
 
 
 def run_worker(processes: int, queues: str, name: str, loglevel: str) -> None:
-    """Run a prefork Celery worker with ``processes`` pool processes until it is stopped."""
+    """Run a Celery worker until it is stopped: prefork with ``processes`` pool processes, or,
+    when the settings hold several batches in flight (``EMBEDQ_IN_FLIGHT``), one process with
+    that many threads feeding its engine (``tasks.feeder``)."""
     from worker.app import app  # the Celery app: loaded only to start a process on it
 
+    in_flight = get_settings().batches_in_flight()
+    pool = ["--pool=threads", f"--concurrency={in_flight}"] if in_flight > 1 else []
     app.worker_main(
         [
             "worker",
-            "--pool=prefork",
-            f"--concurrency={processes}",
+            *(pool or ["--pool=prefork", f"--concurrency={processes}"]),
             f"--queues={queues}",
             f"--hostname={name}",
             f"--loglevel={loglevel}",

@@ -86,9 +86,10 @@ def start_worker(fault_env: dict[str, str]) -> Iterator[Callable[..., Worker]]:
     end of the test."""
     started: list[Worker] = []
 
-    def start(name: str, processes: int = 1, **overrides: str) -> Worker:
+    def start(name: str, processes: int = 1, pool: str = "prefork", **overrides: str) -> Worker:
         env = {**fault_env, **FAST, "EMBEDQ_PROCESSES": str(processes), **overrides}
-        started.append(Worker(env, name, celery_worker(name, processes=processes)))
+        command = celery_worker(name, processes=processes, pool=pool)
+        started.append(Worker(env, name, command))
         return started[-1]
 
     yield start

@@ -165,6 +165,25 @@ def claimed(database_url: str, job_id: str) -> tuple[int, str] | None:
     return None if row is None else (int(row[0]), str(row[1]))
 
 
+def running_batches(database_url: str, job_id: str) -> list[int]:
+    """The batches of ``job_id`` claimed and not finished: the ones a worker holds."""
+    return scalar_rows(
+        database_url,
+        "SELECT batch_index FROM batches WHERE job_id = :j AND state = 'sent' AND attempts > 0"
+        " ORDER BY batch_index",
+        j=job_id,
+    )
+
+
+def scalar_rows(database_url: str, sql: str, **params: Any) -> list[Any]:
+    database = make_engine(database_url)
+    try:
+        with database.connect() as connection:
+            return list(connection.execute(text(sql), params).scalars())
+    finally:
+        database.dispose()
+
+
 def wait_claimed(
     database_url: str, job: JobHandle, *workers: Worker, timeout: float = 30
 ) -> tuple[int, str]:

@@ -12,12 +12,14 @@ import pytest
 from sqlalchemy import text
 
 from storage.session import make_engine
+from tests.faults.conftest import BATCH_SIZE
 from tests.faults.outcomes import (
     JOB_SIZE,
     Outcome,
     finished,
     job_texts,
     ledger_row,
+    running_batches,
     tail,
     wait_claimed,
     wait_done,
@@ -25,6 +27,7 @@ from tests.faults.outcomes import (
 )
 from tests.faults.services import PoisonKiller, children
 from tests.processes import Worker
+from tests.waiting import wait_until
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -173,3 +176,56 @@ def test_sigterm_mid_batch_finishes_the_batch_and_a_successor_finishes_the_job(
         status,
         tail(first, second),
     )
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_worker_killed_with_three_batches_in_flight_loses_and_duplicates_nothing(
+    start_worker: Callable[..., Worker],
+    short_texts: list[str],
+    database_url: str,
+    report: Callable[..., Outcome],
+) -> None:
+    """The feeder's worker (threads pool, ``EMBEDQ_IN_FLIGHT=3``) holds three batches at once,
+    claimed together for one engine call; killed then, all three come back and are stored
+    once."""
+    from tasks import producer
+
+    first = start_worker(
+        "overlap",
+        processes=3,
+        pool="threads",
+        EMBEDQ_IN_FLIGHT="3",
+        EMBEDQ_COALESCE_TEXTS=str(3 * BATCH_SIZE),
+    )
+    texts = job_texts(short_texts, 8)
+    started = time.monotonic()
+    job = producer.submit(texts)
+    wait_done(job, 200, first)
+
+    def three_held() -> list[int] | None:
+        found = running_batches(database_url, job.id)
+        return found if len(found) == 3 else None
+
+    held = wait_until(
+        three_held,
+        60,
+        "three batches of the job in flight at once",
+        every=0.005,
+        detail=lambda: f"{job.status()}\n{tail(first)}",
+    )
+    os.killpg(first.process.pid, signal.SIGKILL)
+    first.stop()
+    killed_at = job.status()
+    assert not finished(killed_at), "the job finished before the kill"
+
+    second = start_worker("rescuer-of-three")
+    status = wait_terminal(job, 180)
+    note = f"worker killed holding batches {held} at {killed_at['done']} items stored"
+    outcome = report(job.id, len(texts), time.monotonic() - started, note=note)
+    assert outcome.verdict == ("succeeded", JOB_SIZE, 0, 0), (status, tail(first, second))
+    for index in held:
+        row = ledger_row(database_url, job.id, index)
+        assert row["state"] == "done" and row["attempts"] >= 2, row  # run again, stored once
+    ids, vectors = job.embeddings()
+    assert ids == [str(i) for i in range(JOB_SIZE)]  # every item exactly once, in order
+    assert vectors.shape == (JOB_SIZE, 384)

@@ -17,8 +17,9 @@ from storage import session
 from storage.models import FailureKind, Job, JobState
 from storage.session import commit_without_flush, scope, sessions_for
 from tasks import completion, names, producer
-from tasks.batches import Outcome, embed_batch
+from tasks.batches import embed_batch
 from tasks.message import BatchMessage
+from tasks.outcomes import Outcome
 from tasks.publishing import BrokerPublisher
 from tests.fakes import FakeEngine, RecordingPublisher
 from worker.errors import UnavailableError

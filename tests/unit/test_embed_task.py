@@ -10,8 +10,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import embeddings, jobs, ledger
 from storage.models import FailedItem, FailureKind, Job
 from storage.session import make_engine, scope, session_factory
-from tasks.batches import Delivery, embed_batch, fail_batch, run_message
+from tasks.batches import embed_batch, fail_batch, run_message
 from tasks.message import BatchMessage
+from tasks.outcomes import Delivery
 from tests.fakes import FakeEngine, fake_runtime
 from worker.settings import Settings
 

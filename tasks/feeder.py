@@ -1,0 +1,253 @@
+"""The feeder: one engine fed by many batches at once, so that it never waits for SQL or the
+broker, and many small jobs make one engine call.
+
+A worker that holds several batches at a time (``EMBEDQ_IN_FLIGHT`` > 1, the default on a
+worker with one GPU) runs Celery's threads pool: each task thread parses its message and hands
+the batch to this process's feeder, then blocks until the batch is stored; the task returns,
+and Celery acknowledges the message (late acks: only ever after the commit). Inside, two stages
+joined by a bounded queue overlap:
+
+1. the *collector* takes every batch waiting (up to ``EMBEDQ_COALESCE_TEXTS`` texts; when the
+   first is alone it waits ``EMBEDQ_COALESCE_WAIT_MS`` for company, so concurrent one-text
+   jobs share a call, as TEI and Infinity batch concurrent requests), claims them in one
+   transaction and runs the engine once on all their texts (tokenising is part of the call);
+2. the *writer* stores the group in one transaction (``tasks.batches.store_encoded`` per batch:
+   each batch still ends on its own, with its own statistics) and wakes the task threads.
+
+While the writer commits group k, the collector claims and runs group k+1; the queue between
+them holds one group, so at most three groups are in the process (collecting, running, writing)
+and the threads pool bounds the batches.
+
+Anything off the common path is handed back to its task thread, which runs the batch alone with
+``tasks.batches.run_message`` (as a prefork worker would): a message for a model this host
+lacks, a batch the claim does not give (ended, or an application's raw message), positions
+outside the job, an engine call that raises (texts the model refuses, bad input), a write that
+fails. So every way out stays a recorded outcome, and a batch is never stored twice: the ledger's
+claim and end decide, as for any redelivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from storage import ledger
+from storage.session import scope
+from tasks import batches
+from tasks.message import BatchMessage
+from tasks.outcomes import Outcome
+from tasks.runtime import Runtime
+from worker.engine import Encoding
+
+logger = logging.getLogger(__name__)
+
+RUN_ALONE = None
+"""What a batch's future resolves to when its task thread should run it alone."""
+
+
+@dataclass
+class _Batch:
+    message: BatchMessage
+    received: float
+    done: Future[Outcome | None] = field(default_factory=Future)
+
+
+@dataclass
+class _Group:
+    """Batches of one model that ran as one engine call, waiting for the writer."""
+
+    batches: list[_Batch]
+    encodings: list[Encoding]
+    provider: str
+    model_sha256: str | None
+
+
+class Feeder:
+    """This process's feeder (see the module): ``run`` from any number of task threads."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        settings = runtime.settings
+        self.runtime = runtime
+        self.max_texts = settings.coalesce_texts
+        self.wait_s = settings.coalesce_wait_ms / 1000
+        self._inbox: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
+        self._writes: queue.Queue[_Group] = queue.Queue(maxsize=1)
+        self.calls = 0
+        """Engine calls made (a test reads how many batches shared one)."""
+        for name, loop in (("collector", self._collect), ("writer", self._write)):
+            threading.Thread(target=loop, name=f"embedq-feeder-{name}", daemon=True).start()
+
+    def run(self, message: BatchMessage) -> Outcome | None:
+        """Run ``message``'s batch with the others waiting; its outcome once stored, or
+        ``RUN_ALONE`` when the caller must run it by itself."""
+        batch = _Batch(message, time.time())
+        self._inbox.put(batch)
+        return batch.done.result()
+
+    # --- stage 1: collect, claim, run ------------------------------------------------------
+
+    def _collect(self) -> None:
+        while True:
+            group = self._take()
+            try:
+                self._run_group(group)
+            except Exception:  # never lose a batch to a bug here: each runs alone instead
+                logger.exception("the feeder could not run %d batches together", len(group))
+                _hand_back(group)
+
+    def _take(self) -> list[_Batch]:
+        """The batches waiting, up to ``max_texts`` texts: the first blocks, the rest do not;
+        a first batch that is alone waits ``wait_s`` for company."""
+        group = [self._inbox.get()]
+        texts = len(group[0].message.texts)
+        deadline = time.monotonic() + self.wait_s
+        while texts < self.max_texts:
+            try:
+                left = deadline - time.monotonic()
+                batch = self._inbox.get(timeout=left) if left > 0 else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            group.append(batch)
+            texts += len(batch.message.texts)
+        return group
+
+    def _run_group(self, group: list[_Batch]) -> None:
+        by_model: dict[str, list[_Batch]] = {}
+        for batch in group:
+            by_model.setdefault(batch.message.model, []).append(batch)
+        for model, same in by_model.items():
+            try:
+                engine = self.runtime.engines(model)
+            except Exception:  # missing, being prepared, broken: the task thread's path says
+                _hand_back(same)
+                continue
+            claimed = self._claim(same)
+            if not claimed:
+                continue
+            texts = [text for batch in claimed for text in batch.message.texts]
+            try:
+                encoding = engine.encode(texts)
+            except Exception:  # refused texts, bad input: each batch alone finds which
+                _hand_back(claimed)
+                continue
+            self.calls += 1
+            parts = split(encoding, [len(batch.message.texts) for batch in claimed])
+            self._writes.put(_Group(claimed, parts, engine.provider, engine.model_sha256))
+
+    def _claim(self, group: list[_Batch]) -> list[_Batch]:
+        """Claim the batches in one transaction; those the claim does not give go back."""
+        claimed: list[_Batch] = []
+        back: list[_Batch] = []
+        with scope(self.runtime.sessions) as session:
+            for batch in group:
+                message = batch.message
+                claim = ledger.claim(
+                    session, message.job_id, message.batch_index, self.runtime.worker
+                )
+                fits = claim.job_total is None or max(message.positions) < claim.job_total
+                (claimed if claim.claimed and fits else back).append(batch)
+        _hand_back(back)
+        return claimed
+
+    # --- stage 2: write ---------------------------------------------------------------------
+
+    def _write(self) -> None:
+        host = None
+        while True:
+            group = self._writes.get()
+            try:
+                from worker import lifecycle
+
+                host = host or lifecycle.machine_host(self.runtime.settings)
+                with scope(self.runtime.sessions) as session:
+                    outcomes = [
+                        batches.store_encoded(
+                            session,
+                            batch.message,
+                            encoding,
+                            {},
+                            provider=group.provider,
+                            started=batch.received,
+                            model_sha256=group.model_sha256,
+                            host=host,
+                        )
+                        for batch, encoding in zip(group.batches, group.encodings, strict=True)
+                    ]
+            except Exception:  # nothing of the group was committed: each batch runs alone
+                logger.warning(
+                    "the feeder could not store %d batches together; each runs alone",
+                    len(group.batches),
+                    exc_info=True,
+                )
+                _hand_back(group.batches)
+                continue
+            for batch, outcome in zip(group.batches, outcomes, strict=True):
+                batch.done.set_result(outcome)
+
+
+def _hand_back(group: list[_Batch]) -> None:
+    for batch in group:
+        batch.done.set_result(RUN_ALONE)
+
+
+def split(encoding: Encoding, sizes: list[int]) -> list[Encoding]:
+    """One engine call's encoding cut into the batches it ran for, in order. Each part has its
+    own vectors, token counts and truncation; the call's time and padding are shared among the
+    parts in proportion to their texts."""
+    parts, start = [], 0
+    stats = encoding.stats
+    for size in sizes:
+        end = start + size
+        counts = encoding.token_counts[start:end]
+        share = size / stats.texts
+        part_stats = replace(
+            stats,
+            texts=size,
+            tokens=sum(counts),
+            padded_tokens=round(stats.padded_tokens * share),
+            truncated=sum(encoding.truncated[start:end]),
+            micro_batches=max(1, round(stats.micro_batches * share)),
+            tokenize_ms=stats.tokenize_ms * share,
+            inference_ms=stats.inference_ms * share,
+            pool_ms=stats.pool_ms * share,
+        )
+        parts.append(
+            Encoding(
+                np.ascontiguousarray(encoding.vectors[start:end]),
+                part_stats,
+                token_counts=counts,
+                truncated=encoding.truncated[start:end],
+            )
+        )
+        start = end
+    return parts
+
+
+_feeders: dict[int, Feeder] = {}
+_lock = threading.Lock()
+
+
+def run_message(raw: object, runtime: Runtime) -> Outcome:
+    """``tasks.batches.run_message`` through this process's feeder: a message that parses runs
+    with the others waiting, anything else (and whatever the feeder hands back) alone."""
+    try:
+        message = BatchMessage.model_validate(raw)
+    except Exception:
+        return batches.run_message(raw, runtime)
+    outcome = feeder_for(runtime).run(message)
+    return batches.run_message(raw, runtime) if outcome is RUN_ALONE else outcome
+
+
+def feeder_for(runtime: Runtime) -> Feeder:
+    """This process's feeder for ``runtime``'s settings, started on first use."""
+    key = id(runtime.settings)
+    with _lock:
+        if key not in _feeders:
+            _feeders[key] = Feeder(runtime)
+        return _feeders[key]
