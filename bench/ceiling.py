@@ -12,16 +12,21 @@ next to SQL, the broker and Celery. For each store (SQLite, PostgreSQL) this pri
   process plus that of the store's and the broker's server processes;
 - the store's raw write limit for the same rows (PostgreSQL ``COPY ... FORMAT BINARY``, SQLite
   one ``executemany`` in one transaction) and the write stage's share of it;
-- one job end to end (submit to ``succeeded``) through real Celery worker processes with the
-  free engine, one worker process and then one per core, with the CPU each side spent; the
-  Celery share (broker, hand-off to the pool, acks) is the worker's CPU less its stages;
+- one job end to end (submit to ``succeeded``) through a real Celery worker with the free
+  engine, in each worker mode (``prefork:1``: one process; ``prefork:N``: one per core;
+  ``threads:16``: one process holding 16 batches, through the feeder where the code has one),
+  with the CPU each side spent; the Celery share (broker, hand-off to the pool, acks) is the
+  worker's CPU less its stages;
+- on PostgreSQL, one-text jobs from 16 client threads, each submitting and waiting as an
+  application does, in each worker mode: jobs/s and submit-to-done p50/p99;
 - the real CPU engine's texts/s on the same texts, for scale.
 
 With ``--before-ref REF`` the same measures run on the code of commit REF (this script and the
 free engine copied into it) and then on this tree, taking turns, and are printed side by side.
 
     python bench/ceiling.py [--texts 200000] [--stage-texts 20000] [--stores sqlite,postgresql]
-                            [--processes 1,2] [--before-ref REF] [--repeats R] [--json]
+                            [--modes prefork:1,prefork:2,threads:16] [--one-text-jobs 3000]
+                            [--clients 16] [--batch N] [--before-ref REF] [--repeats R] [--json]
 """
 
 from __future__ import annotations
@@ -391,24 +396,29 @@ def real_engine(texts: list[str], model_dir: Path, clock: Clock) -> Stage:
 # --- end to end -----------------------------------------------------------------------------
 
 
-def start_worker(processes: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "celery", "-A", "bench.free_engine", "worker"]
-    command += ["-c", str(processes), "-Q", "interactive,bulk", "-n", "ceiling@%h"]
+def start_worker(mode: str, log: Path) -> subprocess.Popen[bytes]:
+    """A free-engine worker in ``mode``: ``prefork:N`` (N pool processes, one batch each) or
+    ``threads:N`` (one process, N threads; ``EMBEDQ_IN_FLIGHT=N``, which routes the batches
+    through the feeder on code that has one and is ignored by code that has not)."""
+    pool, count = mode.split(":")
+    command = [sys.executable, "-m", "celery", "-A", "bench.free_engine", "worker", "-P", pool]
+    command += ["-c", count, "-Q", "interactive,bulk", "-n", "ceiling@%h"]
     command += ["--without-gossip", "--without-mingle", "-l", "WARNING"]
+    env = {**os.environ, "EMBEDQ_IN_FLIGHT": count if pool == "threads" else "1"}
     with log.open("ab") as out:
         return subprocess.Popen(
-            command, cwd=os.getcwd(), stdout=out, stderr=out, start_new_session=True
+            command, cwd=os.getcwd(), env=env, stdout=out, stderr=out, start_new_session=True
         )
 
 
-def wait_ready(settings: Any, processes: int) -> None:
-    """Until the worker answers a ping and has its pool up (a one-text job comes back)."""
+def wait_ready(settings: Any) -> None:
+    """Until the worker answers a ping and has its pool up (one-text jobs come back)."""
     from tasks import producer
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            for _ in range(processes * 2):
+            for _ in range(4):
                 producer.submit(["warm up"], settings=settings).wait(timeout=30)
             return
         except Exception:
@@ -416,17 +426,27 @@ def wait_ready(settings: Any, processes: int) -> None:
     raise SystemExit("the free-engine worker did not come up in 120 s")
 
 
-def end_to_end(
-    texts: list[str], settings: Any, processes: int, services: tuple[str, ...], work: Path
-) -> dict[str, Any]:
-    from tasks import producer
-
+@contextmanager
+def running_worker(mode: str, settings: Any, work: Path) -> Iterator[list[int]]:
+    """A free-engine worker in ``mode``, ready; yields its processes."""
     client = redis.Redis.from_url(BROKER_URL)
     client.flushdb()
-    worker = start_worker(processes, work / "worker.log")
+    worker = start_worker(mode, work / "worker.log")
     try:
-        wait_ready(settings, processes)
-        worker_pids = tree_of(worker.pid)
+        wait_ready(settings)
+        yield tree_of(worker.pid)
+    finally:
+        stop_worker(worker)
+        client.close()
+
+
+def end_to_end(
+    texts: list[str], settings: Any, mode: str, services: tuple[str, ...], work: Path
+) -> dict[str, Any]:
+    """One job of ``texts`` on the bulk queue, from submit to its end."""
+    from tasks import producer
+
+    with running_worker(mode, settings, work) as worker_pids:
         clock = Clock(services)
         w0 = sum(_cpu_of(pid) for pid in worker_pids)
         wall, cpu, service = clock.read()
@@ -435,12 +455,9 @@ def end_to_end(
         status = handle.wait(timeout=1800)
         wall2, cpu2, service2 = clock.read()
         w1 = sum(_cpu_of(pid) for pid in worker_pids)
-    finally:
-        stop_worker(worker)
-        client.close()
     n = len(texts)
     return {
-        "processes": processes,
+        "mode": mode,
         "texts": n,
         "state": status["state"],
         "seconds": round(wall2 - wall, 2),
@@ -450,6 +467,68 @@ def end_to_end(
             "producer": round((cpu2 - cpu) / n * 1e6, 1),
             "worker": round((w1 - w0) / n * 1e6, 1),
             "services": round(Clock.spent(service, service2) / n * 1e6, 1),
+        },
+    }
+
+
+def one_text_jobs(
+    texts: list[str],
+    settings: Any,
+    mode: str,
+    clients: int,
+    services: tuple[str, ...],
+    work: Path,
+) -> dict[str, Any]:
+    """``len(texts)`` one-text jobs from ``clients`` threads, each submitting and waiting for its
+    job as an application does: jobs/s, and submit-to-done percentiles."""
+    import threading
+
+    import numpy as np
+
+    from tasks import producer
+
+    times: list[float] = []
+    states: list[str] = []
+    lock = threading.Lock()
+    next_text = iter(texts)
+
+    def client() -> None:
+        while True:
+            with lock:
+                text = next(next_text, None)
+            if text is None:
+                return
+            started = time.perf_counter()
+            state = producer.submit([text], settings=settings).wait(timeout=300)["state"]
+            with lock:
+                times.append((time.perf_counter() - started) * 1000)
+                states.append(state)
+
+    with running_worker(mode, settings, work) as worker_pids:
+        clock = Clock(services)
+        w0 = sum(_cpu_of(pid) for pid in worker_pids)
+        started, cpu, service = clock.read()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        ended, cpu2, service2 = clock.read()
+        w1 = sum(_cpu_of(pid) for pid in worker_pids)
+        seconds = ended - started
+    n = len(texts)
+    return {
+        "mode": mode,
+        "jobs": len(texts),
+        "clients": clients,
+        "jobs_s": round(len(texts) / seconds, 1),
+        "p50_ms": round(float(np.percentile(times, 50)), 1),
+        "p99_ms": round(float(np.percentile(times, 99)), 1),
+        "succeeded": states.count("succeeded"),
+        "cpu_us_per_job": {
+            "clients": round((cpu2 - cpu) / n * 1e6),
+            "worker": round((w1 - w0) / n * 1e6),
+            "services": round(Clock.spent(service, service2) / n * 1e6),
         },
     }
 
@@ -490,7 +569,14 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
             "stages": [s.row() for s in measured],
             "raw_limit": limit.row(),
             "write_share_of_raw": round((limit.wall_s / write.wall_s), 3),
-            "end_to_end": [end_to_end(texts, settings, p, services, work) for p in args.processes],
+            "end_to_end": [end_to_end(texts, settings, m, services, work) for m in args.modes],
+            "one_text_jobs": [
+                one_text_jobs(
+                    texts[: args.one_text_jobs], settings, m, args.clients, services, work
+                )
+                for m in args.modes
+                if args.one_text_jobs and store == "postgresql"
+            ],
         }
         results["stores"][store] = side
         from storage.session import dispose_all
@@ -520,7 +606,8 @@ def run_child(tree: Path, args: argparse.Namespace, label: str, log: Path) -> di
     command = [sys.executable, "bench/ceiling.py", "--json", "--child"]
     command += ["--texts", str(args.texts), "--stage-texts", str(args.stage_texts)]
     command += ["--stores", ",".join(args.stores), "--model-dir", str(args.model_dir)]
-    command += ["--processes", ",".join(map(str, args.processes)), "--corpus", str(args.corpus)]
+    command += ["--modes", ",".join(args.modes), "--corpus", str(args.corpus)]
+    command += ["--one-text-jobs", str(args.one_text_jobs), "--clients", str(args.clients)]
     if args.batch:
         command += ["--batch", str(args.batch)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -605,12 +692,29 @@ def report(sides: dict[str, dict[str, Any]], header: str) -> str:
                     f" services {cpu['services']})"
                 )
             lines.append(
-                f"end to end, {e2e['texts']:,} texts, {e2e['processes']} worker process(es): "
-                + "; ".join(cells)
+                f"end to end, {e2e['texts']:,} texts, worker {e2e['mode']}: " + "; ".join(cells)
             )
             last = sides[names[-1]]["stores"][store]["end_to_end"][i]
             verdict = "PASS" if last["texts_s"] >= TARGET_TEXTS_S else "MISS"
             lines.append(f"  target >= {TARGET_TEXTS_S:,} texts/s ({names[-1]}): {verdict}")
+        for i, jobs in enumerate(first["stores"][store].get("one_text_jobs", [])):
+            cells = []
+            for n in names:
+                run = sides[n]["stores"][store]["one_text_jobs"][i]
+                cells.append(
+                    f"{n} {run['jobs_s']:,} jobs/s (p50 {run['p50_ms']} ms, p99 {run['p99_ms']} ms,"
+                    f" {run['succeeded']} of {run['jobs']} succeeded; CPU us/job"
+                    + " clients {clients}, worker {worker}, services {services})".format(
+                        **run["cpu_us_per_job"]
+                    )
+                )
+            lines.append(
+                f"one-text jobs, {jobs['clients']} client threads, worker {jobs['mode']}: "
+                + "; ".join(cells)
+            )
+            last = sides[names[-1]]["stores"][store]["one_text_jobs"][i]
+            verdict = "PASS" if last["jobs_s"] >= 1000 else "MISS"
+            lines.append(f"  target >= 1,000 jobs/s ({names[-1]}): {verdict}")
         share = sides[names[-1]]["stores"][store]
         if not share["end_to_end"]:
             continue
@@ -630,10 +734,13 @@ def main() -> None:
     parser.add_argument("--stage-texts", type=int, default=20_000)
     parser.add_argument("--stores", type=lambda s: s.split(","), default=["sqlite", "postgresql"])
     parser.add_argument(
-        "--processes",
-        type=lambda s: [int(p) for p in s.split(",") if p],
-        default=sorted({1, os.cpu_count() or 1}),
+        "--modes",
+        type=lambda s: [m for m in s.split(",") if m],
+        default=["prefork:1", f"prefork:{os.cpu_count() or 1}", "threads:16"],
+        help="worker modes for the end-to-end runs: prefork:N, threads:N (comma-separated)",
     )
+    parser.add_argument("--one-text-jobs", type=int, default=3000, help="0: none")
+    parser.add_argument("--clients", type=int, default=16)
     parser.add_argument(
         "--batch", type=int, default=0, help="EMBEDQ_JOB_BATCH_SIZE (default: the settings')"
     )

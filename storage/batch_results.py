@@ -47,6 +47,9 @@ class FinishedBatch:
     """The engine's time for the batch (``total_ms`` adds the write to it)."""
     refused: Mapping[str, str] = field(default_factory=dict)
     """Items the model refused, with the reason: recorded failed (input), the rest stored."""
+    stats: Any = None
+    """The engine's ``EncodeStats`` for the batch, for the caller's log and metrics (the store
+    reads ``timing``)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,71 @@ def store_finished(session: Session, batch: FinishedBatch) -> StoredBatch:
         kind=FailureKind.INPUT if error else None,
     )
     return StoredBatch(inserted, failed, write_ms, other, status)
+
+
+def store_group(session: Session, group: Sequence[FinishedBatch]) -> list[StoredBatch]:
+    """Store batches that ran as one engine call (the feeder's group), none with refused
+    texts, in as few statements as the store allows whatever their number: their ends in the
+    ledger (one UPDATE .. RETURNING), their vectors (one COPY or executemany), their model
+    files (one read, a write per new file), their statistics (one executemany) and their jobs'
+    counts and states (one executemany, one UPDATE .. RETURNING). A batch this call could not
+    end (another delivery had) writes nothing; one the ledger does not know is stored alone
+    (``store_finished``). Returns what was written for each batch, in order; a job's final
+    status goes with its last batch in the group."""
+    if any(batch.refused for batch in group):
+        raise ValueError("store_group takes batches with no refused texts: see store_finished")
+    started = time.perf_counter()
+    ended = ledger.finish_done(session, [(batch.job_id, batch.index) for batch in group])
+    own = [batch for batch in group if (batch.job_id, batch.index) in ended]
+    alone = {
+        id(batch): store_finished(session, batch)
+        for batch in group
+        if (batch.job_id, batch.index) not in ended
+        and ledger.batch_state(session, batch.job_id, batch.index) is None
+    }
+    try:
+        with session.begin_nested():
+            embeddings.insert_embeddings(session, [row for batch in own for row in batch.rows])
+        inserted = {id(batch): len(batch.rows) for batch in own}
+    except IntegrityError:  # an item stored anyway: each batch by the upsert
+        inserted = {id(batch): _upsert(session, batch.rows) for batch in own}
+    files = {b.job_id: b.model_sha256 for b in own if b.model_sha256 and inserted[id(b)]}
+    others = model_files.record_model_files(session, files)
+    texts = sum(len(batch.rows) for batch in own) or 1
+    write_ms = (time.perf_counter() - started) * 1000
+    shares = {id(batch): write_ms * len(batch.rows) / texts for batch in own}
+    batch_stats.insert_batch_stats(
+        session,
+        [
+            {
+                **batch.timing,
+                "job_id": batch.job_id,
+                "batch_index": batch.index,
+                "write_ms": shares[id(batch)],
+                "total_ms": batch.compute_ms + shares[id(batch)],
+            }
+            for batch in own
+        ],
+    )
+    done: dict[str, int] = {}
+    for batch in own:
+        done[batch.job_id] = done.get(batch.job_id, 0) + inserted[id(batch)]
+    settled = jobs.settle_many(session, done)
+    last = {batch.job_id: id(batch) for batch in own}
+    results = []
+    for batch in group:
+        if id(batch) in alone:
+            results.append(alone[id(batch)])
+        elif id(batch) not in inserted:  # another delivery had ended it
+            results.append(StoredBatch(0, 0, 0.0, None, None))
+        else:
+            status = settled.get(batch.job_id) if last[batch.job_id] == id(batch) else None
+            results.append(
+                StoredBatch(
+                    inserted[id(batch)], 0, shares[id(batch)], others.get(batch.job_id), status
+                )
+            )
+    return results
 
 
 def _insert(session: Session, rows: Sequence[Sequence[Any]]) -> int:

@@ -56,6 +56,15 @@ def upsert_batch_stat(session: Session, row: dict[str, Any]) -> None:
     session.connection().execute(statement, {**row, "created_at": datetime.now(UTC)})
 
 
+def insert_batch_stats(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """``upsert_batch_stat`` for many batches in one executemany."""
+    if not rows:
+        return
+    now = datetime.now(UTC)
+    statement = dialect.prepared(session, "batch_stat", _upsert)
+    session.connection().execute(statement, [{**row, "created_at": now} for row in rows])
+
+
 def list_batch_stats(
     session: Session,
     fields: Sequence[str],

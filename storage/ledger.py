@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, Text, bindparam, func, insert, select, update
+from sqlalchemy import DateTime, Text, bindparam, func, insert, select, true, tuple_, update
 from sqlalchemy.orm import Session
 
 from storage import failed_items, jobs
@@ -155,6 +155,55 @@ _FINISH = (
         last_error=func.coalesce(bindparam("error", type_=Text), _batches.c.last_error),
     )
 )
+
+
+_KEY = tuple_(_batches.c.job_id, _batches.c.batch_index)
+_FINISH_MANY = (
+    update(_batches)
+    .where(_KEY.in_(bindparam("keys", expanding=True)), _batches.c.state == BatchState.SENT.value)
+    .values(state=BatchState.DONE.value, payload=None, finished_at=_NOW, updated_at=_NOW)
+    .returning(_batches.c.job_id, _batches.c.batch_index)
+)
+_CLAIM_MANY = (
+    update(_batches)
+    .where(_KEY.in_(bindparam("keys", expanding=True)), _batches.c.state == BatchState.SENT.value)
+    .values(attempts=_batches.c.attempts + 1, worker=bindparam("worker"), updated_at=_NOW)
+    .returning(_batches.c.job_id, _batches.c.batch_index)
+)
+_TOTALS = select(_jobs.c.id, _jobs.c.total_items).where(
+    _jobs.c.id.in_(bindparam("jobs", expanding=True)), _jobs.c.sealed.is_(true())
+)
+
+BatchKey = tuple[str, int]
+"""A batch: its job's id and its index in the job."""
+
+
+def finish_done(session: Session, keys: Sequence[BatchKey]) -> set[BatchKey]:
+    """End many pending batches as done in one statement; returns those this call ended."""
+    if not keys:
+        return set()
+    params = {"keys": list(keys), "now": datetime.now(UTC)}
+    return {(row[0], int(row[1])) for row in session.connection().execute(_FINISH_MANY, params)}
+
+
+def claim_many(
+    session: Session, keys: Sequence[BatchKey], worker: str
+) -> tuple[set[BatchKey], dict[str, int]]:
+    """``claim`` for many batches in two statements: the batches this call claimed (the others
+    had ended, or have no ledger row), and the item count of each of their sealed jobs."""
+    if not keys:
+        return set(), {}
+    commit_without_flush(session)
+    connection = session.connection()
+    params = {"keys": list(keys), "worker": worker, "now": datetime.now(UTC)}
+    claimed = {(row[0], int(row[1])) for row in connection.execute(_CLAIM_MANY, params)}
+    jobs_of = sorted({job for job, _ in claimed})
+    totals = (
+        {str(row[0]): int(row[1]) for row in connection.execute(_TOTALS, {"jobs": jobs_of})}
+        if jobs_of
+        else {}
+    )
+    return claimed, totals
 
 
 def finish(

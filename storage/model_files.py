@@ -52,6 +52,40 @@ def record_model_file(session: Session, job_id: str, sha256: str) -> str | None:
     return str(first)
 
 
+_FILES = select(_jobs.c.id, _jobs.c.model_sha256).where(
+    _jobs.c.id.in_(bindparam("jobs", expanding=True))
+)
+_SET_FIRSTS = (
+    update(_jobs)
+    .where(_jobs.c.id.in_(bindparam("jobs", expanding=True)), _jobs.c.model_sha256.is_(None))
+    .values(model_sha256=bindparam("sha"))
+)
+
+
+def record_model_files(session: Session, files: dict[str, str]) -> dict[str, str]:
+    """``record_model_file`` for many jobs (``files``: job id -> the file that embedded its
+    batch): one read of their files and one write per file for the jobs that have none yet.
+    Returns, by job, the first file of each job whose file differs (the caller warns); only
+    those take ``record_model_file``'s slower path."""
+    if not files:
+        return {}
+    connection = session.connection()
+    found = {str(job): sha for job, sha in connection.execute(_FILES, {"jobs": list(files)})}
+    unset: dict[str, list[str]] = {}
+    for job, sha in files.items():
+        if job in found and found[job] is None:
+            unset.setdefault(sha, []).append(job)
+    for sha, jobs in unset.items():
+        connection.execute(_SET_FIRSTS, {"jobs": jobs, "sha": sha})
+    others = {}
+    for job, sha in files.items():
+        if found.get(job) not in (None, sha):
+            first = record_model_file(session, job, sha)
+            if first is not None:
+                others[job] = first
+    return others
+
+
 def model_files(job: Job) -> list[str]:
     """The sha256 of every model file that embedded batches of ``job``, the first first."""
     first = [job.model_sha256] if job.model_sha256 else []

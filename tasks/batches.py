@@ -87,8 +87,22 @@ def store_encoded(
     host: str | None = None,
 ) -> Outcome:
     """Store what the engine made of one batch (``result``: its texts but those ``refused``)
-    and log it: ``embed_batch``'s second half, which the feeder (``tasks.feeder``) calls for
-    each batch of a coalesced engine call. ``started`` is when the batch left the queue."""
+    and log it: ``embed_batch``'s second half. ``started`` is when the batch left the queue."""
+    finished = finished_batch(message, result, refused, provider, started, model_sha256, host)
+    stored = batch_results.store_finished(session, finished)
+    return stored_outcome(message, finished, stored, provider)
+
+
+def finished_batch(
+    message: BatchMessage,
+    result: Encoding,
+    refused: dict[str, str],
+    provider: str,
+    started: float,
+    model_sha256: str | None = None,
+    host: str | None = None,
+) -> batch_results.FinishedBatch:
+    """What the store is handed for one batch the engine ran (see ``store_encoded``)."""
     kept = [i for i in range(len(message.texts)) if message.item_ids[i] not in refused]
     stats = result.stats
     dim = int(result.vectors.shape[1])
@@ -107,7 +121,6 @@ def store_encoded(
             kept, result.vectors, result.token_counts, result.truncated, strict=True
         )
     ]
-    wait_ms = max(0.0, (started - message.enqueued_at) * 1000)
     timing = {
         "host": host or lifecycle.machine_host(),  # host_name, plus the container's own name
         "pid": os.getpid(),
@@ -116,12 +129,12 @@ def store_encoded(
         "texts": stats.texts,
         "tokens": stats.tokens,
         "padded_tokens": stats.padded_tokens,
-        "queue_wait_ms": wait_ms,
+        "queue_wait_ms": max(0.0, (started - message.enqueued_at) * 1000),
         "tokenize_ms": stats.tokenize_ms,
         "inference_ms": stats.inference_ms,
         "pool_ms": stats.pool_ms,
     }
-    finished = batch_results.FinishedBatch(
+    return batch_results.FinishedBatch(
         job_id=message.job_id,
         index=message.batch_index,
         model=message.model,
@@ -130,21 +143,33 @@ def store_encoded(
         timing=timing,
         compute_ms=stats.total_ms,
         refused=refused,
+        stats=stats,
     )
-    stored = batch_results.store_finished(session, finished)
+
+
+def stored_outcome(
+    message: BatchMessage,
+    finished: batch_results.FinishedBatch,
+    stored: batch_results.StoredBatch,
+    provider: str,
+) -> Outcome:
+    """Log and count a stored batch, and say how its delivery ended."""
+    stats = finished.stats
     if stored.other_model_file is not None:
         logger.warning(
             "batch made by another model file: job=%s batch=%d file=%s job's file=%s",
             message.job_id,
             message.batch_index,
-            model_sha256,
+            finished.model_sha256,
             stored.other_model_file,
             extra={"job": message.job_id, "batch": message.batch_index},
         )
     if stored.failed:
         metrics.observe_failure(message.model, FailureKind.INPUT, stored.failed)
     total_ms = stats.total_ms + stored.write_ms
-    metrics.observe_batch(message.model, provider, stats, stored.write_ms, wait_ms)
+    metrics.observe_batch(
+        message.model, provider, stats, stored.write_ms, finished.timing["queue_wait_ms"]
+    )
     logger.info(
         "batch done: job=%s batch=%d texts=%d tokens=%d padded=%d ms=%.1f provider=%s",
         message.job_id,
@@ -174,7 +199,7 @@ def store_encoded(
         tokens=stats.tokens,
         ms=round(total_ms, 1),
         provider=provider,
-        reason=next(iter(refused.values()), None),
+        reason=next(iter(finished.refused.values()), None),
     )
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from storage import ledger
+from storage import batch_results, ledger
 from storage.session import scope
 from tasks import batches
 from tasks.message import BatchMessage
@@ -141,17 +141,19 @@ class Feeder:
             self._writes.put(_Group(claimed, parts, engine.provider, engine.model_sha256))
 
     def _claim(self, group: list[_Batch]) -> list[_Batch]:
-        """Claim the batches in one transaction; those the claim does not give go back."""
+        """Claim the batches in one transaction (two statements); those the claim does not
+        give (ended, unknown to the ledger, a second copy of one in the group, positions
+        outside their job) go back to their threads."""
+        keys = [(batch.message.job_id, batch.message.batch_index) for batch in group]
+        with scope(self.runtime.sessions) as session:
+            taken, totals = ledger.claim_many(session, sorted(set(keys)), self.runtime.worker)
         claimed: list[_Batch] = []
         back: list[_Batch] = []
-        with scope(self.runtime.sessions) as session:
-            for batch in group:
-                message = batch.message
-                claim = ledger.claim(
-                    session, message.job_id, message.batch_index, self.runtime.worker
-                )
-                fits = claim.job_total is None or max(message.positions) < claim.job_total
-                (claimed if claim.claimed and fits else back).append(batch)
+        for batch, key in zip(group, keys, strict=True):
+            total = totals.get(key[0])
+            fits = total is None or max(batch.message.positions) < total
+            (claimed if key in taken and fits else back).append(batch)
+            taken.discard(key)  # a second copy of the batch in this group goes back
         _hand_back(back)
         return claimed
 
@@ -165,20 +167,24 @@ class Feeder:
                 from worker import lifecycle
 
                 host = host or lifecycle.machine_host(self.runtime.settings)
+                finished = [
+                    batches.finished_batch(
+                        batch.message,
+                        encoding,
+                        {},
+                        group.provider,
+                        batch.received,
+                        group.model_sha256,
+                        host,
+                    )
+                    for batch, encoding in zip(group.batches, group.encodings, strict=True)
+                ]
                 with scope(self.runtime.sessions) as session:
-                    outcomes = [
-                        batches.store_encoded(
-                            session,
-                            batch.message,
-                            encoding,
-                            {},
-                            provider=group.provider,
-                            started=batch.received,
-                            model_sha256=group.model_sha256,
-                            host=host,
-                        )
-                        for batch, encoding in zip(group.batches, group.encodings, strict=True)
-                    ]
+                    stored = batch_results.store_group(session, finished)
+                outcomes = [
+                    batches.stored_outcome(batch.message, done, result, group.provider)
+                    for batch, done, result in zip(group.batches, finished, stored, strict=True)
+                ]
             except Exception:  # nothing of the group was committed: each batch runs alone
                 logger.warning(
                     "the feeder could not store %d batches together; each runs alone",

@@ -1,0 +1,60 @@
+"""A group of batches stored by one call (``storage.batch_results.store_group``, the feeder's
+write) on each store: every batch ends on its own, a job's state settles with its last batch,
+a batch already ended writes nothing, and the bulk write is the store's own (COPY on
+PostgreSQL)."""
+
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+
+from storage import batch_results, batch_stats, embeddings, ledger
+from storage.models import BatchStat
+from storage.session import dispose_all, scope, sessions_for
+from tasks import batches, producer
+from tests.fakes import FakeEngine, RecordingPublisher
+from worker.settings import Settings
+
+
+def test_a_group_of_batches_of_several_jobs_is_stored_in_one_call(database_url: str) -> None:
+    settings = Settings(database_url=database_url, default_model="fake", job_batch_size=2)
+    sent = RecordingPublisher()
+    singles = [
+        producer.submit([f"one text {i}"], settings=settings, publisher=sent) for i in range(3)
+    ]
+    multi = producer.submit(["a b", "c d", "e f"], settings=settings, publisher=sent)
+    messages = sent.sent  # 3 one-text batches, then the job of two batches
+    engine = FakeEngine(dim=16)
+    now = time.time()
+    finished = [
+        batches.finished_batch(m, engine.encode(m.texts), {}, "FakeProvider", now, "ab" * 32, "h")
+        for m in messages
+    ]
+    sessions = sessions_for(database_url)
+    with scope(sessions) as session:
+        claimed, totals = ledger.claim_many(
+            session, [(m.job_id, m.batch_index) for m in messages], "h:1"
+        )
+    assert len(claimed) == 5 and totals[multi.id] == 3
+    with scope(sessions) as session:
+        stored = batch_results.store_group(session, finished[:4])  # the multi job's first batch
+    assert [s.stored for s in stored] == [1, 1, 1, 2]
+    assert [s.status is not None for s in stored] == [True, True, True, False]
+    with scope(sessions) as session:
+        again = batch_results.store_group(session, finished[3:])  # a redelivery and the last
+    assert [(s.stored, s.status is not None) for s in again] == [(0, False), (1, True)]
+    for handle, texts in zip(
+        [*singles, multi],
+        [[f"one text {i}"] for i in range(3)] + [["a b", "c d", "e f"]],
+        strict=True,
+    ):
+        status = handle.status()
+        assert (status["state"], status["done"]) == ("succeeded", len(texts))
+        _, vectors = handle.embeddings()
+        np.testing.assert_array_equal(vectors, engine.encode(texts).vectors)
+    with scope(sessions) as session:
+        assert session.query(BatchStat).count() == 5
+        assert embeddings.count_embeddings(session, multi.id) == 3
+        busy = batch_stats.engine_busy(session, datetime.now(UTC))
+        assert [(b.host, b.batches) for b in busy] == [("h", 5)]
+    dispose_all()
