@@ -187,7 +187,7 @@ def submit(
     url = settings.database_url
     if settings.local_mode:
         ensure_schema(url)  # local mode: a laptop needs no separate `embedq db upgrade`
-    batches = plan_batches(clean, item_ids, settings.job_batch_size)
+    batches = plan_batches(clean, item_ids, settings.batch_size_for(queue))
     with scope(sessions_for(url)) as session:
         # A synchronous commit (it waits for PostgreSQL's WAL flush, about 3 ms here): once
         # submit returns, the job is on disk, so a database crash cannot forget a job its

@@ -23,7 +23,8 @@ class BackfillError(EmbedqError):
 @dataclass(frozen=True)
 class Options:
     """What one run of a backfill does. A limit left ``None`` is the setting's:
-    ``EMBEDQ_JOB_BATCH_SIZE``, ``EMBEDQ_BACKFILL_MAX_IN_FLIGHT``, ``EMBEDQ_STUCK_AFTER``."""
+    ``EMBEDQ_BULK_BATCH_SIZE`` (else ``EMBEDQ_JOB_BATCH_SIZE``), ``EMBEDQ_BACKFILL_MAX_IN_FLIGHT``,
+    ``EMBEDQ_STUCK_AFTER``."""
 
     name: str
     model: str
@@ -47,7 +48,7 @@ class Limits:
     @classmethod
     def of(cls, options: Options, settings: Settings) -> Limits:
         return cls(
-            batch_size=_given_or(options.batch_size, settings.job_batch_size),
+            batch_size=_given_or(options.batch_size, settings.batch_size_for("bulk")),
             batch_chars=options.batch_chars,
             max_in_flight=_given_or(options.max_in_flight, settings.backfill_max_in_flight),
             stuck_after=_given_or(options.stuck_after, settings.stuck_after),

@@ -67,6 +67,23 @@ def test_a_job_is_split_into_batches_of_similar_length_that_carry_the_input_orde
     producer.dispose()
 
 
+def test_bulk_jobs_are_cut_at_the_bulk_batch_size_and_interactive_ones_are_not(
+    sqlite_url: str,
+) -> None:
+    settings = Settings(
+        database_url=sqlite_url, broker_url=NEVER_REACHED, job_batch_size=2, bulk_batch_size=5
+    )
+    publisher = RecordingPublisher()
+    texts = [f"text {i}" for i in range(10)]
+    producer.submit(texts, model="m", settings=settings, publisher=publisher)
+    producer.submit(texts, model="m", queue="bulk", settings=settings, publisher=publisher)
+    sizes = [len(m.texts) for m in publisher.sent]
+    assert sizes == [2, 2, 2, 2, 2, 5, 5]
+    assert publisher.queues == [names.Queue.INTERACTIVE] * 5 + [names.Queue.BULK] * 2
+    assert Settings(job_batch_size=7).batch_size_for("bulk") == 7  # unset: the job size
+    producer.dispose()
+
+
 class Unreachable:
     """A broker that cannot be reached."""
 
