@@ -28,15 +28,20 @@ def worker(
     loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
 ) -> None:
     """Start a Celery worker with embedq's defaults, printed first: prefork, one process per
-    GPU (each bound to its device) or EMBEDQ_PROCESSES x intra-op threads fitted to the cores.
-    A GPU worker first checks that each device really runs the default model on the GPU."""
+    GPU (each bound to its device) or EMBEDQ_PROCESSES x intra-op threads fitted to the cores;
+    with one GPU (or EMBEDQ_IN_FLIGHT > 1), one process whose threads feed its engine. A GPU
+    worker first checks that each device really runs the default model on the GPU."""
     settings, processes = supervisor.sized(concurrency)
     present.table(
         {
             "broker": redacted(settings.celery_broker()),
             "database": redacted(settings.database_url),
             "queues": f"{queues} + {settings.download_queue()}",
-            "pool": f"prefork x {processes}",
+            "pool": (
+                f"threads x {settings.batches_in_flight()} feeding one engine (EMBEDQ_IN_FLIGHT)"
+                if settings.batches_in_flight() > 1
+                else f"prefork x {processes}"
+            ),
             "gpu devices": ",".join(map(str, settings.gpu_devices)) or "none (CPU worker)",
             "providers": ",".join(settings.providers) or "auto (CUDA when listed, else CPU)",
             "provider fallback": settings.fallback_policy(),

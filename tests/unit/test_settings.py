@@ -60,3 +60,21 @@ def test_json_logs_carry_the_batch_fields() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "batch done: j1" and line["level"] == "INFO"
     assert (line["job"], line["texts"], line["provider"]) == ("j1", 128, "CPUExecutionProvider")
+
+
+def test_a_worker_with_one_gpu_feeds_it_from_threads_and_others_run_prefork() -> None:
+    from worker.app import config
+
+    one_gpu, two_gpus, cpu = (
+        Settings(gpu_devices=[0]),
+        Settings(gpu_devices=[0, 1]),
+        Settings(),
+    )
+    assert [s.batches_in_flight() for s in (one_gpu, two_gpus, cpu)] == [16, 1, 1]
+    assert Settings(in_flight=4).batches_in_flight() == 4
+    assert (config(one_gpu)["worker_pool"], config(one_gpu)["worker_concurrency"]) == (
+        "threads",
+        16,
+    )
+    assert "worker_pool" not in config(cpu) and "worker_pool" not in config(two_gpus)
+    assert config(cpu)["task_acks_late"] and config(one_gpu)["task_acks_late"]
