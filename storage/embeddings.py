@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Row, bindparam, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage import dialect
@@ -76,12 +77,17 @@ def insert_embeddings(session: Session, rows: Sequence[Sequence[Any]]) -> int:
         return 0
     connection = session.connection()
     if connection.dialect.name == "postgresql":
+        from psycopg.errors import UniqueViolation
+
         driver = connection.connection.driver_connection  # psycopg 3, in the session's transaction
         assert driver is not None
-        with driver.cursor() as cursor, cursor.copy(_COPY) as copy:
-            copy.set_types(list(_COPY_TYPES))
-            for row in rows:
-                copy.write_row(row)
+        try:
+            with driver.cursor() as cursor, cursor.copy(_COPY) as copy:
+                copy.set_types(list(_COPY_TYPES))
+                for row in rows:
+                    copy.write_row(row)
+        except UniqueViolation as exc:  # raised by the driver, past SQLAlchemy: say it as it would
+            raise IntegrityError(_COPY, None, exc) from exc
     else:
         connection.exec_driver_sql(_INSERT, list(rows))
     return len(rows)

@@ -95,6 +95,9 @@ def _sqlite_pragmas(connection: Any, _record: Any, busy_ms: int) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # Checkpoint the WAL every 64 MB rather than every 4 MB: a batch of 128 vectors writes about
+    # 50 pages, and a checkpoint every 20 batches doubled the write stage's commit time.
+    cursor.execute("PRAGMA wal_autocheckpoint=16384")
     cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

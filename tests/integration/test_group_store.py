@@ -58,3 +58,27 @@ def test_a_group_of_batches_of_several_jobs_is_stored_in_one_call(database_url: 
         busy = batch_stats.engine_busy(session, datetime.now(UTC))
         assert [(b.host, b.batches) for b in busy] == [("h", 5)]
     dispose_all()
+
+
+def test_a_bulk_write_that_meets_a_stored_item_falls_back_to_the_upsert(database_url: str) -> None:
+    """Two batches of one job that name one item (an application's messages can): the second
+    batch's COPY (or executemany) meets the stored row, and its savepoint sends it to the
+    upsert, which stores the rest."""
+    settings = Settings(database_url=database_url, default_model="fake", job_batch_size=40)
+    sent = RecordingPublisher()
+    texts = [f"text {i}" for i in range(80)]
+    job = producer.submit(texts, settings=settings, publisher=sent)
+    first, second = sent.sent
+    clash = second.model_copy(update={"item_ids": [first.item_ids[0], *second.item_ids[1:]]})
+    engine = FakeEngine(dim=16)
+    sessions = sessions_for(database_url)
+    stored = []
+    for message in (first, clash):
+        done = batches.finished_batch(message, engine.encode(message.texts), {}, "F", 0.0)
+        assert len(done.rows) >= batch_results.BULK_FROM
+        with scope(sessions) as session:
+            stored.append(batch_results.store_finished(session, done).stored)
+    assert stored == [40, 39]
+    with scope(sessions) as session:
+        assert embeddings.count_embeddings(session, job.id) == 79
+    dispose_all()
