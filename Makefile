@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= all-MiniLM-L6-v2
 
-.PHONY: setup run test test-unit test-quick coverage lint fleet-check bench bench-pipeline bench-backfill bench-ledger bench-layout bench-openvino bench-api clean
+.PHONY: setup run test test-unit test-quick coverage lint fleet-check bench bench-pipeline bench-backfill bench-ledger bench-layout bench-openvino bench-api bench-ceiling bench-gpu clean
 
 $(BIN)/embedq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,15 @@ bench-openvino: setup
 # Needs Redis on 127.0.0.1:6379 (database 10 is flushed); starts its own worker and `embedq serve`.
 bench-api: setup
 	$(BIN)/python bench/api.py
+
+# The pipeline with an engine that costs nothing, stage by stage, against the commit before the
+# bulk writes and the feeder (bench/README.md, "The pipeline's ceiling").
+bench-ceiling: setup
+	$(BIN)/python bench/ceiling.py --before-ref 5428c47 --batch 1024 --one-text-jobs 0
+
+# The GPU check: says there is no GPU and exits 0 on a machine without one.
+bench-gpu: setup
+	$(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf $(VENV) vectors.npy .pytest_cache .mypy_cache .ruff_cache
