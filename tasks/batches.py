@@ -13,9 +13,7 @@ What a run needs from its process comes in a ``tasks.runtime.Runtime``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
 
 from pydantic import ValidationError
@@ -24,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import batch_results, jobs, ledger
 from storage.models import FailureKind
 from storage.session import scope
-from tasks import completion, preparation
+from tasks import outcomes, preparation
 from tasks.message import BatchMessage
 from tasks.outcomes import Delivery, Outcome
 from tasks.runtime import Runtime
@@ -88,119 +86,11 @@ def store_encoded(
 ) -> Outcome:
     """Store what the engine made of one batch (``result``: its texts but those ``refused``)
     and log it: ``embed_batch``'s second half. ``started`` is when the batch left the queue."""
-    finished = finished_batch(message, result, refused, provider, started, model_sha256, host)
+    finished = outcomes.finished_batch(
+        message, result, refused, provider, started, model_sha256, host
+    )
     stored = batch_results.store_finished(session, finished)
-    return stored_outcome(message, finished, stored, provider)
-
-
-def finished_batch(
-    message: BatchMessage,
-    result: Encoding,
-    refused: dict[str, str],
-    provider: str,
-    started: float,
-    model_sha256: str | None = None,
-    host: str | None = None,
-) -> batch_results.FinishedBatch:
-    """What the store is handed for one batch the engine ran (see ``store_encoded``)."""
-    kept = [i for i in range(len(message.texts)) if message.item_ids[i] not in refused]
-    stats = result.stats
-    dim = int(result.vectors.shape[1])
-    rows = [  # in embeddings.COLUMNS order
-        (
-            message.job_id,
-            message.item_ids[i],
-            message.positions[i],
-            hashlib.sha256(message.texts[i].encode("utf-8")).hexdigest(),
-            dim,
-            vector.tobytes(),
-            tokens,
-            cut,
-        )
-        for i, vector, tokens, cut in zip(
-            kept, result.vectors, result.token_counts, result.truncated, strict=True
-        )
-    ]
-    timing = {
-        "host": host or lifecycle.machine_host(),  # host_name, plus the container's own name
-        "pid": os.getpid(),
-        "provider": provider,
-        "precision": stats.precision,
-        "texts": stats.texts,
-        "tokens": stats.tokens,
-        "padded_tokens": stats.padded_tokens,
-        "queue_wait_ms": max(0.0, (started - message.enqueued_at) * 1000),
-        "tokenize_ms": stats.tokenize_ms,
-        "inference_ms": stats.inference_ms,
-        "pool_ms": stats.pool_ms,
-    }
-    return batch_results.FinishedBatch(
-        job_id=message.job_id,
-        index=message.batch_index,
-        model=message.model,
-        model_sha256=model_sha256,
-        rows=rows,
-        timing=timing,
-        compute_ms=stats.total_ms,
-        refused=refused,
-        stats=stats,
-    )
-
-
-def stored_outcome(
-    message: BatchMessage,
-    finished: batch_results.FinishedBatch,
-    stored: batch_results.StoredBatch,
-    provider: str,
-) -> Outcome:
-    """Log and count a stored batch, and say how its delivery ended."""
-    stats = finished.stats
-    if stored.other_model_file is not None:
-        logger.warning(
-            "batch made by another model file: job=%s batch=%d file=%s job's file=%s",
-            message.job_id,
-            message.batch_index,
-            finished.model_sha256,
-            stored.other_model_file,
-            extra={"job": message.job_id, "batch": message.batch_index},
-        )
-    if stored.failed:
-        metrics.observe_failure(message.model, FailureKind.INPUT, stored.failed)
-    total_ms = stats.total_ms + stored.write_ms
-    metrics.observe_batch(
-        message.model, provider, stats, stored.write_ms, finished.timing["queue_wait_ms"]
-    )
-    logger.info(
-        "batch done: job=%s batch=%d texts=%d tokens=%d padded=%d ms=%.1f provider=%s",
-        message.job_id,
-        message.batch_index,
-        stats.texts,
-        stats.tokens,
-        stats.padded_tokens,
-        total_ms,
-        provider,
-        extra={
-            "job": message.job_id,
-            "batch": message.batch_index,
-            "texts": stats.texts,
-            "tokens": stats.tokens,
-            "padded_tokens": stats.padded_tokens,
-            "ms": round(total_ms, 1),
-            "provider": provider,
-        },
-    )
-    return Outcome(
-        message.job_id,
-        message.batch_index,
-        Delivery.DONE,
-        finished=stored.status is not None,
-        status=None if stored.status is None else completion.status_of(stored.status),
-        texts=stats.texts,
-        tokens=stats.tokens,
-        ms=round(total_ms, 1),
-        provider=provider,
-        reason=next(iter(finished.refused.values()), None),
-    )
+    return outcomes.stored_outcome(message, finished, stored, provider)
 
 
 def _encode(

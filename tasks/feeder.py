@@ -39,7 +39,7 @@ import numpy as np
 
 from storage import batch_results, ledger
 from storage.session import scope
-from tasks import batches
+from tasks import batches, outcomes
 from tasks.message import BatchMessage
 from tasks.outcomes import Outcome
 from tasks.runtime import Runtime
@@ -168,7 +168,7 @@ class Feeder:
 
                 host = host or lifecycle.machine_host(self.runtime.settings)
                 finished = [
-                    batches.finished_batch(
+                    outcomes.finished_batch(
                         batch.message,
                         encoding,
                         {},
@@ -181,8 +181,8 @@ class Feeder:
                 ]
                 with scope(self.runtime.sessions) as session:
                     stored = batch_results.store_group(session, finished)
-                outcomes = [
-                    batches.stored_outcome(batch.message, done, result, group.provider)
+                ended = [
+                    outcomes.stored_outcome(batch.message, done, result, group.provider)
                     for batch, done, result in zip(group.batches, finished, stored, strict=True)
                 ]
             except Exception:  # nothing of the group was committed: each batch runs alone
@@ -193,7 +193,7 @@ class Feeder:
                 )
                 _hand_back(group.batches)
                 continue
-            for batch, outcome in zip(group.batches, outcomes, strict=True):
+            for batch, outcome in zip(group.batches, ended, strict=True):
                 batch.done.set_result(outcome)
 
 

@@ -196,6 +196,9 @@ def test_a_worker_killed_with_three_batches_in_flight_loses_and_duplicates_nothi
         pool="threads",
         EMBEDQ_IN_FLIGHT="3",
         EMBEDQ_COALESCE_TEXTS=str(3 * BATCH_SIZE),
+        # The collector waits for all three before it claims: every group is the three batches
+        # the threads hold, claimed together and stored only after a second-long engine call.
+        EMBEDQ_COALESCE_WAIT_MS="5000",
     )
     texts = job_texts(short_texts, 8)
     started = time.monotonic()
@@ -217,6 +220,8 @@ def test_a_worker_killed_with_three_batches_in_flight_loses_and_duplicates_nothi
     first.stop()
     killed_at = job.status()
     assert not finished(killed_at), "the job finished before the kill"
+    at_death = running_batches(database_url, job.id)
+    assert at_death == held, f"the worker stored {set(held) - set(at_death)} before it died"
 
     second = start_worker("rescuer-of-three")
     status = wait_terminal(job, 180)

@@ -11,7 +11,7 @@ import numpy as np
 from storage import batch_results, batch_stats, embeddings, ledger
 from storage.models import BatchStat
 from storage.session import dispose_all, scope, sessions_for
-from tasks import batches, producer
+from tasks import outcomes, producer
 from tests.fakes import FakeEngine, RecordingPublisher
 from worker.settings import Settings
 
@@ -27,7 +27,7 @@ def test_a_group_of_batches_of_several_jobs_is_stored_in_one_call(database_url: 
     engine = FakeEngine(dim=16)
     now = time.time()
     finished = [
-        batches.finished_batch(m, engine.encode(m.texts), {}, "FakeProvider", now, "ab" * 32, "h")
+        outcomes.finished_batch(m, engine.encode(m.texts), {}, "FakeProvider", now, "ab" * 32, "h")
         for m in messages
     ]
     sessions = sessions_for(database_url)
@@ -74,7 +74,7 @@ def test_a_bulk_write_that_meets_a_stored_item_falls_back_to_the_upsert(database
     sessions = sessions_for(database_url)
     stored = []
     for message in (first, clash):
-        done = batches.finished_batch(message, engine.encode(message.texts), {}, "F", 0.0)
+        done = outcomes.finished_batch(message, engine.encode(message.texts), {}, "F", 0.0)
         assert len(done.rows) >= batch_results.BULK_FROM
         with scope(sessions) as session:
             stored.append(batch_results.store_finished(session, done).stored)
