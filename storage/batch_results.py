@@ -78,7 +78,7 @@ def store_finished(session: Session, batch: FinishedBatch) -> StoredBatch:
             return StoredBatch(0, 0, (time.perf_counter() - started) * 1000, None, None)
         inserted = _upsert(session, batch.rows)  # a batch the ledger does not know
     else:
-        inserted = _insert(session, batch.rows)
+        (inserted,) = _insert(session, [batch.rows])
     other = None
     if batch.model_sha256 is not None and inserted:  # the vectors this delivery wrote
         other = model_files.record_model_file(session, batch.job_id, batch.model_sha256)
@@ -129,16 +129,7 @@ def store_group(session: Session, group: Sequence[FinishedBatch]) -> list[Stored
         if (batch.job_id, batch.index) not in ended
         and ledger.batch_state(session, batch.job_id, batch.index) is None
     }
-    rows = [row for batch in own for row in batch.rows]
-    if len(rows) < BULK_FROM:
-        inserted = {id(batch): _upsert(session, batch.rows) for batch in own}
-    else:
-        try:
-            with session.begin_nested():
-                embeddings.insert_embeddings(session, rows)
-            inserted = {id(batch): len(batch.rows) for batch in own}
-        except IntegrityError:  # an item stored anyway: each batch by the upsert
-            inserted = {id(batch): _upsert(session, batch.rows) for batch in own}
+    inserted = dict(zip(map(id, own), _insert(session, [b.rows for b in own]), strict=True))
     files = {b.job_id: b.model_sha256 for b in own if b.model_sha256 and inserted[id(b)]}
     others = model_files.record_model_files(session, files)
     texts = sum(len(batch.rows) for batch in own) or 1
@@ -184,15 +175,19 @@ the upsert, one statement with no savepoint around it, which costs less than set
 (measured: one-text jobs ran 12% slower by COPY)."""
 
 
-def _insert(session: Session, rows: Sequence[Sequence[Any]]) -> int:
-    """The bulk write, under a savepoint: an item already stored sends it to the upsert."""
-    if len(rows) < BULK_FROM:
-        return _upsert(session, rows)
-    try:
-        with session.begin_nested():
-            return embeddings.insert_embeddings(session, rows)
-    except IntegrityError:
-        return _upsert(session, rows)
+def _insert(session: Session, batches: Sequence[Sequence[Sequence[Any]]]) -> list[int]:
+    """The rows of ``batches`` (ended by this transaction) in one bulk write under a savepoint;
+    an item already stored there sends each batch to the upsert, as does a write too small to
+    pay for a COPY. Returns the rows each batch inserted."""
+    rows = [row for batch in batches for row in batch]
+    if len(rows) >= BULK_FROM:
+        try:
+            with session.begin_nested():
+                embeddings.insert_embeddings(session, rows)
+            return [len(batch) for batch in batches]
+        except IntegrityError:
+            pass
+    return [_upsert(session, batch) for batch in batches]
 
 
 def _upsert(session: Session, rows: Sequence[Sequence[Any]]) -> int:

@@ -48,10 +48,9 @@ _COUNT = (
         ),
     )
 )
-_SETTLE = (
+_SETTLING = (
     update(_jobs)
     .where(
-        _jobs.c.id == bindparam("job"),
         _jobs.c.done_items + _jobs.c.failed_items >= _jobs.c.total_items,
         _jobs.c.finished_at.is_(None),
         _jobs.c.sealed.is_(true()),
@@ -66,6 +65,9 @@ _SETTLE = (
     )
     .returning(*_STATUS.selected_columns)
 )
+"""A job whose items have all ended gets its final state, once; of one job, or of many."""
+_SETTLE = _SETTLING.where(_jobs.c.id == bindparam("job"))
+_SETTLE_MANY = _SETTLING.where(_jobs.c.id.in_(bindparam("jobs", expanding=True)))
 
 
 def create_job(session: Session, job: Job) -> Job:
@@ -132,26 +134,6 @@ def settle_progress(
     }
     connection.execute(_COUNT, params)
     return connection.execute(_SETTLE, {"job": job_id, "now": now}).first()
-
-
-_SETTLE_MANY = (
-    update(_jobs)
-    .where(
-        _jobs.c.id.in_(bindparam("jobs", expanding=True)),
-        _jobs.c.done_items + _jobs.c.failed_items >= _jobs.c.total_items,
-        _jobs.c.finished_at.is_(None),
-        _jobs.c.sealed.is_(true()),
-    )
-    .values(
-        finished_at=bindparam("now", type_=DateTime(timezone=True)),
-        state=case(
-            (_jobs.c.failed_items == 0, JobState.SUCCEEDED.value),
-            (_jobs.c.done_items == 0, JobState.FAILED.value),
-            else_=JobState.PARTIALLY_FAILED.value,
-        ),
-    )
-    .returning(*_STATUS.selected_columns)
-)
 
 
 def settle_many(session: Session, done: dict[str, int]) -> dict[str, Row[*tuple[Any, ...]]]:

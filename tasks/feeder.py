@@ -43,6 +43,7 @@ from tasks import batches, outcomes
 from tasks.message import BatchMessage
 from tasks.outcomes import Outcome
 from tasks.runtime import Runtime
+from worker import lifecycle
 from worker.engine import Encoding
 
 logger = logging.getLogger(__name__)
@@ -160,13 +161,10 @@ class Feeder:
     # --- stage 2: write ---------------------------------------------------------------------
 
     def _write(self) -> None:
-        host = None
+        host = lifecycle.machine_host(self.runtime.settings)
         while True:
             group = self._writes.get()
             try:
-                from worker import lifecycle
-
-                host = host or lifecycle.machine_host(self.runtime.settings)
                 finished = [
                     outcomes.finished_batch(
                         batch.message,
