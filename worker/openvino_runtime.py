@@ -73,6 +73,10 @@ class OpenVinoSession:
         """Compile ``path`` for this CPU asking for ``precision``; the session's ``precision``
         is what the plugin really took (a bf16 request on a CPU without bf16 gives fp32, which
         the caller judges by its fallback policy)."""
+        if precision is Precision.BF16 and hardware.bf16_missing() is not None:
+            # The plugin accepts bf16 on any AVX-512 CPU and emulates it there, slower than
+            # fp32 and no more exact: bf16 only where the CPU computes it.
+            precision = Precision.FP32
         try:
             core = ov.Core()
             compiled = core.compile_model(
