@@ -71,9 +71,14 @@ _SETTLE_MANY = _SETTLING.where(_jobs.c.id.in_(bindparam("jobs", expanding=True))
 
 
 def create_job(session: Session, job: Job) -> Job:
-    session.add(job)
-    session.flush()  # its batches refer to it
+    create_jobs(session, [job])
     return job
+
+
+def create_jobs(session: Session, new: Sequence[Job]) -> None:
+    """Add jobs in one round trip (SQLAlchemy batches the inserts)."""
+    session.add_all(new)
+    session.flush()  # their batches refer to them
 
 
 def get_job(session: Session, job_id: str) -> Job | None:

@@ -65,6 +65,11 @@ def kept(batch: Batch) -> NewBatch | None:
 
 def add_batches(session: Session, job_id: str, batches: Sequence[NewBatch]) -> None:
     """Record a job's batches as sent, with what a re-publish needs."""
+    add_batches_of(session, [(job_id, batch) for batch in batches])
+
+
+def add_batches_of(session: Session, batches: Sequence[tuple[str, NewBatch]]) -> None:
+    """Record batches of several jobs (job id, batch) as sent, in one statement."""
     if not batches:
         return
     now = datetime.now(UTC)
@@ -81,7 +86,7 @@ def add_batches(session: Session, job_id: str, batches: Sequence[NewBatch]) -> N
             "sent_at": now,
             "updated_at": now,
         }
-        for batch in batches
+        for job_id, batch in batches
     ]
     session.connection().execute(insert(_batches), rows)
 
