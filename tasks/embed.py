@@ -1,4 +1,5 @@
-"""The ``embed`` task: one queue message is one batch of one job.
+"""The ``embed`` task: one queue message is one batch of one job (and ``embed_many``: the
+batches of one-batch jobs a producer gathered into one message, each ending on its own).
 
 The task is a thin shell over ``tasks.batches.run_message``, which parses the message, claims
 the batch in the ledger, embeds it and stores what it made in one transaction; the (job, item)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -51,28 +53,63 @@ class EmbedTask(Task):  # type: ignore[misc]
 def embed(self: Any, raw: dict[str, Any]) -> dict[str, Any]:
     """Embed one batch of a job (see ``tasks.message.BatchMessage``) and store the vectors."""
     runtime = Runtime.of(get_settings())
-    try:
+
+    def run() -> Outcome:
         if runtime.settings.batches_in_flight() > 1:  # the threads pool: through the feeder
-            outcome = feeder.run_message(raw, runtime)
-        else:
-            outcome = batches.run_message(raw, runtime, on_progress=_progress_events(self))
+            return feeder.run_message(raw, runtime)
+        return batches.run_message(raw, runtime, on_progress=_progress_events(self))
+
+    return ended(self, raw, runtime, run, sent_as=self.request.id).summary()
+
+
+@app.task(name=names.EMBED_MANY, base=EmbedTask, bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
+def embed_many(self: Any, raws: list[dict[str, Any]]) -> dict[str, Any]:
+    """Embed the batches a producer gathered into one message (``tasks.gathering``): together
+    through the feeder on the threads pool, one after the other on prefork; each ends as its
+    own ``embed`` message would, and one sent again goes alone under its own task id."""
+    runtime = Runtime.of(get_settings())
+    bodies: list[Any] = raws if isinstance(raws, list) else [raws]
+    if runtime.settings.batches_in_flight() > 1:
+        results = feeder.run_messages(bodies, runtime)
+    else:
+        results = [feeder.RUN_ALONE] * len(bodies)
+    summaries = []
+    for raw, result in zip(bodies, results, strict=True):
+
+        def run(raw: Any = raw, result: Outcome | None = result) -> Outcome:
+            return batches.run_message(raw, runtime) if result is None else result
+
+        summaries.append(ended(self, raw, runtime, run, sent_as=None).summary())
+    return {"batches": summaries}
+
+
+def ended(
+    task: Any, raw: Any, runtime: Runtime, run: Callable[[], Outcome], sent_as: str | None
+) -> Outcome:
+    """``run`` one batch's message, and record how it ended: its job's clients woken when it
+    finished the job; sent again while its model is prepared; ``after_error`` for the rest."""
+    try:
+        outcome = run()
     except ModelPendingError as pending:
-        # Sent again under the same task id with a countdown; this message is acknowledged
-        # when the task returns, so the batch always has a message. The lost-worker retries
-        # are carried over unspent.
+        # Sent again with a countdown; this message is acknowledged when the task returns, so
+        # the batch always has a message. The lost-worker retries are carried over unspent.
         since = raw.get("model_wait_since") or time.time()
         wait = runtime.settings.model_wait_interval
-        _send_again(self, {**raw, "model_wait_since": since}, wait)
+        _send_again(task, {**raw, "model_wait_since": since}, wait, sent_as)
         _note(runtime.sessions, raw, str(pending))  # alive, not overdue
-        return {"job_id": raw.get("job_id"), "waiting_for_model": pending.name}
+        return Outcome(
+            raw.get("job_id"), raw.get("batch_index"), Delivery.WAITING, reason=pending.name
+        )
     except Exception as exc:  # every other way out is recorded: see the module's docstring
-        return after_error(self, raw, exc, runtime).summary()
+        return after_error(task, raw, exc, runtime, sent_as)
     if outcome.finished:  # committed: wake whoever waits for this job
         completion.signal(runtime.settings.celery_broker(), str(outcome.job_id), outcome.status)
-    return outcome.summary()
+    return outcome
 
 
-def after_error(task: Any, raw: dict[str, Any], exc: Exception, runtime: Runtime) -> Outcome:
+def after_error(
+    task: Any, raw: dict[str, Any], exc: Exception, runtime: Runtime, sent_as: str | None
+) -> Outcome:
     """Send the batch again after a transient error (bounded, with backoff), or fail it with
     the reason and its kind; what cannot be recorded is left pending for the reconciler."""
     settings = runtime.settings
@@ -86,7 +123,7 @@ def after_error(task: Any, raw: dict[str, Any], exc: Exception, runtime: Runtime
     if transient and tries < settings.transient_retries:
         countdown = failures.backoff(tries, settings)
         try:
-            _send_again(task, {**raw, "tries": tries + 1}, countdown)
+            _send_again(task, {**raw, "tries": tries + 1}, countdown, sent_as)
         except Exception as send_exc:  # the broker is gone too
             note = f"{reason}; could not be sent again ({failures.describe(send_exc)})"
             logger.warning("batch %s/%s: %s: left for the reconciler", job_id, index, note)
@@ -115,8 +152,9 @@ def after_error(task: Any, raw: dict[str, Any], exc: Exception, runtime: Runtime
         return Outcome(job_id, index, Delivery.RETRYING, reason=final)
 
 
-def _send_again(task: Any, raw: dict[str, Any], countdown: float) -> None:
-    """This message again, under the task id it came with, to the queue it came from."""
+def _send_again(task: Any, raw: dict[str, Any], countdown: float, sent_as: str | None) -> None:
+    """This batch's message again, to the queue it came from, under ``sent_as`` (the task id it
+    came with) or, for a batch that came with others, its own."""
     delivery = task.request.delivery_info or {}
     publishing.send(
         task.app,
@@ -124,7 +162,7 @@ def _send_again(task: Any, raw: dict[str, Any], countdown: float) -> None:
         delivery.get("routing_key") or names.Queue.INTERACTIVE,
         countdown=countdown,
         retries=task.request.retries,
-        sent_as=task.request.id,
+        sent_as=sent_as,
     )
 
 

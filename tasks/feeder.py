@@ -84,12 +84,14 @@ class Feeder:
         for name, loop in (("collector", self._collect), ("writer", self._write)):
             threading.Thread(target=loop, name=f"embedq-feeder-{name}", daemon=True).start()
 
-    def run(self, message: BatchMessage) -> Outcome | None:
-        """Run ``message``'s batch with the others waiting; its outcome once stored, or
-        ``RUN_ALONE`` when the caller must run it by itself."""
-        batch = _Batch(message, time.time())
-        self._inbox.put(batch)
-        return batch.done.result()
+    def run(self, messages: list[BatchMessage]) -> list[Outcome | None]:
+        """Run the messages' batches with the others waiting; each one's outcome once stored,
+        or ``RUN_ALONE`` when the caller must run it by itself."""
+        now = time.time()
+        taken = [_Batch(message, now) for message in messages]
+        for batch in taken:
+            self._inbox.put(batch)
+        return [batch.done.result() for batch in taken]
 
     # --- stage 1: collect, claim, run ------------------------------------------------------
 
@@ -240,12 +242,24 @@ _lock = threading.Lock()
 def run_message(raw: object, runtime: Runtime) -> Outcome:
     """``tasks.batches.run_message`` through this process's feeder: a message that parses runs
     with the others waiting, anything else (and whatever the feeder hands back) alone."""
-    try:
-        message = BatchMessage.model_validate(raw)
-    except Exception:
-        return batches.run_message(raw, runtime)
-    outcome = feeder_for(runtime).run(message)
+    outcome = run_messages([raw], runtime)[0]
     return batches.run_message(raw, runtime) if outcome is RUN_ALONE else outcome
+
+
+def run_messages(raws: list[object], runtime: Runtime) -> list[Outcome | None]:
+    """Several messages through this process's feeder at once: each one's outcome, or
+    ``RUN_ALONE`` for one that does not parse or that the feeder hands back."""
+    parsed: dict[int, BatchMessage] = {}
+    for i, raw in enumerate(raws):
+        try:
+            parsed[i] = BatchMessage.model_validate(raw)
+        except Exception:  # run alone, where its failure is recorded with its reason
+            continue
+    ran = feeder_for(runtime).run(list(parsed.values())) if parsed else []
+    outcomes: list[Outcome | None] = [RUN_ALONE] * len(raws)
+    for i, outcome in zip(parsed, ran, strict=True):
+        outcomes[i] = outcome
+    return outcomes
 
 
 def feeder_for(runtime: Runtime) -> Feeder:

@@ -6,6 +6,11 @@ from __future__ import annotations
 from enum import StrEnum
 
 EMBED = "embedq.embed"
+EMBED_MANY = "embedq.embed_many"
+"""Several batches (of one-batch jobs a producer gathered) in one message: ``tasks.gathering``."""
+MEMBERS = "embedq_batches"
+"""The header of an ``embed_many`` message that names its batches' task ids, so the broker can
+be asked whether a batch's message is still there without reading message bodies."""
 
 
 class Queue(StrEnum):

@@ -30,6 +30,8 @@ class Delivery(StrEnum):
     SKIPPED = "skipped"
     """It had ended before (a redelivery)."""
     RETRYING = "retrying"
+    WAITING = "waiting_for_model"
+    """Sent again later: its host prepares the batch's model."""
     DROPPED = "dropped"
     """A message without a job to record it in."""
 

@@ -28,14 +28,14 @@ def redis_release(url: str) -> Release:
         if not ids:
             return released
         for tag, value in client.hscan_iter("unacked", count=200):
-            found = _task_id_of_unacked(value)
-            if found in ids:
+            found = _task_ids_of_unacked(value)
+            if found & ids:
                 pipe = client.pipeline(transaction=True)
                 pipe.hdel("unacked", tag)
                 pipe.zrem("unacked_index", tag)
                 removed, _ = pipe.execute()
                 if removed:
-                    released.add(found)
+                    released |= found
         return released
 
     return release
@@ -54,26 +54,33 @@ def redis_presence(url: str, queues: Iterable[str] = tuple(names.Queue)) -> Pres
             start = 0
             while True:
                 chunk = client.lrange(key, start, start + 199)
-                found.update(_task_id(item) for item in chunk)
+                for item in chunk:
+                    found |= _task_ids(item)
                 if len(chunk) < 200:
                     break
                 start += 200
         for _, value in client.hscan_iter("unacked", count=200):
-            found.add(_task_id_of_unacked(value))
+            found |= _task_ids_of_unacked(value)
         return found & ids
 
     return present
 
 
-def _task_id(raw: bytes | str) -> str:
+def _task_ids(raw: bytes | str) -> set[str]:
     try:
-        return str(json.loads(raw)["headers"]["id"])
+        return _ids_in(json.loads(raw)["headers"])
     except (ValueError, KeyError, TypeError):
-        return ""
+        return set()
 
 
-def _task_id_of_unacked(value: bytes | str) -> str:
+def _task_ids_of_unacked(value: bytes | str) -> set[str]:
     try:  # [message, exchange, routing key]
-        return str(json.loads(value)[0]["headers"]["id"])
+        return _ids_in(json.loads(value)[0]["headers"])
     except (ValueError, IndexError, KeyError, TypeError):
-        return ""
+        return set()
+
+
+def _ids_in(headers: dict[str, object]) -> set[str]:
+    """A message's task id and, for an ``embed_many`` message, those of its batches."""
+    members = headers.get(names.MEMBERS)
+    return {str(headers["id"]), *(map(str, members) if isinstance(members, list) else ())}

@@ -42,8 +42,9 @@ logger = logging.getLogger(__name__)
 def record_lost(
     sender: Task | None, exception: BaseException, args: Sequence[Any] | None = None, **_: object
 ) -> None:
-    """``task_failure`` in the worker's parent: end a batch its pool process could not."""
-    if sender is None or sender.name != names.EMBED:
+    """``task_failure`` in the worker's parent: end the batches its pool process could not
+    (one, or each of an ``embed_many`` message's)."""
+    if sender is None or sender.name not in (names.EMBED, names.EMBED_MANY):
         return
     if isinstance(exception, WorkerLostError):
         deaths = getattr(sender.request, "retries", 0) + 1
@@ -53,14 +54,16 @@ def record_lost(
     else:
         return  # the task itself recorded every other failure
     raw = args[0] if args else None
-    try:
-        outcome = fail_raw(lifecycle.get_sessions(), raw, reason, FailureKind.WORKER)
-    except Exception as exc:  # the store is away: the ledger still says sent
-        logger.error("could not record a lost batch (%s): left for the reconciler", exc)
-        return
-    metrics.observe_reconciled("worker_lost", 1)
-    if outcome.finished and outcome.job_id:
-        completion.signal(get_settings().celery_broker(), outcome.job_id)
+    bodies = raw if sender.name == names.EMBED_MANY and isinstance(raw, list) else [raw]
+    for body in bodies:
+        try:
+            outcome = fail_raw(lifecycle.get_sessions(), body, reason, FailureKind.WORKER)
+        except Exception as exc:  # the store is away: the ledger still says sent
+            logger.error("could not record a lost batch (%s): left for the reconciler", exc)
+            continue
+        metrics.observe_reconciled("worker_lost", 1)
+        if outcome.finished and outcome.job_id:
+            completion.signal(get_settings().celery_broker(), outcome.job_id)
 
 
 class ReconcilerThread(threading.Thread):

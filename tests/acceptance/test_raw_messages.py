@@ -35,6 +35,8 @@ class Raw:
     fleet: Fleet
     engine: Engine
     send: Callable[[Payload], None]
+    send_together: Callable[[list[Payload]], None]
+    """Several batch messages as one ``embed_many`` message, as embedq's gatherer sends them."""
 
     def insert_job(self, job_id: str, total: int, model: str = "minilm") -> None:
         """Write a job row as an application without embedq would: four columns, defaults for
@@ -104,9 +106,14 @@ def raw(fleet: Fleet) -> Iterator[Raw]:
     def send(payload: Payload) -> None:
         app.send_task("embedq.embed", args=[payload], queue="interactive", connection=connection)
 
+    def send_together(payloads: list[Payload]) -> None:
+        app.send_task(
+            "embedq.embed_many", args=[payloads], queue="interactive", connection=connection
+        )
+
     engine = make_engine(fleet.database_url)
     try:
-        yield Raw(fleet, engine, send)
+        yield Raw(fleet, engine, send, send_together)
     finally:
         connection.release()
         engine.dispose()
@@ -256,6 +263,24 @@ def test_a_message_without_a_usable_job_is_dropped_with_a_log_line(
     raw.send(payload)
     line = raw.wait_for_log(logged, since)
     assert "ERROR" in line or '"error"' in line.lower()
+    raw.alive()
+
+
+def test_a_broken_batch_among_gathered_ones_fails_alone_and_the_others_succeed(raw: Raw) -> None:
+    """One ``embed_many`` message of three one-batch jobs, the middle one malformed: it ends
+    failed with its reason, the other two succeed, the worker stays up."""
+    first, broken, last = (str(uuid.uuid4()) for _ in range(3))
+    for job_id in (first, broken, last):
+        raw.insert_job(job_id, total=len(TEXTS))
+        raw.add_batch(job_id)
+    bad = good(broken)
+    bad["positions"] = [5, 1]
+    raw.send_together([good(first), bad, good(last)])
+    for job_id in (first, last):
+        assert (raw.wait(job_id)["state"], raw.job(job_id)["done_items"]) == ("succeeded", 2)
+    failed = raw.wait(broken)
+    assert failed["state"] == "failed" and "positions up to 5" in failed["error"]
+    assert raw.failed_ids(broken) == IDS
     raw.alive()
 
 

@@ -108,3 +108,22 @@ def test_split_gives_each_batch_its_rows_and_a_share_of_the_call() -> None:
     np.testing.assert_array_equal(np.vstack([p.vectors for p in parts]), encoding.vectors)
     assert [p.token_counts for p in parts] == [(4,), (3, 5, 3)]
     assert sum(p.stats.inference_ms for p in parts) == pytest.approx(encoding.stats.inference_ms)
+
+
+def test_messages_handed_over_together_share_one_call_and_a_broken_one_is_sent_back(
+    settings: Settings,
+) -> None:
+    """``run_messages``, as ``embed_many`` calls it: the batches that parse go to the feeder
+    at once (one engine call), the one that does not comes back ``RUN_ALONE``, in its place."""
+    engine = CountingEngine()
+    runtime = fake_runtime(settings, engine)
+    sent = RecordingPublisher()
+    first = producer.submit(["alpha"], settings=settings, publisher=sent)
+    last = producer.submit(["omega"], settings=settings, publisher=sent)
+    broken = {**sent.sent[0].body(), "positions": "not a list"}
+    outcomes = feeder.run_messages([sent.sent[0].body(), broken, sent.sent[1].body()], runtime)
+    assert outcomes[1] is feeder.RUN_ALONE
+    assert [o.state for o in outcomes if o is not None] == [Delivery.DONE, Delivery.DONE]
+    assert engine.calls == [2]
+    assert (first.status()["state"], last.status()["state"]) == ("succeeded", "succeeded")
+    dispose_all()
