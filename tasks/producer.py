@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from storage import embeddings, jobs, ledger, model_catalog
 from storage.models import FailureKind, Job, JobState
 from storage.session import dispose_all, scope, sessions_for
-from tasks import completion, model_options, names, publishing
+from tasks import completion, gathering, model_options, names, publishing
 from tasks.completion import JobStatus
 from tasks.message import BatchMessage, check_ids, check_name
 from tasks.publishing import Publisher
@@ -175,36 +175,43 @@ def submit(
         queue = names.Queue(queue)
     except ValueError:
         raise InputError(f"unknown queue {queue!r}: use {[str(q) for q in names.Queue]}") from None
-    if publisher is None:
-        if settings.local_mode and (absent := extra.missing(*extra.RUNTIME)) is not None:
+    if publisher is None and settings.local_mode:
+        if (absent := extra.missing(*extra.RUNTIME)) is not None:
             raise EmbedqError(  # before anything is recorded: a job nobody would run
                 "EMBEDQ_BROKER_URL is not set, so the job would run in this process, which needs"
                 f" the worker extra ({absent} is not installed): set EMBEDQ_BROKER_URL to send"
                 f" it to the workers, or {extra.INSTALL}"
             )
-        publisher = publishing.publisher_for(settings)
+        ensure_schema(settings.database_url)  # local mode: a laptop needs no `embedq db upgrade`
     job_id = str(uuid.uuid4())
-    url = settings.database_url
-    if settings.local_mode:
-        ensure_schema(url)  # local mode: a laptop needs no separate `embedq db upgrade`
+    job = Job(id=job_id, model_name=model, queue=queue, tag=tag, total_items=len(clean), meta={})
     batches = plan_batches(clean, item_ids, settings.batch_size_for(queue))
+    chosen = publisher or publishing.publisher_for(settings)
+    if isinstance(chosen, publishing.BrokerPublisher) and len(batches) == 1:
+        # With other submits of this process: one transaction, one message (tasks.gathering).
+        gathering.gatherer_for(settings, chosen).submit(job, batches[0])
+    else:
+        _record_and_publish(job, batches, settings.database_url, chosen)
+    return JobHandle(job_id, settings, submitted_at=time.time())
+
+
+def _record_and_publish(
+    job: Job, batches: list[ledger.NewBatch], url: str, publisher: Publisher
+) -> None:
     with scope(sessions_for(url)) as session:
         # A synchronous commit (it waits for PostgreSQL's WAL flush, about 3 ms here): once
         # submit returns, the job is on disk, so a database crash cannot forget a job its
         # producer was told exists. (The claim, whose loss costs only an attempt count, skips it.)
-        jobs.create_job(
-            session,
-            Job(id=job_id, model_name=model, queue=queue, tag=tag, total_items=len(clean), meta={}),
-        )
-        ledger.add_batches(session, job_id, batches)
+        jobs.create_job(session, job)
+        ledger.add_batches(session, job.id, batches)
     now = time.time()
     try:
-        publisher.publish([BatchMessage.of(job_id, model, batch, now) for batch in batches], queue)
+        messages = [BatchMessage.of(job.id, job.model_name, batch, now) for batch in batches]
+        publisher.publish(messages, job.queue)
     except UnavailableError as exc:
         with scope(sessions_for(url)) as session:
-            ledger.fail_pending(session, job_id, f"not enqueued: {exc}", FailureKind.UNAVAILABLE)
+            ledger.fail_pending(session, job.id, f"not enqueued: {exc}", FailureKind.UNAVAILABLE)
         raise
-    return JobHandle(job_id, settings, submitted_at=time.time())
 
 
 def plan_batches(texts: list[str], item_ids: list[str], size: int) -> list[ledger.NewBatch]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import RedisError
@@ -60,6 +60,24 @@ def send(
     )
 
 
+def send_together(
+    app: Celery, bodies: Sequence[Mapping[str, Any]], queue: str, *, producer: Producer | None
+) -> None:
+    """Put several batch messages on ``queue`` as one ``embed_many`` message (one broker
+    message, one Celery hand-off and ack for all of them); its header names each batch's task
+    id (``names.MEMBERS``), as the fleet's presence checks read it."""
+    ids = [task_id(str(body.get("job_id")), int(body.get("batch_index") or 0)) for body in bodies]
+    app.send_task(
+        names.EMBED_MANY,
+        args=[[dict(body) for body in bodies]],
+        queue=queue,
+        task_id=f"{ids[0]}+{len(ids) - 1}",
+        producer=producer,
+        headers={names.MEMBERS: ids},
+        argsrepr=f"{len(bodies)} batches, the first {shown(bodies[0])}",
+    )
+
+
 class Publisher(Protocol):
     """Takes batches already recorded in the ledger and sees that they run."""
 
@@ -83,15 +101,37 @@ class BrokerPublisher:
         self._producers: dict[tuple[int, int], Producer] = {}
 
     def publish(self, messages: Sequence[BatchMessage], queue: names.Queue | str) -> None:
+        self._twice(
+            lambda: self._send(messages, str(queue), batched=True),
+            lambda: self._send(messages, str(queue), batched=False),
+        )
+
+    def publish_together(self, messages: Sequence[BatchMessage], queue: names.Queue | str) -> None:
+        """``publish``, as one ``embed_many`` message when there are several."""
+        if len(messages) < 2:
+            self.publish(messages, queue)
+            return
+        from worker.app import app
+
+        bodies = [message.body() for message in messages]
+
+        def send() -> None:
+            send_together(app, bodies, str(queue), producer=self._producer())
+
+        self._twice(send, send)
+
+    def _twice(self, first: Callable[[], None], again: Callable[[], None]) -> None:
+        """``first``; when the broker fails it, ``again`` on a new connection; when that fails
+        too, ``UnavailableError``."""
         from kombu.exceptions import KombuError  # kombu comes with celery: loaded to send only
 
         errors = (KombuError, RedisError, OSError)
         try:
-            self._send(messages, str(queue), batched=True)
+            first()
         except errors:
             self._drop()
             try:
-                self._send(messages, str(queue), batched=False)
+                again()
             except errors as exc:
                 self._drop()
                 raise UnavailableError(
