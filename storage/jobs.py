@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Row, Text, bindparam, case, func, select, true, update
+from sqlalchemy import DateTime, Row, Text, bindparam, case, func, insert, select, true, update
 from sqlalchemy.orm import Session
 
 from storage.models import BatchStat, FailureKind, Job, JobState
@@ -71,14 +71,19 @@ _SETTLE_MANY = _SETTLING.where(_jobs.c.id.in_(bindparam("jobs", expanding=True))
 
 
 def create_job(session: Session, job: Job) -> Job:
-    create_jobs(session, [job])
+    session.add(job)
+    session.flush()  # its batches refer to it
     return job
 
 
+_NEW_JOB = ("id", "model_name", "queue", "tag", "total_items", "meta")
+
+
 def create_jobs(session: Session, new: Sequence[Job]) -> None:
-    """Add jobs in one round trip (SQLAlchemy batches the inserts)."""
-    session.add_all(new)
-    session.flush()  # their batches refer to them
+    """Insert jobs in one statement, as rows, not through the session's unit of work (which
+    cost the producer's gatherer 0.3 ms a job): the jobs are not read back in this session."""
+    rows = [{key: getattr(job, key) for key in _NEW_JOB} for job in new]
+    session.connection().execute(insert(Job), rows)
 
 
 def get_job(session: Session, job_id: str) -> Job | None:
