@@ -75,17 +75,24 @@ def status_of(row: Row[*tuple[Any, ...]]) -> JobStatus:
 def signal(url: str, job_id: str, status: JobStatus | None = None) -> None:
     """Wake the clients waiting for ``job_id``, handing them its final ``status`` when given;
     they poll if this fails, so it only logs."""
+    signal_many(url, [(job_id, status)])
+
+
+def signal_many(url: str, finished: list[tuple[str, JobStatus | None]]) -> None:
+    """``signal`` for several jobs, in one round trip to Redis (a group the feeder stored)."""
     client = _client(url)
-    if client is None:
+    if client is None or not finished:
         return
-    key = KEY.format(job_id)
     try:
         pipe = client.pipeline(transaction=False)
-        pipe.lpush(key, json.dumps(status) if status is not None else 1)
-        pipe.expire(key, TTL_S)
+        for job_id, status in finished:
+            key = KEY.format(job_id)
+            pipe.lpush(key, json.dumps(status) if status is not None else 1)
+            pipe.expire(key, TTL_S)
         pipe.execute()
     except redis.RedisError as exc:
-        logger.warning("could not signal that job %s finished: %s", job_id, exc)
+        shown = ", ".join(job_id for job_id, _ in finished[:3])
+        logger.warning("could not signal that jobs %s finished: %s", shown, exc)
 
 
 def block(url: str | None, job_id: str, seconds: float) -> bool:

@@ -73,21 +73,29 @@ def embed_many(self: Any, raws: list[dict[str, Any]]) -> dict[str, Any]:
         results = feeder.run_messages(bodies, runtime)
     else:
         results = [feeder.RUN_ALONE] * len(bodies)
-    summaries = []
+    outcomes = []
     for raw, result in zip(bodies, results, strict=True):
 
         def run(raw: Any = raw, result: Outcome | None = result) -> Outcome:
             return batches.run_message(raw, runtime) if result is None else result
 
-        summaries.append(ended(self, raw, runtime, run, sent_as=None).summary())
-    return {"batches": summaries}
+        outcomes.append(ended(self, raw, runtime, run, sent_as=None, signal=False))
+    finished = [(str(o.job_id), o.status) for o in outcomes if o.finished]
+    completion.signal_many(runtime.settings.celery_broker(), finished)  # one round trip
+    return {"batches": [outcome.summary() for outcome in outcomes]}
 
 
 def ended(
-    task: Any, raw: Any, runtime: Runtime, run: Callable[[], Outcome], sent_as: str | None
+    task: Any,
+    raw: Any,
+    runtime: Runtime,
+    run: Callable[[], Outcome],
+    sent_as: str | None,
+    signal: bool = True,
 ) -> Outcome:
     """``run`` one batch's message, and record how it ended: its job's clients woken when it
-    finished the job; sent again while its model is prepared; ``after_error`` for the rest."""
+    finished the job (unless the caller signals for several at once); sent again while its
+    model is prepared; ``after_error`` for the rest."""
     try:
         outcome = run()
     except ModelPendingError as pending:
@@ -102,7 +110,7 @@ def ended(
         )
     except Exception as exc:  # every other way out is recorded: see the module's docstring
         return after_error(task, raw, exc, runtime, sent_as)
-    if outcome.finished:  # committed: wake whoever waits for this job
+    if outcome.finished and signal:  # committed: wake whoever waits for this job
         completion.signal(runtime.settings.celery_broker(), str(outcome.job_id), outcome.status)
     return outcome
 
