@@ -177,8 +177,8 @@ the upsert, one statement with no savepoint around it, which costs less than set
 
 def _insert(session: Session, batches: Sequence[Sequence[Sequence[Any]]]) -> list[int]:
     """The rows of ``batches`` (ended by this transaction) in one bulk write under a savepoint;
-    an item already stored there sends each batch to the upsert, as does a write too small to
-    pay for a COPY. Returns the rows each batch inserted."""
+    an item already stored there sends them to the upsert, as does a write too small to pay
+    for a COPY. Returns the rows each batch inserted."""
     rows = [row for batch in batches for row in batch]
     if len(rows) >= BULK_FROM:
         try:
@@ -187,12 +187,20 @@ def _insert(session: Session, batches: Sequence[Sequence[Sequence[Any]]]) -> lis
             return [len(batch) for batch in batches]
         except IntegrityError:
             pass
-    return [_upsert(session, batch) for batch in batches]
+    if len(batches) == 1:
+        return [_upsert(session, batches[0])]
+    # One statement for the group (a feeder's group of one-text jobs is many batches of one
+    # row): the rows it inserted, counted back to their batches by (job, item).
+    new = set(embeddings.upsert_embeddings(session, [_named(row) for row in rows]))
+    return [sum((str(row[0]), str(row[1])) in new for row in batch) for batch in batches]
 
 
 def _upsert(session: Session, rows: Sequence[Sequence[Any]]) -> int:
-    named = [dict(zip(embeddings.COLUMNS, row, strict=True)) for row in rows]
-    return len(embeddings.upsert_embeddings(session, named))
+    return len(embeddings.upsert_embeddings(session, [_named(row) for row in rows]))
+
+
+def _named(row: Sequence[Any]) -> dict[str, Any]:
+    return dict(zip(embeddings.COLUMNS, row, strict=True))
 
 
 def _by_reason(refused: Mapping[str, str]) -> dict[str, list[str]]:

@@ -40,17 +40,18 @@ def _upsert(session: Session) -> Any:
     insert: Any = dialect.upsert(session, _table)
     # RETURNING yields only the rows this statement inserted (PostgreSQL; SQLite >= 3.35).
     return insert.on_conflict_do_nothing(index_elements=["job_id", "item_id"]).returning(
-        _table.c.id, _table.c.text_sha256
+        _table.c.job_id, _table.c.item_id
     )
 
 
-def upsert_embeddings(session: Session, rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
-    """Insert embedding rows, skipping (job, item) pairs already stored; returns the (id, text
-    sha256) of the rows inserted."""
+def upsert_embeddings(session: Session, rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """Insert embedding rows, skipping (job, item) pairs already stored; returns the (job id,
+    item id) of the rows inserted."""
     if not rows:
         return []
     statement = dialect.prepared(session, "embeddings", _upsert)
-    return [(row[0], row[1]) for row in session.connection().execute(statement, list(rows))]
+    inserted = session.connection().execute(statement, list(rows))
+    return [(str(row[0]), str(row[1])) for row in inserted]
 
 
 COLUMNS = (

@@ -28,26 +28,23 @@ _STATUS = select(
     _jobs.c.error,
     _jobs.c.error_kind,
 ).where(_jobs.c.id == bindparam("job"))
-_COUNT = (
-    update(_jobs)
-    .where(_jobs.c.id == bindparam("job"))
-    .values(
-        done_items=_jobs.c.done_items + bindparam("done"),
-        failed_items=_jobs.c.failed_items + bindparam("failed"),
-        started_at=func.coalesce(
-            _jobs.c.started_at, bindparam("now", type_=DateTime(timezone=True))
-        ),
-        state=case(
-            (_jobs.c.state == JobState.QUEUED.value, JobState.RUNNING.value),
-            else_=_jobs.c.state,
-        ),
-        error=func.coalesce(_jobs.c.error, bindparam("error", type_=Text)),
-        # The kind of the error kept: both are set by the first call that brings an error.
-        error_kind=case(
-            (_jobs.c.error.is_(None), bindparam("kind", type_=Text)), else_=_jobs.c.error_kind
-        ),
-    )
+_COUNTING = update(_jobs).values(
+    done_items=_jobs.c.done_items + bindparam("done"),
+    failed_items=_jobs.c.failed_items + bindparam("failed"),
+    started_at=func.coalesce(_jobs.c.started_at, bindparam("now", type_=DateTime(timezone=True))),
+    state=case(
+        (_jobs.c.state == JobState.QUEUED.value, JobState.RUNNING.value),
+        else_=_jobs.c.state,
+    ),
+    error=func.coalesce(_jobs.c.error, bindparam("error", type_=Text)),
+    # The kind of the error kept: both are set by the first call that brings an error.
+    error_kind=case(
+        (_jobs.c.error.is_(None), bindparam("kind", type_=Text)), else_=_jobs.c.error_kind
+    ),
 )
+"""A job's counts after a batch: of one job, or of many that add the same counts."""
+_COUNT = _COUNTING.where(_jobs.c.id == bindparam("job"))
+_COUNT_MANY = _COUNTING.where(_jobs.c.id.in_(bindparam("jobs", expanding=True)))
 _SETTLING = (
     update(_jobs)
     .where(
@@ -148,20 +145,21 @@ def settle_progress(
 
 def settle_many(session: Session, done: dict[str, int]) -> dict[str, Row[*tuple[Any, ...]]]:
     """``settle_progress`` for many jobs at once, items stored only (no failures): ``done``
-    gives each job's newly stored items. Two statements whatever the number of jobs (the counts
-    as one executemany, then the settling with RETURNING); returns the final status of each job
+    gives each job's newly stored items. One statement per distinct count (jobs that add the
+    same number share one), then the settling with RETURNING; returns the final status of each job
     this call finished, by job id."""
     if not done:
         return {}
     now = datetime.now(UTC)
     connection = session.connection()
-    connection.execute(
-        _COUNT,
-        [
-            {"job": job, "done": n, "failed": 0, "now": now, "error": None, "kind": None}
-            for job, n in done.items()
-        ],
-    )
+    by_count: dict[int, list[str]] = {}  # one-text jobs all add 1: one statement for them
+    for job, n in done.items():
+        by_count.setdefault(n, []).append(job)
+    for n, same in by_count.items():
+        connection.execute(
+            _COUNT_MANY,
+            {"jobs": same, "done": n, "failed": 0, "now": now, "error": None, "kind": None},
+        )
     settled = connection.execute(_SETTLE_MANY, {"jobs": list(done), "now": now}).all()
     return {str(row.id): row for row in settled}
 

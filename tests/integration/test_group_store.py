@@ -82,3 +82,28 @@ def test_a_bulk_write_that_meets_a_stored_item_falls_back_to_the_upsert(database
     with scope(sessions) as session:
         assert embeddings.count_embeddings(session, job.id) == 79
     dispose_all()
+
+
+def test_a_small_group_is_one_upsert_that_counts_each_batch_s_new_rows(database_url: str) -> None:
+    """A group too small for the bulk write goes in by one upsert for all its batches: a batch
+    naming an item already stored is counted for the rows it did add, the others in full."""
+    settings = Settings(database_url=database_url, default_model="fake", job_batch_size=2)
+    sent = RecordingPublisher()
+    job = producer.submit([f"text {i}" for i in range(6)], settings=settings, publisher=sent)
+    first, second, third = sent.sent
+    clash = second.model_copy(update={"item_ids": [first.item_ids[0], second.item_ids[1]]})
+    engine = FakeEngine(dim=16)
+    finished = [
+        outcomes.finished_batch(m, engine.encode(m.texts), {}, "F", 0.0)
+        for m in (first, clash, third)
+    ]
+    sessions = sessions_for(database_url)
+    with scope(sessions) as session:
+        assert [s.stored for s in batch_results.store_group(session, finished[:1])] == [2]
+    with scope(sessions) as session:
+        stored = batch_results.store_group(session, finished[1:])
+    assert [s.stored for s in stored] == [1, 2]
+    with scope(sessions) as session:
+        assert embeddings.count_embeddings(session, job.id) == 5
+    assert job.status()["done"] == 5
+    dispose_all()
