@@ -17,7 +17,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import DateTime, Text, bindparam, func, insert, select, true, tuple_, update
+from sqlalchemy import (
+    DateTime,
+    Text,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    select,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from storage import failed_items, jobs
@@ -163,15 +174,21 @@ _FINISH = (
 
 
 _KEY = tuple_(_batches.c.job_id, _batches.c.batch_index)
+_STILL_SENT = _batches.c.state.concat(literal_column("''")) == BatchState.SENT.value
+"""``state = 'sent'`` for the statements that find batches by many keys, kept off the state
+index (``|| ''``, the idiom both stores document for this): a planner whose statistics predate
+a backlog (a fresh table, thousands of batches sent since the last ANALYZE) takes that index
+for a few rows and reads every pending batch on each claim and end (measured: 8-11 ms a
+statement under 3,000 pending one-text jobs, 0.5 ms by the key's unique index)."""
 _FINISH_MANY = (
     update(_batches)
-    .where(_KEY.in_(bindparam("keys", expanding=True)), _batches.c.state == BatchState.SENT.value)
+    .where(_KEY.in_(bindparam("keys", expanding=True)), _STILL_SENT)
     .values(state=BatchState.DONE.value, payload=None, finished_at=_NOW, updated_at=_NOW)
     .returning(_batches.c.job_id, _batches.c.batch_index)
 )
 _CLAIM_MANY = (
     update(_batches)
-    .where(_KEY.in_(bindparam("keys", expanding=True)), _batches.c.state == BatchState.SENT.value)
+    .where(_KEY.in_(bindparam("keys", expanding=True)), _STILL_SENT)
     .values(attempts=_batches.c.attempts + 1, worker=bindparam("worker"), updated_at=_NOW)
     .returning(_batches.c.job_id, _batches.c.batch_index)
 )
