@@ -174,6 +174,7 @@ def scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 # documents for multiprocessing, and opens its own.
 _owner_pid = 0
 _engines: dict[str, Engine] = {}
+_factories: dict[str, sessionmaker[Session]] = {}
 
 
 def sessions_for(url: str) -> sessionmaker[Session]:
@@ -183,10 +184,12 @@ def sessions_for(url: str) -> sessionmaker[Session]:
         for inherited in _engines.values():
             inherited.dispose(close=False)
         _engines.clear()
+        _factories.clear()
         _owner_pid = os.getpid()
     if url not in _engines:
         _engines[url] = make_engine(url)
-    return session_factory(_engines[url])
+        _factories[url] = session_factory(_engines[url])  # a sessionmaker builds a class
+    return _factories[url]
 
 
 def dispose_all() -> None:
@@ -194,6 +197,7 @@ def dispose_all() -> None:
     for engine in _engines.values():
         engine.dispose()
     _engines.clear()
+    _factories.clear()
 
 
 def ping(session: Session) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
 from storage import batch_results
@@ -55,10 +55,12 @@ class Outcome:
     it, so the waiting client need not read the job again."""
 
     def summary(self) -> dict[str, object]:
+        # Shallow (not ``asdict``, which deep-copies ``status``): one per job of an embed_many.
+        pairs = ((f.name, getattr(self, f.name)) for f in fields(self) if f.name != "status")
         return {
             key: str(value) if key == "state" else value
-            for key, value in asdict(self).items()
-            if value not in (None, "", 0) and key != "status"
+            for key, value in pairs
+            if value not in (None, "", 0)
         }
 
 
