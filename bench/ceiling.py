@@ -490,7 +490,7 @@ def one_text_jobs(
     from datetime import UTC
 
     import numpy as np
-    from sqlalchemy import select
+    from sqlalchemy import func, select
 
     from storage.models import Job
     from storage.session import scope, sessions_for
@@ -520,10 +520,11 @@ def one_text_jobs(
                 times.append((time.perf_counter() - started) * 1000)
                 states.append(state)
 
-    def ended() -> list[Any]:
+    finished = (Job.tag == tag) & Job.finished_at.is_not(None)
+
+    def ended() -> int:
         with scope(sessions_for(settings.database_url)) as session:
-            query = select(Job.id, Job.state, Job.finished_at).where(Job.tag == tag)
-            return [row for row in session.execute(query) if row.finished_at is not None]
+            return int(session.scalar(select(func.count()).select_from(Job).where(finished)) or 0)
 
     with running_worker(mode, settings, work) as worker_pids:
         clock = Clock(services)
@@ -534,16 +535,20 @@ def one_text_jobs(
             thread.start()
         for thread in threads:
             thread.join()
-        if not waiting:  # until every job is terminal, looking at the store every 20 ms
+        if not waiting:  # until every job is terminal, counting them in the store every 20 ms
             deadline = time.monotonic() + 600
-            while len(rows := ended()) < len(texts) and time.monotonic() < deadline:
+            while ended() < len(texts) and time.monotonic() < deadline:
                 time.sleep(0.02)
+        ended_at, cpu2, service2 = clock.read()
+        if not waiting:  # each job's submit-to-done, read once all are done (not timed)
+            with scope(sessions_for(settings.database_url)) as session:
+                query = select(Job.id, Job.state, Job.finished_at).where(finished)
+                rows = session.execute(query).all()
             for row in rows:
                 done = row.finished_at
                 done = done if done.tzinfo else done.replace(tzinfo=UTC)
                 times.append((done.timestamp() - sent[row.id]) * 1000)
                 states.append(str(row.state))
-        ended_at, cpu2, service2 = clock.read()
         w1 = sum(_cpu_of(pid) for pid in worker_pids)
         seconds = ended_at - started
     n = len(texts)
