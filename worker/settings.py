@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     """Largest request body ``/v1/embeddings`` and ``/v1/jobs`` accept (413 above it)."""
     api_max_file_bytes: int = Field(default=200 * 1024**2, ge=1)
     """Largest file ``POST /v1/files`` accepts (OpenAI's Batch API takes up to 200 MB)."""
+    api_max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Largest request head (request line and headers) the API reads; over it: 431, closed."""
+    api_client_timeout: float = Field(default=10, gt=0)
+    """Seconds a client has to send a whole request head, and the longest pause within a
+    body; past it the connection is closed (408 for a head begun and not finished)."""
     api_wait_timeout: float = Field(default=60, gt=0)
     """Seconds ``POST /v1/embeddings`` waits for its job before answering 504 with the job id."""
     api_batch_lease: float = Field(default=30, gt=0)

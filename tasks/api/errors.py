@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,13 +32,19 @@ TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "server_error",
     504: "timeout_error",
 }
+
+# Codes for HTTP errors raised outside our endpoints (a body over the cap met while FastAPI
+# parses it is raised as an HTTPException).
+CODES = {413: "request_too_large"}
 
 
 class ApiError(Exception):
@@ -69,7 +76,7 @@ def body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def respond(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+def respond(error: ApiError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """The response that ``error`` answers."""
     return JSONResponse(
         body(error.message, error.type, error.code, error.param),
@@ -92,8 +99,8 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
     if status == 404:
         message = f"no such endpoint: {request.method} {request.url.path}"
-    error = ApiError(status, message, TYPES.get(status, "invalid_request_error"))
-    return JSONResponse(body(error.message, error.type), status_code=status, headers=exc.headers)
+    error = ApiError(status, message, TYPES.get(status, "invalid_request_error"), CODES.get(status))
+    return respond(error, exc.headers)
 
 
 def _validation_error(request: Request, exc: Exception) -> JSONResponse:

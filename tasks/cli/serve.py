@@ -124,6 +124,7 @@ def serve(
 
     from tasks.api.app import create_app
     from tasks.api.auth import key_id
+    from tasks.api.protocol import guarded
 
     if insecure_no_auth:
         typer.echo("warning: the API runs without authentication or rate limit", err=True)
@@ -138,11 +139,14 @@ def serve(
             "rate limit": f"{settings.api_rate_limit} requests per minute per key"
             if settings.api_rate_limit
             else "none",
-            "request cap": f"{settings.api_max_request_bytes} bytes",
+            "request cap": f"body {settings.api_max_request_bytes} bytes,"
+            f" head {settings.api_max_header_bytes} bytes",
+            "client timeout": f"{settings.api_client_timeout:g}s (a head, a pause in a body)",
             "wait timeout": f"{settings.api_wait_timeout:g}s",
             "docs": f"http://{host}:{port}/docs",
         }
     )
     app = create_app(settings, require_auth=not insecure_no_auth)
     # log_config=None: uvicorn's records go through the logging embedq set up (JSON or text).
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=access_log)
+    protocol = guarded(settings.api_max_header_bytes, settings.api_client_timeout)
+    uvicorn.run(app, host=host, port=port, http=protocol, log_config=None, access_log=access_log)

@@ -19,7 +19,7 @@ share a queue.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,3 +236,24 @@ def pipeline_env(
     from tasks import producer
 
     producer.dispose()
+
+
+@pytest.fixture
+def serve(fleet: Fleet) -> Iterator[Callable[..., Server]]:
+    """``embedq serve`` on the fleet's broker and store: the session's, or, with extra settings
+    (keyword arguments), one of the test's own, stopped after it."""
+    started: list[Server] = []
+
+    def start(**settings: str) -> Server:
+        if not settings:
+            return fleet.serve()
+        env = {**fleet.env, "EMBEDQ_API_KEYS": f"{KEY},sk-unused", **settings}
+        started.append(Server(env))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+    servers = [*started, *([fleet.server] if fleet.server is not None else [])]
+    logs = "".join(line for server in servers for line in server.lines)
+    assert KEY not in logs  # a key's value is never logged

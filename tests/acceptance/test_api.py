@@ -7,7 +7,7 @@ import base64
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -29,27 +29,6 @@ TEXTS = [
     "Vectors come back in the order the texts were given.",
     "word " * 600,  # over the model's 256 tokens: truncated, and counted as truncated
 ]
-
-
-@pytest.fixture
-def serve(fleet: Fleet) -> Iterator[Callable[..., Server]]:
-    """``embedq serve`` on the fleet's broker and store: the session's, or, with extra settings
-    (keyword arguments), one of the test's own, stopped after it."""
-    started: list[Server] = []
-
-    def start(**settings: str) -> Server:
-        if not settings:
-            return fleet.serve()
-        env = {**fleet.env, "EMBEDQ_API_KEYS": f"{KEY},sk-unused", **settings}
-        started.append(Server(env))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.stop()
-    servers = [*started, *([fleet.server] if fleet.server is not None else [])]
-    logs = "".join(line for server in servers for line in server.lines)
-    assert KEY not in logs  # a key's value is never logged
 
 
 @pytest.mark.parametrize("fleet", ["sqlite", "postgresql"], indirect=True)
