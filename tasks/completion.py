@@ -14,6 +14,7 @@ one (``1``, from the worker's parent after a lost batch) only says to read the s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import time
 from typing import Any, TypedDict, cast
 
 import redis
+import redis.asyncio
 from sqlalchemy import Row
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,22 @@ def receive(url: str | None, job_id: str, seconds: float) -> tuple[bool, JobStat
     except redis.RedisError as exc:
         logger.warning("waiting on Redis for job %s failed (%s); polling instead", job_id, exc)
         time.sleep(min(seconds, 0.1))
+        return True, None
+    return True, None if popped is None else _status(popped[1], job_id)
+
+
+async def receive_async(
+    client: redis.asyncio.Redis | None, job_id: str, seconds: float
+) -> tuple[bool, JobStatus | None]:
+    """``receive`` on an event loop, through an asyncio Redis ``client`` (``None``: no Redis,
+    the caller polls)."""
+    if client is None:
+        return False, None
+    try:
+        popped = await client.blpop([KEY.format(job_id)], timeout=max(seconds, 0.001))
+    except redis.RedisError as exc:
+        logger.warning("waiting on Redis for job %s failed (%s); polling instead", job_id, exc)
+        await asyncio.sleep(min(seconds, 0.1))
         return True, None
     return True, None if popped is None else _status(popped[1], job_id)
 

@@ -24,9 +24,9 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from storage import embeddings, jobs, ledger, model_catalog
-from storage.models import FailureKind, Job, JobState
+from storage.models import FailureKind, Job
 from storage.session import dispose_all, scope, sessions_for
-from tasks import completion, gathering, model_options, names, publishing
+from tasks import completion, gathering, job_wait, model_options, names, publishing
 from tasks.completion import JobStatus
 from tasks.message import BatchMessage, check_ids, check_name
 from tasks.publishing import Publisher
@@ -73,40 +73,23 @@ class JobHandle:
         return completion.status_of(job)
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> JobStatus:
-        """Block until the job is finished (succeeded, failed or partially failed).
-
-        Between reads of the job row it blocks on the worker's completion signal in Redis for
-        up to ``poll`` seconds, so it returns as soon as the job is done (with the status the
-        signal carries, when it carries one). Without Redis it polls at a tenth of the time
-        waited so far (every 1 ms at first, at most every ``poll``).
+        """Block until the job is finished (succeeded, failed or partially failed), blocking
+        on the worker's completion signal in Redis between reads of the job row (at most
+        ``poll`` seconds apart); the policy is ``tasks.job_wait``'s. Raises
+        ``JobTimeoutError`` after ``timeout`` seconds, saying what the job still waits for.
         """
-        started = time.monotonic()
-        deadline = None if timeout is None else started + timeout
-        # A job submitted a moment ago is not done yet, and its signal would still be kept in
-        # Redis: the first look is at the signal, not the store.
-        look = not self._just_submitted()
-        while True:
-            if look:
-                status = self.status()
-                if JobState(status["state"]).finished:
-                    return status
-            now = time.monotonic()
-            if deadline is not None and now > deadline:
-                if look:
-                    raise JobTimeoutError(
-                        f"job {self.id} not finished after {timeout:g}s: {self.pending()}"
-                    )
-                look = True  # one look at the store before giving up
-                continue
-            look = True
-            pause = poll if deadline is None else max(0.0, min(poll, deadline - now))
-            signalled, final = completion.receive(self.broker_url, self.id, pause)
-            if final is not None and JobState(final["state"]).finished:
-                return final
-            if not signalled:
-                time.sleep(min(pause, max(0.001, (now - started) / 10)))
+        plan = job_wait.steps(self.just_submitted(), timeout, poll)
+        status = job_wait.drive(plan, self.status, self.broker_url, self.id)
+        if status is None:
+            raise self.timed_out(timeout or 0)
+        return status
 
-    def _just_submitted(self) -> bool:
+    def timed_out(self, timeout: float) -> JobTimeoutError:
+        """The error a wait of ``timeout`` seconds that saw no end raises."""
+        return JobTimeoutError(f"job {self.id} not finished after {timeout:g}s: {self.pending()}")
+
+    def just_submitted(self) -> bool:
+        """Whether ``submit`` made this handle a moment ago (its signal would still be kept)."""
         return (
             self.broker_url is not None
             and self.submitted_at is not None

@@ -1,6 +1,6 @@
 """The ASGI app of ``embedq serve``: ``create_app()`` wires the routers, the error handlers
 and the per-app state (settings, whether keys are required, the rate limiter, the broker's
-Redis for counts and ``/health``, the model cache).
+Redis for counts, waits and ``/health``, the model cache).
 
 The app never loads a model: like the producer it writes jobs and reads the store, so several
 instances can run behind a load balancer. Request bodies are capped (``tasks.api.limits``).
@@ -17,8 +17,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from tasks import producer
-from tasks.api import catalog, embeddings, errors, files, jobs, openai_batches
-from tasks.api.auth import RateLimiter, async_broker_client, broker_client
+from tasks.api import catalog, embeddings, errors, files, health, jobs, openai_batches
+from tasks.api.auth import RateLimiter, async_broker_client
 from tasks.api.limits import BodyCap
 from tasks.publishing import Publisher
 from worker.settings import Settings, get_settings
@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 # A multipart upload carries its file plus the form's boundaries and fields: a megabyte more
 # than the file cap covers them (the files router checks the file itself against the cap).
 MULTIPART_SLACK = 1024**2
+# Requests waiting for their jobs at once, each on a Redis connection; past that many, a wait
+# polls the store instead (tasks.completion.receive_async).
+WAITING_CONNECTIONS = 1024
 
 
 def create_app(
@@ -41,8 +44,12 @@ def create_app(
     (every request is ``anonymous``, with no rate limit). Jobs' batches go to ``publisher``
     (default: the settings' broker; tests hand in their own)."""
     settings = settings or get_settings()
-    client = broker_client(settings)
-    limiter = RateLimiter(settings.api_rate_limit, async_broker_client(settings))
+    # Two clients: the rate limit's counts and /health on one, and the waits for jobs on one
+    # of their own (each waiting request blocks a connection on its signal), so that waiters
+    # cannot take the connections /health needs.
+    async_client = async_broker_client(settings)
+    signals = async_broker_client(settings, connections=WAITING_CONNECTIONS)
+    limiter = RateLimiter(settings.api_rate_limit, async_client)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,9 +58,9 @@ def create_app(
         except Exception:  # the store is away: the first batch request resumes them instead
             logger.warning("could not resume unfinished batches at startup", exc_info=True)
         yield
-        await limiter.aclose()
-        if client is not None:
-            client.close()
+        await limiter.aclose()  # and the client it counts in
+        if signals is not None:
+            await signals.aclose()
         producer.dispose()
 
     app = FastAPI(
@@ -65,7 +72,8 @@ def create_app(
     app.state.settings = settings
     app.state.publisher = publisher
     app.state.require_auth = require_auth
-    app.state.redis = client
+    app.state.async_redis = async_client
+    app.state.signals = signals
     app.state.limiter = limiter
     app.state.models = catalog.ModelCache(settings)
     errors.install(app)
@@ -75,6 +83,7 @@ def create_app(
         prefixes={"/v1/files": settings.api_max_file_bytes + MULTIPART_SLACK},
     )
     app.include_router(catalog.router)
+    app.include_router(health.router)
     app.include_router(embeddings.router)
     app.include_router(jobs.router)
     app.include_router(files.router)

@@ -47,25 +47,18 @@ def _redis_broker(settings: Settings) -> str | None:
     return url
 
 
-def broker_client(settings: Settings) -> redis.Redis | None:
-    """A Redis client on the broker, when the broker is Redis (``/health`` uses it); ``None``
-    in local mode or on another broker."""
-    url = _redis_broker(settings)
-    return (
-        None
-        if url is None
-        else redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
-    )
-
-
-def async_broker_client(settings: Settings) -> redis.asyncio.Redis | None:
-    """The same, for the event loop (the rate limit's counts)."""
+def async_broker_client(settings: Settings, connections: int = 100) -> redis.asyncio.Redis | None:
+    """An asyncio Redis client on the broker with up to ``connections`` connections, when the
+    broker is Redis; ``None`` in local mode or on another broker."""
     url = _redis_broker(settings)
     return (
         None
         if url is None
         else redis.asyncio.Redis.from_url(
-            url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
+            url,
+            socket_timeout=TIMEOUT_S,
+            socket_connect_timeout=TIMEOUT_S,
+            max_connections=connections,
         )
     )
 

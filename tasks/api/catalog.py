@@ -1,5 +1,5 @@
 """``GET /v1/models``: the models the fleet can run, in OpenAI's list shape, with embedq's
-fields (dimension, hosts that have it ready, registered source); and ``GET /health``.
+fields (dimension, hosts that have it ready, registered source).
 
 A model is known when a worker host has it ready or is preparing it, or when it is registered
 for hosts to prepare on demand (``embedq models register``); its dimension is known once a host
@@ -21,15 +21,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-import redis
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import SQLAlchemyError
 
 from storage import model_catalog
 from storage.models import ModelState, as_utc
-from storage.session import ping, scope, sessions_for
+from storage.session import scope, sessions_for
 from tasks.api.auth import require_key
 from tasks.api.errors import ApiError
 from worker.settings import Settings
@@ -161,24 +158,3 @@ def list_models(request: Request, _key: str = Depends(require_key)) -> ModelList
 def get_model(model: str, request: Request, _key: str = Depends(require_key)) -> ModelOut:
     """One model, or 404."""
     return _out(find_model(request.app.state.settings, model))
-
-
-@router.get("/health", tags=["operations"])
-def health(request: Request) -> JSONResponse:
-    """This instance's readiness, for a load balancer: 200 when the job store and the broker
-    answer, else 503 naming what does not. No key needed; it shows no data."""
-    settings: Settings = request.app.state.settings
-    checks = {"store": "ok", "broker": "ok" if settings.broker_url else "none (local mode)"}
-    try:
-        with scope(sessions_for(settings.database_url)) as session:
-            ping(session)
-    except SQLAlchemyError as exc:
-        checks["store"] = f"unreachable ({type(exc).__name__})"
-    client: redis.Redis | None = request.app.state.redis
-    if client is not None:
-        try:
-            client.ping()
-        except redis.RedisError as exc:
-            checks["broker"] = f"unreachable ({type(exc).__name__})"
-    ok = all(value == "ok" or value.startswith("none") for value in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, 200 if ok else 503)

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from storage import embeddings
 from storage.models import FailureKind, JobState
 from storage.session import scope, sessions_for
-from tasks import names, producer
+from tasks import job_wait, names, producer
 from tasks.api import catalog
 from tasks.api.auth import require_key
 from tasks.api.errors import ApiError
@@ -37,6 +37,9 @@ from worker.settings import Settings
 router = APIRouter(tags=["embeddings"])
 JOB_HEADER = "x-embedq-job"
 """The job that answered a request (OpenAI's body has no place for it): ``embedq job ID``."""
+WAIT_POLL_S = 2.0
+"""Longest block on a job's completion signal between two reads of its row: the signal carries
+the final status, so the reads are only for a signal that never came."""
 
 
 def texts(value: object) -> object:
@@ -113,36 +116,17 @@ async def create_embeddings(
     body: EmbeddingRequest, request: Request, key: str = Depends(require_key)
 ) -> Response:
     """Embed ``input`` with ``model`` and answer the vectors in input order."""
-    # The key was checked on the loop; what blocks (the store, the broker, the wait) runs in
-    # one trip through the thread pool.
+    # What blocks briefly (the model's lookup, the job's rows and messages, the vectors' read)
+    # runs in the thread pool; the wait for the workers runs on the loop (tasks.job_wait), so
+    # waiting requests hold no thread.
     state = request.app.state
-    return await run_in_threadpool(embed, body, key, state.settings, state.models, state.publisher)
-
-
-def embed(
-    body: EmbeddingRequest,
-    key: str,
-    settings: Settings,
-    models: catalog.ModelCache,
-    publisher: Publisher | None = None,
-) -> Response:
-    """The blocking part of ``POST /v1/embeddings``: submit, wait, read the vectors."""
+    settings: Settings = state.settings
     timing = Timing()
-    info = models.find(body.model)
-    check_dimensions(body.dimensions, info.dim, body.model)
-    given = [body.input] if isinstance(body.input, str) else body.input
-    handle = producer.submit(
-        given,
-        model=body.model,
-        queue=names.Queue.INTERACTIVE,
-        tag=f"api:{key}",
-        settings=settings,
-        publisher=publisher,
-    )
+    handle = await run_in_threadpool(submit, body, key, settings, state.models, state.publisher)
     timing.mark("submit")
-    try:
-        status = handle.wait(timeout=settings.api_wait_timeout)
-    except producer.JobTimeoutError:
+    plan = job_wait.steps(handle.just_submitted(), settings.api_wait_timeout, WAIT_POLL_S)
+    status = await job_wait.wait_async(plan, handle.status, state.signals, handle.id)
+    if status is None:
         raise ApiError(
             504,
             f"job {handle.id} did not finish within {settings.api_wait_timeout:g}s; it goes on:"
@@ -150,23 +134,52 @@ def embed(
             "timeout_error",
             code="job_pending",
             headers={"x-should-retry": "false", JOB_HEADER: handle.id},
-        ) from None
+        )
     timing.mark("wait")
     if status["state"] != JobState.SUCCEEDED:
         raise failure(status)
+    return await run_in_threadpool(answer, body, handle, settings, timing)
+
+
+def submit(
+    body: EmbeddingRequest,
+    key: str,
+    settings: Settings,
+    models: catalog.ModelCache,
+    publisher: Publisher | None = None,
+) -> producer.JobHandle:
+    """The request's texts as a job on the interactive queue, tagged with the key's id."""
+    info = models.find(body.model)
+    check_dimensions(body.dimensions, info.dim, body.model)
+    given = [body.input] if isinstance(body.input, str) else body.input
+    return producer.submit(
+        given,
+        model=body.model,
+        queue=names.Queue.INTERACTIVE,
+        tag=f"api:{key}",
+        settings=settings,
+        publisher=publisher,
+    )
+
+
+def answer(
+    body: EmbeddingRequest, handle: producer.JobHandle, settings: Settings, timing: Timing
+) -> Response:
+    """OpenAI's response for a job that succeeded: its vectors and token counts, read from
+    the store."""
     with scope(sessions_for(settings.database_url)) as session:
         rows = embeddings.vectors_with_tokens(session, handle.id)
     timing.mark("read")
     if rows:
         check_dimensions(body.dimensions, len(rows[0].vector) // 4, body.model)
     vectors = [(bytes(row.vector), int(row.token_count)) for row in rows]
-    answer = embeddings_body(body.model, vectors, body.encoding_format == "base64")
+    content = embeddings_body(body.model, vectors, body.encoding_format == "base64")
     # Built by hand: validating a million floats against the model would cost more than the
     # job; the response model documents the shape.
-    content = json.dumps(answer)
+    encoded = json.dumps(content)
     timing.mark("encode")
     headers = {JOB_HEADER: handle.id, "server-timing": timing.header()}
-    return Response(content, media_type="application/json", headers=headers)
+    return Response(encoded, media_type="application/json", headers=headers)
 
 
 class Timing:
