@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     api_rate_limit: int = Field(default=600, ge=0)
     """Requests per minute one API key may make (across every ``serve`` instance sharing the
     broker's Redis); 0: no limit. Over it: 429."""
+    api_auth_failure_limit: int = Field(default=30, ge=0)
+    """Requests with a wrong API key one client address may make per minute before it is
+    answered 429 instead of 401; 0: no limit."""
     api_max_request_bytes: int = Field(default=16 * 1024**2, ge=1)
     """Largest request body ``/v1/embeddings`` and ``/v1/jobs`` accept (413 above it)."""
     api_max_file_bytes: int = Field(default=200 * 1024**2, ge=1)

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from tasks import producer
 from tasks.api import catalog, embeddings, errors, files, health, jobs, openai_batches
-from tasks.api.auth import RateLimiter, async_broker_client
+from tasks.api.auth import KeyGate, RateLimiter, async_broker_client
 from tasks.api.limits import BodyCap
 from tasks.publishing import Publisher
 from worker.settings import Settings, get_settings
@@ -82,6 +82,7 @@ def create_app(
         default=settings.api_max_request_bytes,
         prefixes={"/v1/files": settings.api_max_file_bytes + MULTIPART_SLACK},
     )
+    app.add_middleware(KeyGate, state=app.state)  # outermost: the key before the body's size
     app.include_router(catalog.router)
     app.include_router(health.router)
     app.include_router(embeddings.router)

@@ -85,11 +85,17 @@ def respond(error: ApiError, headers: Mapping[str, str] | None = None) -> JSONRe
     )
 
 
+def answer(error: ApiError) -> JSONResponse:
+    """The response that ``error`` answers, with its own headers (and ``Retry-After`` on a
+    429)."""
+    headers = {"Retry-After": "60"} if error.status == 429 else {}
+    return respond(error, {**headers, **(error.headers or {})})
+
+
 def _api_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, ApiError):  # registered for ApiError only
         raise exc
-    headers = {"Retry-After": "60"} if exc.status == 429 else {}
-    return respond(exc, {**headers, **(exc.headers or {})})
+    return answer(exc)
 
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.acceptance.conftest import KEY, Server
+from tests.sockets import read_all, send_until_refused
 from tests.waiting import wait_until
 
 MB = 1024**2
@@ -34,10 +35,7 @@ def connect(server: Server) -> socket.socket:
 
 def answer(sock: socket.socket) -> tuple[int, dict[str, object]]:
     """The status and JSON body of the one answer on ``sock``, read until the server closes."""
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    head, _, content = data.partition(b"\r\n\r\n")
+    head, _, content = read_all(sock).partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(content)
 
 
@@ -69,15 +67,9 @@ def test_a_100_mb_header_is_refused_as_it_comes_and_health_is_served_meanwhile(
     poller = threading.Thread(target=poll_health)
     poller.start()
     sock = connect(server)
-    sent = 0
     try:
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: embedq\r\nAuthorization: Bearer ")
-        chunk = b"k" * MB
-        while sent < 100 * MB:
-            sock.sendall(chunk)
-            sent += len(chunk)
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the server stopped reading and closed: what the test wants
+        sent = send_until_refused(sock, b"k" * MB, 100 * MB)
     finally:
         sending.clear()
         poller.join()
@@ -170,19 +162,8 @@ def test_a_chunked_body_over_the_cap_gets_its_413_and_the_rest_is_not_read(
         + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
-    sent = 0
-    try:
-        while sent < 1000 * MB:
-            sock.sendall(chunk)
-            sent += 64 * 1024
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    got = b""
-    try:
-        while data := sock.recv(65536):
-            got += data
-    except ConnectionResetError:
-        pass
+    sent = send_until_refused(sock, chunk, 1000 * MB)
+    got = read_all(sock)
     sock.close()
     assert sent < 32 * MB, f"the server read {sent / MB:.0f} MiB after its 1 MiB cap"
     if got:  # a reset can take the answer with it; when it arrived, it is OpenAI's 413
