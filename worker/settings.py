@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     api_auth_failure_limit: int = Field(default=30, ge=0)
     """Requests with a wrong API key one client address may make per minute before it is
     answered 429 instead of 401; 0: no limit."""
+    api_max_inputs: int = Field(default=2048, ge=1)
+    """Most texts one ``/v1/embeddings`` request may hold (OpenAI's limit); over it: 400."""
+    api_max_waiting_texts: int = Field(default=8192, ge=1)
+    """Most texts one key may have waiting in ``/v1/embeddings`` requests on one instance;
+    past it: 429 until some finish (a key with none waiting is always let in)."""
     api_max_request_bytes: int = Field(default=16 * 1024**2, ge=1)
     """Largest request body ``/v1/embeddings`` and ``/v1/jobs`` accept (413 above it)."""
     api_max_file_bytes: int = Field(default=200 * 1024**2, ge=1)

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from tasks import producer
-from tasks.api import catalog, embeddings, errors, files, health, jobs, openai_batches
+from tasks.api import admission, catalog, embeddings, errors, files, health, jobs, openai_batches
 from tasks.api.auth import KeyGate, RateLimiter, async_broker_client
 from tasks.api.limits import BodyCap
 from tasks.publishing import Publisher
@@ -76,6 +76,7 @@ def create_app(
     app.state.signals = signals
     app.state.limiter = limiter
     app.state.models = catalog.ModelCache(settings)
+    app.state.admission = admission.Admission(settings.api_max_waiting_texts)
     errors.install(app)
     app.add_middleware(
         BodyCap,

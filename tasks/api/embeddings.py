@@ -26,7 +26,7 @@ from storage import embeddings
 from storage.models import FailureKind, JobState
 from storage.session import scope, sessions_for
 from tasks import job_wait, names, producer
-from tasks.api import catalog
+from tasks.api import admission, catalog
 from tasks.api.auth import require_key
 from tasks.api.errors import ApiError
 from tasks.completion import JobStatus
@@ -121,11 +121,17 @@ async def create_embeddings(
     # waiting requests hold no thread.
     state = request.app.state
     settings: Settings = state.settings
-    timing = Timing()
-    handle = await run_in_threadpool(submit, body, key, settings, state.models, state.publisher)
-    timing.mark("submit")
-    plan = job_wait.steps(handle.just_submitted(), settings.api_wait_timeout, WAIT_POLL_S)
-    status = await job_wait.wait_async(plan, handle.status, state.signals, handle.id)
+    given = [body.input] if isinstance(body.input, str) else body.input
+    admission.check_count(len(given), settings.api_max_inputs)
+    admitted: admission.Admission = state.admission
+    with admitted.admit(key, len(given)):
+        timing = Timing()
+        handle = await run_in_threadpool(
+            submit, given, body, key, settings, state.models, state.publisher
+        )
+        timing.mark("submit")
+        plan = job_wait.steps(handle.just_submitted(), settings.api_wait_timeout, WAIT_POLL_S)
+        status = await job_wait.wait_async(plan, handle.status, state.signals, handle.id)
     if status is None:
         raise ApiError(
             504,
@@ -142,6 +148,7 @@ async def create_embeddings(
 
 
 def submit(
+    given: list[str],
     body: EmbeddingRequest,
     key: str,
     settings: Settings,
@@ -151,7 +158,6 @@ def submit(
     """The request's texts as a job on the interactive queue, tagged with the key's id."""
     info = models.find(body.model)
     check_dimensions(body.dimensions, info.dim, body.model)
-    given = [body.input] if isinstance(body.input, str) else body.input
     return producer.submit(
         given,
         model=body.model,

@@ -1,0 +1,84 @@
+"""How much one key may ask of ``/v1/embeddings`` at once, so that one client cannot hold the
+interactive queue for everyone.
+
+- A request carries at most ``EMBEDQ_API_MAX_INPUTS`` texts (2,048, OpenAI's own limit; the
+  batch path has the same cap per line): 100,000 strings in one request held ``interactive``
+  for 849 s while another key's one-text request timed out behind 506 messages.
+- A key may have at most ``EMBEDQ_API_MAX_WAITING_TEXTS`` texts waiting on this instance; past
+  that its requests are answered 429 until some finish. Work that large belongs to
+  ``/v1/jobs`` on the bulk queue or to ``/v1/batches``.
+- The texts a key already has waiting also set the priority of its new job's messages
+  (``priority``): a key with nothing waiting asking for a batch's worth goes first, a key that
+  already holds the queue goes behind it (Redis brokers; 0 is served first).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tasks.api.errors import ApiError
+
+STEPS = ((128, 0), (1024, 3), (4096, 6))
+"""(texts waiting for the key with this request, at most; the messages' priority); above the
+last: 9, kombu's lowest step."""
+
+
+def priority(waiting: int) -> int:
+    """The priority of a job's messages when its key has ``waiting`` texts in flight, this
+    request's included."""
+    return next((level for bound, level in STEPS if waiting <= bound), 9)
+
+
+def check_count(count: int, limit: int) -> None:
+    """Raise ``ApiError`` 400 for a request of more than ``limit`` texts."""
+    if count > limit:
+        raise ApiError(
+            400,
+            f"'input' holds {count} texts, over the limit of {limit} per request: split it, or"
+            " send large work as a job (POST /v1/jobs) or a batch (POST /v1/batches)",
+            param="input",
+            code="too_many_inputs",
+        )
+
+
+class Admission:
+    """The texts each key has waiting on this instance."""
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self._waiting: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def waiting(self, key: str) -> int:
+        with self._lock:
+            return self._waiting.get(key, 0)
+
+    @contextmanager
+    def admit(self, key: str, texts: int) -> Iterator[int]:
+        """Count ``texts`` as waiting for ``key`` while the block runs; it gets the priority
+        for their messages. Raises ``ApiError`` 429 when they would pass the key's limit (a
+        key with nothing waiting is always let in)."""
+        with self._lock:
+            before = self._waiting.get(key, 0)
+            if before and before + texts > self.max_waiting:
+                raise ApiError(
+                    429,
+                    f"key {key} has {before} texts waiting on this instance; with {texts} more"
+                    f" it would pass its limit of {self.max_waiting}: wait for them, or send"
+                    " large work as a job (POST /v1/jobs) or a batch (POST /v1/batches)",
+                    "rate_limit_error",
+                    "too_many_waiting",
+                    headers={"Retry-After": "1"},
+                )
+            self._waiting[key] = before + texts
+        try:
+            yield priority(before + texts)
+        finally:
+            with self._lock:
+                left = self._waiting[key] - texts
+                if left:
+                    self._waiting[key] = left
+                else:
+                    del self._waiting[key]
