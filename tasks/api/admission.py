@@ -7,9 +7,9 @@ interactive queue for everyone.
 - A key may have at most ``EMBEDQ_API_MAX_WAITING_TEXTS`` texts waiting on this instance; past
   that its requests are answered 429 until some finish. Work that large belongs to
   ``/v1/jobs`` on the bulk queue or to ``/v1/batches``.
-- The texts a key already has waiting also set the priority of its new job's messages
-  (``priority``): a key with nothing waiting asking for a batch's worth goes first, a key that
-  already holds the queue goes behind it (Redis brokers; 0 is served first).
+
+What this bounds is each key's share of the queue, not its order: the queue stays first come,
+first served, so a key's request can still wait behind another key's admitted texts.
 """
 
 from __future__ import annotations
@@ -19,16 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tasks.api.errors import ApiError
-
-STEPS = ((128, 0), (1024, 3), (4096, 6))
-"""(texts waiting for the key with this request, at most; the messages' priority); above the
-last: 9, kombu's lowest step."""
-
-
-def priority(waiting: int) -> int:
-    """The priority of a job's messages when its key has ``waiting`` texts in flight, this
-    request's included."""
-    return next((level for bound, level in STEPS if waiting <= bound), 9)
 
 
 def check_count(count: int, limit: int) -> None:
@@ -56,10 +46,10 @@ class Admission:
             return self._waiting.get(key, 0)
 
     @contextmanager
-    def admit(self, key: str, texts: int) -> Iterator[int]:
-        """Count ``texts`` as waiting for ``key`` while the block runs; it gets the priority
-        for their messages. Raises ``ApiError`` 429 when they would pass the key's limit (a
-        key with nothing waiting is always let in)."""
+    def admit(self, key: str, texts: int) -> Iterator[None]:
+        """Count ``texts`` as waiting for ``key`` while the block runs. Raises ``ApiError``
+        429 when they would pass the key's limit (a key with nothing waiting is always let
+        in)."""
         with self._lock:
             before = self._waiting.get(key, 0)
             if before and before + texts > self.max_waiting:
@@ -74,7 +64,7 @@ class Admission:
                 )
             self._waiting[key] = before + texts
         try:
-            yield priority(before + texts)
+            yield
         finally:
             with self._lock:
                 left = self._waiting[key] - texts
