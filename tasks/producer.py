@@ -37,6 +37,8 @@ from worker.validation import validate
 
 # A job may hold many batches; the per-call limit applies to one batch, this to one job.
 MAX_JOB_ITEMS = 1_000_000
+OWNER = "owner"
+"""The key of a job's ``meta`` that names the API key id it belongs to."""
 
 
 class JobTimeoutError(EmbedqError):
@@ -137,8 +139,12 @@ def submit(
     settings: Settings | None = None,
     publisher: Publisher | None = None,
     max_items: int = MAX_JOB_ITEMS,
+    owner: str | None = None,
 ) -> JobHandle:
     """Enqueue ``texts`` for embedding as one job and return its handle.
+
+    ``owner``: the API key id the job belongs to (``OWNER`` in its ``meta``); the HTTP API
+    shows a job only to its owner.
 
     The job is written to the store ``settings`` name and its batches handed to ``publisher``
     (default: ``publishing.publisher_for(settings)``). Raises ``InputError`` (nothing stored)
@@ -167,7 +173,8 @@ def submit(
             )
         ensure_schema(settings.database_url)  # local mode: a laptop needs no `embedq db upgrade`
     job_id = str(uuid.uuid4())
-    job = Job(id=job_id, model_name=model, queue=queue, tag=tag, total_items=len(clean), meta={})
+    meta = {OWNER: owner} if owner is not None else {}
+    job = Job(id=job_id, model_name=model, queue=queue, tag=tag, total_items=len(clean), meta=meta)
     batches = plan_batches(clean, item_ids, settings.batch_size_for(queue))
     chosen = publisher or publishing.publisher_for(settings)
     if isinstance(chosen, publishing.BrokerPublisher) and len(batches) == 1:

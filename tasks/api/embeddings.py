@@ -165,6 +165,7 @@ def submit(
         tag=f"api:{key}",
         settings=settings,
         publisher=publisher,
+        owner=key,
     )
 
 

@@ -18,7 +18,7 @@ from storage.models import Job, JobState, as_utc
 from storage.session import scope, sessions_for
 from tasks import names, producer, vector_files
 from tasks.api import catalog
-from tasks.api.auth import require_key
+from tasks.api.auth import ANONYMOUS, require_key
 from tasks.api.embeddings import Input
 from tasks.api.errors import ApiError
 from worker.settings import Settings
@@ -74,10 +74,13 @@ def _out(job: Job) -> JobOut:
     )
 
 
-def _job(settings: Settings, job_id: str) -> JobOut:
+def _job(settings: Settings, job_id: str, key: str) -> JobOut:
+    """The job, when ``key`` may see it: its owner (the key that submitted it through the API)
+    or anyone when the API runs without keys. Another key's job, or one submitted outside the
+    API, is answered as an unknown one: 404, saying nothing of whether it exists."""
     with scope(sessions_for(settings.database_url)) as session:
         job = jobs.get_job(session, job_id)
-        if job is None:
+        if job is None or (key != ANONYMOUS and (job.meta or {}).get(producer.OWNER) != key):
             raise ApiError(404, f"no job {job_id!r}", code="job_not_found")
         return _out(job)
 
@@ -98,14 +101,15 @@ def create_job(body: JobRequest, request: Request, key: str = Depends(require_ke
         tag=body.tag or f"api:{key}",
         settings=settings,
         publisher=request.app.state.publisher,
+        owner=key,
     )
-    return _job(settings, handle.id)
+    return _job(settings, handle.id, key)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, _key: str = Depends(require_key)) -> JobOut:
-    """A job's state and counts."""
-    return _job(request.app.state.settings, job_id)
+def get_job(job_id: str, request: Request, key: str = Depends(require_key)) -> JobOut:
+    """A job's state and counts (the calling key's jobs only)."""
+    return _job(request.app.state.settings, job_id, key)
 
 
 @router.get(
@@ -123,12 +127,12 @@ def job_embeddings(
     job_id: str,
     request: Request,
     format: Annotated[Literal["npy", "jsonl"], Query()] = "npy",
-    _key: str = Depends(require_key),
+    key: str = Depends(require_key),
 ) -> StreamingResponse:
     """A finished job's vectors, streamed. Items that failed have no row: the ``jsonl`` lines
     carry the ids; ``X-Embedq-Count`` says how many rows follow."""
     settings: Settings = request.app.state.settings
-    job = _job(settings, job_id)
+    job = _job(settings, job_id, key)
     if not JobState(job.state).finished:
         raise ApiError(
             409,

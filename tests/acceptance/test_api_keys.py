@@ -65,3 +65,25 @@ def test_wrong_keys_are_slowed_to_429_and_a_valid_key_goes_on(
         valid = client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
         assert valid.status_code == 200
         assert client.get("/health").status_code == 200  # no key needed, none counted
+
+
+def test_a_key_reads_its_own_jobs_only(serve: Callable[..., Server]) -> None:
+    other = "sk-keys-other"
+    server = serve(EMBEDQ_API_KEYS=f"{KEY},{other}")
+    mine, theirs = ({"Authorization": f"Bearer {key}"} for key in (KEY, other))
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        created = client.post("/v1/jobs", headers=mine, json={"input": ["a text of mine"]})
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        assert client.get(f"/v1/jobs/{job_id}", headers=mine).status_code == 200
+        for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/embeddings"):
+            hidden = client.get(path, headers=theirs)
+            assert hidden.status_code == 404, hidden.text  # as if it did not exist
+            assert hidden.json()["error"]["message"] == f"no job {job_id!r}"
+        # The 504 path's job id, from /v1/embeddings, is its key's too.
+        answered = client.post(
+            "/v1/embeddings", headers=mine, json={"input": "mine", "model": "minilm"}
+        )
+        job_of_request = answered.headers["x-embedq-job"]
+        assert client.get(f"/v1/jobs/{job_of_request}", headers=mine).status_code == 200
+        assert client.get(f"/v1/jobs/{job_of_request}", headers=theirs).status_code == 404
