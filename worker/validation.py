@@ -35,6 +35,13 @@ def validate(
             f"texts at {_first(broken)} hold lone surrogates (half of a UTF-16 pair), which are"
             " not Unicode text: decode the source with errors='replace' or fix it"
         )
+    nul = [i for i, t in enumerate(texts) if "\x00" in str(t)]
+    if nul:
+        raise InputError(
+            f"texts at {_first(nul)} hold a NUL character (\\x00), which is not text (a"
+            " binary file or a C string's end read as text?) and which PostgreSQL cannot"
+            " store: remove it"
+        )
     return [str(t) for t in texts]
 
 

@@ -78,17 +78,23 @@ def test_openai_s_client_gets_the_engine_s_vectors_and_the_stored_token_counts(
     assert malformed.value.body["param"] == "encoding_format"  # type: ignore[index]
 
 
+@pytest.mark.parametrize(
+    "unread",
+    ["\u200b\u200b\u200b", "\x01\x02\x03", "\ue000\ue001"],
+    ids=["zero-width", "control", "private-use"],
+)
 def test_a_text_the_model_reads_nothing_in_is_a_400_from_a_real_worker(
-    fleet: Fleet, serve: Callable[..., Server], engine: Engine
+    fleet: Fleet, serve: Callable[..., Server], engine: Engine, unread: str
 ) -> None:
-    """The producer accepts a text of zero-width spaces (it is not whitespace); the worker's
-    engine finds nothing in it to read and refuses it. The failure is stored as input, so
-    OpenAI's client gets a 400 naming the input, while the good text of the request is stored
-    with the engine's vector."""
+    """The producer accepts a text of zero-width spaces, control or private-use characters (it
+    is not whitespace); the worker's engine finds nothing in it to read and refuses it, rather
+    than embedding [CLS][SEP]. The failure is stored as input, so OpenAI's client gets a 400
+    naming the input, while the good text of the request is stored with the engine's
+    vector."""
     client = serve().client()
     with pytest.raises(openai.BadRequestError) as refused:
         client.embeddings.with_raw_response.create(
-            input=["a perfectly good text", "\u200b\u200b\u200b"], model="minilm"
+            input=["a perfectly good text", unread], model="minilm"
         )
     error = refused.value.body
     assert isinstance(error, dict)
@@ -106,6 +112,16 @@ def test_a_text_the_model_reads_nothing_in_is_a_400_from_a_real_worker(
     vector = np.frombuffer(stored[0].vector, "<f4")
     reference = engine.encode(["a perfectly good text"]).vectors
     assert float(cosines([vector], reference)[0]) >= 0.9999
+
+
+def test_a_text_with_a_nul_is_refused_as_a_batch_line_refuses_it(
+    serve: Callable[..., Server],
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        serve().client().embeddings.create(input=["fine", "a\x00b"], model="minilm")
+    error = refused.value.body
+    assert isinstance(error, dict) and error["code"] == "invalid_input"
+    assert "texts at index 1 hold a NUL character" in error["message"]
 
 
 def test_a_body_over_the_cap_is_a_413_in_openai_s_shape(serve: Callable[..., Server]) -> None:

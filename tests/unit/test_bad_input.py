@@ -91,6 +91,7 @@ SUBMIT_CASES = [
     case("text-empty", r"texts at index 1 are empty or whitespace only", ["fine", ""]),
     case("text-whitespace", r"texts at index 2 are empty or whitespace only", ["a", "b", " \t\n"]),
     case("text-lone-surrogate", r"texts at index 0 hold lone surrogates", ["a\ud800b", "fine"]),
+    case("text-with-nul", r"texts at index 1 hold a NUL character", ["fine", "a\x00b"]),
     pytest.param(
         Submit(r"4 texts is more than .* limit of 3", ("a", "b", "c", "d"), max_job_items=3),
         id="texts-over-the-job-limit",
