@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from storage import embeddings
@@ -42,10 +43,20 @@ WAIT_POLL_S = 2.0
 the final status, so the reads are only for a signal that never came."""
 
 
+TOKEN_ARRAYS = (
+    "token arrays are not accepted: embedq tokenises texts with each model's own tokenizer, so"
+    " send the texts themselves. LangChain's OpenAIEmbeddings sends token arrays by default:"
+    " create it with check_embedding_ctx_length=False"
+)
+
+
 def texts(value: object) -> object:
-    """A string or a list of strings; OpenAI's token arrays are refused by name."""
+    """A string or a list of strings; OpenAI's token arrays (a list of ints, or of lists of
+    ints, as LangChain sends) are refused by name (a 400, ``errors.BAD_INPUT``)."""
     if isinstance(value, list) and not all(isinstance(item, str) for item in value):
-        raise ValueError("must be a string or a list of strings (token arrays are not accepted)")
+        if all(isinstance(item, (int, list)) for item in value):
+            raise PydanticCustomError("token_arrays", TOKEN_ARRAYS)
+        raise ValueError("must be a string or a list of strings")
     if not isinstance(value, (str, list)):
         raise ValueError("must be a string or a list of strings")
     return value

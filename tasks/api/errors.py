@@ -45,6 +45,9 @@ TYPES = {
 # Codes for HTTP errors raised outside our endpoints (a body over the cap met while FastAPI
 # parses it is raised as an HTTPException).
 CODES = {413: "request_too_large"}
+# Validation errors that are input OpenAI would refuse with a 400 (not a wrong type): their
+# type is their code.
+BAD_INPUT = frozenset({"token_arrays"})
 
 
 class ApiError(Exception):
@@ -120,6 +123,8 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if first.get("type") == "json_invalid":
         return respond(ApiError(400, "the request body is not valid JSON"))
     message = str(first.get("msg", "invalid request"))
+    if first.get("type") in BAD_INPUT:
+        return respond(ApiError(400, message, param=param, code=str(first["type"])))
     if param:
         message = f"{param}: {message}"
     if len(errors) > 1:

@@ -212,7 +212,14 @@ def test_openai_s_own_client_reads_both_encodings(client: TestClient) -> None:
     [
         ({"input": [], "model": "fake"}, 400, None, "texts is empty"),
         ({"input": ["a", "  "], "model": "fake"}, 400, None, "whitespace only"),
-        ({"input": [1, 2], "model": "fake"}, 422, "input", "token arrays are not accepted"),
+        ({"input": [1, 2], "model": "fake"}, 400, "input", "token arrays are not accepted"),
+        (  # what LangChain's OpenAIEmbeddings sends by default
+            {"input": [[101, 2023], [7592]], "model": "fake"},
+            400,
+            "input",
+            "create it with check_embedding_ctx_length=False",
+        ),
+        ({"input": ["t"] * 2049, "model": "fake"}, 400, "input", "over the limit of 2048"),
         ({"input": 5, "model": "fake"}, 422, "input", "a string or a list of strings"),
         ({"model": "fake"}, 422, "input", "Field required"),
         ({"input": "a", "model": "fake", "dimensions": 4}, 400, "dimensions", "produces 8"),
