@@ -1,4 +1,5 @@
-"""What this machine's CPU can compute, read from the flags the kernel reports.
+"""What this machine can compute: its CPU's flags as the kernel reports them, and whether it
+shows an NVIDIA GPU at all.
 
 bf16 is worth running only where the CPU has bfloat16 arithmetic: AVX512-BF16 (Intel Cooper
 Lake and later, AMD Zen 4 and later) or AMX (Intel Sapphire Rapids and later). Elsewhere
@@ -13,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
+DEVICES = Path("/dev")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -54,3 +57,10 @@ def bf16_missing(flags: frozenset[str] | None = None) -> str | None:
         " fp32 here; bf16 needs an Intel Xeon from Cooper Lake / Sapphire Rapids on, or an AMD"
         " EPYC from Zen 4 (Genoa) on"
     )
+
+
+@lru_cache(maxsize=1)
+def has_nvidia_device() -> bool:
+    """Whether this machine shows an NVIDIA GPU: the driver loaded (``/proc/driver/nvidia``)
+    or a device node (``/dev/nvidia0``, what a container is given)."""
+    return NVIDIA_DRIVER.exists() or any(DEVICES.glob("nvidia[0-9]*"))

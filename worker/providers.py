@@ -8,6 +8,7 @@ logs one warning naming both and the reason, or refuses (``EMBEDQ_PROVIDER_FALLB
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import onnxruntime as ort
 
+from worker import hardware
 from worker.errors import ProviderError
 from worker.settings import FallbackPolicy
 
@@ -34,13 +36,36 @@ def available() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def choose(requested: Sequence[str], built_in: Sequence[str]) -> list[str]:
+def choose(
+    requested: Sequence[str], built_in: Sequence[str], nvidia: bool | None = None
+) -> list[str]:
     """The provider list to hand to the session: the settings' list, else the best accelerator
-    this build lists, always ending with the CPU so a session can be built."""
-    chosen = list(requested) if requested else [p for p in _ACCELERATORS if p in built_in][:1]
+    this build lists that the machine can run, always ending with the CPU so a session can be
+    built. On a machine without an NVIDIA device (``nvidia``: default, ask ``hardware``) CUDA
+    is not tried: onnxruntime-gpu would print a red error for each library it cannot load
+    before falling back, on every CPU-only laptop that runs the main job."""
+    chosen = list(requested)
+    if not chosen:
+        present = hardware.has_nvidia_device() if nvidia is None else nvidia
+        usable = [p for p in _ACCELERATORS if p in built_in and (present or p not in _NVIDIA)]
+        chosen = usable[:1]
+        if not present and _NVIDIA[0] in built_in:
+            _say_no_gpu()
     if CPU not in chosen:
         chosen.append(CPU)
     return chosen
+
+
+_NVIDIA = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+@functools.cache
+def _say_no_gpu() -> None:
+    """Once a process: why a CUDA build runs on the CPU."""
+    logger.info(
+        "no NVIDIA device on this machine: onnxruntime runs on the CPU, CUDA not tried"
+        " (EMBEDQ_PROVIDERS chooses explicitly)"
+    )
 
 
 # Providers that take a ``device_id`` option; the CPU takes none.

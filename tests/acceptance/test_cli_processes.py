@@ -56,3 +56,22 @@ def test_python_dash_m_ends_the_same_way(tmp_path: Path) -> None:
         "embed", "-f", str(tmp_path / "latin1.jsonl"), env=settings_for(tmp_path), module=True
     )
     assert_ends_with_one_error(result, 2, "latin1.jsonl:2 is not UTF-8 text (byte 0xe9")
+
+
+def test_the_main_job_on_a_machine_without_a_gpu_prints_no_onnxruntime_error(
+    tmp_path: Path, minilm: Path
+) -> None:
+    """What ``make run`` does, with the providers left to embedq: on a machine without an
+    NVIDIA device a CUDA build of onnxruntime is not asked for CUDA, so it prints no red error
+    for the libraries it cannot load; one quiet line says why the CPU runs it."""
+    from worker import hardware
+
+    settings = settings_for(tmp_path)
+    del settings["EMBEDQ_PROVIDERS"]  # the default: what a new user gets
+    settings["EMBEDQ_MODEL_DIR"] = str(minilm.parent)
+    result = embedq("embed", "one text", "--model", minilm.name, env=settings)
+    assert result.code == 0, result.stderr
+    assert "[E:onnxruntime" not in result.stderr
+    assert "Failed to load library" not in result.stderr
+    said = result.stderr.count("no NVIDIA device on this machine")
+    assert said == (0 if hardware.has_nvidia_device() else 1)

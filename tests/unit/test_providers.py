@@ -1,20 +1,51 @@
 import logging
+from pathlib import Path
 
 import pytest
 
-from worker import providers
+from worker import hardware, providers
 from worker.errors import ProviderError
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
 def test_default_is_the_best_listed_accelerator_then_cpu() -> None:
-    assert providers.choose([], ["TensorrtExecutionProvider", CUDA, CPU]) == [CUDA, CPU]
-    assert providers.choose([], [CPU]) == [CPU]
+    gpu = ["TensorrtExecutionProvider", CUDA, CPU]
+    assert providers.choose([], gpu, nvidia=True) == [CUDA, CPU]
+    assert providers.choose([], [CPU], nvidia=True) == [CPU]
     assert providers.choose([], ["CoreMLExecutionProvider", CPU]) == [
         "CoreMLExecutionProvider",
         CPU,
     ]
+
+
+def test_without_an_nvidia_device_cuda_is_not_tried_and_that_is_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    providers._say_no_gpu.cache_clear()
+    caplog.set_level(logging.INFO, logger="worker.providers")
+    gpu = ["TensorrtExecutionProvider", CUDA, CPU]
+    assert providers.choose([], gpu, nvidia=False) == [CPU]
+    assert providers.choose([], gpu, nvidia=False) == [CPU]
+    assert [record.levelno for record in caplog.records] == [logging.INFO]
+    assert "no NVIDIA device on this machine" in caplog.records[0].getMessage()
+    assert providers.choose([CUDA], gpu, nvidia=False) == [CUDA, CPU]  # asked for: tried
+
+
+def test_an_nvidia_device_is_seen_by_its_driver_or_its_device_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hardware, "NVIDIA_DRIVER", tmp_path / "driver" / "version")
+    monkeypatch.setattr(hardware, "DEVICES", tmp_path)
+    found = []
+    for make in (None, tmp_path / "nvidia0", tmp_path / "driver" / "version"):
+        if make is not None:
+            make.parent.mkdir(exist_ok=True)
+            make.write_text("")
+        hardware.has_nvidia_device.cache_clear()
+        found.append(hardware.has_nvidia_device())
+    hardware.has_nvidia_device.cache_clear()
+    assert found == [False, True, True]
 
 
 def test_requested_providers_are_kept_in_order_with_cpu_last() -> None:
