@@ -44,8 +44,10 @@ have() { docker image inspect "$1" >/dev/null 2>&1 || docker pull -q "$1" >/dev/
 if ! have python:3.11-slim; then
   echo "building a stand-in for python:3.11-slim (debootstrap, Debian 12)"
   rootfs=$(mktemp -d)
+  # From the archive the host's apt uses (a mirror or proxy here), read from its sources.
+  archive=$(deploy/apt-archive.sh bookworm)
   debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
-    bookworm "$rootfs" http://deb.debian.org/debian >/tmp/embedq-debootstrap.log
+    bookworm "$rootfs" "$archive" >/tmp/embedq-debootstrap.log
   # Package and Python indexes are reached through a proxy with its own CA, which the host trusts.
   cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
   tar -C "$rootfs" -c . | docker import \

@@ -78,3 +78,20 @@ def test_the_fleet_has_what_the_issue_asks_for() -> None:
     for name, spec in services.items():
         assert "healthcheck" in spec or spec.get("restart") == "no", name
     assert "models:/models" in gpu["volumes"] and "models" in compose()["volumes"]
+
+
+def test_workers_and_the_api_come_back_after_they_exit() -> None:
+    """A worker exits on errors it cannot recover from (Redis at maxmemory): without a restart
+    policy it stayed down, and its queues with it."""
+    for name, spec in embedq_services().items():
+        if name != "migrate":
+            assert spec.get("restart") == "unless-stopped", name
+
+
+def test_no_package_archive_is_named_in_deploy() -> None:
+    """The stand-in images are built from the archive the host's apt uses
+    (deploy/apt-archive.sh reads it from its sources), never from an address written here."""
+    for path in (REPO / "deploy").rglob("*"):
+        if path.is_file() and path.suffix in ("", ".sh", ".Dockerfile"):
+            text = path.read_text(errors="replace")
+            assert not re.search(r"(deb|archive|mirror)[\w.-]*\.(org|com|net)", text), path
