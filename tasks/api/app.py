@@ -17,7 +17,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from tasks import producer
-from tasks.api import admission, catalog, embeddings, errors, files, health, jobs, openai_batches
+from tasks.api import (
+    admission,
+    catalog,
+    docs,
+    embeddings,
+    errors,
+    files,
+    health,
+    jobs,
+    openai_batches,
+)
 from tasks.api.auth import KeyGate, RateLimiter, async_broker_client
 from tasks.api.limits import BodyCap
 from tasks.publishing import Publisher
@@ -68,6 +78,8 @@ def create_app(
         summary="Text embeddings as background jobs, with OpenAI's embeddings API.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # served by tasks.api.docs, without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.publisher = publisher
@@ -78,6 +90,7 @@ def create_app(
     app.state.models = catalog.ModelCache(settings)
     app.state.admission = admission.Admission(settings.api_max_waiting_texts)
     errors.install(app)
+    docs.install(app)
     app.add_middleware(
         BodyCap,
         default=settings.api_max_request_bytes,

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -372,6 +373,12 @@ def test_the_openapi_document_and_the_docs_are_served(client: TestClient) -> Non
     assert set(request["properties"]) == {"input", "model", "encoding_format", "dimensions", "user"}
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    # Its script and style come from this server, not a CDN (none is reachable offline).
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs.text)
+    assert len(assets) == 2 and all(asset.startswith("/docs/assets/") for asset in assets)
+    for asset in assets:
+        served = client.get(asset)
+        assert served.status_code == 200 and len(served.content) > 10_000
 
 
 # --- /v1/models and /v1/jobs -------------------------------------------------------------------
