@@ -76,6 +76,11 @@ def config(settings: Settings) -> dict[str, Any]:
             "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,
+        # Redis answering an error instead of closing (OutOfMemoryError at maxmemory, a READONLY
+        # replica) is a "channel error": without this the worker exited ("Unrecoverable
+        # error") and stayed down; with it, it reconnects with backoff like after a lost
+        # connection, and the batch Redis could not keep is re-sent from the ledger.
+        broker_channel_error_retry=True,
         task_queues=[
             Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
             for name in ("interactive", "bulk")

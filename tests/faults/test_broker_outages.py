@@ -19,6 +19,7 @@ from tests.faults.outcomes import (
     wait_terminal,
 )
 from tests.processes import PrivateRedis, Worker
+from tests.waiting import wait_until
 from worker.errors import UnavailableError
 
 
@@ -51,6 +52,57 @@ def test_redis_restarted_empty_mid_job_is_recovered_by_the_reconciler(
     assert outcome.verdict == ("succeeded", JOB_SIZE, 0, 0), (status, tail(worker))
     assert again >= 1
     assert worker.process.poll() is None
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_redis_at_maxmemory_stops_no_worker_and_loses_no_batch(
+    start_worker: Callable[..., Worker],
+    broker: PrivateRedis,
+    short_texts: list[str],
+    database_url: str,
+    report: Callable[..., Outcome],
+) -> None:
+    """Redis refuses every write (maxmemory reached, noeviction): a worker that pops a batch
+    cannot record it as unacknowledged, and the batch is gone from Redis. The worker used to
+    exit ("Unrecoverable error: OutOfMemoryError"); it now reconnects until Redis takes writes
+    again, and the reconciler re-sends the lost batch from the ledger."""
+    from tasks import producer
+
+    worker = start_worker("redis-oom")
+    texts = job_texts(short_texts, 12)
+    started = time.monotonic()
+    job = producer.submit(texts)
+    wait_done(job, 200, worker)
+
+    redis = broker.client()
+    redis.config_set("maxmemory-policy", "noeviction")
+    redis.config_set("maxmemory", "1")  # far below what it holds: every write is refused
+    seen = len(worker.lines)
+    wait_until(
+        lambda: worker.logged("used memory > 'maxmemory'", since=seen) or not worker.alive(),
+        120,
+        "the worker to meet Redis's out-of-memory refusal",
+        detail=worker.tail,
+    )
+    # Held while the worker tries again and again: it stays up through every refusal.
+    wait_until(
+        lambda: sum("Trying to reconnect" in line for line in worker.lines[seen:]) >= 3,
+        60,
+        "the worker to try Redis three times",
+        detail=worker.tail,
+    )
+    assert worker.alive(), tail(worker)
+    redis.config_set("maxmemory", "0")  # memory freed: Redis takes writes again
+
+    status = wait_terminal(job, 240)
+    again = scalar(
+        database_url, "SELECT count(*) FROM batches WHERE job_id = :j AND sends > 1", j=job.id
+    )
+    elapsed = time.monotonic() - started
+    outcome = report(job.id, len(texts), elapsed, note=f"{again} batches re-published")
+    assert outcome.verdict == ("succeeded", JOB_SIZE, 0, 0), (status, tail(worker))
+    assert worker.alive(), tail(worker)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
