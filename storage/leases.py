@@ -1,6 +1,7 @@
 """Named leases, each held by one process at a time until it expires: the reconciler's (one
-sweep at a time across the fleet), an OpenAI batch's runner, and each worker process's word
-that it is alive (which tells the reconciler whose batches belong to a dead worker).
+sweep at a time across the fleet), an OpenAI batch's runner, each worker process's word that
+it is alive (which tells the reconciler whose batches belong to a dead worker), and a model's
+preparation on a host (renewed while a worker prepares it).
 
 Functions take the session first and never commit.
 """
@@ -32,6 +33,12 @@ def take_lease(session: Session, name: str, holder: str, ttl_s: float) -> bool:
     session.add(Lease(name=name, holder=holder, expires_at=until))
     session.flush()
     return True
+
+
+def held(session: Session, name: str) -> bool:
+    """Whether lease ``name`` is held by anyone and has not expired."""
+    expires_at = session.scalar(select(Lease.expires_at).where(Lease.name == name))
+    return expires_at is not None and as_utc(expires_at) >= datetime.now(UTC)
 
 
 def release_lease(session: Session, name: str, holder: str) -> None:

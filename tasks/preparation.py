@@ -15,15 +15,18 @@ failed fails its items with that reason.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import model_catalog
-from storage.models import ModelState, as_utc
+from storage import leases, model_catalog
+from storage.models import ModelState
 from storage.session import dispose_all, scope, sessions_for
 from tasks import failures, model_options, names
 from worker.app import app
@@ -32,6 +35,8 @@ from worker.manifest import Manifest
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
+PREPARING = "preparing:"
+"""Prefix of the leases that say a model is being prepared on a host (``preparing``)."""
 
 
 class ModelPendingError(TransientError):
@@ -40,6 +45,45 @@ class ModelPendingError(TransientError):
     def __init__(self, name: str, host: str) -> None:
         super().__init__(f"model {name!r} is being prepared on {host}")
         self.name = name
+
+
+def preparing(name: str, host: str) -> str:
+    """The lease that says model ``name`` is being prepared on ``host``: taken when a batch
+    asks for the download, renewed by the worker that runs it, left to expire when that
+    worker dies, after which the next batch that needs the model asks again."""
+    return PREPARING + hashlib.sha256(f"{host}:{name}".encode()).hexdigest()[:40]  # 50 chars
+
+
+@contextmanager
+def _renewing(
+    lease: str, holder: str, sessions: sessionmaker[Session], ttl_s: float
+) -> Iterator[None]:
+    """Renew ``lease`` every third of ``ttl_s`` while the block runs (in a thread: the block
+    is a download or an export that holds this one), and give it up at the end."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while True:
+            try:
+                with scope(sessions) as session:
+                    leases.take_lease(session, lease, holder, ttl_s)
+            except Exception:  # the store away: the download goes on, the lease may lapse
+                logger.warning("could not renew lease %s", lease, exc_info=True)
+            if stop.wait(ttl_s / 3):
+                return
+
+    renewer = threading.Thread(target=renew, name=f"renew {lease}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        try:
+            with scope(sessions) as session:
+                leases.release_lease(session, lease, holder)
+        except Exception:  # it expires on its own
+            logger.warning("could not release lease %s", lease, exc_info=True)
 
 
 def record_ready(session: Session, manifest: Manifest, host: str) -> None:
@@ -83,9 +127,10 @@ def prepare_here(name: str, sessions: sessionmaker[Session], settings: Settings)
         model_catalog.set_prepared(session, name, host, ModelState.PREPARING, source=source)
     started = time.perf_counter()
     try:
-        manifest = ModelStore(settings.model_dir).pull(
-            source, name, model_options.pull_options(options), settings, replace=False
-        )
+        with _renewing(preparing(name, host), host, sessions, settings.download_lease):
+            manifest = ModelStore(settings.model_dir).pull(
+                source, name, model_options.pull_options(options), settings, replace=False
+            )
     except Exception as exc:  # every way out but a transient one is a recorded failure
         if failures.is_transient(exc) and not isinstance(exc, SoftTimeLimitExceeded):
             raise  # a source or the store out of reach: the download task tries again
@@ -137,14 +182,14 @@ def request(name: str, sessions: sessionmaker[Session], settings: Settings) -> N
             raise ModelError(f"model {name!r} could not be prepared on {host}: {row.error}")
         if model_catalog.get_source(session, name) is None:
             raise _unregistered(name, host)
+        lease = preparing(name, host)
         in_progress = (
-            row is not None
-            and row.state == ModelState.PREPARING
-            and (datetime.now(UTC) - as_utc(row.updated_at)).total_seconds()
-            < settings.download_time_limit + 60
+            row is not None and row.state == ModelState.PREPARING and leases.held(session, lease)
         )
         if not in_progress:  # never asked, lost (its worker died), or deleted since
             model_catalog.set_prepared(session, name, host, ModelState.PREPARING)
+            # Held for a lease's time by the request; the download renews it while it runs.
+            leases.take_lease(session, lease, host, settings.download_lease)
     if not in_progress:
         with app.connection_for_write(settings.celery_broker()) as connection:
             app.send_task(

@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     """Hard limit in seconds for preparing one model (fetch, export, verify)."""
     model_wait_interval: float = Field(default=2.0, gt=0)
     """Seconds before a batch whose model is being prepared on its host is tried again."""
+    download_lease: float = Field(default=30, gt=0)
+    """Seconds a model's preparation on a host counts as under way without word from the
+    worker preparing it (it renews the lease every third of that); past it, a batch waiting
+    for the model asks for it again, so a worker killed mid-download delays its batches by
+    about this long, not by the broker's visibility timeout."""
 
     # --- inference ---------------------------------------------------------------------------
     providers: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -1,6 +1,7 @@
 """What a batch does when its host lacks the model: the decisions in ``tasks.preparation.request``,
 on a real SQLite store, with the broker replaced by a list of sent messages."""
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,8 +11,8 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import model_catalog
-from storage.models import ModelState, PreparedModel
+from storage import leases, model_catalog
+from storage.models import Lease, ModelState, PreparedModel
 from storage.session import make_engine, scope, session_factory
 from tasks import model_options, names, preparation
 from worker.errors import InputError, ModelError, ModelNotFoundError
@@ -92,12 +93,46 @@ def test_a_download_that_went_quiet_is_asked_for_again(
         model_catalog.register_source(session, "m", "hf://org/m", {})
     with pytest.raises(preparation.ModelPendingError):
         preparation.request("m", sessions, settings)
-    with scope(sessions) as session:  # its worker died: nothing touched the row since
-        long_ago = datetime.now(UTC) - timedelta(seconds=settings.download_time_limit + 61)
-        session.execute(update(PreparedModel).values(updated_at=long_ago))
+    with pytest.raises(preparation.ModelPendingError):  # asked a moment ago: not again
+        preparation.request("m", sessions, settings)
+    assert len(sent) == 1
+    with scope(sessions) as session:  # its worker died: nobody renewed the lease
+        lapsed = datetime.now(UTC) - timedelta(seconds=1)
+        session.execute(update(Lease).values(expires_at=lapsed))
     with pytest.raises(preparation.ModelPendingError):
         preparation.request("m", sessions, settings)
     assert len(sent) == 2
+
+
+def test_a_worker_preparing_a_model_renews_its_lease_and_gives_it_up_at_the_end(
+    sessions: sessionmaker[Session], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the pull runs, the lease is held past its first term; afterwards it is gone."""
+    lease = preparation.preparing("m", settings.host_name)
+    seen: list[bool] = []
+
+    class SlowStore:
+        def __init__(self, root: object) -> None:
+            pass
+
+        def pull(self, *args: object, **kwargs: object) -> object:
+            for _ in range(4):  # longer than the lease: only renewals keep it
+                time.sleep(0.1)
+                with scope(sessions) as session:
+                    seen.append(leases.held(session, lease))
+            raise ModelError("stop here")
+
+    from worker import model_store
+
+    monkeypatch.setattr(model_store, "ModelStore", SlowStore)
+    with scope(sessions) as session:
+        model_catalog.register_source(session, "m", "hf://org/m", {})
+    short = settings.model_copy(update={"download_lease": 0.15})
+    with pytest.raises(ModelError, match="stop here"):
+        preparation.prepare_here("m", sessions, short)
+    assert seen == [True, True, True, True]
+    with scope(sessions) as session:
+        assert not leases.held(session, lease)
 
 
 def test_a_recorded_failure_fails_the_batch_until_the_model_is_registered_again(
