@@ -148,7 +148,10 @@ class OrtSession:
         """``device_id`` binds a GPU provider to that device; a provider that does not load is
         handled by the fallback policy (``providers.check_obtained``)."""
         built_in = providers.available()
-        requested = providers.choose(settings.providers, built_in)
+        # A worker given GPUs asks for CUDA whatever this machine shows: if it cannot get it,
+        # the fallback policy (an error, by default, for a GPU worker) says so.
+        wants_gpu = bool(settings.gpu_devices) or device_id is not None
+        requested = providers.choose(settings.providers, built_in, nvidia=wants_gpu or None)
         usable = [p for p in requested if p in built_in]
         with providers.NativeStderr() as captured:
             try:
