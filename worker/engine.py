@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from worker import batching, pooling, runtimes
 from worker.errors import ModelError, TextsRefusedError
-from worker.manifest import TOKENIZER_FILE, Manifest, verify_onnx
+from worker.manifest import TOKENIZER_FILE, Manifest, verify
 from worker.settings import Settings
 from worker.validation import validate
 
@@ -158,7 +158,7 @@ class Engine:
         file that does not match its manifest raises ``ModelCorruptError``."""
         started = time.perf_counter()
         manifest = Manifest.read(folder)
-        verify_onnx(folder, manifest)
+        verify(folder, manifest)
         verify_ms = (time.perf_counter() - started) * 1000
         tokenizer = load_tokenizer(folder / TOKENIZER_FILE, manifest.behaviour.max_seq_length)
         session = runtimes.open_session(folder, manifest, settings, device_id)

@@ -4,12 +4,15 @@ It is written last, after a model folder has been verified, so a folder without 
 loaded. The engine trusts it alone: pooling, normalisation and length were settled when the
 model was prepared, from the model's own files or from explicit choices; and it checks the ONNX
 file against the manifest's sha256 each time it loads one (``verify_onnx``), since a file
-damaged on disk or edited in place would otherwise load and return wrong vectors.
+damaged on disk or edited in place would otherwise load and return wrong vectors; the same for
+every other file in the folder (``files``: the tokenizer and the configs), checked by
+``verify``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -18,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from worker.errors import ModelCorruptError, ModelError
 from worker.sources import sha256_of
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -77,6 +82,10 @@ class Manifest(BaseModel):
     validation: dict[str, float] = Field(default_factory=dict)
     """Export checks against the checkpoint (max_abs_diff, min_cosine, ...), when exported."""
     embedq_version: str = ""
+    files: dict[str, str] = Field(default_factory=dict)
+    """sha256 of every other file in the folder (the tokenizer, the sentence-transformers
+    configs that decide pooling, normalisation and truncation, external ONNX data), by path
+    relative to it; empty in a manifest written before they were recorded (``rehash``)."""
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
@@ -98,20 +107,60 @@ def verify_onnx(folder: Path, manifest: Manifest) -> None:
     The whole file is hashed on every call, with no cache: on the reference model (90 MB) that
     costs about 65 ms next to 150-250 ms for the rest of ``Engine.load`` (2-core AMD EPYC), once
     per process; and a cache keyed on size, mtime and inode would miss damage that keeps all
-    three, such as a bit flipped on disk, which onnxruntime loads without a word. (An external
-    ``model.onnx_data`` file is not covered: manifests record no hash for it.)
+    three, such as a bit flipped on disk, which onnxruntime loads without a word.
     """
-    path = folder / ONNX_FILE
+    _check(folder / ONNX_FILE, manifest.onnx_sha256, manifest)
+
+
+def verify(folder: Path, manifest: Manifest) -> None:
+    """``verify_onnx``, and every other file the manifest records (``files``): a tokenizer
+    whose vocabulary was shuffled loads and embeds without a word, and gave vectors with
+    cosines near 0 to the right ones. A manifest from before the files were recorded is
+    checked for its ONNX file only, with a warning naming ``embedq models rehash``."""
+    verify_onnx(folder, manifest)
+    if not manifest.files:
+        logger.warning(
+            "model %s: its manifest records no hash of its tokenizer and configs, so they are"
+            " not checked: run `embedq models rehash %s` to record them",
+            manifest.name,
+            manifest.name,
+        )
+    for relative, expected in manifest.files.items():
+        _check(folder / relative, expected, manifest)
+
+
+def hash_files(folder: Path) -> dict[str, str]:
+    """sha256 of each file under ``folder`` but the manifest and the ONNX file (which has its
+    own field), by relative path."""
+    return {
+        path.relative_to(folder).as_posix(): sha256_of(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name not in (MANIFEST_FILE, ONNX_FILE)
+    }
+
+
+def rehash(folder: Path) -> Manifest:
+    """Record the hashes of ``folder``'s files in its manifest (for a model prepared before
+    they were recorded), after checking its ONNX file against the manifest; the files are
+    trusted as they are now. Returns the new manifest."""
+    manifest = Manifest.read(folder)
+    verify_onnx(folder, manifest)
+    updated = manifest.model_copy(update={"files": hash_files(folder)})
+    updated.write(folder)
+    return updated
+
+
+def _check(path: Path, expected: str, manifest: Manifest) -> None:
     again = f"pull the model again: embedq models pull {manifest.source} --name {manifest.name}"
     try:
         actual = sha256_of(path)
     except OSError as exc:
         raise ModelCorruptError(f"cannot read {path} to check it: {exc}; {again}") from exc
-    if actual != manifest.onnx_sha256:
+    if actual != expected:
         raise ModelCorruptError(
             f"{path} does not match its manifest: its sha256 is {actual[:12]}..., the manifest"
-            f" says {manifest.onnx_sha256[:12]}...; it was damaged or changed after the model"
-            f" was prepared: {again}"
+            f" says {expected[:12]}...; it was damaged or changed after the model was"
+            f" prepared: {again}"
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from worker.manifest import (
     Manifest,
     Pooling,
     Precision,
+    hash_files,
 )
 from worker.parity import Parity, Reference
 from worker.settings import Settings
@@ -105,6 +107,7 @@ class ModelStore:
         with FileLock(str(self.root / ".locks" / f"{name}.lock")):
             if not replace and (target / MANIFEST_FILE).is_file():
                 return Manifest.read(target)
+            self._clear_leftovers(name)
             staging = self.root / f"{_STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
             try:
                 manifest = _prepare(source, name, options, staging, settings)
@@ -118,6 +121,15 @@ class ModelStore:
             extra={"model": name, "source": source},
         )
         return manifest
+
+    def _clear_leftovers(self, name: str) -> None:
+        """Remove what a process killed while it prepared ``name`` left (its staging folder,
+        a partial download): called under the name's lock, which no one else holds then."""
+        pattern = re.compile(rf"{re.escape(_STAGING_PREFIX + name)}-[0-9a-f]{{8}}")
+        for leftover in self.root.iterdir():
+            if leftover.is_dir() and pattern.fullmatch(leftover.name):
+                logger.warning("removing %s, left by a preparation that did not end", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def check_bf16_here() -> None:
@@ -190,6 +202,7 @@ def _prepare(
         steps=_steps(options.precision),
         validation=validation,
         embedq_version=_version(),
+        files=hash_files(out),
     )
     manifest.write(out)
     _verify(out, manifest, settings)

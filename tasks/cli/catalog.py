@@ -184,3 +184,17 @@ def show(name: str) -> None:
     typer.echo(dump(manifest))
     typer.echo(f"runs here on: {runtimes.describe_here(manifest, get_settings())}")
     typer.echo(f"providers available here: {', '.join(providers.available())}")
+
+
+@app.command("rehash")
+def rehash(name: str) -> None:
+    """Record the hashes of a model's tokenizer and configs in its manifest (models prepared
+    before embedq recorded them), after checking its ONNX file; from then on a damaged or
+    edited file is refused at load like a damaged ONNX file."""
+    from worker.manifest import rehash as record
+
+    try:
+        manifest = record(_store().path(name))
+    except EmbedqError as exc:
+        raise fail(exc) from exc
+    typer.echo(f"{name}: {len(manifest.files)} files recorded beside model.onnx")

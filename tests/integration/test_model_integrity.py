@@ -6,13 +6,18 @@ disk, an interrupted copy or a hand edit would.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from tests.cli import Cli
 from worker import sources
 from worker.engine import Engine
 from worker.errors import ModelCorruptError
@@ -100,3 +105,73 @@ def test_the_fix_the_message_gives_repairs_the_model(copy: Path, cpu_settings: S
     source = Manifest.read(copy).source  # `embedq models pull SOURCE --name minilm` does this:
     ModelStore(copy.parent).pull(source, "minilm", PullOptions(), cpu_settings)
     assert Engine.load(copy, cpu_settings).dim == 384
+
+
+def shuffle_vocabulary(tokenizer: Path) -> None:
+    """Give each word piece another's id, as a bad merge of tokenizer files would: the file
+    still loads, and the model reads other words."""
+    data = json.loads(tokenizer.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    words, ids = list(vocab), list(vocab.values())
+    random.Random(7).shuffle(ids)
+    data["model"]["vocab"] = dict(zip(words, ids, strict=True))
+    tokenizer.write_text(json.dumps(data), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ("tokenizer.json", shuffle_vocabulary),
+        ("1_Pooling/config.json", lambda p: p.write_text(p.read_text().replace("true", "false"))),
+        ("sentence_bert_config.json", lambda p: p.write_text('{"max_seq_length": 8}')),
+    ],
+    ids=["tokenizer-vocabulary-shuffled", "pooling-config-edited", "length-config-edited"],
+)
+def test_a_damaged_tokenizer_or_config_is_refused_like_a_damaged_model_file(
+    copy: Path, cpu_settings: Settings, damage: tuple[str, Any]
+) -> None:
+    name, change = damage
+    assert name in Manifest.read(copy).files  # recorded when the model was prepared
+    change(copy / name)
+    with pytest.raises(ModelCorruptError) as caught:
+        Engine.load(copy, cpu_settings)
+    assert f"{copy / name} does not match its manifest" in str(caught.value)
+    assert "embedq models pull" in str(caught.value)
+
+
+def test_a_model_prepared_before_the_files_were_hashed_is_rehashed_then_checked(
+    copy: Path,
+    engine: Engine,
+    cpu_settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    cli: Cli,
+) -> None:
+    old = Manifest.read(copy).model_copy(update={"files": {}})
+    old.write(copy)
+    with caplog.at_level(logging.WARNING, logger="worker.manifest"):
+        Engine.load(copy, cpu_settings)  # loads, and says what it cannot check
+    assert "embedq models rehash minilm" in caplog.text
+
+    result = cli("models", "rehash", "minilm", env={"EMBEDQ_MODEL_DIR": str(copy.parent)})
+    assert result.code == 0, result.stderr
+    assert "files recorded beside model.onnx" in result.stdout
+    assert "tokenizer.json" in Manifest.read(copy).files
+    loaded = Engine.load(copy, cpu_settings)
+    np.testing.assert_array_equal(loaded.encode(PROBES).vectors, engine.encode(PROBES).vectors)
+    shuffle_vocabulary(copy / "tokenizer.json")
+    with pytest.raises(ModelCorruptError, match=r"tokenizer\.json does not match its manifest"):
+        Engine.load(copy, cpu_settings)
+
+
+def test_a_staging_folder_left_by_a_killed_preparation_is_removed_by_the_next(
+    minilm: Path, tmp_path: Path, cpu_settings: Settings
+) -> None:
+    store = ModelStore(tmp_path / "store")
+    left = tmp_path / "store" / ".staging-copied-0123abcd"
+    other = tmp_path / "store" / ".staging-copied-two-89abcdef"  # another model's: kept
+    for folder in (left, other):
+        (folder / "model").mkdir(parents=True)
+        (folder / "download-part.tar.gz").write_bytes(b"x" * 1024)
+    store.pull(str(minilm), "copied", PullOptions(), cpu_settings)
+    assert not left.exists() and other.exists()
+    assert (tmp_path / "store" / "copied" / "manifest.json").is_file()
