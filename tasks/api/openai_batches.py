@@ -42,6 +42,27 @@ class BatchCreate(BaseModel):
     metadata: dict[str, str] | None = Field(None, description="up to 16 pairs, kept as given")
 
 
+METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
+"""OpenAI's bounds on a batch's ``metadata``: pairs, characters of a key, of a value."""
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """Raise ``ApiError`` 400 for ``metadata`` past OpenAI's bounds (unbounded, a 14.4 MB
+    batch object was accepted and answered on every poll)."""
+    if metadata is None:
+        return
+    if len(metadata) > METADATA_PAIRS:
+        raise ApiError(400, f"metadata holds {METADATA_PAIRS} pairs at most", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > METADATA_KEY or len(value) > METADATA_VALUE:
+            raise ApiError(
+                400,
+                f"metadata keys hold {METADATA_KEY} characters at most and values"
+                f" {METADATA_VALUE}: {key[:20]!r} is over",
+                param="metadata",
+            )
+
+
 def _catalog(settings: Settings) -> Catalog:
     def models() -> dict[str, int | None]:
         return {name: info.dim for name, info in catalog.known_models(settings).items()}
@@ -93,8 +114,7 @@ def create_batch(
         raise ApiError(400, f"embedq runs batches of {ENDPOINT} only", param="endpoint")
     if body.completion_window != WINDOW:
         raise ApiError(400, f"completion_window must be {WINDOW!r}", param="completion_window")
-    if body.metadata is not None and len(body.metadata) > 16:
-        raise ApiError(400, "metadata holds 16 pairs at most", param="metadata")
+    check_metadata(body.metadata)
     file = find_file(settings, body.input_file_id, key)
     if file.purpose != "batch":
         raise ApiError(400, f"file {file.id} is not a batch input", param="input_file_id")

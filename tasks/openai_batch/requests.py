@@ -87,6 +87,8 @@ def parse_line(line: int, raw: bytes, model: str | None = None) -> Request | Rej
         record = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         return Rejected(line, None, "invalid_json_line", f"line {line} is not JSON: {exc}")
+    except RecursionError:  # 100,000 nested '[' killed the runner and left the batch validating
+        return Rejected(line, None, "invalid_json_line", f"line {line} is nested too deeply")
     if not isinstance(record, dict):
         return Rejected(line, None, "invalid_request", f"line {line} is not a JSON object")
     custom_id = record.get("custom_id")

@@ -353,6 +353,15 @@ def test_health_needs_no_key_and_says_what_answers(client: TestClient) -> None:
     assert response.json() == {"status": "ok", "store": "ok", "broker": "none (local mode)"}
 
 
+@pytest.mark.parametrize(
+    "path", ["/v1/jobs/a%00b", "/v1/jobs/a%00b/embeddings", "/v1/files/f%00", "/v1/batches/%00"]
+)
+def test_a_nul_in_an_id_is_the_404_of_an_unknown_object(client: TestClient, path: str) -> None:
+    response = client.get(path, headers=AUTH)
+    assert response.status_code == 404
+    assert "NUL" in str(error_of(response)["message"])
+
+
 def test_an_unknown_path_is_a_404_in_openai_s_body(client: TestClient) -> None:
     response = client.get("/v1/nothing", headers=AUTH)
     assert response.status_code == 404

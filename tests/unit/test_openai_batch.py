@@ -79,6 +79,7 @@ def test_a_line_with_a_text_or_a_list_of_texts_is_a_request() -> None:
             "invalid_encoding_format",
         ),
         (line("a", {"model": MODEL, "input": "x", "dimensions": 0}), "invalid_dimensions"),
+        (b"[" * 100_000, "invalid_json_line"),  # raised RecursionError, killing the runner
     ],
 )
 def test_a_line_that_cannot_run_is_rejected_with_its_code(raw: bytes, code: str) -> None:
@@ -405,6 +406,15 @@ def test_bad_uploads_and_batches_are_refused_in_openai_s_error_body(api: OpenAI)
         api.batches.create(
             input_file_id="file-nothing", endpoint="/v1/embeddings", completion_window="24h"
         )
+    for metadata in ({f"k{n}": "v" for n in range(17)}, {"k": "v" * 513}, {"k" * 65: "v"}):
+        with pytest.raises(openai.BadRequestError) as unbounded:
+            api.batches.create(
+                input_file_id=uploaded.id,
+                endpoint="/v1/embeddings",
+                completion_window="24h",
+                metadata=metadata,
+            )
+        assert unbounded.value.body["param"] == "metadata"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
         api.batches.retrieve("batch_nothing")
     with pytest.raises(openai.NotFoundError):  # an output file of no ended batch
