@@ -25,7 +25,6 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
-    true,
     tuple_,
     update,
 )
@@ -61,6 +60,19 @@ class Claim:
     job_total: int | None
     """The job's item count once known (sealed), to check positions against; else ``None``."""
     job_exists: bool = True
+    job_model: str | None = None
+    """The model the job names: a message naming another is refused."""
+    job_finished: bool = False
+    """The job had ended: a message the ledger does not know adds nothing to it."""
+
+
+@dataclass(frozen=True)
+class JobFacts:
+    """What a claim of many batches reads of each of their jobs."""
+
+    total: int | None
+    """The item count once known (sealed); else ``None``."""
+    model: str
 
 
 def kept(batch: Batch) -> NewBatch | None:
@@ -114,7 +126,9 @@ _CLAIM = (
 _STATE = select(_batches.c.state).where(
     _batches.c.job_id == bindparam("job"), _batches.c.batch_index == bindparam("index")
 )
-_JOB = select(_jobs.c.total_items, _jobs.c.sealed).where(_jobs.c.id == bindparam("job"))
+_JOB = select(_jobs.c.total_items, _jobs.c.sealed, _jobs.c.model_name, _jobs.c.finished_at).where(
+    _jobs.c.id == bindparam("job")
+)
 
 
 def claim(session: Session, job_id: str, index: int, worker: str) -> Claim:
@@ -130,8 +144,15 @@ def claim(session: Session, job_id: str, index: int, worker: str) -> Claim:
     claimed = connection.execute(_CLAIM, params).rowcount == 1
     state = BatchState.SENT if claimed else batch_state(session, job_id, index)
     job = connection.execute(_JOB, params).first()
-    total = int(job.total_items) if job is not None and job.sealed else None
-    return Claim(state=state, claimed=claimed, job_total=total, job_exists=job is not None)
+    if job is None:
+        return Claim(state=state, claimed=claimed, job_total=None, job_exists=False)
+    return Claim(
+        state=state,
+        claimed=claimed,
+        job_total=int(job.total_items) if job.sealed else None,
+        job_model=str(job.model_name),
+        job_finished=job.finished_at is not None,
+    )
 
 
 def adopt(session: Session, job_id: str, index: int, item_ids: Sequence[str], worker: str) -> None:
@@ -192,8 +213,8 @@ _CLAIM_MANY = (
     .values(attempts=_batches.c.attempts + 1, worker=bindparam("worker"), updated_at=_NOW)
     .returning(_batches.c.job_id, _batches.c.batch_index)
 )
-_TOTALS = select(_jobs.c.id, _jobs.c.total_items).where(
-    _jobs.c.id.in_(bindparam("jobs", expanding=True)), _jobs.c.sealed.is_(true())
+_FACTS = select(_jobs.c.id, _jobs.c.total_items, _jobs.c.sealed, _jobs.c.model_name).where(
+    _jobs.c.id.in_(bindparam("jobs", expanding=True))
 )
 
 BatchKey = tuple[str, int]
@@ -210,9 +231,9 @@ def finish_done(session: Session, keys: Sequence[BatchKey]) -> set[BatchKey]:
 
 def claim_many(
     session: Session, keys: Sequence[BatchKey], worker: str
-) -> tuple[set[BatchKey], dict[str, int]]:
+) -> tuple[set[BatchKey], dict[str, JobFacts]]:
     """``claim`` for many batches in two statements: the batches this call claimed (the others
-    had ended, or have no ledger row), and the item count of each of their sealed jobs."""
+    had ended, or have no ledger row), and what the claim read of each of their jobs."""
     if not keys:
         return set(), {}
     commit_without_flush(session)
@@ -220,12 +241,15 @@ def claim_many(
     params = {"keys": list(keys), "worker": worker, "now": datetime.now(UTC)}
     claimed = {(row[0], int(row[1])) for row in connection.execute(_CLAIM_MANY, params)}
     jobs_of = sorted({job for job, _ in claimed})
-    totals = (
-        {str(row[0]): int(row[1]) for row in connection.execute(_TOTALS, {"jobs": jobs_of})}
+    facts = (
+        {
+            str(row[0]): JobFacts(int(row[1]) if row[2] else None, str(row[3]))
+            for row in connection.execute(_FACTS, {"jobs": jobs_of})
+        }
         if jobs_of
         else {}
     )
-    return claimed, totals
+    return claimed, facts
 
 
 def finish(
@@ -359,6 +383,15 @@ def fail_batch(
     ended = finish(session, job_id, index, BatchState.FAILED, reason)
     if not ended and batch_state(session, job_id, index) is not None:
         return 0, False
+    return fail_items(session, job_id, item_ids, reason, kind)
+
+
+def fail_items(
+    session: Session, job_id: str, item_ids: Sequence[str], reason: str, kind: FailureKind
+) -> tuple[int, bool]:
+    """Record items as failed with ``reason`` (once each) and count them in the job, leaving
+    the ledger as it is (for items no batch of the ledger carries). Returns (items newly
+    failed, whether this finished the job)."""
     failed = failed_items.record_failures(session, job_id, item_ids, reason, kind)
     finished = jobs.add_progress(session, job_id, done=0, failed=failed, error=reason, kind=kind)
     return failed, finished

@@ -23,7 +23,7 @@ from storage import batch_results, jobs, ledger
 from storage.models import FailureKind
 from storage.session import scope
 from tasks import outcomes, preparation
-from tasks.message import BatchMessage
+from tasks.message import MAX_BATCH_INDEX, BatchMessage
 from tasks.outcomes import Delivery, Outcome
 from tasks.runtime import Runtime
 from worker import lifecycle, metrics
@@ -162,6 +162,9 @@ def run_message(
             return Outcome(
                 message.job_id, message.batch_index, Delivery.DROPPED, reason="no such job"
             )
+        refused = _refusal(session, message, claim)
+        if refused is not None:
+            return refused
         if claim.state is None:  # an application's raw message: the ledger learns of it now
             ledger.adopt(
                 session, message.job_id, message.batch_index, message.item_ids, runtime.worker
@@ -184,6 +187,47 @@ def run_message(
             model_sha256=engine.model_sha256,
             host=lifecycle.machine_host(runtime.settings),
         )
+
+
+def _refusal(session: Session, message: BatchMessage, claim: ledger.Claim) -> Outcome | None:
+    """How a message that does not fit its job ends, or ``None`` when it fits: one for a job
+    that has ended adds nothing to it (dropped, logged); one naming another model than its job
+    fails its items; one reusing a batch index of the job with other items fails the items the
+    ledger's batch does not carry (the job could never complete otherwise)."""
+    if claim.state is None and claim.job_finished:
+        logger.error(
+            "dropped batch %d of job %s, which has ended", message.batch_index, message.job_id
+        )
+        return Outcome(
+            message.job_id, message.batch_index, Delivery.DROPPED, reason="the job has ended"
+        )
+    if claim.job_model is not None and claim.job_model != message.model:
+        if claim.state is not None and not claim.claimed:
+            return None  # ended already: skipped as a redelivery
+        reason = f"malformed batch: it names model {message.model!r}, its job {claim.job_model!r}"
+        return fail_batch(session, message, reason, FailureKind.INPUT)
+    if claim.state is not None and not claim.claimed:
+        known = ledger.get_batch(session, message.job_id, message.batch_index)
+        others = [] if known is None else sorted(set(message.item_ids) - set(known.item_ids))
+        if known is not None and known.item_ids and others:
+            reason = (
+                f"malformed batch: batch {message.batch_index} of job {message.job_id} was"
+                " already sent with other items"
+            )
+            failed, finished = ledger.fail_items(
+                session, message.job_id, others, reason, FailureKind.INPUT
+            )
+            logger.warning(
+                "batch failed: job=%s batch=%d items=%d reason=%s",
+                message.job_id,
+                message.batch_index,
+                failed,
+                reason,
+            )
+            return Outcome(
+                message.job_id, message.batch_index, Delivery.FAILED, finished, reason=reason
+            )
+    return None
 
 
 def _engine_for(message: BatchMessage, runtime: Runtime) -> Embedder:
@@ -228,7 +272,7 @@ def fail_raw(
             return Outcome(job_id, None, Delivery.DROPPED, reason=reason)
         if message is not None:
             return fail_batch(session, message, reason, kind)
-        if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
+        if isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= MAX_BATCH_INDEX:
             found = ledger.get_batch(session, job_id, index)
             if found is not None:
                 _, finished = ledger.fail_batch(

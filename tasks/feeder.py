@@ -146,15 +146,17 @@ class Feeder:
     def _claim(self, group: list[_Batch]) -> list[_Batch]:
         """Claim the batches in one transaction (two statements); those the claim does not
         give (ended, unknown to the ledger, a second copy of one in the group, positions
-        outside their job) go back to their threads."""
+        outside their job, another model than their job's) go back to their threads."""
         keys = [(batch.message.job_id, batch.message.batch_index) for batch in group]
         with scope(self.runtime.sessions) as session:
-            taken, totals = ledger.claim_many(session, sorted(set(keys)), self.runtime.worker)
+            taken, facts = ledger.claim_many(session, sorted(set(keys)), self.runtime.worker)
         claimed: list[_Batch] = []
         back: list[_Batch] = []
         for batch, key in zip(group, keys, strict=True):
-            total = totals.get(key[0])
+            job = facts.get(key[0])
+            total = None if job is None else job.total
             fits = total is None or max(batch.message.positions) < total
+            fits = fits and (job is None or job.model == batch.message.model)
             (claimed if key in taken and fits else back).append(batch)
             taken.discard(key)  # a second copy of the batch in this group goes back
         _hand_back(back)

@@ -18,6 +18,10 @@ from storage.models import ID_LENGTH, JOB_ID_LENGTH
 from worker.errors import InputError
 from worker.validation import is_unicode
 
+MAX_BATCH_INDEX = 2**31 - 1
+"""The largest batch index the ledger's integer column holds (PostgreSQL's ``integer``); a
+message past it is malformed (one was left queued for good: its claim could not be asked)."""
+
 
 def task_id(job_id: str, batch_index: int) -> str:
     """The Celery task id of a batch: the same for every send, so the broker can be asked
@@ -74,7 +78,7 @@ class BatchMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     job_id: str = Field(min_length=1, max_length=JOB_ID_LENGTH)
-    batch_index: int = Field(ge=0)
+    batch_index: int = Field(ge=0, le=MAX_BATCH_INDEX)
     model: str
     texts: list[str] = Field(min_length=1)
     item_ids: list[str]

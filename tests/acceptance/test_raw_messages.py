@@ -210,6 +210,10 @@ CASES = [
         ),
         id="positions-outside-the-job",
     ),
+    pytest.param(  # past PostgreSQL's integer: its claim could not be asked; queued for good
+        Breakage(setting("batch_index", 2**31), "batch_index: Input should be less than"),
+        id="batch-index-past-the-column",
+    ),
 ]
 
 
@@ -229,6 +233,60 @@ def test_a_malformed_message_fails_its_job_with_the_reason(raw: Raw, case: Break
     assert job["error_kind"] == case.kind
     if case.ledger_row:
         assert raw.failed_ids(job_id) == IDS
+    raw.alive()
+
+
+def test_a_batch_index_sent_again_with_other_items_fails_those_items(raw: Raw) -> None:
+    """Two messages with batch index 0 and different items: the job waited for good (the
+    second was skipped as a redelivery). Now the second's items fail with the reason and the
+    job ends, the first's vectors stored."""
+    job_id = str(uuid.uuid4())
+    raw.insert_job(job_id, total=4)
+    first = good(job_id)
+    raw.send(first)
+    second = good(job_id)
+    second.update(item_ids=["c", "d"], positions=[2, 3])
+    raw.send(second)
+    job = raw.wait(job_id)
+    assert (job["state"], job["done_items"], job["failed_items"]) == ("partially_failed", 2, 2)
+    assert "already sent with other items" in job["error"]
+    assert raw.failed_ids(job_id) == ["c", "d"]
+    raw.alive()
+
+
+def test_a_message_naming_another_model_than_its_job_fails_it(raw: Raw) -> None:
+    """The job is for one model, the message names another this worker has: that model's
+    vectors were stored under the job. Now the batch fails with the reason, nothing stored."""
+    job_id = str(uuid.uuid4())
+    raw.insert_job(job_id, total=len(TEXTS), model="bge-small")
+    raw.send(good(job_id))  # names minilm
+    job = raw.wait(job_id)
+    assert (job["state"], job["failed_items"]) == ("failed", len(TEXTS))
+    assert "it names model 'minilm', its job 'bge-small'" in job["error"]
+    with raw.engine.connect() as connection:
+        stored = connection.execute(
+            text("SELECT count(*) FROM embeddings WHERE job_id = :j"), {"j": job_id}
+        ).scalar()
+    assert stored == 0
+    raw.alive()
+
+
+def test_a_message_for_a_job_that_ended_adds_nothing_to_it(raw: Raw) -> None:
+    job_id = str(uuid.uuid4())
+    raw.insert_job(job_id, total=len(TEXTS))
+    raw.send(good(job_id))
+    assert raw.wait(job_id)["state"] == "succeeded"
+    since = len(raw.fleet.worker.lines)
+    late = good(job_id)
+    late.update(batch_index=1, item_ids=["c", "d"])  # past total_items, had it been stored
+    raw.send(late)
+    raw.wait_for_log("which has ended", since)
+    with raw.engine.connect() as connection:
+        stored = connection.execute(
+            text("SELECT count(*) FROM embeddings WHERE job_id = :j"), {"j": job_id}
+        ).scalar()
+    assert stored == len(TEXTS)
+    assert raw.job(job_id)["done_items"] == len(TEXTS)
     raw.alive()
 
 

@@ -32,10 +32,10 @@ def test_a_group_of_batches_of_several_jobs_is_stored_in_one_call(database_url: 
     ]
     sessions = sessions_for(database_url)
     with scope(sessions) as session:
-        claimed, totals = ledger.claim_many(
+        claimed, facts = ledger.claim_many(
             session, [(m.job_id, m.batch_index) for m in messages], "h:1"
         )
-    assert len(claimed) == 5 and totals[multi.id] == 3
+    assert len(claimed) == 5 and facts[multi.id].total == 3
     with scope(sessions) as session:
         stored = batch_results.store_group(session, finished[:4])  # the multi job's first batch
     assert [s.stored for s in stored] == [1, 1, 1, 2]

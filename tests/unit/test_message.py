@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from storage.ledger import NewBatch
 from storage.models import ID_LENGTH, JOB_ID_LENGTH
-from tasks.message import BatchMessage, task_id
+from tasks.message import MAX_BATCH_INDEX, BatchMessage, task_id
 
 Raw = dict[str, Any]
 
@@ -35,7 +35,7 @@ def well_formed(draw: st.DrawFn) -> Raw:
     count = draw(st.integers(1, 8))
     return {
         "job_id": draw(names(JOB_ID_LENGTH)),
-        "batch_index": draw(st.integers(0, 2**31)),
+        "batch_index": draw(st.integers(0, MAX_BATCH_INDEX)),
         "model": draw(names(ID_LENGTH)),
         "texts": draw(st.lists(st.text(TEXT_CHARS, max_size=30), min_size=count, max_size=count)),
         "item_ids": draw(st.lists(names(ID_LENGTH), min_size=count, max_size=count, unique=True)),
@@ -150,6 +150,10 @@ def negative_batch_index(raw: Raw, i: int) -> None:
     raw["batch_index"] = -1 - i
 
 
+def batch_index_past_the_column(raw: Raw, i: int) -> None:
+    raw["batch_index"] = MAX_BATCH_INDEX + 1 + i
+
+
 Breaker = Callable[[Raw, int], None]
 BROKEN: list[tuple[str, Breaker, tuple[str, ...]]] = [
     ("lengths-differ", lengths_differ, ("texts, item_ids and positions differ in length",)),
@@ -164,6 +168,11 @@ BROKEN: list[tuple[str, Breaker, tuple[str, ...]]] = [
     ("job-id-over-36", overlong_job_id, ("job_id", "at most 36 characters")),
     ("model-201-chars", overlong_model, ("model", "201 characters, over 200")),
     ("negative-batch-index", negative_batch_index, ("batch_index", "greater than or equal to 0")),
+    (
+        "batch-index-past-the-column",
+        batch_index_past_the_column,
+        ("batch_index", "less than or equal to 2147483647"),
+    ),
 ]
 
 
