@@ -385,6 +385,10 @@ class OpenAIBatch(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0)
     output_file_id: Mapped[str | None] = mapped_column(String(64))
     error_file_id: Mapped[str | None] = mapped_column(String(64))
+    output_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """The sizes of the output and error files, recorded when the batch ended (their bytes are
+    written from the store on download; counting them then read a 1.67 GB file through)."""
     created_at: Mapped[datetime] = mapped_column(default=_now)
     expires_at: Mapped[datetime]
     in_progress_at: Mapped[datetime | None]

@@ -5,7 +5,9 @@ A batch's texts are items of its job named ``LLLLLLLL.I``: the input line (eight
 the names sort by line) and the text's index in that line's ``input``. A request is completed
 when its job stores as many items of its line as it has inputs, and failed when any item of its
 line failed; both are counted here in SQL, from the item names, so the counts are the store's
-whoever asks (any ``serve`` instance, after any restart).
+whoever asks (any ``serve`` instance, after any restart). The batch's runner counts and keeps the
+counts on the batch's row (``keep_counts``), where a poll reads them: a count reads every
+stored text of the batch, a poll one row.
 
 Functions take the session first and never commit.
 """
@@ -223,6 +225,31 @@ def request_counts(session: Session, batch_id: str, job_id: str | None) -> tuple
         )
     )
     return int(total), int(completed or 0), int(rejected) + int(failed or 0)
+
+
+def keep_counts(session: Session, batch_id: str, job_id: str | None) -> tuple[int, int, int]:
+    """Count the batch's requests (``request_counts``) and keep them on its row while it runs,
+    where ``GET /v1/batches/{id}`` reads them: a poll reads one row whatever the batch's size,
+    and only the batch's runner counts. A batch that has ended keeps the counts it ended with."""
+    counts = request_counts(session, batch_id, job_id)
+    total, completed, failed = counts
+    session.execute(
+        update(OpenAIBatch)
+        .where(OpenAIBatch.id == batch_id, OpenAIBatch.status.in_(UNFINISHED))
+        .values(total=total, completed=completed, failed=failed)
+    )
+    return counts
+
+
+def set_file_sizes(
+    session: Session, batch_id: str, output_bytes: int | None, error_bytes: int | None
+) -> None:
+    """Record the sizes of an ended batch's output and error files."""
+    session.execute(
+        update(OpenAIBatch)
+        .where(OpenAIBatch.id == batch_id)
+        .values(output_bytes=output_bytes, error_bytes=error_bytes)
+    )
 
 
 def request_page(

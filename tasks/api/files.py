@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from storage import openai_batches, openai_files
 from storage.models import OpenAIBatch, OpenAIFile
 from storage.session import scope, sessions_for
+from tasks.api import ids
 from tasks.api.auth import require_key
 from tasks.api.errors import ApiError
 from tasks.openai_batch import output, shapes, uploads
@@ -34,11 +35,13 @@ def _settings(request: Request) -> Settings:
 
 
 def _missing(file_id: str) -> ApiError:
-    return ApiError(404, f"no such file: {file_id}", code="file_not_found", param="file_id")
+    return ids.not_found("file", file_id, "file_not_found", "file_id")
 
 
 def find_file(settings: Settings, file_id: str, owner: str) -> OpenAIFile:
     """The uploaded file ``file_id`` of ``owner``, or 404."""
+    if not ids.plausible(file_id):  # a body's ``input_file_id``, not checked on its way in
+        raise _missing(file_id)
     with scope(sessions_for(settings.database_url)) as session:
         found = openai_files.get_file(session, file_id, owner)
     if found is None:
@@ -95,22 +98,28 @@ def list_files(
 
 @router.get("/v1/files/{file_id}")
 def retrieve_file(
-    request: Request, file_id: str, key: str = Depends(require_key)
+    request: Request, file_id: str = Depends(ids.file_id), key: str = Depends(require_key)
 ) -> dict[str, Any]:
-    """One file's FileObject; a batch output's size is counted by reading it through."""
+    """One file's FileObject; a batch output's size is the one recorded when the batch ended."""
     settings = _settings(request)
     out = shapes.OutputFile.parse(file_id)
     if out is None:
         return shapes.file_object(find_file(settings, file_id, key))
     batch = _output_batch(settings, out, key)
-    size = output.file_size(sessions_for(settings.database_url), batch, out.errors)
+    size = batch.error_bytes if out.errors else batch.output_bytes
+    if size is None:  # a batch that ended before sizes were recorded: measured once, kept
+        sessions = sessions_for(settings.database_url)
+        sizes = output.file_sizes(sessions, batch)
+        with scope(sessions) as session:
+            openai_batches.set_file_sizes(session, batch.id, *sizes)
+        size = sizes[out.errors]
     ended = batch.completed_at or batch.cancelled_at or batch.expired_at
     return shapes.output_file_object(out, size, ended)
 
 
 @router.get("/v1/files/{file_id}/content", response_model=None)
 def file_content(
-    request: Request, file_id: str, key: str = Depends(require_key)
+    request: Request, file_id: str = Depends(ids.file_id), key: str = Depends(require_key)
 ) -> FileResponse | StreamingResponse:
     """A file's bytes: an upload as stored, a batch's output or error file as JSON Lines."""
     settings = _settings(request)
@@ -127,7 +136,9 @@ def file_content(
 
 
 @router.delete("/v1/files/{file_id}")
-def delete_file(request: Request, file_id: str, key: str = Depends(require_key)) -> dict[str, Any]:
+def delete_file(
+    request: Request, file_id: str = Depends(ids.file_id), key: str = Depends(require_key)
+) -> dict[str, Any]:
     """Delete an uploaded file no batch reads (409 while one does)."""
     settings = _settings(request)
     if shapes.OutputFile.parse(file_id) is not None:

@@ -17,7 +17,7 @@ from storage import embeddings, jobs
 from storage.models import Job, JobState, as_utc
 from storage.session import scope, sessions_for
 from tasks import names, producer, vector_files
-from tasks.api import catalog
+from tasks.api import catalog, ids
 from tasks.api.auth import ANONYMOUS, require_key
 from tasks.api.embeddings import Input
 from tasks.api.errors import ApiError
@@ -107,7 +107,9 @@ def create_job(body: JobRequest, request: Request, key: str = Depends(require_ke
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, key: str = Depends(require_key)) -> JobOut:
+def get_job(
+    request: Request, job_id: str = Depends(ids.job_id), key: str = Depends(require_key)
+) -> JobOut:
     """A job's state and counts (the calling key's jobs only)."""
     return _job(request.app.state.settings, job_id, key)
 
@@ -124,8 +126,8 @@ def get_job(job_id: str, request: Request, key: str = Depends(require_key)) -> J
     },
 )
 def job_embeddings(
-    job_id: str,
     request: Request,
+    job_id: str = Depends(ids.job_id),
     format: Annotated[Literal["npy", "jsonl"], Query()] = "npy",
     key: str = Depends(require_key),
 ) -> StreamingResponse:

@@ -4,23 +4,22 @@
 A batch runs in a background thread of a ``serve`` process that holds its lease
 (``tasks.openai_batch.background``): started at creation, and started again by any instance
 that is asked about an unfinished batch nobody runs (after a restart, the first request to
-these routes resumes them all). Its status and request counts are read from the store.
+these routes resumes them all). Its status and request counts are read from its row, where
+its runner keeps them.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from storage import backfills, openai_batches
+from storage import openai_batches
 from storage.models import OpenAIBatch, OpenAIBatchStatus
 from storage.session import scope, sessions_for
-from tasks.api import catalog
+from tasks.api import catalog, ids
 from tasks.api.auth import require_key
 from tasks.api.errors import ApiError
 from tasks.api.files import find_file
@@ -89,41 +88,19 @@ def _start(settings: Settings, publisher: Publisher | None, batch_id: str | None
         )
 
 
-COUNTS_FRESH_S = 2.0
-"""How old the request counts of a running batch may be when a poll answers them: counting
-reads every stored text of the batch's job (about 0.2 s for 200,000 lines here), so clients
-polling in a loop share one count a few seconds."""
-_counted: dict[str, tuple[float, tuple[int, int, int]]] = {}
-_counted_lock = threading.Lock()
-
-
-def _counts(settings: Settings, batch: OpenAIBatch) -> tuple[int, int, int]:
-    if OpenAIBatchStatus(batch.status).final:  # stored when it ended
-        return batch.total, batch.completed, batch.failed
-    now = time.monotonic()
-    with _counted_lock:
-        fresh = _counted.get(batch.id)
-        if fresh is not None and now - fresh[0] < COUNTS_FRESH_S:
-            return fresh[1]
-    with scope(sessions_for(settings.database_url)) as session:
-        job_id = backfills.job_of(session, batch.id)
-        counts = openai_batches.request_counts(session, batch.id, job_id)
-    with _counted_lock:
-        for stale in [key for key, (at, _) in _counted.items() if now - at >= COUNTS_FRESH_S]:
-            del _counted[stale]
-        _counted[batch.id] = (now, counts)
-    return counts
-
-
-def _answer(settings: Settings, batch: OpenAIBatch) -> dict[str, Any]:
-    return shapes.batch_object(batch, _counts(settings, batch))
+def _answer(batch: OpenAIBatch) -> dict[str, Any]:
+    """The batch as OpenAI's Batch, with the request counts its row holds: its runner keeps them
+    there while it runs (``storage.openai_batches.keep_counts``), so a poll reads one row."""
+    return shapes.batch_object(batch, (batch.total, batch.completed, batch.failed))
 
 
 def _find(settings: Settings, batch_id: str, key: str) -> OpenAIBatch:
+    if not ids.plausible(batch_id):  # ``after``: a query parameter, not checked on its way in
+        raise ids.not_found("batch", batch_id, "batch_not_found")
     with scope(sessions_for(settings.database_url)) as session:
         found = openai_batches.get_batch(session, batch_id, key)
     if found is None:
-        raise ApiError(404, f"no such batch: {batch_id}", code="batch_not_found")
+        raise ids.not_found("batch", batch_id, "batch_not_found")
     return found
 
 
@@ -176,7 +153,7 @@ def list_batches(
     limit = max(1, min(limit, 100))
     with scope(sessions_for(settings.database_url)) as session:
         found = openai_batches.list_batches(session, key, since, limit + 1)
-    data = [_answer(settings, batch) for batch in found[:limit]]
+    data = [_answer(batch) for batch in found[:limit]]
     return {
         "object": "list",
         "data": data,
@@ -188,19 +165,19 @@ def list_batches(
 
 @router.get("/v1/batches/{batch_id}")
 def retrieve_batch(
-    request: Request, batch_id: str, key: str = Depends(require_key)
+    request: Request, batch_id: str = Depends(ids.batch_id), key: str = Depends(require_key)
 ) -> dict[str, Any]:
     """A batch's status and request counts; resumes it if no process runs it."""
     settings: Settings = request.app.state.settings
     batch = _find(settings, batch_id, key)
     if not OpenAIBatchStatus(batch.status).final:
         _start(settings, request.app.state.publisher, batch.id)
-    return _answer(settings, batch)
+    return _answer(batch)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
 def cancel_batch(
-    request: Request, batch_id: str, key: str = Depends(require_key)
+    request: Request, batch_id: str = Depends(ids.batch_id), key: str = Depends(require_key)
 ) -> dict[str, Any]:
     """Stop sending the batch's requests: it is ``cancelling`` until the batches in flight end,
     then ``cancelled``; what was not sent goes to the error file as ``batch_cancelled``."""
@@ -218,4 +195,4 @@ def cancel_batch(
     if batch.status not in (OpenAIBatchStatus.CANCELLING, OpenAIBatchStatus.CANCELLED):
         raise ApiError(409, f"batch {batch.id} is {batch.status}: too late to cancel it")
     _start(settings, request.app.state.publisher, batch.id)
-    return _answer(settings, batch)
+    return _answer(batch)

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import leases, openai_batches
 from storage.models import OpenAIBatchStatus
 from storage.session import scope
+from tasks import failures
 from tasks.openai_batch.runner import Catalog, OpenAIBatchRunner, lease_name
 from tasks.publishing import Publisher
 from worker.settings import Settings
@@ -89,14 +90,30 @@ def _run(runner: OpenAIBatchRunner) -> None:
     try:
         status = runner.run()
         logger.info("batch runner stops: batch=%s status=%s", runner.batch_id, status)
-    except Exception:  # the batch stays as it is; the next GET starts a runner again
-        logger.exception("batch runner failed: batch=%s", runner.batch_id)
+    except Exception as exc:
+        if failures.is_transient(exc):  # the store or the broker is out of reach: the batch
+            # stays as it is, and the next request about it starts a runner again
+            logger.warning(
+                "batch runner stops until asked again: batch=%s %s",
+                runner.batch_id,
+                failures.describe(exc),
+            )
+        else:  # a bug, or input no check foresaw: run again, it would fail the same way
+            logger.exception("batch runner failed: batch=%s", runner.batch_id)
+            _abandon(runner, exc)
     finally:
         try:
             with scope(runner.sessions) as session:
                 leases.release_lease(session, lease_name(runner.batch_id), runner.holder)
         except SQLAlchemyError:  # the lease expires on its own
             logger.warning("could not release the lease of batch %s", runner.batch_id)
+
+
+def _abandon(runner: OpenAIBatchRunner, exc: Exception) -> None:
+    try:
+        runner.abandon(exc)
+    except SQLAlchemyError:  # the store went too: the next request starts a runner again
+        logger.warning("could not record the failure of batch %s", runner.batch_id)
 
 
 def resume_all(

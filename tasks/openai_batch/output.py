@@ -59,11 +59,15 @@ def _error_body(message: str, type: str, code: str, param: str | None) -> dict[s
 
 
 def result_line(
-    batch: OpenAIBatch, request: OpenAIBatchRequest, items: LineItems | None
+    batch: OpenAIBatch,
+    request: OpenAIBatchRequest,
+    items: LineItems | None,
+    status: str | None = None,
 ) -> tuple[bool, dict[str, Any]] | None:
     """(goes to the error file, its JSON) for one input line; ``None`` while it is unfinished
-    in a batch still running."""
+    in a batch still running. ``status``: the batch's, when it is about to end in it."""
     bid, line, custom_id = batch.id, request.line, request.custom_id
+    status = status or batch.status
     if request.error_code is not None:
         message = request.error or request.error_code
         if request.error_code in NOT_A_REQUEST:
@@ -82,9 +86,9 @@ def result_line(
         return False, _line(
             bid, custom_id, line, _response(bid, line, 200, _embeddings(batch, request, items))
         )
-    if batch.status in (Status.CANCELLED, Status.EXPIRED):
-        code = "batch_cancelled" if batch.status == Status.CANCELLED else "batch_expired"
-        error = {"code": code, "message": f"the batch was {batch.status} before this request ran"}
+    if status in (Status.CANCELLED, Status.EXPIRED):
+        code = "batch_cancelled" if status == Status.CANCELLED else "batch_expired"
+        error = {"code": code, "message": f"the batch was {status} before this request ran"}
         return True, _line(bid, custom_id, line, None, error)
     return None
 
@@ -97,10 +101,14 @@ def _embeddings(
     return embeddings_body(str(batch.model), vectors, request.base64)
 
 
-def file_lines(
-    sessions: sessionmaker[Session], batch: OpenAIBatch, errors: bool
-) -> Iterator[bytes]:
-    """The output file of ``batch`` (``errors=False``) or its error file, a line at a time."""
+def _results(
+    sessions: sessionmaker[Session],
+    batch: OpenAIBatch,
+    errors: bool | None = None,
+    status: str | None = None,
+) -> Iterator[tuple[bool, bytes]]:
+    """(goes to the error file, the line's bytes) for each finished input line, in order: the
+    error file's (``errors=True``), the output file's (``False``) or both (``None``)."""
     after = 0
     with scope(sessions) as session:
         job_id = backfills.job_of(session, batch.id)
@@ -113,12 +121,26 @@ def file_lines(
             if job_id is not None:
                 held = openai_batches.items_of_lines(session, job_id, page[0].line, page[-1].line)
         for request in page:
-            result = result_line(batch, request, held.get(request.line))
-            if result is not None and result[0] == errors:
-                yield json.dumps(result[1], separators=(",", ":")).encode() + b"\n"
+            result = result_line(batch, request, held.get(request.line), status)
+            if result is not None and errors in (None, result[0]):
+                yield result[0], json.dumps(result[1], separators=(",", ":")).encode() + b"\n"
         after = page[-1].line
 
 
-def file_size(sessions: sessionmaker[Session], batch: OpenAIBatch, errors: bool) -> int:
-    """The bytes of a batch's output or error file (read through once)."""
-    return sum(len(line) for line in file_lines(sessions, batch, errors))
+def file_lines(
+    sessions: sessionmaker[Session], batch: OpenAIBatch, errors: bool
+) -> Iterator[bytes]:
+    """The output file of ``batch`` (``errors=False``) or its error file, a line at a time."""
+    return (line for _, line in _results(sessions, batch, errors))
+
+
+def file_sizes(
+    sessions: sessionmaker[Session], batch: OpenAIBatch, status: str | None = None
+) -> tuple[int, int]:
+    """The bytes of the batch's (output, error) files, written through once, as they are when
+    it is in ``status`` (default: its own): the runner records them as the batch ends, so a
+    file's metadata never reads the file."""
+    sizes = [0, 0]
+    for to_errors, line in _results(sessions, batch, None, status):
+        sizes[to_errors] += len(line)
+    return sizes[0], sizes[1]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,9 +33,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import backfills, jobs, leases, ledger, openai_batches
 from storage.models import OpenAIBatch, as_utc
 from storage.models import OpenAIBatchStatus as Status
+from storage.openai_batches import UNFINISHED
 from storage.session import scope
-from tasks import backfill
-from tasks.openai_batch import uploads
+from tasks import backfill, failures
+from tasks.openai_batch import output, uploads
 from tasks.openai_batch.requests import (
     InputReader,
     Rejected,
@@ -56,6 +57,10 @@ RENEW_S = 5.0
 leaves the batch to another process)."""
 PAGE = 1000
 """Validated lines written at a time."""
+COUNT_EVERY_S, COUNT_SHARE = 1.0, 0.1
+"""A runner keeps its batch's request counts on the batch's row (where polls read them) this
+often at most, and spends at most this share of its time counting: counting reads every line's
+stored texts, so a batch of 200,000 lines (0.2 s a count) is counted every 2 s."""
 
 Catalog = Callable[[], dict[str, int | None]]
 """The models a batch may name, with their dimension when a host has prepared them."""
@@ -95,6 +100,7 @@ class OpenAIBatchRunner:
         self.holder = holder
         self.publisher = publisher
         self._kept = 0.0
+        self._counted = 0.0
 
     def run(self) -> Status:
         """Drive the batch as far as it goes; returns the status it is left in."""
@@ -213,6 +219,8 @@ class OpenAIBatchRunner:
         final = Status.CANCELLED if status == Status.CANCELLING else Status.COMPLETED
         if batch.expired_at is not None and status == Status.FINALIZING:
             final = Status.EXPIRED
+        # The files' sizes, as they will be once it ends, so their metadata never reads them.
+        output_bytes, error_bytes = output.file_sizes(self.sessions, batch, final)
         with scope(self.sessions) as session:
             total, completed, failed = openai_batches.request_counts(session, batch.id, job_id)
             unfinished = total - completed - failed
@@ -230,6 +238,8 @@ class OpenAIBatchRunner:
                 failed=failed,
                 output_file_id=OutputFile(batch.id, False).id if completed else None,
                 error_file_id=OutputFile(batch.id, True).id if failed or unfinished else None,
+                output_bytes=output_bytes,
+                error_bytes=error_bytes,
                 **stamps,
             )
         logger.info(
@@ -246,7 +256,8 @@ class OpenAIBatchRunner:
     def keep(self, force: bool = True, stop: bool = True) -> None:
         """Renew the lease (at most every ``RENEW_S``, or a third of the lease, unless
         ``force``); with ``stop``, raise ``Stopped`` when the batch is being cancelled or has
-        expired (moved to finalizing)."""
+        expired (moved to finalizing). Keeps the batch's counts on its row when due."""
+        self._count()
         every = min(RENEW_S, self.settings.api_batch_lease / 3)
         if not force and time.monotonic() - self._kept < every:
             return
@@ -274,6 +285,23 @@ class OpenAIBatchRunner:
         if stop and (expired or status == Status.CANCELLING):
             raise Stopped(f"batch {self.batch_id} is {'expired' if expired else status}")
 
+    def _count(self) -> None:
+        if time.monotonic() < self._counted:
+            return
+        started = time.monotonic()
+        with scope(self.sessions) as session:
+            job_id = backfills.job_of(session, self.batch_id)
+            openai_batches.keep_counts(session, self.batch_id, job_id)
+        took = time.monotonic() - started
+        self._counted = time.monotonic() + max(COUNT_EVERY_S, took / COUNT_SHARE)
+
+    def abandon(self, exc: BaseException) -> Status:
+        """End the batch ``failed`` on an error its run did not expect (a bug, or input no
+        check foresaw), with the reason in OpenAI's ``errors``: left as it was, every poll
+        started it again into the same error."""
+        message = f"the batch stopped on an unexpected error: {failures.describe(exc)}"
+        return self._fail("internal_error", message, only_from=UNFINISHED)
+
     def _batch(self) -> OpenAIBatch:
         with scope(self.sessions) as session:
             batch = openai_batches.get_batch(session, self.batch_id)
@@ -284,14 +312,20 @@ class OpenAIBatchRunner:
     def _status(self) -> Status:
         return Status(self._batch().status)
 
-    def _fail(self, code: str, message: str, param: str | None = None) -> Status:
+    def _fail(
+        self,
+        code: str,
+        message: str,
+        param: str | None = None,
+        only_from: Sequence[str] = (Status.VALIDATING,),
+    ) -> Status:
         error = {"code": code, "message": message, "param": param, "line": None}
         with scope(self.sessions) as session:
             openai_batches.move_batch(
                 session,
                 self.batch_id,
                 Status.FAILED,
-                only_from=[Status.VALIDATING],
+                only_from=only_from,
                 errors=[error],
                 failed_at=now(),
             )
