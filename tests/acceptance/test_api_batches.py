@@ -1,7 +1,9 @@
 """OpenAI batches with real parts: ``embedq serve`` processes, a real Celery worker, Redis, the
 store and the exported model, driven by OpenAI's own client: a batch completes with the
 engine's vectors and the stored token counts, a cancelled one stops sending, and one whose
-``serve`` process is killed is finished by another with nothing lost or sent twice."""
+``serve`` process is killed is finished by another with nothing lost or sent twice. Against
+hostile clients: a 200,000-line batch is polled from its row, a line nested 100,000 deep is an
+error line, and an id that cannot name anything is a 404 with no traceback."""
 
 from __future__ import annotations
 
@@ -9,18 +11,22 @@ import json
 import os
 import signal
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import openai
 import pytest
 from openai.types import Batch
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select, text
+from sqlalchemy.orm import Session, sessionmaker
 
-from storage import backfills, openai_batches
+from storage import backfills, leases, openai_batches
+from storage.models import Backfill, Embedding, Job, OpenAIBatch, OpenAIFile
 from storage.models import Batch as LedgerBatch
-from storage.models import Embedding, Job
-from storage.session import scope, sessions_for
+from storage.session import make_engine, scope, session_factory, sessions_for
 from tests.acceptance.conftest import KEY, Fleet, Server
 from tests.conftest import cosines
 from tests.waiting import wait_until
@@ -256,3 +262,164 @@ def test_a_2000_line_batch_with_bad_lines_completes_the_rest_with_the_engine_s_v
     assert sorted(str(entry["custom_id"]) for entry in errors) == sorted(
         ["None", "r70", "r700", "r1234", "r5"]
     )
+
+
+# --- hostile clients ----------------------------------------------------------------------------
+BIG = 200_000
+"""Lines of the batch polled below: the size whose poll took over 10 minutes."""
+
+
+def expected_counts(lines: int) -> tuple[int, int, int]:
+    """(total, completed, failed) of the batch ``fill_batch`` writes, counted line by line."""
+    completed = failed = 0
+    for n in range(1, lines + 1):
+        if n % 1000 == 0 or (n <= 150_000 and n % 997 == 0):  # rejected, or a text failed
+            failed += 1
+            continue
+        inputs = 2 if n % 10 == 1 else 1
+        stored = (n <= 150_000) + (inputs == 2 and n <= 100_000)
+        completed += stored == inputs
+    return lines, completed, failed
+
+
+def fill_batch(sessions: sessionmaker[Session], batch_id: str, file_id: str, lines: int) -> str:
+    """A running batch of ``lines`` lines written straight into the store (generate_series):
+    every 1000th line rejected, every 10th of two texts; up to line 150,000 the first text of
+    each line stored (or failed, every 997th), up to 100,000 the second too; its job's id."""
+    job_id = f"job-{batch_id}"
+    now = datetime.now(UTC)
+    with scope(sessions) as session:
+        upload = session.get(OpenAIFile, file_id)
+        assert upload is not None
+        session.add(
+            OpenAIBatch(
+                id=batch_id,
+                owner=upload.owner,
+                input_file_id=file_id,
+                endpoint="/v1/embeddings",
+                completion_window="24h",
+                status="in_progress",
+                model=MODEL,
+                expires_at=now + timedelta(hours=24),
+            )
+        )
+        session.add(Job(id=job_id, model_name=MODEL, queue="bulk", sealed=False, meta={}))
+        session.flush()
+        session.add(Backfill(name=batch_id, job_id=job_id, model_name=MODEL, source="test"))
+        values = {"b": batch_id, "j": job_id, "lines": lines, "v": bytes(16), "now": now}
+        session.execute(
+            text(
+                "INSERT INTO api_batch_requests (batch_id, line, custom_id, inputs, base64,"
+                " error_code, error) SELECT :b, n, 'r' || n,"
+                " CASE WHEN n % 1000 = 0 THEN 0 WHEN n % 10 = 1 THEN 2 ELSE 1 END, false,"
+                " CASE WHEN n % 1000 = 0 THEN 'invalid_json_line' END,"
+                " CASE WHEN n % 1000 = 0 THEN 'not JSON' END"
+                " FROM generate_series(1, :lines) AS n"
+            ),
+            values,
+        )
+        good = "n % 1000 <> 0 AND"
+        session.execute(
+            text(
+                "INSERT INTO embeddings (job_id, item_id, position, text_sha256, dim, vector,"
+                " token_count, truncated)"
+                " SELECT :j, lpad(n::text, 8, '0') || '.' || i, 2 * n + i, md5(n::text), 4, :v,"
+                " 3, false FROM generate_series(1, :lines) AS n, generate_series(0, 1) AS i"
+                f" WHERE {good} ((i = 0 AND n <= 150000 AND n % 997 <> 0)"
+                " OR (i = 1 AND n % 10 = 1 AND n <= 100000))"
+            ),
+            values,
+        )
+        session.execute(
+            text(
+                "INSERT INTO failed_items (job_id, item_id, reason, kind, created_at)"
+                " SELECT :j, lpad(n::text, 8, '0') || '.0', 'too long', 'input', :now"
+                f" FROM generate_series(1, :lines) AS n WHERE {good} n <= 150000"
+                " AND n % 997 = 0"
+            ),
+            values,
+        )
+        # Run by another serve instance: polls here start no runner.
+        assert leases.take_lease(session, f"openai:{batch_id}", "another-instance", 3600)
+    return job_id
+
+
+def test_a_200000_line_batch_is_counted_without_a_nested_loop_and_polled_from_its_row(
+    fleet: Fleet, start: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = start()
+    client = server.client()
+    file_id = upload(client, tmp_path / "in.jsonl", [request("r1", "a text")])
+    engine = make_engine(fleet.database_url)
+    sessions = session_factory(engine)
+    batch_id = "batch_two_hundred_thousand"
+    job_id = fill_batch(sessions, batch_id, file_id, BIG)
+    statements: list[tuple[str, Any]] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    with scope(sessions) as session:  # what the batch's runner does every few seconds
+        counts = openai_batches.keep_counts(session, batch_id, job_id)
+    event.remove(engine, "before_cursor_execute", seen)
+    assert counts == expected_counts(BIG)
+    assert any("embeddings" in statement for statement, _ in statements)
+    with engine.connect() as connection:  # statistics as a fresh batch has them: no ANALYZE
+        for statement, parameters in statements:
+            plan = connection.exec_driver_sql("EXPLAIN " + statement, parameters).scalars()
+            assert "Nested Loop" not in "\n".join(plan), statement
+    engine.dispose()
+
+    total, completed, failed = expected_counts(BIG)
+    for _ in range(100):  # each poll reads the batch's row, whatever the batch's size
+        polled = client.batches.retrieve(batch_id)
+        assert polled.status == "in_progress" and polled.request_counts is not None
+        got = polled.request_counts
+        assert (got.total, got.completed, got.failed) == (total, completed, failed)
+    listed = client.batches.list().data
+    assert [(b.id, b.request_counts) for b in listed] == [(batch_id, polled.request_counts)]
+
+
+def test_a_line_nested_100000_deep_is_an_error_line_and_the_batch_completes(
+    start: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = start()
+    since = len(server.lines)
+    client = server.client()
+    lines = [request("first", "A first text."), "[" * 100_000, request("last", "A last text.")]
+    created = create(client, upload(client, tmp_path / "in.jsonl", lines))
+    batch = wait_for(client, created.id, lambda b: b.status in ("completed", "failed"), 180)
+    assert batch.status == "completed" and batch.request_counts is not None
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (3, 2, 1)
+    [error] = jsonl(client, batch.error_file_id)
+    assert error["custom_id"] is None and error["response"] is None
+    assert error["error"] == {"code": "invalid_json_line", "message": "line 2 is nested too deeply"}
+    assert server.logged("Traceback", since) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/files/file-%00"),
+        ("GET", "/v1/files/a%00b/content"),
+        ("DELETE", "/v1/files/" + "f" * 65),
+        ("GET", "/v1/batches/batch_%00"),
+        ("POST", "/v1/batches/batch_%01/cancel"),
+        ("GET", "/v1/batches?after=batch_%00"),
+        ("GET", "/v1/jobs/%00"),
+        ("GET", "/v1/jobs/" + "j" * 5000 + "/embeddings"),
+    ],
+)
+def test_an_id_that_cannot_name_anything_is_a_clean_404(
+    start: Callable[..., Server], method: str, path: str
+) -> None:
+    server = start()
+    since = len(server.lines)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    response = httpx.request(method, server.url + path, headers=auth, timeout=30)
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "no such" in error["message"]
+    assert server.logged("Traceback", since) is None and server.alive()
