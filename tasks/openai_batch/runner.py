@@ -14,10 +14,12 @@ after an error, another ``serve`` instance after a crash) goes on from the phase
 - ``finalizing`` / ``cancelling``: wait until none of the job's batches is in flight, then count
   the requests and end ``completed``, ``expired`` or ``cancelled``.
 
-The run calls ``keep`` between chunks (through the backfill's progress report): it renews the
-batch's lease and stops the run (``Stopped``) when the batch is being cancelled or has expired,
-or when another process holds the lease now. The backfill needs no hook for this: raising from
-its report leaves it as a Ctrl-C does, its batches recorded and resumable.
+The run calls ``keep`` between chunks (through the backfill's progress report): it keeps the
+batch's request counts on its row for polls to read, renews the batch's lease, and stops the
+run (``Stopped``) when the batch is being cancelled or has expired, or when another process
+holds the lease now. The backfill needs no hook for this: raising from its report leaves it as
+a Ctrl-C does, its batches recorded and resumable. An error the run does not expect ends the
+batch ``failed`` with its reason (``abandon``, called by ``background``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ PAGE = 1000
 COUNT_EVERY_S, COUNT_SHARE = 1.0, 0.1
 """A runner keeps its batch's request counts on the batch's row (where polls read them) this
 often at most, and spends at most this share of its time counting: counting reads every line's
-stored texts, so a batch of 200,000 lines (0.2 s a count) is counted every 2 s."""
+stored texts, so a batch of 200,000 lines (0.25 s a count here) is counted every 2.5 s."""
 
 Catalog = Callable[[], dict[str, int | None]]
 """The models a batch may name, with their dimension when a host has prepared them."""
