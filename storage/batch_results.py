@@ -11,6 +11,11 @@ did not adopt) is written by the upsert instead, which skips items already store
 batch whose bulk write meets an item stored anyway (two batches of one job naming one item),
 under a savepoint.
 
+The job's counts are written last, by a statement that never counts past the job's
+``total_items`` (``jobs.OverfullJobError``): a batch the job has no room for (a message for a job
+that had ended, or one its ledger cannot account for) then raises, and its transaction, rolled
+back, stores nothing of it.
+
 Functions take the session first and never commit.
 """
 

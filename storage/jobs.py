@@ -4,6 +4,11 @@ Functions take the session first and never commit: the caller's session scope do
 status as a waiting client reads it (``job_status``) and as the batch that finishes the job
 returns it (``settle_progress``) is read in Core: loading ORM objects cost more than the
 queries themselves.
+
+A batch's counts never take its job past ``total_items``: the counting UPDATE holds that in its
+WHERE clause (no statement more), and a batch whose stored items it refuses raises
+``OverfullJobError``, so the caller's transaction stores nothing of it (a message for a job that
+had ended, or one its ledger cannot account for).
 """
 
 from __future__ import annotations
@@ -12,12 +17,33 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Row, Text, bindparam, case, func, insert, select, true, update
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    Row,
+    Text,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from storage.models import BatchStat, FailureKind, Job, JobState
 
 _jobs: Any = Job.__table__
+
+
+class OverfullJobError(Exception):
+    """Raised when the items a batch stored would count its job past ``total_items`` (the job
+    had ended, or the batch is one its ledger cannot account for): nothing of the batch may be
+    committed."""
+
+
 _STATUS = select(
     _jobs.c.id,
     _jobs.c.state,
@@ -28,21 +54,35 @@ _STATUS = select(
     _jobs.c.error,
     _jobs.c.error_kind,
 ).where(_jobs.c.id == bindparam("job"))
-_COUNTING = update(_jobs).values(
-    done_items=_jobs.c.done_items + bindparam("done"),
-    failed_items=_jobs.c.failed_items + bindparam("failed"),
-    started_at=func.coalesce(_jobs.c.started_at, bindparam("now", type_=DateTime(timezone=True))),
-    state=case(
-        (_jobs.c.state == JobState.QUEUED.value, JobState.RUNNING.value),
-        else_=_jobs.c.state,
-    ),
-    error=func.coalesce(_jobs.c.error, bindparam("error", type_=Text)),
-    # The kind of the error kept: both are set by the first call that brings an error.
-    error_kind=case(
-        (_jobs.c.error.is_(None), bindparam("kind", type_=Text)), else_=_jobs.c.error_kind
-    ),
+_DONE = bindparam("done", type_=Integer)
+_FAILED = bindparam("failed", type_=Integer)
+_COUNTING = (
+    update(_jobs)
+    .where(
+        or_(
+            _jobs.c.sealed.is_not(true()),  # a backfill's job: its total is not known yet
+            _jobs.c.done_items + _jobs.c.failed_items + _DONE + _FAILED <= _jobs.c.total_items,
+        )
+    )
+    .values(
+        done_items=_jobs.c.done_items + _DONE,
+        failed_items=_jobs.c.failed_items + _FAILED,
+        started_at=func.coalesce(
+            _jobs.c.started_at, bindparam("now", type_=DateTime(timezone=True))
+        ),
+        state=case(
+            (_jobs.c.state == JobState.QUEUED.value, JobState.RUNNING.value),
+            else_=_jobs.c.state,
+        ),
+        error=func.coalesce(_jobs.c.error, bindparam("error", type_=Text)),
+        # The kind of the error kept: both are set by the first call that brings an error.
+        error_kind=case(
+            (_jobs.c.error.is_(None), bindparam("kind", type_=Text)), else_=_jobs.c.error_kind
+        ),
+    )
 )
-"""A job's counts after a batch: of one job, or of many that add the same counts."""
+"""A job's counts after a batch, never past its total: of one job, or of many that add the
+same counts."""
 _COUNT = _COUNTING.where(_jobs.c.id == bindparam("job"))
 _COUNT_MANY = _COUNTING.where(_jobs.c.id.in_(bindparam("jobs", expanding=True)))
 _SETTLING = (
@@ -112,7 +152,8 @@ def add_progress(
 
     The increments are one UPDATE each, so concurrent batches of one job never lose a count;
     ``done`` must be the rows this batch really inserted, so a redelivery adds nothing. The
-    first error recorded is kept, with its ``kind``.
+    first error recorded is kept, with its ``kind``. Raises ``OverfullJobError`` when the items
+    stored (``done``) would count the job past its total; failures that would are not counted.
     """
     settled = settle_progress(session, job_id, done=done, failed=failed, error=error, kind=kind)
     return settled is not None
@@ -139,7 +180,8 @@ def settle_progress(
         "error": error,
         "kind": None if error is None or kind is None else kind.value,
     }
-    connection.execute(_COUNT, params)
+    if connection.execute(_COUNT, params).rowcount == 0 and done:
+        raise OverfullJobError(f"job {job_id} has no room for {done} more items")
     return connection.execute(_SETTLE, {"job": job_id, "now": now}).first()
 
 
@@ -156,10 +198,12 @@ def settle_many(session: Session, done: dict[str, int]) -> dict[str, Row[*tuple[
     for job, n in done.items():
         by_count.setdefault(n, []).append(job)
     for n, same in by_count.items():
-        connection.execute(
+        counted = connection.execute(
             _COUNT_MANY,
             {"jobs": same, "done": n, "failed": 0, "now": now, "error": None, "kind": None},
-        )
+        ).rowcount
+        if n and counted < len(same):
+            raise OverfullJobError(f"a job of {same} has no room for {n} more items")
     settled = connection.execute(_SETTLE_MANY, {"jobs": list(done), "now": now}).all()
     return {str(row.id): row for row in settled}
 

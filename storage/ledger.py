@@ -28,6 +28,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage import failed_items, jobs
@@ -50,6 +51,18 @@ class NewBatch:
 
 
 @dataclass(frozen=True)
+class JobFacts:
+    """What a claim reads of a batch's job, to check its message against."""
+
+    total: int | None
+    """The item count once known (sealed), to check positions against; else ``None``."""
+    model: str
+    """The model the job names: a message naming another is refused."""
+    finished: bool
+    """The job had ended: a message adds nothing to it."""
+
+
+@dataclass(frozen=True)
 class Claim:
     """What a worker learns when it claims a batch."""
 
@@ -57,22 +70,14 @@ class Claim:
     """The batch's state before the claim (``None``: no ledger row, e.g. a raw message)."""
     claimed: bool
     """True when the batch was pending and is now this worker's to run."""
-    job_total: int | None
-    """The job's item count once known (sealed), to check positions against; else ``None``."""
-    job_exists: bool = True
-    job_model: str | None = None
-    """The model the job names: a message naming another is refused."""
-    job_finished: bool = False
-    """The job had ended: a message the ledger does not know adds nothing to it."""
+    recorded: list[str] | None
+    """The items the ledger's row says the batch carries (``None``: no row)."""
+    job: JobFacts | None
+    """``None``: the store has no such job."""
 
-
-@dataclass(frozen=True)
-class JobFacts:
-    """What a claim of many batches reads of each of their jobs."""
-
-    total: int | None
-    """The item count once known (sealed); else ``None``."""
-    model: str
+    @property
+    def job_total(self) -> int | None:
+        return None if self.job is None else self.job.total
 
 
 def kept(batch: Batch) -> NewBatch | None:
@@ -122,49 +127,73 @@ _CLAIM = (
         _batches.c.state == BatchState.SENT.value,
     )
     .values(attempts=_batches.c.attempts + 1, worker=bindparam("worker"), updated_at=_NOW)
+    .returning(_batches.c.item_ids)
 )
-_STATE = select(_batches.c.state).where(
+_STATE = select(_batches.c.state, _batches.c.item_ids).where(
     _batches.c.job_id == bindparam("job"), _batches.c.batch_index == bindparam("index")
 )
-_JOB = select(_jobs.c.total_items, _jobs.c.sealed, _jobs.c.model_name, _jobs.c.finished_at).where(
-    _jobs.c.id == bindparam("job")
-)
+_FACT_COLUMNS = (_jobs.c.total_items, _jobs.c.sealed, _jobs.c.model_name, _jobs.c.finished_at)
+_JOB = select(*_FACT_COLUMNS).where(_jobs.c.id == bindparam("job"))
+
+
+def _facts(row: Any) -> JobFacts:
+    total, sealed, model, finished_at = row[-4:]
+    return JobFacts(int(total) if sealed else None, str(model), finished_at is not None)
 
 
 def claim(session: Session, job_id: str, index: int, worker: str) -> Claim:
     """Take a pending batch for ``worker``: count the attempt and record who runs it.
 
     A batch that already ended (done, failed) is not claimed: a redelivered message is then
-    skipped without running the model. The claim is not worth an fsync: on PostgreSQL it commits
-    asynchronously (a crash may forget an attempt, never a result).
+    skipped without running the model. The claim reads what the message is checked against
+    (the items the ledger recorded, by the claim's RETURNING; the job's facts) with no statement
+    more. The claim is not worth an fsync: on PostgreSQL it commits asynchronously (a crash may
+    forget an attempt, never a result).
     """
     commit_without_flush(session)
     connection = session.connection()
     params = {"job": job_id, "index": index, "worker": worker, "now": datetime.now(UTC)}
-    claimed = connection.execute(_CLAIM, params).rowcount == 1
-    state = BatchState.SENT if claimed else batch_state(session, job_id, index)
+    row = connection.execute(_CLAIM, params).first()
+    if row is None:  # ended, or not in the ledger
+        row = connection.execute(_STATE, params).first()
+        state = None if row is None else BatchState(row.state)
+    else:
+        state = BatchState.SENT
+    recorded = None if row is None else list(row.item_ids)
     job = connection.execute(_JOB, params).first()
-    if job is None:
-        return Claim(state=state, claimed=claimed, job_total=None, job_exists=False)
-    return Claim(
-        state=state,
-        claimed=claimed,
-        job_total=int(job.total_items) if job.sealed else None,
-        job_model=str(job.model_name),
-        job_finished=job.finished_at is not None,
-    )
+    facts = None if job is None else _facts(job)
+    return Claim(state, state is BatchState.SENT and row is not None, recorded, facts)
 
 
-def adopt(session: Session, job_id: str, index: int, item_ids: Sequence[str], worker: str) -> None:
+def adopt(session: Session, job_id: str, index: int, item_ids: Sequence[str], worker: str) -> bool:
     """Record a batch that arrived without a ledger row (sent by an application that wrote only
-    the job), claimed by ``worker``; its texts are in its message, not here."""
+    the job), claimed by ``worker``; its texts are in its message, not here. False when another
+    delivery recorded the batch first (nothing written: claim it again to see what it holds)."""
     now = datetime.now(UTC)
+    try:
+        with session.begin_nested():
+            _insert_batch(session, job_id, index, item_ids, worker, BatchState.SENT, now)
+    except IntegrityError:  # the (job, batch_index) key: another delivery's row
+        return False
+    return True
+
+
+def _insert_batch(
+    session: Session,
+    job_id: str,
+    index: int,
+    item_ids: Sequence[str],
+    worker: str | None,
+    state: BatchState,
+    now: datetime,
+    error: str | None = None,
+) -> None:
     session.connection().execute(
         insert(_batches),
         {
             "job_id": job_id,
             "batch_index": index,
-            "state": BatchState.SENT.value,
+            "state": state.value,
             "item_count": len(item_ids),
             "item_ids": list(item_ids),
             "payload": None,
@@ -173,6 +202,8 @@ def adopt(session: Session, job_id: str, index: int, item_ids: Sequence[str], wo
             "worker": worker,
             "sent_at": now,
             "updated_at": now,
+            "finished_at": None if state is BatchState.SENT else now,
+            "last_error": error,
         },
     )
 
@@ -211,11 +242,9 @@ _CLAIM_MANY = (
     update(_batches)
     .where(_KEY.in_(bindparam("keys", expanding=True)), _STILL_SENT)
     .values(attempts=_batches.c.attempts + 1, worker=bindparam("worker"), updated_at=_NOW)
-    .returning(_batches.c.job_id, _batches.c.batch_index)
+    .returning(_batches.c.job_id, _batches.c.batch_index, _batches.c.item_ids)
 )
-_FACTS = select(_jobs.c.id, _jobs.c.total_items, _jobs.c.sealed, _jobs.c.model_name).where(
-    _jobs.c.id.in_(bindparam("jobs", expanding=True))
-)
+_FACTS = select(_jobs.c.id, *_FACT_COLUMNS).where(_jobs.c.id.in_(bindparam("jobs", expanding=True)))
 
 BatchKey = tuple[str, int]
 """A batch: its job's id and its index in the job."""
@@ -231,21 +260,21 @@ def finish_done(session: Session, keys: Sequence[BatchKey]) -> set[BatchKey]:
 
 def claim_many(
     session: Session, keys: Sequence[BatchKey], worker: str
-) -> tuple[set[BatchKey], dict[str, JobFacts]]:
-    """``claim`` for many batches in two statements: the batches this call claimed (the others
-    had ended, or have no ledger row), and what the claim read of each of their jobs."""
+) -> tuple[dict[BatchKey, list[str]], dict[str, JobFacts]]:
+    """``claim`` for many batches in two statements: the batches this call claimed, each with
+    the items the ledger recorded for it (the others had ended, or have no ledger row), and
+    what the claim read of each of their jobs."""
     if not keys:
-        return set(), {}
+        return {}, {}
     commit_without_flush(session)
     connection = session.connection()
     params = {"keys": list(keys), "worker": worker, "now": datetime.now(UTC)}
-    claimed = {(row[0], int(row[1])) for row in connection.execute(_CLAIM_MANY, params)}
+    claimed = {
+        (row[0], int(row[1])): list(row[2]) for row in connection.execute(_CLAIM_MANY, params)
+    }
     jobs_of = sorted({job for job, _ in claimed})
     facts = (
-        {
-            str(row[0]): JobFacts(int(row[1]) if row[2] else None, str(row[3]))
-            for row in connection.execute(_FACTS, {"jobs": jobs_of})
-        }
+        {str(row[0]): _facts(row) for row in connection.execute(_FACTS, {"jobs": jobs_of})}
         if jobs_of
         else {}
     )
@@ -277,8 +306,8 @@ def note_error(session: Session, job_id: str, index: int, error: str) -> None:
 
 def batch_state(session: Session, job_id: str, index: int) -> BatchState | None:
     """The batch's state, or ``None`` when the ledger has no such batch."""
-    found = session.connection().execute(_STATE, {"job": job_id, "index": index}).scalar()
-    return None if found is None else BatchState(found)
+    found = session.connection().execute(_STATE, {"job": job_id, "index": index}).first()
+    return None if found is None else BatchState(found.state)
 
 
 def get_batch(session: Session, job_id: str, index: int) -> Batch | None:
@@ -397,12 +426,39 @@ def fail_items(
     return failed, finished
 
 
-def fail_pending(session: Session, job_id: str, reason: str, kind: FailureKind) -> int:
-    """Fail every batch of ``job_id`` that has not ended; returns the items failed."""
-    total = 0
+def fail_pending(session: Session, job_id: str, reason: str, kind: FailureKind) -> bool:
+    """Fail every batch of ``job_id`` that has not ended; true when this finished the job."""
+    finished = False
     for batch in pending_batches(session, job_id):
-        total += fail_batch(session, job_id, batch.batch_index, batch.item_ids, reason, kind)[0]
-    return total
+        finished |= fail_batch(session, job_id, batch.batch_index, batch.item_ids, reason, kind)[1]
+    return finished
+
+
+def fail_job(session: Session, job_id: str, reason: str, kind: FailureKind) -> bool:
+    """End the rest of a job for ``reason``: its pending batches fail, and every item not done
+    counts failed (which items a broken message carried cannot be told, or the job has no room
+    for them: it cannot complete otherwise); true when this call finished the job."""
+    finished = fail_pending(session, job_id, reason, kind)
+    return jobs.fail_rest(session, job_id, reason, kind) or finished
+
+
+_REFUSED = (
+    update(_batches)
+    .where(_batches.c.job_id == bindparam("job"), _batches.c.batch_index == bindparam("index"))
+    .values(last_error=bindparam("error", type_=Text), updated_at=_NOW)
+)
+
+
+def refuse(session: Session, job_id: str, index: int, item_ids: Sequence[str], reason: str) -> None:
+    """Record why a message for a job that had ended was refused, counting nothing in the job:
+    its batch ends failed with ``reason`` (a new row when the ledger had none); a batch that
+    had ended keeps its state and takes the reason as its last error."""
+    now = datetime.now(UTC)
+    if finish(session, job_id, index, BatchState.FAILED, reason):
+        return
+    params = {"job": job_id, "index": index, "error": reason, "now": now}
+    if session.connection().execute(_REFUSED, params).rowcount == 0:
+        _insert_batch(session, job_id, index, item_ids, None, BatchState.FAILED, now, reason)
 
 
 def claimed_batches(

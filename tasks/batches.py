@@ -4,9 +4,13 @@
 ``run_message`` parses a message, claims its batch in the ledger, embeds it and stores what it
 made in one transaction (``embed_batch``, through ``storage.batch_results``); the (job, item)
 upsert makes a redelivered batch a no-op, and the claim skips a batch that already ended
-without running the model. A permanent failure (a malformed message, an unknown or broken
-model, bad input) is recorded with its reason and kind (``fail_batch``, ``fail_raw``) and
-returned; a transient one is raised for the task's retry policy.
+without running the model. A message that does not fit what its claim read (its job had
+ended, the ledger recorded its batch with other items, it names another model, its positions lie
+outside the job: ``BatchMessage.misfit``) never runs, and one the job turns out to have no room
+for stores nothing (``jobs.OverfullJobError``): each ends with its reason recorded. A permanent
+failure (a malformed message, an unknown or broken model, bad input) is recorded with its reason
+and kind (``fail_batch``, ``fail_raw``) and returned; a transient one is raised for the task's
+retry policy.
 
 What a run needs from its process comes in a ``tasks.runtime.Runtime``.
 """
@@ -15,15 +19,16 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import batch_results, jobs, ledger
-from storage.models import FailureKind
+from storage.models import BatchState, FailureKind, JobState
 from storage.session import scope
 from tasks import outcomes, preparation
-from tasks.message import MAX_BATCH_INDEX, BatchMessage
+from tasks.message import MAX_INTEGER, BatchMessage, Misfit
 from tasks.outcomes import Delivery, Outcome
 from tasks.runtime import Runtime
 from worker import lifecycle, metrics
@@ -152,8 +157,8 @@ def run_message(
             reason = f"model {message.model}: {exc}"
             return fail_batch(session, message, reason, FailureKind.MODEL)
     with scope(sessions) as session:
-        claim = ledger.claim(session, message.job_id, message.batch_index, runtime.worker)
-        if not claim.job_exists:
+        claim = _claim(session, message, runtime.worker)
+        if claim.job is None:
             logger.error(
                 "dropped batch %d of job %s, which is not in the store",
                 message.batch_index,
@@ -162,72 +167,80 @@ def run_message(
             return Outcome(
                 message.job_id, message.batch_index, Delivery.DROPPED, reason="no such job"
             )
-        refused = _refusal(session, message, claim)
-        if refused is not None:
-            return refused
-        if claim.state is None:  # an application's raw message: the ledger learns of it now
-            ledger.adopt(
-                session, message.job_id, message.batch_index, message.item_ids, runtime.worker
-            )
-        elif not claim.claimed:
+        misfit = message.misfit(claim)
+        if misfit is not None:
+            return _misfit(session, message, claim, *misfit)
+        if not claim.claimed:
             return Outcome(
                 message.job_id, message.batch_index, Delivery.SKIPPED, reason=claim.state
             )
-    if claim.job_total is not None and max(message.positions) >= claim.job_total:
-        reason = f"positions up to {max(message.positions)} in a job of {claim.job_total} items"
+    try:
         with scope(sessions) as session:
-            return fail_batch(session, message, f"malformed batch: {reason}", FailureKind.INPUT)
-    with scope(sessions) as session:
-        return embed_batch(
-            session,
-            engine,
-            message,
-            provider=engine.provider,
-            on_progress=on_progress,
-            model_sha256=engine.model_sha256,
-            host=lifecycle.machine_host(runtime.settings),
-        )
+            return embed_batch(
+                session,
+                engine,
+                message,
+                provider=engine.provider,
+                on_progress=on_progress,
+                model_sha256=engine.model_sha256,
+                host=lifecycle.machine_host(runtime.settings),
+            )
+    except jobs.OverfullJobError as exc:  # rolled back: nothing of the batch was stored
+        with scope(sessions) as session:
+            return _overfull(session, message, str(exc))
 
 
-def _refusal(session: Session, message: BatchMessage, claim: ledger.Claim) -> Outcome | None:
-    """How a message that does not fit its job ends, or ``None`` when it fits: one for a job
-    that has ended adds nothing to it (dropped, logged); one naming another model than its job
-    fails its items; one reusing a batch index of the job with other items fails the items the
-    ledger's batch does not carry (the job could never complete otherwise)."""
-    if claim.state is None and claim.job_finished:
-        logger.error(
-            "dropped batch %d of job %s, which has ended", message.batch_index, message.job_id
-        )
-        return Outcome(
-            message.job_id, message.batch_index, Delivery.DROPPED, reason="the job has ended"
-        )
-    if claim.job_model is not None and claim.job_model != message.model:
-        if claim.state is not None and not claim.claimed:
-            return None  # ended already: skipped as a redelivery
-        reason = f"malformed batch: it names model {message.model!r}, its job {claim.job_model!r}"
+def _claim(session: Session, message: BatchMessage, worker: str) -> ledger.Claim:
+    """Claim the message's batch for ``worker``. One the ledger does not know (an application's
+    raw message) is recorded as the message carries it, unless its job is missing or has ended;
+    when another delivery recorded it first, it is claimed again, to be checked against that
+    record."""
+    job_id, index = message.job_id, message.batch_index
+    claim = ledger.claim(session, job_id, index, worker)
+    if claim.state is not None or claim.job is None or claim.job.finished:
+        return claim
+    if ledger.adopt(session, job_id, index, message.item_ids, worker):
+        return replace(claim, state=BatchState.SENT, claimed=True, recorded=message.item_ids)
+    return ledger.claim(session, job_id, index, worker)
+
+
+def _misfit(
+    session: Session, message: BatchMessage, claim: ledger.Claim, misfit: Misfit, reason: str
+) -> Outcome:
+    """How a message that does not fit its job or its ledger record ends (``Misfit``): for a job
+    that had ended, refused and recorded in the ledger, nothing counted; with items other than
+    its batch's, those items fail (the job could never complete otherwise); else it fails as a
+    malformed batch."""
+    job_id, index = message.job_id, message.batch_index
+    if misfit is Misfit.ENDED:
+        ledger.refuse(session, job_id, index, message.item_ids, reason)
+        logger.error("refused batch %d of job %s, which has ended: %s", index, job_id, reason)
+        return Outcome(job_id, index, Delivery.DROPPED, reason=reason)
+    if misfit is not Misfit.ITEMS:
         return fail_batch(session, message, reason, FailureKind.INPUT)
-    if claim.state is not None and not claim.claimed:
-        known = ledger.get_batch(session, message.job_id, message.batch_index)
-        others = [] if known is None else sorted(set(message.item_ids) - set(known.item_ids))
-        if known is not None and known.item_ids and others:
-            reason = (
-                f"malformed batch: batch {message.batch_index} of job {message.job_id} was"
-                " already sent with other items"
-            )
-            failed, finished = ledger.fail_items(
-                session, message.job_id, others, reason, FailureKind.INPUT
-            )
-            logger.warning(
-                "batch failed: job=%s batch=%d items=%d reason=%s",
-                message.job_id,
-                message.batch_index,
-                failed,
-                reason,
-            )
-            return Outcome(
-                message.job_id, message.batch_index, Delivery.FAILED, finished, reason=reason
-            )
-    return None
+    known = set(claim.recorded or ())
+    others = [item for item in message.item_ids if item not in known]
+    failed, finished = ledger.fail_items(session, job_id, others, reason, FailureKind.INPUT)
+    logger.warning(
+        "batch failed: job=%s batch=%d items=%d reason=%s", job_id, index, failed, reason
+    )
+    return Outcome(job_id, index, Delivery.FAILED, finished, reason=reason)
+
+
+def _overfull(session: Session, message: BatchMessage, why: str) -> Outcome:
+    """End a batch whose items its job had no room for (``jobs.OverfullJobError``): for a job
+    that had ended, the batch is refused and recorded, nothing counted; otherwise the rest of
+    the job fails with the reason (which of its items are real cannot be told)."""
+    job_id, index = message.job_id, message.batch_index
+    reason = f"malformed batch: batch {index} of job {job_id} does not fit its job: {why}"
+    status = jobs.job_status(session, job_id)
+    if status is None or JobState(status.state).finished:
+        ledger.refuse(session, job_id, index, message.item_ids, reason)
+        logger.error("refused batch %d of job %s, which has ended: %s", index, job_id, reason)
+        return Outcome(job_id, index, Delivery.DROPPED, reason=reason)
+    finished = ledger.fail_job(session, job_id, reason, FailureKind.INPUT)
+    logger.warning("batch failed: job=%s batch=%d reason=%s", job_id, index, reason)
+    return Outcome(job_id, index, Delivery.FAILED, finished, reason=reason)
 
 
 def _engine_for(message: BatchMessage, runtime: Runtime) -> Embedder:
@@ -272,7 +285,7 @@ def fail_raw(
             return Outcome(job_id, None, Delivery.DROPPED, reason=reason)
         if message is not None:
             return fail_batch(session, message, reason, kind)
-        if isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= MAX_BATCH_INDEX:
+        if isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= MAX_INTEGER:
             found = ledger.get_batch(session, job_id, index)
             if found is not None:
                 _, finished = ledger.fail_batch(
@@ -280,8 +293,7 @@ def fail_raw(
                 )
                 return Outcome(job_id, index, Delivery.FAILED, finished, reason=reason)
         # Which items it carried cannot be told: the job cannot complete, so it ends here.
-        ledger.fail_pending(session, job_id, reason, kind)
-        finished = jobs.fail_rest(session, job_id, reason, kind)
+        finished = ledger.fail_job(session, job_id, reason, kind)
         return Outcome(job_id, None, Delivery.FAILED, finished, reason=reason)
 
 

@@ -20,9 +20,10 @@ and the threads pool bounds the batches.
 
 Anything off the common path is handed back to its task thread, which runs the batch alone with
 ``tasks.batches.run_message`` (as a prefork worker would): a message for a model this host
-lacks, a batch the claim does not give (ended, or an application's raw message), positions
-outside the job, an engine call that raises (texts the model refuses, bad input), a write that
-fails. So every way out stays a recorded outcome, and a batch is never stored twice: the ledger's
+lacks, a batch the claim does not give (ended, or an application's raw message), a message that
+does not fit its job or its ledger record (``BatchMessage.misfit``), an engine call that raises
+(texts the model refuses, bad input), a write that fails (one the job has no room for among
+them). So every way out stays a recorded outcome, and a batch is never stored twice: the ledger's
 claim and end decide, as for any redelivery.
 """
 
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from storage import batch_results, ledger
+from storage.models import BatchState
 from storage.session import scope
 from tasks import batches, outcomes
 from tasks.message import BatchMessage
@@ -145,20 +147,18 @@ class Feeder:
 
     def _claim(self, group: list[_Batch]) -> list[_Batch]:
         """Claim the batches in one transaction (two statements); those the claim does not
-        give (ended, unknown to the ledger, a second copy of one in the group, positions
-        outside their job, another model than their job's) go back to their threads."""
+        give (ended, unknown to the ledger, a second copy of one in the group) or whose
+        message does not fit what it read (``BatchMessage.misfit``) go back to their threads."""
         keys = [(batch.message.job_id, batch.message.batch_index) for batch in group]
         with scope(self.runtime.sessions) as session:
             taken, facts = ledger.claim_many(session, sorted(set(keys)), self.runtime.worker)
         claimed: list[_Batch] = []
         back: list[_Batch] = []
         for batch, key in zip(group, keys, strict=True):
-            job = facts.get(key[0])
-            total = None if job is None else job.total
-            fits = total is None or max(batch.message.positions) < total
-            fits = fits and (job is None or job.model == batch.message.model)
-            (claimed if key in taken and fits else back).append(batch)
-            taken.discard(key)  # a second copy of the batch in this group goes back
+            recorded = taken.pop(key, None)  # a second copy of the batch in this group goes back
+            claim = ledger.Claim(BatchState.SENT, True, recorded, facts.get(key[0]))
+            fits = recorded is not None and claim.job is not None
+            (claimed if fits and batch.message.misfit(claim) is None else back).append(batch)
         _hand_back(back)
         return claimed
 

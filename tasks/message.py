@@ -3,24 +3,42 @@
 
 Light on purpose: a producer imports it without onnxruntime or tokenizers. Everything the
 schema constrains is checked here, at the edge, so a bad id or text fails its job with a reason
-naming the item instead of an error from the database driver in the worker.
+naming the item instead of an error from the database driver in the worker. What the store
+holds is checked here too, once its claim has read it (``BatchMessage.misfit``): a message that
+does not fit its job or its batch's record in the ledger is never run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from storage.ledger import NewBatch
+from storage.ledger import Claim, NewBatch
 from storage.models import ID_LENGTH, JOB_ID_LENGTH
 from worker.errors import InputError
 from worker.validation import is_unicode
 
-MAX_BATCH_INDEX = 2**31 - 1
-"""The largest batch index the ledger's integer column holds (PostgreSQL's ``integer``); a
-message past it is malformed (one was left queued for good: its claim could not be asked)."""
+MAX_INTEGER = 2**31 - 1
+"""The largest value the schema's integer columns hold (PostgreSQL's ``integer``): a batch's
+index in the ledger, an item's position. A message past it is malformed on either store (one
+was left queued for good: its claim could not be asked)."""
+
+
+class Misfit(StrEnum):
+    """How a well-formed message does not fit what its claim read from the store."""
+
+    ENDED = "ended"
+    """Its job had ended: nothing of it may be stored (a batch that ended, delivered again with
+    the same items, is a redelivery and fits)."""
+    ITEMS = "items"
+    """The ledger recorded its batch with other items."""
+    MODEL = "model"
+    """It names another model than its job."""
+    POSITIONS = "positions"
+    """Its positions lie outside its job."""
 
 
 def task_id(job_id: str, batch_index: int) -> str:
@@ -78,7 +96,7 @@ class BatchMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     job_id: str = Field(min_length=1, max_length=JOB_ID_LENGTH)
-    batch_index: int = Field(ge=0, le=MAX_BATCH_INDEX)
+    batch_index: int = Field(ge=0, le=MAX_INTEGER)
     model: str
     texts: list[str] = Field(min_length=1)
     item_ids: list[str]
@@ -126,7 +144,33 @@ class BatchMessage(BaseModel):
             )
         if min(self.positions) < 0 or len(set(self.positions)) != len(self.positions):
             raise ValueError("positions must be distinct and not negative")
+        if max(self.positions) > MAX_INTEGER:
+            raise ValueError(f"positions must be at most {MAX_INTEGER}")
         return self
+
+    def misfit(self, claim: Claim) -> tuple[Misfit, str] | None:
+        """How this message does not fit what its claim read (its job, the items the ledger
+        recorded for its batch), with the reason to record; ``None`` when it fits. The one
+        check, for a batch run alone and for the feeder's claim of many."""
+        job, recorded = claim.job, claim.recorded
+        same = recorded is not None and set(recorded) == set(self.item_ids)
+        where = f"batch {self.batch_index} of job {self.job_id}"
+        if job is not None and job.finished and not (same and not claim.claimed):
+            return Misfit.ENDED, f"{where} came after its job had ended: nothing of it is stored"
+        if recorded is not None and not same:
+            return Misfit.ITEMS, f"malformed batch: {where} was already sent with other items"
+        if job is None or (claim.state is not None and not claim.claimed):
+            return None  # no job to fit; or a batch that ended, delivered again: skipped
+        if self.model != job.model:
+            return Misfit.MODEL, (
+                f"malformed batch: it names model {self.model!r}, its job {job.model!r}"
+            )
+        if job.total is not None and max(self.positions) >= job.total:
+            return Misfit.POSITIONS, (
+                f"malformed batch: positions up to {max(self.positions)} in a job of"
+                f" {job.total} items"
+            )
+        return None
 
     @classmethod
     def of(cls, job_id: str, model: str, batch: NewBatch, now: float) -> BatchMessage:

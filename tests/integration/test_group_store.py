@@ -1,14 +1,15 @@
 """A group of batches stored by one call (``storage.batch_results.store_group``, the feeder's
 write) on each store: every batch ends on its own, a job's state settles with its last batch,
-a batch already ended writes nothing, and the bulk write is the store's own (COPY on
-PostgreSQL)."""
+a batch already ended writes nothing, the bulk write is the store's own (COPY on
+PostgreSQL), and a group with a batch its job has no room for stores nothing."""
 
 import time
 from datetime import UTC, datetime
 
 import numpy as np
+import pytest
 
-from storage import batch_results, batch_stats, embeddings, ledger
+from storage import batch_results, batch_stats, embeddings, jobs, ledger
 from storage.models import BatchStat
 from storage.session import dispose_all, scope, sessions_for
 from tasks import outcomes, producer
@@ -106,4 +107,34 @@ def test_a_small_group_is_one_upsert_that_counts_each_batch_s_new_rows(database_
     with scope(sessions) as session:
         assert embeddings.count_embeddings(session, job.id) == 5
     assert job.status()["done"] == 5
+    dispose_all()
+
+
+def test_a_group_with_a_batch_its_job_has_no_room_for_stores_nothing(database_url: str) -> None:
+    """A batch the ledger did not know filled a one-text job: that job's own batch, stored
+    in a group, has no room, so the whole group's transaction stores nothing (the feeder then
+    runs each batch alone) and the job keeps its one vector."""
+    settings = Settings(database_url=database_url, default_model="fake", job_batch_size=2)
+    sent = RecordingPublisher()
+    other, full = (
+        producer.submit([f"one text {i}"], settings=settings, publisher=sent) for i in (0, 1)
+    )
+    first, own = sent.sent
+    stray = own.model_copy(update={"batch_index": 9, "item_ids": ["stray"]})
+    engine = FakeEngine(dim=16)
+    group = [outcomes.finished_batch(m, engine.encode(m.texts), {}, "F", 0.0) for m in (first, own)]
+    sessions = sessions_for(database_url)
+    with scope(sessions) as session:
+        done = outcomes.finished_batch(stray, engine.encode(stray.texts), {}, "F", 0.0)
+        assert batch_results.store_finished(session, done).stored == 1
+    assert full.status()["state"] == "succeeded"
+    with pytest.raises(jobs.OverfullJobError), scope(sessions) as session:
+        batch_results.store_group(session, group)
+    with scope(sessions) as session:
+        assert embeddings.count_embeddings(session, other.id) == 0
+        assert ledger.batch_state(session, other.id, 0) == "sent"
+        assert [s.stored for s in batch_results.store_group(session, group[:1])] == [1]
+    assert other.status()["state"] == "succeeded"
+    with scope(sessions) as session:
+        assert [e.item_id for e in embeddings.list_embeddings(session, full.id)] == ["stray"]
     dispose_all()

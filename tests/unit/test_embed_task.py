@@ -162,3 +162,92 @@ def test_a_failure_reported_after_the_batch_was_stored_changes_nothing(
         assert job is not None
         assert (job.state, job.done_items, job.failed_items) == ("succeeded", 3, 0)
         assert ledger.job_batches(session, "j") == {"done": 1}
+
+
+# --- messages that do not fit their job (a producer that bypassed embedq's) ---------------------
+def raw(batch_index: int, ids: list[str], positions: list[int], model: str = "fake") -> dict:
+    """A raw message of job ``j`` (three items), as an application could send it."""
+    return {
+        "job_id": "j",
+        "batch_index": batch_index,
+        "model": model,
+        "texts": [f"text of {item}" for item in ids],
+        "item_ids": ids,
+        "positions": positions,
+        "enqueued_at": time.time(),
+    }
+
+
+def ended(sessions: sessionmaker[Session]) -> tuple[Job, list[str], dict[str, int]]:
+    """Job ``j``'s row, the items stored under it, and its batches by state."""
+    with scope(sessions) as session:
+        job = jobs.get_job(session, "j")
+        assert job is not None
+        session.expunge(job)
+        stored = [e.item_id for e in embeddings.list_embeddings(session, "j")]
+        return job, stored, ledger.job_batches(session, "j")
+
+
+def test_a_batch_index_sent_again_with_other_items_fails_those_items(
+    sessions: sessionmaker[Session], sqlite_url: str
+) -> None:
+    runtime = fake_runtime(Settings(database_url=sqlite_url))
+    assert run_message(raw(0, ["i0", "i1"], [0, 1]), runtime).state == Delivery.DONE
+    again = run_message(raw(0, ["i2"], [2]), runtime)
+    assert again.state == Delivery.FAILED and again.finished
+    job, stored, batches = ended(sessions)
+    assert (job.state, job.done_items, job.failed_items) == ("partially_failed", 2, 1)
+    assert job.error is not None and "batch 0 of job j was already sent with other items" in (
+        job.error
+    )
+    assert (stored, batches) == (["i0", "i1"], {"done": 1})
+
+
+def test_a_message_for_a_job_that_ended_is_refused_and_recorded(
+    sessions: sessionmaker[Session], sqlite_url: str
+) -> None:
+    runtime = fake_runtime(Settings(database_url=sqlite_url))
+    assert run_message(raw(0, ["i0", "i1", "i2"], [0, 1, 2]), runtime).finished
+    late = run_message(raw(1, ["x0", "x1"], [0, 1]), runtime)
+    reused = run_message(raw(0, ["x2"], [2]), runtime)
+    again = run_message(raw(0, ["i0", "i1", "i2"], [0, 1, 2]), runtime)  # a redelivery
+    assert [o.state for o in (late, reused, again)] == ["dropped", "dropped", "skipped"]
+    assert late.reason is not None and "came after its job had ended" in late.reason
+    job, stored, batches = ended(sessions)
+    assert (job.state, job.done_items, job.failed_items, job.error) == ("succeeded", 3, 0, None)
+    assert (stored, batches) == (["i0", "i1", "i2"], {"done": 1, "failed": 1})
+    with scope(sessions) as session:
+        refused = ledger.get_batch(session, "j", 1)
+        assert refused is not None and refused.last_error == late.reason
+        assert session.query(FailedItem).count() == 0
+
+
+def test_a_message_naming_another_model_than_its_job_stores_nothing(
+    sessions: sessionmaker[Session], sqlite_url: str
+) -> None:
+    runtime = fake_runtime(Settings(database_url=sqlite_url))  # has an engine for any name
+    outcome = run_message(raw(0, ["i0", "i1", "i2"], [0, 1, 2], model="other"), runtime)
+    assert outcome.state == Delivery.FAILED and outcome.finished
+    job, stored, batches = ended(sessions)
+    assert (job.state, job.failed_items, job.error_kind) == ("failed", 3, FailureKind.INPUT)
+    assert job.error == "malformed batch: it names model 'other', its job 'fake'"
+    assert (stored, batches) == ([], {"failed": 1})
+
+
+def test_a_batch_its_job_has_no_room_for_stores_nothing_and_ends_the_job(
+    sessions: sessionmaker[Session], sqlite_url: str
+) -> None:
+    """A batch the ledger did not know took two of the job's three places; the producer's
+    batch of two then has no room: the store refuses it whole and the rest of the job fails."""
+    with scope(sessions) as session:
+        batch = ledger.NewBatch(0, ["i0", "i1"], ["first", "second"], [0, 1])
+        ledger.add_batches(session, "j", [batch, ledger.NewBatch(1, ["i2"], ["third"], [2])])
+    runtime = fake_runtime(Settings(database_url=sqlite_url))
+    assert run_message(raw(7, ["x0", "x1"], [0, 1]), runtime).state == Delivery.DONE
+    outcome = run_message(raw(0, ["i0", "i1"], [0, 1]), runtime)
+    assert outcome.state == Delivery.FAILED and outcome.finished
+    job, stored, batches = ended(sessions)
+    assert (job.state, job.done_items, job.failed_items) == ("partially_failed", 2, 1)
+    assert job.error is not None and "batch 0 of job j does not fit its job" in job.error
+    assert "has no room for 2 more items" in job.error
+    assert (stored, batches) == (["x0", "x1"], {"done": 1, "failed": 2})

@@ -1,5 +1,7 @@
 """The batch ledger on a SQLite store: what it keeps of a pending batch to publish it again
-(``kept``), and which batches are overdue or claimed at a given present (``now=``)."""
+(``kept``), which batches are overdue or claimed at a given present (``now=``), what a claim
+reads to check a message against, how a refused message is recorded, and a job's counts that
+never pass its total."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import ledger
-from storage.models import Batch, BatchState, Job
+from storage import jobs, ledger
+from storage.models import Batch, BatchState, FailedItem, Job
 from storage.session import make_engine, scope, session_factory
 
 BATCHES = [
@@ -82,3 +84,74 @@ def test_a_batch_is_overdue_once_stuck_after_has_passed_at_the_present_given(
     with scope(sessions) as session:
         claimed = ledger.claimed_batches(session, 60, now=datetime.now(UTC) + timedelta(seconds=61))
         assert [(b.batch_index, b.worker) for b in claimed] == [(1, "host:7")]
+
+
+def test_a_claim_reads_the_items_recorded_and_the_job_it_checks_a_message_against(
+    sessions: sessionmaker[Session],
+) -> None:
+    with scope(sessions) as session:
+        pending = ledger.claim(session, "j", 0, "host:1")
+        unknown = ledger.claim(session, "j", 9, "host:1")
+        ledger.finish(session, "j", 1, BatchState.DONE)
+        ended = ledger.claim(session, "j", 1, "host:1")
+        taken, facts = ledger.claim_many(session, [("j", 0), ("j", 1), ("j", 9)], "host:2")
+    job = ledger.JobFacts(total=3, model="m", finished=False)
+    assert pending == ledger.Claim(BatchState.SENT, True, ["a", "b"], job)
+    assert unknown == ledger.Claim(None, False, None, job)
+    assert ended == ledger.Claim(BatchState.DONE, False, ["c"], job)
+    assert (taken, facts) == ({("j", 0): ["a", "b"]}, {"j": job})
+
+
+def test_a_batch_two_deliveries_adopt_at_once_is_recorded_by_the_first(
+    sessions: sessionmaker[Session],
+) -> None:
+    with scope(sessions) as session:
+        assert ledger.adopt(session, "j", 5, ["x"], "host:1")
+        assert not ledger.adopt(session, "j", 5, ["y"], "host:2")  # the transaction goes on
+        assert ledger.claim(session, "j", 5, "host:2").recorded == ["x"]
+    assert batch(sessions, 5).item_ids == ["x"]
+
+
+def test_a_refused_message_of_an_ended_job_is_recorded_in_the_ledger_and_counts_nothing(
+    sessions: sessionmaker[Session],
+) -> None:
+    with scope(sessions) as session:
+        ledger.finish(session, "j", 1, BatchState.DONE)
+        ledger.refuse(session, "j", 0, ["a", "b"], "pending, refused")
+        ledger.refuse(session, "j", 1, ["z"], "ended, refused")
+        ledger.refuse(session, "j", 7, ["y"], "unknown, refused")
+    found = {index: batch(sessions, index) for index in (0, 1, 7)}
+    assert {i: (b.state, b.last_error) for i, b in found.items()} == {
+        0: (BatchState.FAILED, "pending, refused"),
+        1: (BatchState.DONE, "ended, refused"),
+        7: (BatchState.FAILED, "unknown, refused"),
+    }
+    assert (found[1].item_ids, found[7].item_ids) == (["c"], ["y"])
+    with scope(sessions) as session:
+        job = jobs.get_job(session, "j")
+        assert job is not None
+        assert (job.done_items, job.failed_items, job.error) == (0, 0, None)
+        assert session.query(FailedItem).count() == 0
+
+
+def test_a_job_is_never_counted_past_its_total(sessions: sessionmaker[Session]) -> None:
+    """Items stored past the total raise, so the batch's transaction stores nothing of them;
+    failures past it are not counted (the job has all its counts)."""
+    with scope(sessions) as session:
+        assert jobs.settle_progress(session, "j", done=2, failed=0, error=None) is None
+    past = pytest.raises(jobs.OverfullJobError, match="job j has no room for 2 more items")
+    with past, scope(sessions) as session:
+        jobs.settle_progress(session, "j", done=2, failed=0, error=None)
+    with (
+        pytest.raises(jobs.OverfullJobError, match="no room for 2 more items"),
+        scope(sessions) as s,
+    ):
+        jobs.settle_many(s, {"j": 2})
+    with scope(sessions) as session:
+        assert not jobs.add_progress(session, "j", done=0, failed=2, error="past it")
+        settled = jobs.settle_progress(session, "j", done=1, failed=0, error=None)
+        assert settled is not None and settled.state == "succeeded"
+    with scope(sessions) as session:
+        job = jobs.get_job(session, "j")
+        assert job is not None
+        assert (job.done_items, job.failed_items, job.error) == (3, 0, None)

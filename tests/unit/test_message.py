@@ -13,9 +13,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from storage.ledger import NewBatch
-from storage.models import ID_LENGTH, JOB_ID_LENGTH
-from tasks.message import MAX_BATCH_INDEX, BatchMessage, task_id
+from storage.ledger import Claim, JobFacts, NewBatch
+from storage.models import ID_LENGTH, JOB_ID_LENGTH, BatchState
+from tasks.message import MAX_INTEGER, BatchMessage, Misfit, task_id
 
 Raw = dict[str, Any]
 
@@ -35,7 +35,7 @@ def well_formed(draw: st.DrawFn) -> Raw:
     count = draw(st.integers(1, 8))
     return {
         "job_id": draw(names(JOB_ID_LENGTH)),
-        "batch_index": draw(st.integers(0, MAX_BATCH_INDEX)),
+        "batch_index": draw(st.integers(0, MAX_INTEGER)),
         "model": draw(names(ID_LENGTH)),
         "texts": draw(st.lists(st.text(TEXT_CHARS, max_size=30), min_size=count, max_size=count)),
         "item_ids": draw(st.lists(names(ID_LENGTH), min_size=count, max_size=count, unique=True)),
@@ -151,7 +151,11 @@ def negative_batch_index(raw: Raw, i: int) -> None:
 
 
 def batch_index_past_the_column(raw: Raw, i: int) -> None:
-    raw["batch_index"] = MAX_BATCH_INDEX + 1 + i
+    raw["batch_index"] = MAX_INTEGER + 1 + i
+
+
+def position_past_the_column(raw: Raw, i: int) -> None:
+    raw["positions"][i] = MAX_INTEGER + 1 + i
 
 
 Breaker = Callable[[Raw, int], None]
@@ -173,6 +177,7 @@ BROKEN: list[tuple[str, Breaker, tuple[str, ...]]] = [
         batch_index_past_the_column,
         ("batch_index", "less than or equal to 2147483647"),
     ),
+    ("position-past-the-column", position_past_the_column, ("positions", "at most 2147483647")),
 ]
 
 
@@ -222,3 +227,99 @@ def test_the_body_is_the_json_the_embed_task_reads_and_the_task_id_names_the_bat
     assert message.task_id == task_id("job-1", 7) == "job-1.7"
     body["texts"].append("changed")  # the body is the message's copy to send, not its state
     assert message.texts == ["first text", "second"]
+
+
+def test_the_largest_index_and_position_the_columns_hold_are_well_formed() -> None:
+    raw = {**AT_THE_LIMITS, "batch_index": MAX_INTEGER, "positions": [0, 1, 2, MAX_INTEGER]}
+    assert BatchMessage.model_validate(raw).batch_index == MAX_INTEGER
+
+
+# --- a message against what its claim read from the store --------------------------------------
+MESSAGE = BatchMessage.of("j", "minilm", NewBatch(3, ["a", "b"], ["one", "two"], [0, 1]), 0.0)
+RUNNING = JobFacts(total=4, model="minilm", finished=False)
+ENDED_JOB = JobFacts(total=4, model="minilm", finished=True)
+PENDING = BatchState.SENT
+DONE = BatchState.DONE
+
+
+def claimed(recorded: list[str] | None, job: JobFacts = RUNNING) -> Claim:
+    """This delivery's claim of a pending batch (or one it adopted, recorded as it carries)."""
+    return Claim(PENDING, True, recorded, job)
+
+
+FITS: list[tuple[str, Claim]] = [
+    ("pending-batch-of-its-items", claimed(["a", "b"])),
+    ("pending-batch-of-its-items-in-another-order", claimed(["b", "a"])),
+    ("ended-batch-delivered-again", Claim(DONE, False, ["a", "b"], RUNNING)),
+    ("ended-batch-of-an-ended-job-delivered-again", Claim(DONE, False, ["a", "b"], ENDED_JOB)),
+    (
+        "ended-batch-delivered-again-naming-another-model",
+        Claim(DONE, False, ["a", "b"], JobFacts(4, "bge-small", finished=False)),
+    ),
+    ("unsealed-job", claimed(["a", "b"], JobFacts(None, "minilm", finished=False))),
+]
+
+
+@pytest.mark.parametrize("claim", [c for _, c in FITS], ids=[name for name, _ in FITS])
+def test_a_message_that_fits_its_claim_has_no_misfit(claim: Claim) -> None:
+    assert MESSAGE.misfit(claim) is None
+
+
+MISFITS: list[tuple[str, Claim, Misfit, str]] = [
+    (
+        "batch-unknown-to-the-ledger-of-an-ended-job",
+        Claim(None, False, None, ENDED_JOB),
+        Misfit.ENDED,
+        "batch 3 of job j came after its job had ended: nothing of it is stored",
+    ),
+    (
+        "pending-batch-of-an-ended-job",
+        claimed(["a", "b"], ENDED_JOB),
+        Misfit.ENDED,
+        "came after its job had ended",
+    ),
+    (
+        "ended-batch-of-an-ended-job-with-other-items",
+        Claim(DONE, False, ["a", "c"], ENDED_JOB),
+        Misfit.ENDED,
+        "came after its job had ended",
+    ),
+    (
+        "ended-batch-with-other-items",
+        Claim(DONE, False, ["c", "d"], RUNNING),
+        Misfit.ITEMS,
+        "malformed batch: batch 3 of job j was already sent with other items",
+    ),
+    (
+        "pending-batch-with-fewer-items",
+        claimed(["a", "b", "c"]),
+        Misfit.ITEMS,
+        "already sent with other items",
+    ),
+    (
+        "another-model-than-its-job",
+        claimed(["a", "b"], JobFacts(4, "bge-small", finished=False)),
+        Misfit.MODEL,
+        "malformed batch: it names model 'minilm', its job 'bge-small'",
+    ),
+    (
+        "positions-outside-the-job",
+        claimed(["a", "b"], JobFacts(1, "minilm", finished=False)),
+        Misfit.POSITIONS,
+        "malformed batch: positions up to 1 in a job of 1 items",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("claim", "misfit", "says"),
+    [case[1:] for case in MISFITS],
+    ids=[case[0] for case in MISFITS],
+)
+def test_a_message_that_does_not_fit_its_claim_is_named_with_a_reason(
+    claim: Claim, misfit: Misfit, says: str
+) -> None:
+    found = MESSAGE.misfit(claim)
+    assert found is not None
+    assert found[0] is misfit
+    assert says in found[1]
