@@ -29,7 +29,7 @@ from tasks.api import (
     openai_batches,
 )
 from tasks.api.auth import KeyGate, RateLimiter, async_broker_client
-from tasks.api.limits import BodyCap, PathGuard
+from tasks.api.limits import BodyCap
 from tasks.publishing import Publisher
 from worker.settings import Settings, get_settings
 
@@ -96,7 +96,6 @@ def create_app(
         default=settings.api_max_request_bytes,
         prefixes={"/v1/files": settings.api_max_file_bytes + MULTIPART_SLACK},
     )
-    app.add_middleware(PathGuard)
     app.add_middleware(KeyGate, state=app.state)  # outermost: the key before the body's size
     app.include_router(catalog.router)
     app.include_router(health.router)

@@ -3,8 +3,7 @@
 A Content-Length over the cap is refused before a byte of the body is read; a body without one
 (chunked) is counted as it arrives and refused as soon as it passes the cap, so an endpoint
 never holds more than the cap in memory. The cap depends on the path: file uploads have their
-own (``EMBEDQ_API_MAX_FILE_BYTES``), everything else ``EMBEDQ_API_MAX_REQUEST_BYTES``. A path
-holding a NUL is answered 404 before any route sees it (``PathGuard``).
+own (``EMBEDQ_API_MAX_FILE_BYTES``), everything else ``EMBEDQ_API_MAX_REQUEST_BYTES``.
 
 (FastAPI's own ``max_body_size`` answers a plain-text 413 that OpenAI's clients cannot read.)
 """
@@ -78,19 +77,3 @@ class BodyCap:
             if started:
                 raise
             await respond(too_large(limit))(scope, receive, send)
-
-
-class PathGuard:
-    """ASGI middleware: a path holding a NUL (``%00``) names nothing embedq stores (no id can
-    hold one, and PostgreSQL refuses it in a query, which answered 500 with a traceback of 137
-    lines); it is answered the 404 of an unknown object before any route reads the store."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and "\x00" in scope["path"]:
-            error = ApiError(404, "no such object: the path holds a NUL character")
-            await respond(error)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
