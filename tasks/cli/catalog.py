@@ -14,6 +14,7 @@ from tasks.cli import present
 from tasks.cli.failures import fail
 from worker.errors import EmbedqError
 from worker.manifest import Pooling, Precision, dump
+from worker.manifest import rehash as record_files
 from worker.settings import get_settings
 
 if TYPE_CHECKING:
@@ -188,13 +189,20 @@ def show(name: str) -> None:
 
 @app.command("rehash")
 def rehash(name: str) -> None:
-    """Record the hashes of a model's tokenizer and configs in its manifest (models prepared
-    before embedq recorded them), after checking its ONNX file; from then on a damaged or
-    edited file is refused at load like a damaged ONNX file."""
-    from worker.manifest import rehash as record
-
+    """Record the hashes of a model's tokenizer and configs in its manifest, for a model
+    prepared before embedq recorded them, after checking its ONNX file: from then on a damaged
+    or edited file is refused at load like a damaged ONNX file. The files are trusted as they
+    are now; a model whose manifest records them already is only checked."""
+    store = _store()
     try:
-        manifest = record(_store().path(name))
+        recorded = bool(store.get(name).files)
+        manifest = record_files(store.path(name))
     except EmbedqError as exc:
         raise fail(exc) from exc
-    typer.echo(f"{name}: {len(manifest.files)} files recorded beside model.onnx")
+    if recorded:
+        typer.echo(f"{name}: its {len(manifest.files)} recorded files and model.onnx all match")
+    else:
+        typer.echo(
+            f"{name}: model.onnx matches; {len(manifest.files)} files recorded beside it as they"
+            " are now (if one may have been changed, pull the model again instead)"
+        )

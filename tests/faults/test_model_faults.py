@@ -1,10 +1,10 @@
-"""Broken models through the real pipeline: a ``model.onnx`` damaged on disk after it was
-prepared, and a truncated archive registered as a model's source. Each fails its job with the
-reason, once, and the worker goes on."""
+"""Broken models through the real pipeline: a ``model.onnx`` or a ``tokenizer.json`` damaged on
+disk after it was prepared (a shuffled vocabulary loads, and its jobs succeeded with vectors near
+orthogonal to the right ones), and a truncated archive registered as a model's source. Each
+fails its job with the reason, once, and the worker goes on."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tarfile
 import time
@@ -15,11 +15,17 @@ import pytest
 
 from storage import model_catalog
 from storage.session import scope, sessions_for
+from tests.damage import overwrite_middle, shuffle_vocabulary
 from tests.faults.outcomes import Outcome, job_texts, tail, wait_terminal
 from tests.processes import Worker
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("damaged", "damage"),
+    [("model.onnx", overwrite_middle), ("tokenizer.json", shuffle_vocabulary)],
+    ids=["onnx-weights-overwritten", "tokenizer-vocabulary-shuffled"],
+)
 def test_a_model_file_damaged_after_it_was_prepared_is_refused_and_its_job_fails(
     start_worker: Callable[..., Worker],
     minilm: Path,
@@ -27,15 +33,14 @@ def test_a_model_file_damaged_after_it_was_prepared_is_refused_and_its_job_fails
     short_texts: list[str],
     database_url: str,
     report: Callable[..., Outcome],
+    damaged: str,
+    damage: Callable[[Path], None],
 ) -> None:
     from tasks import producer
 
     store = tmp_path / "models"
     shutil.copytree(minilm, store / "minilm")
-    onnx = store / "minilm" / "model.onnx"
-    with onnx.open("r+b") as handle:  # weights overwritten, header and size intact
-        handle.seek(onnx.stat().st_size // 2)
-        handle.write(os.urandom(4096))
+    damage(store / "minilm" / damaged)
     worker = start_worker("damaged", EMBEDQ_MODEL_DIR=str(store))
     texts = job_texts(short_texts, 9)[:300]
     started = time.monotonic()
@@ -44,12 +49,12 @@ def test_a_model_file_damaged_after_it_was_prepared_is_refused_and_its_job_fails
     outcome = report(job.id, len(texts), time.monotonic() - started, note=str(status["error"]))
 
     assert outcome.verdict == ("failed", 0, 0, 0), (status, tail(worker))
-    assert "does not match its manifest" in str(status["error"])
+    assert f"{damaged} does not match its manifest" in str(status["error"])
     with scope(sessions_for(database_url)) as session:
         hosts = {(row.name, str(row.state)) for row in model_catalog.list_prepared(session)}
         errors = [row.error or "" for row in model_catalog.list_prepared(session)]
     assert ("minilm", "failed") in hosts
-    assert any("does not match its manifest" in error for error in errors)
+    assert any(f"{damaged} does not match its manifest" in error for error in errors)
     assert worker.process.poll() is None
 
 

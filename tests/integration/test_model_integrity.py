@@ -1,4 +1,5 @@
-"""A prepared model loads only while its ONNX file is the one its manifest describes.
+"""A prepared model loads only while its files are the ones its manifest describes: the ONNX
+file, the tokenizer and the sentence-transformers configs.
 
 Each test copies the exported reference model into its own store and damages the copy as a bad
 disk, an interrupted copy or a hand edit would.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.cli import Cli
+from tests.damage import overwrite_middle, shuffle_vocabulary
 from worker import sources
 from worker.engine import Engine
 from worker.errors import ModelCorruptError
@@ -34,15 +35,6 @@ PROBES = ["A short sentence.", "Embeddings map text to vectors."]
 def copy(minilm: Path, tmp_path: Path) -> Path:
     """The reference model, copied with its manifest into a fresh store."""
     return Path(shutil.copytree(minilm, tmp_path / "store" / "minilm"))
-
-
-def overwrite_middle(path: Path, size: int = 4096) -> None:
-    """Replace ``size`` bytes in the middle of ``path`` with other bytes; length and header stay."""
-    with path.open("r+b") as handle:
-        handle.seek(path.stat().st_size // 2)
-        original = handle.read(size)
-        handle.seek(-size, os.SEEK_CUR)
-        handle.write(bytes(b ^ 0x5A for b in original))
 
 
 def test_an_unchanged_copy_loads_and_embeds_as_the_original(
@@ -90,12 +82,15 @@ def test_damage_that_keeps_the_size_and_modification_time_is_still_caught(
         Engine.load(copy, cpu_settings)
 
 
-def test_a_model_folder_without_its_onnx_file_is_refused(
-    copy: Path, cpu_settings: Settings
+@pytest.mark.parametrize("name", ["model.onnx", "tokenizer.json", "1_Pooling/config.json"])
+def test_a_model_folder_without_one_of_its_files_is_refused(
+    copy: Path, cpu_settings: Settings, name: str
 ) -> None:
-    (copy / "model.onnx").unlink()
-    with pytest.raises(ModelCorruptError, match=r"cannot read .*model\.onnx.*pull the model again"):
+    (copy / name).unlink()
+    with pytest.raises(ModelCorruptError) as caught:
         Engine.load(copy, cpu_settings)
+    assert f"{copy / name} is missing" in str(caught.value)
+    assert "pull the model again: embedq models pull" in str(caught.value)
 
 
 def test_the_fix_the_message_gives_repairs_the_model(copy: Path, cpu_settings: Settings) -> None:
@@ -105,17 +100,6 @@ def test_the_fix_the_message_gives_repairs_the_model(copy: Path, cpu_settings: S
     source = Manifest.read(copy).source  # `embedq models pull SOURCE --name minilm` does this:
     ModelStore(copy.parent).pull(source, "minilm", PullOptions(), cpu_settings)
     assert Engine.load(copy, cpu_settings).dim == 384
-
-
-def shuffle_vocabulary(tokenizer: Path) -> None:
-    """Give each word piece another's id, as a bad merge of tokenizer files would: the file
-    still loads, and the model reads other words."""
-    data = json.loads(tokenizer.read_text(encoding="utf-8"))
-    vocab = data["model"]["vocab"]
-    words, ids = list(vocab), list(vocab.values())
-    random.Random(7).shuffle(ids)
-    data["model"]["vocab"] = dict(zip(words, ids, strict=True))
-    tokenizer.write_text(json.dumps(data), encoding="utf-8")
 
 
 @pytest.mark.parametrize(
@@ -139,6 +123,28 @@ def test_a_damaged_tokenizer_or_config_is_refused_like_a_damaged_model_file(
     assert "embedq models pull" in str(caught.value)
 
 
+def write_old_manifest(folder: Path) -> None:
+    """Rewrite ``folder``'s manifest as embedq wrote it before it recorded the other files."""
+    data = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    del data["files"]
+    (folder / "manifest.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.asarray((a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+
+
+def test_a_shuffled_vocabulary_that_nothing_checks_gives_wrong_vectors(
+    copy: Path, engine: Engine, cpu_settings: Settings
+) -> None:
+    """Why the tokenizer is hashed: under a manifest that does not record it, the damage of
+    the test above loads without a word and the vectors are far from the right ones."""
+    write_old_manifest(copy)
+    shuffle_vocabulary(copy / "tokenizer.json")
+    wrong = Engine.load(copy, cpu_settings).encode(PROBES).vectors
+    assert cosines(wrong, engine.encode(PROBES).vectors).max() < 0.5
+
+
 def test_a_model_prepared_before_the_files_were_hashed_is_rehashed_then_checked(
     copy: Path,
     engine: Engine,
@@ -146,21 +152,36 @@ def test_a_model_prepared_before_the_files_were_hashed_is_rehashed_then_checked(
     caplog: pytest.LogCaptureFixture,
     cli: Cli,
 ) -> None:
-    old = Manifest.read(copy).model_copy(update={"files": {}})
-    old.write(copy)
+    write_old_manifest(copy)
+    assert Manifest.read(copy).files == {}  # an old manifest still reads
     with caplog.at_level(logging.WARNING, logger="worker.manifest"):
-        Engine.load(copy, cpu_settings)  # loads, and says what it cannot check
-    assert "embedq models rehash minilm" in caplog.text
+        Engine.load(copy, cpu_settings)  # loads, and says once what it cannot check
+    warnings = [r.getMessage() for r in caplog.records if r.name == "worker.manifest"]
+    assert len(warnings) == 1 and "run `embedq models rehash minilm`" in warnings[0]
 
     result = cli("models", "rehash", "minilm", env={"EMBEDQ_MODEL_DIR": str(copy.parent)})
     assert result.code == 0, result.stderr
-    assert "files recorded beside model.onnx" in result.stdout
-    assert "tokenizer.json" in Manifest.read(copy).files
+    recorded = Manifest.read(copy).files
+    assert f"{len(recorded)} files recorded beside it as they are now" in result.stdout
+    assert {"tokenizer.json", "1_Pooling/config.json", "sentence_bert_config.json"} <= set(recorded)
     loaded = Engine.load(copy, cpu_settings)
     np.testing.assert_array_equal(loaded.encode(PROBES).vectors, engine.encode(PROBES).vectors)
     shuffle_vocabulary(copy / "tokenizer.json")
     with pytest.raises(ModelCorruptError, match=r"tokenizer\.json does not match its manifest"):
         Engine.load(copy, cpu_settings)
+
+
+def test_rehash_refuses_a_file_changed_since_its_hash_was_recorded(copy: Path, cli: Cli) -> None:
+    before = Manifest.read(copy)
+    env = {"EMBEDQ_MODEL_DIR": str(copy.parent)}
+    checked = cli("models", "rehash", "minilm", env=env)
+    assert checked.code == 0, checked.stderr
+    assert f"its {len(before.files)} recorded files and model.onnx all match" in checked.stdout
+    shuffle_vocabulary(copy / "tokenizer.json")
+    refused = cli("models", "rehash", "minilm", env=env)
+    assert refused.code == 2
+    assert f"{copy / 'tokenizer.json'} does not match its manifest" in refused.stderr
+    assert Manifest.read(copy) == before  # the damaged file was not recorded
 
 
 def test_a_staging_folder_left_by_a_killed_preparation_is_removed_by_the_next(
