@@ -75,10 +75,6 @@ class Claim:
     job: JobFacts | None
     """``None``: the store has no such job."""
 
-    @property
-    def job_total(self) -> int | None:
-        return None if self.job is None else self.job.total
-
 
 def kept(batch: Batch) -> NewBatch | None:
     """What the ledger keeps of a pending batch to publish it again (its items, texts and
@@ -154,15 +150,13 @@ def claim(session: Session, job_id: str, index: int, worker: str) -> Claim:
     connection = session.connection()
     params = {"job": job_id, "index": index, "worker": worker, "now": datetime.now(UTC)}
     row = connection.execute(_CLAIM, params).first()
-    if row is None:  # ended, or not in the ledger
+    claimed = row is not None
+    if not claimed:  # ended, or not in the ledger
         row = connection.execute(_STATE, params).first()
-        state = None if row is None else BatchState(row.state)
-    else:
-        state = BatchState.SENT
+    state = BatchState.SENT if claimed else None if row is None else BatchState(row.state)
     recorded = None if row is None else list(row.item_ids)
     job = connection.execute(_JOB, params).first()
-    facts = None if job is None else _facts(job)
-    return Claim(state, state is BatchState.SENT and row is not None, recorded, facts)
+    return Claim(state, claimed, recorded, None if job is None else _facts(job))
 
 
 def adopt(session: Session, job_id: str, index: int, item_ids: Sequence[str], worker: str) -> bool:
