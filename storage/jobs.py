@@ -5,8 +5,8 @@ status as a waiting client reads it (``job_status``) and as the batch that finis
 returns it (``settle_progress``) is read in Core: loading ORM objects cost more than the
 queries themselves.
 
-A batch's counts never take its job past ``total_items``: the counting UPDATE holds that in its
-WHERE clause (no statement more), and a batch whose stored items it refuses raises
+Stored items never take a job past ``total_items``: the counting UPDATE holds that in its WHERE
+clause (no statement more), and a batch whose stored items it refuses raises
 ``OverfullJobError``, so the caller's transaction stores nothing of it (a message for a job that
 had ended, or one its ledger cannot account for).
 """
@@ -61,6 +61,7 @@ _COUNTING = (
     .where(
         or_(
             _jobs.c.sealed.is_not(true()),  # a backfill's job: its total is not known yet
+            _DONE == 0,  # failures only: a failing batch always ends its items
             _jobs.c.done_items + _jobs.c.failed_items + _DONE + _FAILED <= _jobs.c.total_items,
         )
     )
@@ -81,8 +82,8 @@ _COUNTING = (
         ),
     )
 )
-"""A job's counts after a batch, never past its total: of one job, or of many that add the
-same counts."""
+"""A job's counts after a batch, stored items never past its total: of one job, or of many that
+add the same counts."""
 _COUNT = _COUNTING.where(_jobs.c.id == bindparam("job"))
 _COUNT_MANY = _COUNTING.where(_jobs.c.id.in_(bindparam("jobs", expanding=True)))
 _SETTLING = (
@@ -153,7 +154,7 @@ def add_progress(
     The increments are one UPDATE each, so concurrent batches of one job never lose a count;
     ``done`` must be the rows this batch really inserted, so a redelivery adds nothing. The
     first error recorded is kept, with its ``kind``. Raises ``OverfullJobError`` when the items
-    stored (``done``) would count the job past its total; failures that would are not counted.
+    stored (``done``) would count the job past its total.
     """
     settled = settle_progress(session, job_id, done=done, failed=failed, error=error, kind=kind)
     return settled is not None

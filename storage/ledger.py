@@ -430,10 +430,33 @@ def fail_pending(session: Session, job_id: str, reason: str, kind: FailureKind) 
 
 def fail_job(session: Session, job_id: str, reason: str, kind: FailureKind) -> bool:
     """End the rest of a job for ``reason``: its pending batches fail, and every item not done
-    counts failed (which items a broken message carried cannot be told, or the job has no room
-    for them: it cannot complete otherwise); true when this call finished the job."""
+    counts failed (which items a broken message carried cannot be told: the job cannot complete
+    otherwise); true when this call finished the job."""
     finished = fail_pending(session, job_id, reason, kind)
     return jobs.fail_rest(session, job_id, reason, kind) or finished
+
+
+_CLOSE = (
+    update(_batches)
+    .where(_batches.c.job_id == bindparam("job"), _batches.c.state == BatchState.SENT.value)
+    .values(
+        state=BatchState.FAILED.value,
+        payload=None,
+        finished_at=_NOW,
+        updated_at=_NOW,
+        last_error=bindparam("error", type_=Text),
+    )
+)
+
+
+def close_job(session: Session, job_id: str, reason: str, kind: FailureKind) -> bool:
+    """``fail_job`` for a job with no room for its own pending batches (a message its ledger
+    did not know took their places): they end failed with ``reason``, their items not recorded
+    failed one by one (the job's count is full), and every item not done counts failed; true
+    when this call finished the job."""
+    params = {"job": job_id, "error": reason, "now": datetime.now(UTC)}
+    session.connection().execute(_CLOSE, params)
+    return jobs.fail_rest(session, job_id, reason, kind)
 
 
 _REFUSED = (

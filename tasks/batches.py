@@ -238,7 +238,7 @@ def _overfull(session: Session, message: BatchMessage, why: str) -> Outcome:
         ledger.refuse(session, job_id, index, message.item_ids, reason)
         logger.error("refused batch %d of job %s, which has ended: %s", index, job_id, reason)
         return Outcome(job_id, index, Delivery.DROPPED, reason=reason)
-    finished = ledger.fail_job(session, job_id, reason, FailureKind.INPUT)
+    finished = ledger.close_job(session, job_id, reason, FailureKind.INPUT)
     logger.warning("batch failed: job=%s batch=%d reason=%s", job_id, index, reason)
     return Outcome(job_id, index, Delivery.FAILED, finished, reason=reason)
 

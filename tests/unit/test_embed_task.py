@@ -251,3 +251,5 @@ def test_a_batch_its_job_has_no_room_for_stores_nothing_and_ends_the_job(
     assert job.error is not None and "batch 0 of job j does not fit its job" in job.error
     assert "has no room for 2 more items" in job.error
     assert (stored, batches) == (["x0", "x1"], {"done": 1, "failed": 2})
+    with scope(sessions) as session:  # which of its items are real cannot be told
+        assert session.query(FailedItem).count() == 0

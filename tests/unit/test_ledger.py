@@ -136,7 +136,7 @@ def test_a_refused_message_of_an_ended_job_is_recorded_in_the_ledger_and_counts_
 
 def test_a_job_is_never_counted_past_its_total(sessions: sessionmaker[Session]) -> None:
     """Items stored past the total raise, so the batch's transaction stores nothing of them;
-    failures past it are not counted (the job has all its counts)."""
+    failures are always counted (a failing batch ends its items, whatever else went wrong)."""
     with scope(sessions) as session:
         assert jobs.settle_progress(session, "j", done=2, failed=0, error=None) is None
     past = pytest.raises(jobs.OverfullJobError, match="job j has no room for 2 more items")
@@ -148,10 +148,9 @@ def test_a_job_is_never_counted_past_its_total(sessions: sessionmaker[Session]) 
     ):
         jobs.settle_many(s, {"j": 2})
     with scope(sessions) as session:
-        assert not jobs.add_progress(session, "j", done=0, failed=2, error="past it")
-        settled = jobs.settle_progress(session, "j", done=1, failed=0, error=None)
-        assert settled is not None and settled.state == "succeeded"
+        settled = jobs.settle_progress(session, "j", done=0, failed=2, error="failed")
+        assert settled is not None and settled.state == "partially_failed"
     with scope(sessions) as session:
         job = jobs.get_job(session, "j")
         assert job is not None
-        assert (job.done_items, job.failed_items, job.error) == (3, 0, None)
+        assert (job.done_items, job.failed_items, job.error) == (2, 2, "failed")
