@@ -31,13 +31,12 @@ from sqlalchemy.orm import Session, sessionmaker
 HERE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(HERE))
 
-from bench.batch_polls import BATCH, JOB, fill  # noqa: E402
-from bench.ceiling import fresh_postgresql  # noqa: E402
+from bench.batch_polls import BATCH, JOB, filled  # noqa: E402
 from bench.hostile import start_serve  # noqa: E402
 from bench.pipeline import stop_worker  # noqa: E402
-from storage import leases, openai_batches, schema  # noqa: E402
+from storage import leases, openai_batches  # noqa: E402
 from storage.models import Backfill, OpenAIBatch, OpenAIBatchStatus  # noqa: E402
-from storage.session import make_engine, scope, session_factory  # noqa: E402
+from storage.session import scope  # noqa: E402
 from tasks.api.auth import key_id  # noqa: E402
 from tasks.openai_batch import output  # noqa: E402
 from tasks.openai_batch.shapes import OutputFile  # noqa: E402
@@ -88,12 +87,7 @@ def main() -> None:
     parser.add_argument("--polls", type=int, default=100)
     parser.add_argument("--counts", type=int, default=5)
     args = parser.parse_args()
-    fresh_postgresql(URL)
-    schema.upgrade(URL)
-    engine = make_engine(URL)
-    sessions = session_factory(engine)
-    with scope(sessions) as session:
-        fill(session, args.lines)
+    engine, sessions = filled(args.lines, URL)
     with scope(sessions) as session:  # owned by the key polling it, run by another instance
         session.execute(
             update(OpenAIBatch).where(OpenAIBatch.id == BATCH).values(owner=key_id(KEY))

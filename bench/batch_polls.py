@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, func, select, text
+from sqlalchemy import Engine, and_, func, select, text
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -75,6 +75,17 @@ def fill(session: Session, lines: int) -> None:
     )
 
 
+def filled(lines: int, url: str = URL) -> tuple[Engine, sessionmaker[Session]]:
+    """A new PostgreSQL database at ``url`` holding the batch and its job (``fill``)."""
+    fresh_postgresql(url)
+    schema.upgrade(url)
+    engine = make_engine(url)
+    sessions = session_factory(engine)
+    with scope(sessions) as session:
+        fill(session, lines)
+    return engine, sessions
+
+
 def before(session: Session) -> int:
     """The query before: stored texts counted per line, joined to the requests."""
     line = openai_batches._line_of(Embedding.item_id)
@@ -115,12 +126,7 @@ def main() -> None:
     parser.add_argument("--polls", type=int, default=100)
     parser.add_argument("--before-timeout-s", type=float, default=20.0)
     args = parser.parse_args()
-    fresh_postgresql(URL)
-    schema.upgrade(URL)
-    engine = make_engine(URL)
-    sessions = session_factory(engine)
-    with scope(sessions) as session:
-        fill(session, args.lines)
+    engine, sessions = filled(args.lines)
     times: dict[str, list[float]] = {"before": [], "after": []}
     limit_ms = args.before_timeout_s * 1000
     for _ in range(args.polls):
