@@ -2,7 +2,8 @@
 (``tasks.embed``), which local mode also calls in the submitting process (``tasks.local``).
 
 ``run_message`` parses a message, claims its batch in the ledger, embeds it and stores what it
-made in one transaction (``embed_batch``, through ``storage.batch_results``); the (job, item)
+made in one transaction (``embed_batch``, through ``storage.batch_results``; a write the store
+refuses for a while is tried again with the vectors kept, ``tasks.writing``); the (job, item)
 upsert makes a redelivered batch a no-op, and the claim skips a batch that already ended
 without running the model. A message that does not fit what its claim read (its job had
 ended, the ledger recorded its batch with other items, it names another model, its positions lie
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import batch_results, jobs, ledger
 from storage.models import BatchState, FailureKind, JobState
 from storage.session import scope
-from tasks import outcomes, preparation
+from tasks import outcomes, preparation, writing
 from tasks.message import MAX_INTEGER, BatchMessage, Misfit
 from tasks.outcomes import Delivery, Outcome
 from tasks.runtime import Runtime
@@ -60,12 +61,10 @@ def embed_batch(
     (the ONNX file's, from its manifest) is recorded as the job's model file; ``host`` is the
     machine in the batch's statistics (default: this one)."""
     started = time.time()
-    try:
-        result, refused = _encode(engine, message, on_progress)
-    except InputError as exc:  # nothing in the batch can be embedded
-        return fail_batch(
-            session, message, f"batch {message.batch_index}: {exc}", FailureKind.INPUT
-        )
+    encoded = encode_batch(engine, message, on_progress)
+    if isinstance(encoded, str):
+        return fail_batch(session, message, encoded, FailureKind.INPUT)
+    result, refused = encoded
     return store_encoded(
         session,
         message,
@@ -98,12 +97,22 @@ def store_encoded(
     return outcomes.stored_outcome(message, finished, stored, provider)
 
 
+def encode_batch(
+    engine: Embedder, message: BatchMessage, on_progress: Progress | None = None
+) -> tuple[Encoding, dict[str, str]] | str:
+    """The batch's encoding and the items whose text the model refused, with the reason (the
+    others are embedded without them); or, when nothing in it can be embedded, why."""
+    try:
+        return _encode(engine, message, on_progress)
+    except InputError as exc:
+        return f"batch {message.batch_index}: {exc}"
+
+
 def _encode(
     engine: Embedder, message: BatchMessage, on_progress: Progress | None
 ) -> tuple[Encoding, dict[str, str]]:
-    """The batch's encoding, and the items whose text the model refused, with the reason: the
-    others are embedded without them. Raises ``InputError`` when nothing can be embedded."""
     try:
+        metrics.observe_encoded(message.model, len(message.texts))
         return engine.encode(message.texts, on_progress), {}
     except TextsRefusedError as exc:
         refused = set(exc.indices)
@@ -111,6 +120,7 @@ def _encode(
             raise
         reason = f"batch {message.batch_index}: {exc.reason}"
         texts = [text for i, text in enumerate(message.texts) if i not in refused]
+        metrics.observe_encoded(message.model, len(texts))
         result = engine.encode(texts, on_progress)
         return result, {message.item_ids[i]: reason for i in sorted(refused)}
 
@@ -174,17 +184,34 @@ def run_message(
             return Outcome(
                 message.job_id, message.batch_index, Delivery.SKIPPED, reason=claim.state
             )
-    try:
+    started = time.time()
+    encoded = encode_batch(engine, message, on_progress)
+    if isinstance(encoded, str):
         with scope(sessions) as session:
-            return embed_batch(
-                session,
-                engine,
-                message,
-                provider=engine.provider,
-                on_progress=on_progress,
-                model_sha256=engine.model_sha256,
-                host=lifecycle.machine_host(runtime.settings),
-            )
+            return fail_batch(session, message, encoded, FailureKind.INPUT)
+    result, refused = encoded
+    host = lifecycle.machine_host(runtime.settings)
+
+    def store(session: Session) -> Outcome:
+        return store_encoded(
+            session,
+            message,
+            result,
+            refused,
+            provider=engine.provider,
+            started=started,
+            model_sha256=engine.model_sha256,
+            host=host,
+        )
+
+    try:  # a write the store refuses for a while is tried again with the vectors kept
+        return writing.keep_writing(
+            sessions,
+            store,
+            runtime.settings,
+            started=started,
+            batches=[(message.job_id, message.batch_index)],
+        )
     except jobs.OverfullJobError as exc:  # rolled back: nothing of the batch was stored
         with scope(sessions) as session:
             return _overfull(session, message, str(exc))

@@ -27,9 +27,7 @@ from typing import Any
 from celery import Task
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import ledger
-from storage.session import scope
-from tasks import batches, completion, failures, feeder, names, publishing
+from tasks import batches, completion, failures, feeder, names, publishing, writing
 from tasks.outcomes import Delivery, Outcome
 from tasks.preparation import ModelPendingError
 from tasks.runtime import Runtime
@@ -76,8 +74,8 @@ def embed_many(self: Any, raws: list[dict[str, Any]]) -> dict[str, Any]:
     outcomes = []
     for raw, result in zip(bodies, results, strict=True):
 
-        def run(raw: Any = raw, result: Outcome | None = result) -> Outcome:
-            return batches.run_message(raw, runtime) if result is None else result
+        def run(raw: Any = raw, result: feeder.Ran = result) -> Outcome:
+            return feeder.outcome_of(raw, result, runtime)
 
         outcomes.append(ended(self, raw, runtime, run, sent_as=None, signal=False))
     finished = [(str(o.job_id), o.status) for o in outcomes if o.finished]
@@ -177,13 +175,8 @@ def _send_again(task: Any, raw: dict[str, Any], countdown: float, sent_as: str |
 def _note(sessions: sessionmaker[Session], raw: dict[str, Any], note: str) -> None:
     """Record on the ledger why a try failed, when the store can be reached."""
     job_id, index = raw.get("job_id"), raw.get("batch_index")
-    if not (isinstance(job_id, str) and isinstance(index, int)):
-        return
-    try:
-        with scope(sessions) as session:
-            ledger.note_error(session, job_id, index, note)
-    except Exception:  # the store is what failed; the log line above says why
-        logger.debug("could not note the error of batch %s/%s", job_id, index, exc_info=True)
+    if isinstance(job_id, str) and isinstance(index, int):
+        writing.note(sessions, [(job_id, index)], note)
 
 
 def _progress_events(task: Any, every_s: float = 1.0) -> Progress:

@@ -22,9 +22,11 @@ Anything off the common path is handed back to its task thread, which runs the b
 ``tasks.batches.run_message`` (as a prefork worker would): a message for a model this host
 lacks, a batch the claim does not give (ended, or an application's raw message), a message that
 does not fit its job or its ledger record (``BatchMessage.misfit``), an engine call that raises
-(texts the model refuses, bad input), a write that fails (one the job has no room for among
-them). So every way out stays a recorded outcome, and a batch is never stored twice: the ledger's
-claim and end decide, as for any redelivery.
+(texts the model refuses, bad input), a write that fails for good (one the job has no room for
+among them). A write the store refuses for a while (a full disk, a lock) is tried again in place
+with the vectors kept (``tasks.writing``); when it still fails, each task thread raises its
+error for the task's retry policy. So every way out stays a recorded outcome, and a batch is
+never stored twice: the ledger's claim and end decide, as for any redelivery.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ import numpy as np
 from storage import batch_results, ledger
 from storage.models import BatchState
 from storage.session import scope
-from tasks import batches, outcomes
+from tasks import batches, failures, outcomes, writing
 from tasks.message import BatchMessage
 from tasks.outcomes import Outcome
 from tasks.runtime import Runtime
-from worker import lifecycle
+from worker import lifecycle, metrics
 from worker.engine import Encoding
 
 logger = logging.getLogger(__name__)
@@ -53,12 +55,25 @@ logger = logging.getLogger(__name__)
 RUN_ALONE = None
 """What a batch's future resolves to when its task thread should run it alone."""
 
+Ran = Outcome | Exception | None
+"""How the feeder ran a batch: its outcome, the error to raise in its task thread, or
+``RUN_ALONE``."""
+
 
 @dataclass
 class _Batch:
     message: BatchMessage
     received: float
     done: Future[Outcome | None] = field(default_factory=Future)
+
+
+def _ran(done: Future[Outcome | None]) -> Ran:
+    error = done.exception()
+    if error is None:
+        return done.result()
+    if isinstance(error, Exception):
+        return error
+    raise error
 
 
 @dataclass
@@ -86,14 +101,15 @@ class Feeder:
         for name, loop in (("collector", self._collect), ("writer", self._write)):
             threading.Thread(target=loop, name=f"embedq-feeder-{name}", daemon=True).start()
 
-    def run(self, messages: list[BatchMessage]) -> list[Outcome | None]:
+    def run(self, messages: list[BatchMessage]) -> list[Ran]:
         """Run the messages' batches with the others waiting; each one's outcome once stored,
-        or ``RUN_ALONE`` when the caller must run it by itself."""
+        the transient error its write still met after its tries in place (for the task's
+        retry policy), or ``RUN_ALONE`` when the caller must run it by itself."""
         now = time.time()
         taken = [_Batch(message, now) for message in messages]
         for batch in taken:
             self._inbox.put(batch)
-        return [batch.done.result() for batch in taken]
+        return [_ran(batch.done) for batch in taken]
 
     # --- stage 1: collect, claim, run ------------------------------------------------------
 
@@ -137,6 +153,7 @@ class Feeder:
                 continue
             texts = [text for batch in claimed for text in batch.message.texts]
             try:
+                metrics.observe_encoded(model, len(texts))
                 encoding = engine.encode(texts)
             except Exception:  # refused texts, bad input: each batch alone finds which
                 _hand_back(claimed)
@@ -169,26 +186,13 @@ class Feeder:
         while True:
             group = self._writes.get()
             try:
-                finished = [
-                    outcomes.finished_batch(
-                        batch.message,
-                        encoding,
-                        {},
-                        group.provider,
-                        batch.received,
-                        group.model_sha256,
-                        host,
-                    )
-                    for batch, encoding in zip(group.batches, group.encodings, strict=True)
-                ]
-                with scope(self.runtime.sessions) as session:
-                    stored = batch_results.store_group(session, finished)
-                ended = [
-                    outcomes.stored_outcome(batch.message, done, result, group.provider)
-                    for batch, done, result in zip(group.batches, finished, stored, strict=True)
-                ]
-            except Exception:  # nothing of the group was committed: each batch runs alone
-                logger.warning(
+                ended = self._store(group, host)
+            except Exception as exc:  # nothing of the group was committed
+                if failures.is_transient(exc):  # tried in place already: the tasks' retries
+                    for batch in group.batches:
+                        batch.done.set_exception(exc)
+                    continue
+                logger.warning(  # one batch the job has no room for, say: each runs alone
                     "the feeder could not store %d batches together; each runs alone",
                     len(group.batches),
                     exc_info=True,
@@ -197,6 +201,33 @@ class Feeder:
                 continue
             for batch, outcome in zip(group.batches, ended, strict=True):
                 batch.done.set_result(outcome)
+
+    def _store(self, group: _Group, host: str) -> list[Outcome]:
+        """Store the group in one transaction, tried again in place while the store refuses it
+        for a reason that may pass (``tasks.writing``), and say how each batch ended."""
+        finished = [
+            outcomes.finished_batch(
+                batch.message,
+                encoding,
+                {},
+                group.provider,
+                batch.received,
+                group.model_sha256,
+                host,
+            )
+            for batch, encoding in zip(group.batches, group.encodings, strict=True)
+        ]
+        stored = writing.keep_writing(
+            self.runtime.sessions,
+            lambda session: batch_results.store_group(session, finished),
+            self.runtime.settings,
+            started=min(batch.received for batch in group.batches),
+            batches=[(batch.message.job_id, batch.message.batch_index) for batch in group.batches],
+        )
+        return [
+            outcomes.stored_outcome(batch.message, done, result, group.provider)
+            for batch, done, result in zip(group.batches, finished, stored, strict=True)
+        ]
 
 
 def _hand_back(group: list[_Batch]) -> None:
@@ -244,13 +275,20 @@ _lock = threading.Lock()
 def run_message(raw: object, runtime: Runtime) -> Outcome:
     """``tasks.batches.run_message`` through this process's feeder: a message that parses runs
     with the others waiting, anything else (and whatever the feeder hands back) alone."""
-    outcome = run_messages([raw], runtime)[0]
-    return batches.run_message(raw, runtime) if outcome is RUN_ALONE else outcome
+    return outcome_of(raw, run_messages([raw], runtime)[0], runtime)
 
 
-def run_messages(raws: list[object], runtime: Runtime) -> list[Outcome | None]:
-    """Several messages through this process's feeder at once: each one's outcome, or
-    ``RUN_ALONE`` for one that does not parse or that the feeder hands back."""
+def outcome_of(raw: object, ran: Ran, runtime: Runtime) -> Outcome:
+    """How a message the feeder was handed ended: its outcome; the error its write met,
+    raised; or, when the feeder handed it back, ``tasks.batches.run_message``'s."""
+    if isinstance(ran, Exception):
+        raise ran
+    return batches.run_message(raw, runtime) if ran is RUN_ALONE else ran
+
+
+def run_messages(raws: list[object], runtime: Runtime) -> list[Ran]:
+    """Several messages through this process's feeder at once: each one's outcome, its
+    write's error, or ``RUN_ALONE`` for one that does not parse or that the feeder hands back."""
     parsed: dict[int, BatchMessage] = {}
     for i, raw in enumerate(raws):
         try:
@@ -258,7 +296,7 @@ def run_messages(raws: list[object], runtime: Runtime) -> list[Outcome | None]:
         except Exception:  # run alone, where its failure is recorded with its reason
             continue
     ran = feeder_for(runtime).run(list(parsed.values())) if parsed else []
-    outcomes: list[Outcome | None] = [RUN_ALONE] * len(raws)
+    outcomes: list[Ran] = [RUN_ALONE] * len(raws)
     for i, outcome in zip(parsed, ran, strict=True):
         outcomes[i] = outcome
     return outcomes

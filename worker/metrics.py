@@ -44,6 +44,11 @@ def _metrics() -> dict[str, Any]:
         "tokens": Counter("embedq_tokens", "Real tokens embedded", labels),
         "padded": Counter("embedq_padded_tokens", "Tokens run, padding included", labels),
         "batches": Counter("embedq_batches", "Batches embedded", labels),
+        "encoded": Counter(
+            "embedq_encoded_texts",
+            "Texts the model ran on, stored or not: above embedq_texts when work was done again",
+            ("model",),
+        ),
         "errors": Counter("embedq_errors", "Items failed, by kind", ("model", "kind")),
         "stage": Histogram(
             "embedq_batch_seconds", "Batch time by stage", ("model", "stage"), buckets=_BUCKETS
@@ -56,6 +61,11 @@ def _metrics() -> dict[str, Any]:
             "Time to load a model into a pool process",
             ("model", "provider"),
             multiprocess_mode="liveall",
+        ),
+        "write_retries": Counter(
+            "embedq_write_retries",
+            "Batches whose write the store refused for a reason that may pass (a full disk, a"
+            " lock, a dropped connection), written again in place with their vectors kept",
         ),
         "reconciled": Counter(
             "embedq_reconciled_batches",
@@ -98,6 +108,16 @@ def observe_batch(model: str, provider: str, stats: Any, write_ms: float, wait_m
 def observe_failure(model: str, kind: str, items: int) -> None:
     if enabled() and items:
         _metrics()["errors"].labels(model, kind).inc(items)
+
+
+def observe_encoded(model: str, texts: int) -> None:
+    if enabled() and texts:
+        _metrics()["encoded"].labels(model).inc(texts)
+
+
+def observe_write_retry(batches: int) -> None:
+    if enabled() and batches:
+        _metrics()["write_retries"].inc(batches)
 
 
 def observe_reconciled(action: str, batches: int) -> None:

@@ -4,30 +4,14 @@ the parent's /metrics, with queue depths read from the broker."""
 from __future__ import annotations
 
 import sys
-import urllib.request
 
 import pytest
 
 from tests.processes import Worker, free_port
+from tests.prometheus import scrape, total
 from tests.waiting import wait_until
 
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
 REPUBLISHED = 'embedq_reconciled_batches_total{action="republished"}'
-
-
-def total(values: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in values.items() if k.startswith(prefix))
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -1,7 +1,6 @@
 """The feeder (``tasks.feeder``): batches handed to it by many task threads share engine calls,
 each still ends on its own in the store, and anything off the common path runs alone."""
 
-import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,7 +11,7 @@ from storage.session import dispose_all, scope
 from tasks import feeder, producer
 from tasks.message import BatchMessage
 from tasks.outcomes import Delivery, Outcome
-from tests.fakes import FakeEngine, RecordingPublisher, fake_runtime
+from tests.fakes import FakeEngine, RecordingPublisher, fake_runtime, run_in_task_threads
 from worker.engine import Encoding, Progress
 from worker.settings import Settings
 
@@ -31,20 +30,9 @@ class CountingEngine(FakeEngine):
 
 def run_together(runtime: object, messages: list[BatchMessage]) -> list[Outcome]:
     """Each message from its own thread, as the threads pool's task threads hand them over."""
-    outcomes: list[Outcome | None] = [None] * len(messages)
-    start = threading.Barrier(len(messages))
-
-    def one(i: int) -> None:
-        start.wait()
-        outcomes[i] = feeder.run_message(messages[i].body(), runtime)  # type: ignore[arg-type]
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(messages))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert all(outcome is not None for outcome in outcomes)
-    return [outcome for outcome in outcomes if outcome is not None]
+    ended = run_in_task_threads(runtime, messages)
+    assert all(isinstance(outcome, Outcome) for outcome in ended), ended
+    return [outcome for outcome in ended if isinstance(outcome, Outcome)]
 
 
 @pytest.fixture
@@ -123,7 +111,7 @@ def test_messages_handed_over_together_share_one_call_and_a_broken_one_is_sent_b
     broken = {**sent.sent[0].body(), "positions": "not a list"}
     outcomes = feeder.run_messages([sent.sent[0].body(), broken, sent.sent[1].body()], runtime)
     assert outcomes[1] is feeder.RUN_ALONE
-    assert [o.state for o in outcomes if o is not None] == [Delivery.DONE, Delivery.DONE]
+    assert [getattr(o, "state", o) for o in (outcomes[0], outcomes[2])] == [Delivery.DONE] * 2
     assert engine.calls == [2]
     assert (first.status()["state"], last.status()["state"]) == ("succeeded", "succeeded")
     dispose_all()
