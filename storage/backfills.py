@@ -124,12 +124,18 @@ def seal_job(session: Session, name: str, job_id: str, duplicates: int) -> None:
     """Fix the job's total at the items accounted for (done or failed) and seal it, and record
     the run's duplicates on backfill ``name``. The caller settles the job's state
     (``jobs.add_progress``)."""
+    seal_accounted(session, job_id)
+    session.execute(update(Backfill).where(Backfill.name == name).values(duplicates=duplicates))
+
+
+def seal_accounted(session: Session, job_id: str) -> None:
+    """Fix the job's total at the items accounted for (done or failed) and seal it: a run that
+    sends no more. The caller settles the job's state (``jobs.add_progress``)."""
     session.execute(
         update(Job)
         .where(Job.id == job_id)
         .values(total_items=Job.done_items + Job.failed_items, sealed=True)
     )
-    session.execute(update(Backfill).where(Backfill.name == name).values(duplicates=duplicates))
 
 
 def failure_reasons(session: Session, job_id: str, limit: int) -> list[tuple[str, int]]:

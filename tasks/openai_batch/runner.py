@@ -19,7 +19,8 @@ batch's request counts on its row for polls to read, renews the batch's lease, a
 run (``Stopped``) when the batch is being cancelled or has expired, or when another process
 holds the lease now. The backfill needs no hook for this: raising from its report leaves it as
 a Ctrl-C does, its batches recorded and resumable. An error the run does not expect ends the
-batch ``failed`` with its reason (``abandon``, called by ``background``).
+batch ``failed`` with its reason, and its job with it: its pending batches fail and the requests
+never sent count failed (``abandon``, called by ``background``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import backfills, jobs, leases, ledger, openai_batches
-from storage.models import OpenAIBatch, as_utc
+from storage.models import FailureKind, OpenAIBatch, as_utc
 from storage.models import OpenAIBatchStatus as Status
 from storage.openai_batches import UNFINISHED
 from storage.session import scope
@@ -323,7 +324,7 @@ class OpenAIBatchRunner:
     ) -> Status:
         error = {"code": code, "message": message, "param": param, "line": None}
         with scope(self.sessions) as session:
-            openai_batches.move_batch(
+            moved = openai_batches.move_batch(
                 session,
                 self.batch_id,
                 Status.FAILED,
@@ -331,5 +332,17 @@ class OpenAIBatchRunner:
                 errors=[error],
                 failed_at=now(),
             )
+            job_id = backfills.job_of(session, self.batch_id) if moved else None
+            if job_id is not None:  # its job ends with it: nothing will send the rest
+                _end_job(session, job_id, message)
         logger.warning("batch failed: batch=%s %s", self.batch_id, message)
         return self._status()
+
+
+def _end_job(session: Session, job_id: str, reason: str) -> None:
+    """End the job of a batch that failed part way: its batches in flight fail (a worker that
+    takes one later skips it), and the job is sealed at the items it holds and settled, with
+    ``reason``; the requests never sent were never its items."""
+    ledger.fail_pending(session, job_id, reason, FailureKind.INTERNAL)
+    backfills.seal_accounted(session, job_id)
+    jobs.add_progress(session, job_id, done=0, failed=0, error=reason, kind=FailureKind.INTERNAL)

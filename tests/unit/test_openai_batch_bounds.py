@@ -12,7 +12,7 @@ import pytest
 from openai import OpenAI
 from sqlalchemy.exc import OperationalError
 
-from storage import leases, openai_batches
+from storage import backfills, jobs, leases, ledger, openai_batches
 from storage.models import OpenAIBatch
 from storage.session import scope, sessions_for
 from tasks.api import ids
@@ -122,8 +122,12 @@ def test_an_expired_batch_s_error_file_size_counts_what_it_did_not_run(fleet: Fl
 
 
 # --- a runner's unexpected error ----------------------------------------------------------------
-def _run_in_background(fleet: Fleet, batch_id: str, error: Exception) -> bool:
+def _run_in_background(fleet: Fleet, batch_id: str, error: Exception | None) -> bool:
+    """Run the batch in a background runner whose catalog raises ``error`` (none: it works)."""
+
     def catalog() -> dict[str, int | None]:
+        if error is None:
+            return {batches.MODEL: 8}
         raise error
 
     started = background.ensure_running(
@@ -222,3 +226,29 @@ def test_metadata_up_to_openai_s_bounds_is_kept_and_past_them_is_a_400(api: Open
         error: dict[str, str] = unbounded.value.body  # type: ignore[assignment]
         assert (error["type"], error["param"]) == ("invalid_request_error", "metadata")
         assert "metadata" in error["message"]
+
+
+def test_a_runner_s_unexpected_error_mid_run_ends_its_job_too(fleet: Fleet) -> None:
+    """The batch's job ends with it: left running, it would wait for ever for the requests the
+    run never sent (and the reconciler would keep re-sending the pending ones)."""
+
+    def broken_broker(sent: int) -> None:
+        if sent == 2:
+            raise RuntimeError("the broker answered nonsense")
+
+    # Several messages, so the run stops part way.
+    fleet.settings = fleet.settings.model_copy(update={"bulk_batch_size": 4})
+    fleet.on_send = broken_broker
+    batch_id = submit(fleet, requests(30), batch_id="batch_mid_run")
+    assert _run_in_background(fleet, batch_id, None)
+    batch = fleet.batch(batch_id)
+    assert batch.status == "failed"
+    assert "the broker answered nonsense" in batch.errors[0]["message"]
+    with scope(fleet.sessions) as session:
+        job_id = backfills.job_of(session, batch_id)
+        assert job_id is not None
+        job = jobs.get_job(session, job_id)
+        assert job is not None and job.state in ("failed", "partially_failed"), job.state
+        assert job.done_items + job.failed_items == job.total_items
+        assert "the broker answered nonsense" in (job.error or "")
+        assert ledger.pending_batches(session, job_id) == []
