@@ -4,7 +4,8 @@ A producer writes a job's batch rows in the job's own transaction, before it pub
 message, so the store knows what is pending even when the broker forgets. A worker *claims* a
 batch before running it (attempts + 1, who, when) and ends it in the transaction that stores its
 vectors (or its failures), clearing the texts it kept for a re-publish. The reconciler reads the
-rows that stopped moving (``overdue_batches``) and re-publishes or fails them under a lease.
+rows that stopped moving (``storage.stalled``) and re-publishes or fails them under a lease;
+``storage.batch_failures`` ends batches failed.
 
 Functions take the session first and never commit. The statements a batch
 runs on the hot path are built once and executed with parameters.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -31,13 +32,13 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage import failed_items, jobs
-from storage.models import Batch, BatchState, FailureKind, Job
+from storage.models import Batch, BatchState, Job
 from storage.session import commit_without_flush
 
 _batches: Any = Batch.__table__
 _jobs: Any = Job.__table__
-_NOW = bindparam("now", type_=DateTime(timezone=True))
+NOW = bindparam("now", type_=DateTime(timezone=True))
+"""The statements' ``now`` parameter."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ _CLAIM = (
         _batches.c.batch_index == bindparam("index"),
         _batches.c.state == BatchState.SENT.value,
     )
-    .values(attempts=_batches.c.attempts + 1, worker=bindparam("worker"), updated_at=_NOW)
+    .values(attempts=_batches.c.attempts + 1, worker=bindparam("worker"), updated_at=NOW)
     .returning(_batches.c.item_ids)
 )
 _STATE = select(_batches.c.state, _batches.c.item_ids).where(
@@ -166,13 +167,13 @@ def adopt(session: Session, job_id: str, index: int, item_ids: Sequence[str], wo
     now = datetime.now(UTC)
     try:
         with session.begin_nested():
-            _insert_batch(session, job_id, index, item_ids, worker, BatchState.SENT, now)
+            insert_batch(session, job_id, index, item_ids, worker, BatchState.SENT, now)
     except IntegrityError:  # the (job, batch_index) key: another delivery's row
         return False
     return True
 
 
-def _insert_batch(
+def insert_batch(
     session: Session,
     job_id: str,
     index: int,
@@ -212,8 +213,8 @@ _FINISH = (
     .values(
         state=bindparam("state"),
         payload=None,
-        finished_at=_NOW,
-        updated_at=_NOW,
+        finished_at=NOW,
+        updated_at=NOW,
         last_error=func.coalesce(bindparam("error", type_=Text), _batches.c.last_error),
     )
 )
@@ -229,13 +230,13 @@ statement under 3,000 pending one-text jobs, 0.5 ms by the key's unique index)."
 _FINISH_MANY = (
     update(_batches)
     .where(_KEY.in_(bindparam("keys", expanding=True)), _STILL_SENT)
-    .values(state=BatchState.DONE.value, payload=None, finished_at=_NOW, updated_at=_NOW)
+    .values(state=BatchState.DONE.value, payload=None, finished_at=NOW, updated_at=NOW)
     .returning(_batches.c.job_id, _batches.c.batch_index)
 )
 _CLAIM_MANY = (
     update(_batches)
     .where(_KEY.in_(bindparam("keys", expanding=True)), _STILL_SENT)
-    .values(attempts=_batches.c.attempts + 1, worker=bindparam("worker"), updated_at=_NOW)
+    .values(attempts=_batches.c.attempts + 1, worker=bindparam("worker"), updated_at=NOW)
     .returning(_batches.c.job_id, _batches.c.batch_index, _batches.c.item_ids)
 )
 _FACTS = select(_jobs.c.id, *_FACT_COLUMNS).where(_jobs.c.id.in_(bindparam("jobs", expanding=True)))
@@ -328,37 +329,6 @@ def pending_indexes(session: Session, job_id: str) -> set[int]:
     )
 
 
-def _cutoff(older_than_s: float, now: datetime | None) -> datetime:
-    return (now or datetime.now(UTC)) - timedelta(seconds=older_than_s)
-
-
-def overdue_batches(
-    session: Session,
-    older_than_s: float,
-    job_id: str | None = None,
-    limit: int = 100,
-    now: datetime | None = None,
-) -> Sequence[Batch]:
-    """Pending batches with no progress (sent, started, retried, re-published) for longer than
-    ``older_than_s`` seconds at ``now`` (default: the present), oldest first."""
-    cutoff = _cutoff(older_than_s, now)
-    query = select(Batch).where(Batch.state == BatchState.SENT, Batch.updated_at < cutoff)
-    if job_id is not None:
-        query = query.where(Batch.job_id == job_id)
-    return session.scalars(query.order_by(Batch.updated_at).limit(limit)).all()
-
-
-def count_overdue(
-    session: Session, older_than_s: float, job_id: str | None = None, now: datetime | None = None
-) -> int:
-    """How many batches ``overdue_batches`` would list (of one job, or of all)."""
-    cutoff = _cutoff(older_than_s, now)
-    query = select(func.count()).where(Batch.state == BatchState.SENT, Batch.updated_at < cutoff)
-    if job_id is not None:
-        query = query.where(Batch.job_id == job_id)
-    return int(session.scalar(query) or 0)
-
-
 def count_pending(session: Session, job_id: str) -> int:
     return int(
         session.scalar(
@@ -380,110 +350,3 @@ def next_index(session: Session, job_id: str) -> int:
     """The index a new batch of ``job_id`` gets."""
     last = session.scalar(select(func.max(Batch.batch_index)).where(Batch.job_id == job_id))
     return 0 if last is None else int(last) + 1
-
-
-def mark_resent(session: Session, batch_id: int, note: str) -> None:
-    """Count one more publish of a batch whose message was lost."""
-    session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id, Batch.state == BatchState.SENT)
-        .values(sends=Batch.sends + 1, last_error=note, updated_at=datetime.now(UTC))
-    )
-
-
-def fail_batch(
-    session: Session,
-    job_id: str,
-    index: int,
-    item_ids: Sequence[str],
-    reason: str,
-    kind: FailureKind,
-) -> tuple[int, bool]:
-    """End a batch as failed: its items recorded failed with ``reason`` of ``kind`` (once,
-    however often this is called) and counted in the job. A batch that already ended (another
-    delivery stored it) is left as it is. Returns (items newly failed, whether this finished
-    the job)."""
-    ended = finish(session, job_id, index, BatchState.FAILED, reason)
-    if not ended and batch_state(session, job_id, index) is not None:
-        return 0, False
-    return fail_items(session, job_id, item_ids, reason, kind)
-
-
-def fail_items(
-    session: Session, job_id: str, item_ids: Sequence[str], reason: str, kind: FailureKind
-) -> tuple[int, bool]:
-    """Record items as failed with ``reason`` (once each) and count them in the job, leaving
-    the ledger as it is (for items no batch of the ledger carries). Returns (items newly
-    failed, whether this finished the job)."""
-    failed = failed_items.record_failures(session, job_id, item_ids, reason, kind)
-    finished = jobs.add_progress(session, job_id, done=0, failed=failed, error=reason, kind=kind)
-    return failed, finished
-
-
-def fail_pending(session: Session, job_id: str, reason: str, kind: FailureKind) -> bool:
-    """Fail every batch of ``job_id`` that has not ended; true when this finished the job."""
-    finished = False
-    for batch in pending_batches(session, job_id):
-        finished |= fail_batch(session, job_id, batch.batch_index, batch.item_ids, reason, kind)[1]
-    return finished
-
-
-def fail_job(session: Session, job_id: str, reason: str, kind: FailureKind) -> bool:
-    """End the rest of a job for ``reason``: its pending batches fail, and every item not done
-    counts failed (which items a broken message carried cannot be told: the job cannot complete
-    otherwise); true when this call finished the job."""
-    finished = fail_pending(session, job_id, reason, kind)
-    return jobs.fail_rest(session, job_id, reason, kind) or finished
-
-
-_CLOSE = (
-    update(_batches)
-    .where(_batches.c.job_id == bindparam("job"), _batches.c.state == BatchState.SENT.value)
-    .values(
-        state=BatchState.FAILED.value,
-        payload=None,
-        finished_at=_NOW,
-        updated_at=_NOW,
-        last_error=bindparam("error", type_=Text),
-    )
-)
-
-
-def close_job(session: Session, job_id: str, reason: str, kind: FailureKind) -> bool:
-    """``fail_job`` for a job with no room for its own pending batches (a message its ledger
-    did not know took their places): they end failed with ``reason``, their items not recorded
-    failed one by one (the job's count is full), and every item not done counts failed; true
-    when this call finished the job."""
-    params = {"job": job_id, "error": reason, "now": datetime.now(UTC)}
-    session.connection().execute(_CLOSE, params)
-    return jobs.fail_rest(session, job_id, reason, kind)
-
-
-_REFUSED = (
-    update(_batches)
-    .where(_batches.c.job_id == bindparam("job"), _batches.c.batch_index == bindparam("index"))
-    .values(last_error=bindparam("error", type_=Text), updated_at=_NOW)
-)
-
-
-def refuse(session: Session, job_id: str, index: int, item_ids: Sequence[str], reason: str) -> None:
-    """Record why a message for a job that had ended was refused, counting nothing in the job:
-    its batch ends failed with ``reason`` (a new row when the ledger had none); a batch that
-    had ended keeps its state and takes the reason as its last error."""
-    now = datetime.now(UTC)
-    if finish(session, job_id, index, BatchState.FAILED, reason):
-        return
-    params = {"job": job_id, "index": index, "error": reason, "now": now}
-    if session.connection().execute(_REFUSED, params).rowcount == 0:
-        _insert_batch(session, job_id, index, item_ids, None, BatchState.FAILED, now, reason)
-
-
-def claimed_batches(
-    session: Session, older_than_s: float, limit: int = 500, now: datetime | None = None
-) -> Sequence[Batch]:
-    """Pending batches a worker process has claimed, with no progress for ``older_than_s``."""
-    cutoff = _cutoff(older_than_s, now)
-    query = select(Batch).where(
-        Batch.state == BatchState.SENT, Batch.worker.is_not(None), Batch.updated_at < cutoff
-    )
-    return session.scalars(query.order_by(Batch.updated_at).limit(limit)).all()

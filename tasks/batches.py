@@ -25,7 +25,7 @@ from dataclasses import replace
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import batch_results, jobs, ledger
+from storage import batch_failures, batch_results, jobs, ledger
 from storage.models import BatchState, FailureKind, JobState
 from storage.session import scope
 from tasks import outcomes, preparation, writing
@@ -128,7 +128,7 @@ def _encode(
 def fail_batch(session: Session, message: BatchMessage, reason: str, kind: FailureKind) -> Outcome:
     """Record every item of the batch as failed for ``reason`` of ``kind`` (once, however
     often the batch is delivered), end the batch, and count the items in the job."""
-    failed, finished = ledger.fail_batch(
+    failed, finished = batch_failures.fail_batch(
         session, message.job_id, message.batch_index, message.item_ids, reason, kind
     )
     metrics.observe_failure(message.model, kind, failed)
@@ -240,14 +240,14 @@ def _misfit(
     malformed batch."""
     job_id, index = message.job_id, message.batch_index
     if misfit is Misfit.ENDED:
-        ledger.refuse(session, job_id, index, message.item_ids, reason)
+        batch_failures.refuse(session, job_id, index, message.item_ids, reason)
         logger.error("refused batch %d of job %s, which has ended: %s", index, job_id, reason)
         return Outcome(job_id, index, Delivery.DROPPED, reason=reason)
     if misfit is not Misfit.ITEMS:
         return fail_batch(session, message, reason, FailureKind.INPUT)
     known = set(claim.recorded or ())
     others = [item for item in message.item_ids if item not in known]
-    failed, finished = ledger.fail_items(session, job_id, others, reason, FailureKind.INPUT)
+    failed, finished = batch_failures.fail_items(session, job_id, others, reason, FailureKind.INPUT)
     logger.warning(
         "batch failed: job=%s batch=%d items=%d reason=%s", job_id, index, failed, reason
     )
@@ -262,10 +262,10 @@ def _overfull(session: Session, message: BatchMessage, why: str) -> Outcome:
     reason = f"malformed batch: batch {index} of job {job_id} does not fit its job: {why}"
     status = jobs.job_status(session, job_id)
     if status is None or JobState(status.state).finished:
-        ledger.refuse(session, job_id, index, message.item_ids, reason)
+        batch_failures.refuse(session, job_id, index, message.item_ids, reason)
         logger.error("refused batch %d of job %s, which has ended: %s", index, job_id, reason)
         return Outcome(job_id, index, Delivery.DROPPED, reason=reason)
-    finished = ledger.close_job(session, job_id, reason, FailureKind.INPUT)
+    finished = batch_failures.close_job(session, job_id, reason, FailureKind.INPUT)
     logger.warning("batch failed: job=%s batch=%d reason=%s", job_id, index, reason)
     return Outcome(job_id, index, Delivery.FAILED, finished, reason=reason)
 
@@ -315,12 +315,12 @@ def fail_raw(
         if isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= MAX_INTEGER:
             found = ledger.get_batch(session, job_id, index)
             if found is not None:
-                _, finished = ledger.fail_batch(
+                _, finished = batch_failures.fail_batch(
                     session, job_id, index, found.item_ids, reason, kind
                 )
                 return Outcome(job_id, index, Delivery.FAILED, finished, reason=reason)
         # Which items it carried cannot be told: the job cannot complete, so it ends here.
-        finished = ledger.fail_job(session, job_id, reason, kind)
+        finished = batch_failures.fail_job(session, job_id, reason, kind)
         return Outcome(job_id, None, Delivery.FAILED, finished, reason=reason)
 
 

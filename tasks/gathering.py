@@ -27,7 +27,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from storage import jobs, ledger
+from storage import batch_failures, jobs, ledger
 from storage.models import FailureKind, Job
 from storage.session import scope, sessions_for
 from tasks.message import BatchMessage
@@ -112,7 +112,7 @@ class Gatherer:
             try:
                 with scope(sessions_for(self.url)) as session:
                     for request in group:
-                        ledger.fail_pending(
+                        batch_failures.fail_pending(
                             session, request.job_id, f"not enqueued: {exc}", FailureKind.UNAVAILABLE
                         )
             except Exception:  # the store went too: the jobs stay pending for the reconciler

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from storage import embeddings, jobs, ledger, model_catalog
+from storage import batch_failures, embeddings, jobs, ledger, model_catalog, stalled
 from storage.models import FailureKind, Job
 from storage.session import dispose_all, scope, sessions_for
 from tasks import completion, gathering, job_wait, model_options, names, publishing
@@ -106,7 +106,7 @@ class JobHandle:
             if job is None:
                 return "the job is not in the store"
             batches = ledger.job_batches(session, self.id)
-            overdue = ledger.overdue_batches(session, stuck_after, job_id=self.id, limit=5)
+            overdue = stalled.overdue_batches(session, stuck_after, job_id=self.id, limit=5)
             words = (
                 f"{job.done_items} of {job.total_items} items done, {job.failed_items} failed;"
                 f" {batches.get('sent', 0)} of {sum(batches.values())} batches pending"
@@ -200,7 +200,9 @@ def _record_and_publish(
         publisher.publish(messages, job.queue)
     except UnavailableError as exc:
         with scope(sessions_for(url)) as session:
-            ledger.fail_pending(session, job.id, f"not enqueued: {exc}", FailureKind.UNAVAILABLE)
+            batch_failures.fail_pending(
+                session, job.id, f"not enqueued: {exc}", FailureKind.UNAVAILABLE
+            )
         raise
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from storage import jobs, ledger
+from storage import jobs, ledger, stalled
 from storage.session import scope, sessions_for
 from tasks.cli import present
 from tasks.cli.failures import (
@@ -108,8 +108,8 @@ def job(job_id: str) -> None:
             raise fail(EmbedqError(f"job {job_id} is not in the store"))
         timing = jobs.job_timing(session, job_id)
         present.job_detail(found, ledger.job_batches(session, job_id), timing)
-        overdue = ledger.overdue_batches(session, stuck_after, job_id=job_id, limit=SHOWN_OVERDUE)
-        count = ledger.count_overdue(session, stuck_after, job_id=job_id)
+        overdue = stalled.overdue_batches(session, stuck_after, job_id=job_id, limit=SHOWN_OVERDUE)
+        count = stalled.count_overdue(session, stuck_after, job_id=job_id)
         present.overdue(overdue, count, stuck_after, settings.sweep_interval)
 
 

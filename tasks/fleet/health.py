@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery
 
-from storage import batch_stats, ledger, model_catalog
+from storage import batch_stats, model_catalog, stalled
 from storage.session import scope, sessions_for
 from tasks import names
 from worker.app import queue_depths
@@ -87,7 +87,7 @@ def check(app: Celery, settings: Settings, timeout: float) -> FleetHealth:
     depths = queue_depths(app, queues, broker)
     workers = []
     with scope(sessions_for(settings.database_url)) as session:
-        overdue = ledger.count_overdue(session, stuck_after)
+        overdue = stalled.count_overdue(session, stuck_after)
         for node in sorted(answered):
             config = configs.get(node, {})
             host = config.get("host_name") or node.split("@", 1)[-1]

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import jobs, leases, ledger
+from storage import batch_failures, jobs, leases, ledger, stalled
 from storage.models import BatchState, FailureKind, as_utc
 from storage.session import scope
 from tasks.fleet.broker import Presence, Release
@@ -110,7 +110,7 @@ class Reconciler:
         with scope(self.sessions) as session:
             overdue = [
                 (b.id, b.job_id, b.batch_index, as_utc(b.updated_at))
-                for b in ledger.overdue_batches(
+                for b in stalled.overdue_batches(
                     session, self.settings.stuck_after, limit=limit, now=self.clock()
                 )
             ]
@@ -156,7 +156,7 @@ class Reconciler:
             known = leases.machines(session, FORGET_S, now)
             orphans = [
                 (b.id, b.job_id, b.batch_index, as_utc(b.updated_at))
-                for b in ledger.claimed_batches(session, alive_ttl(self.settings), limit, now)
+                for b in stalled.claimed_batches(session, alive_ttl(self.settings), limit, now)
                 if known.get((b.worker or "").rsplit(":", 1)[0]) is False
             ]
         if not orphans:
@@ -204,11 +204,11 @@ class Reconciler:
                         "its message was lost and the ledger holds no texts to send it again"
                         " (sent without embedq's producer, or before the ledger kept them)"
                     )
-                _, finished = ledger.fail_batch(
+                _, finished = batch_failures.fail_batch(
                     session, job_id, index, batch.item_ids, reason, FailureKind.LOST
                 )
                 return "failed", finished
-            ledger.mark_resent(session, batch_id, f"{why}; re-published (send {batch.sends + 1})")
+            stalled.mark_resent(session, batch_id, f"{why}; re-published (send {batch.sends + 1})")
             message = BatchMessage.of(job_id, job.model_name, kept, time.time())
             queue = job.queue
         try:

@@ -33,7 +33,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import backfills, jobs, leases, ledger, openai_batches
+from storage import backfills, batch_failures, jobs, leases, ledger, openai_batches
 from storage.models import FailureKind, OpenAIBatch, as_utc
 from storage.models import OpenAIBatchStatus as Status
 from storage.openai_batches import UNFINISHED
@@ -343,6 +343,6 @@ def _end_job(session: Session, job_id: str, reason: str) -> None:
     """End the job of a batch that failed part way: its batches in flight fail (a worker that
     takes one later skips it), and the job is sealed at the items it holds and settled, with
     ``reason``; the requests never sent were never its items."""
-    ledger.fail_pending(session, job_id, reason, FailureKind.INTERNAL)
+    batch_failures.fail_pending(session, job_id, reason, FailureKind.INTERNAL)
     backfills.seal_accounted(session, job_id)
     jobs.add_progress(session, job_id, done=0, failed=0, error=reason, kind=FailureKind.INTERNAL)

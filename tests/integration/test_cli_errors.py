@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import ledger
+from storage import ledger, stalled
 from storage.session import scope, sessions_for
 from tests.cli import Cli, Result
 from tests.cli import assert_ends_with_one_error as ends_with_one_error
@@ -286,7 +286,7 @@ def test_after_a_timeout_job_and_health_say_what_is_pending(
 
     def all_overdue() -> bool:  # 10 ms with no progress, as the store's own clock sees it
         with scope(sessions_for(url)) as session:
-            return ledger.count_overdue(session, 0.01, job_id=job_id) == 12
+            return stalled.count_overdue(session, 0.01, job_id=job_id) == 12
 
     wait_until(all_overdue, 5, "the 12 batches to be overdue")
     overdue_now = env | {"EMBEDQ_STUCK_AFTER": "0.01"}

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import jobs, ledger
+from storage import batch_failures, jobs, ledger, stalled
 from storage.models import Batch, BatchState, FailedItem, Job
 from storage.session import make_engine, scope, session_factory
 
@@ -71,18 +71,20 @@ def test_a_batch_is_overdue_once_stuck_after_has_passed_at_the_present_given(
 ) -> None:
     now = datetime.now(UTC)
     with scope(sessions) as session:
-        assert ledger.overdue_batches(session, 60, now=now) == []
-        assert ledger.count_overdue(session, 60, now=now) == 0
+        assert stalled.overdue_batches(session, 60, now=now) == []
+        assert stalled.count_overdue(session, 60, now=now) == 0
         later = now + timedelta(seconds=61)
-        assert [b.batch_index for b in ledger.overdue_batches(session, 60, now=later)] == [0, 1]
-        assert ledger.count_overdue(session, 60, job_id="j", now=later) == 2
-        assert ledger.count_overdue(session, 60, job_id="other", now=later) == 0
-        assert len(ledger.overdue_batches(session, 60, limit=1, now=later)) == 1
+        assert [b.batch_index for b in stalled.overdue_batches(session, 60, now=later)] == [0, 1]
+        assert stalled.count_overdue(session, 60, job_id="j", now=later) == 2
+        assert stalled.count_overdue(session, 60, job_id="other", now=later) == 0
+        assert len(stalled.overdue_batches(session, 60, limit=1, now=later)) == 1
         # Only a batch a worker claimed counts as claimed.
-        assert ledger.claimed_batches(session, 60, now=later) == []
+        assert stalled.claimed_batches(session, 60, now=later) == []
         assert ledger.claim(session, "j", 1, "host:7").claimed
     with scope(sessions) as session:
-        claimed = ledger.claimed_batches(session, 60, now=datetime.now(UTC) + timedelta(seconds=61))
+        claimed = stalled.claimed_batches(
+            session, 60, now=datetime.now(UTC) + timedelta(seconds=61)
+        )
         assert [(b.batch_index, b.worker) for b in claimed] == [(1, "host:7")]
 
 
@@ -117,9 +119,9 @@ def test_a_refused_message_of_an_ended_job_is_recorded_in_the_ledger_and_counts_
 ) -> None:
     with scope(sessions) as session:
         ledger.finish(session, "j", 1, BatchState.DONE)
-        ledger.refuse(session, "j", 0, ["a", "b"], "pending, refused")
-        ledger.refuse(session, "j", 1, ["z"], "ended, refused")
-        ledger.refuse(session, "j", 7, ["y"], "unknown, refused")
+        batch_failures.refuse(session, "j", 0, ["a", "b"], "pending, refused")
+        batch_failures.refuse(session, "j", 1, ["z"], "ended, refused")
+        batch_failures.refuse(session, "j", 7, ["y"], "unknown, refused")
     found = {index: batch(sessions, index) for index in (0, 1, 7)}
     assert {i: (b.state, b.last_error) for i, b in found.items()} == {
         0: (BatchState.FAILED, "pending, refused"),
