@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from storage import batch_failures, jobs, ledger
 from storage.models import FailureKind, Job
 from storage.session import scope, sessions_for
+from tasks import names
 from tasks.message import BatchMessage
 from tasks.publishing import BrokerPublisher
 from worker.errors import UnavailableError
@@ -48,6 +49,7 @@ class _Submit:
     job_id: str
     model: str
     queue: str
+    priority: int
     done: Future[None] = field(default_factory=Future)
 
 
@@ -63,9 +65,10 @@ class Gatherer:
         """Transactions written (a test reads how many jobs shared one)."""
         threading.Thread(target=self._loop, name="embedq-gatherer", daemon=True).start()
 
-    def submit(self, job: Job, batch: ledger.NewBatch) -> None:
-        """Record ``job`` with its one ``batch`` and send it; returns once both are done."""
-        request = _Submit(job, batch, job.id, job.model_name, job.queue)
+    def submit(self, job: Job, batch: ledger.NewBatch, priority: int = names.FIRST) -> None:
+        """Record ``job`` with its one ``batch`` and send it with ``priority``; returns once
+        both are done."""
+        request = _Submit(job, batch, job.id, job.model_name, job.queue, priority)
         self._inbox.put(request)
         request.done.result()
 
@@ -78,8 +81,9 @@ class Gatherer:
                 for request in group:
                     request.done.set_exception(exc)
                 continue
-            for queue_name in dict.fromkeys(request.queue for request in group):
-                self._send([r for r in group if r.queue == queue_name], queue_name)
+            for queue_name, priority in dict.fromkeys((r.queue, r.priority) for r in group):
+                same = [r for r in group if (r.queue, r.priority) == (queue_name, priority)]
+                self._send(same, queue_name)
 
     def _take(self) -> list[_Submit]:
         """The submits waiting: the first blocks, the rest are taken as they are."""
@@ -103,9 +107,7 @@ class Gatherer:
 
     def _send(self, group: list[_Submit], queue_name: str) -> None:
         now = time.time()
-        messages = [
-            BatchMessage.of(request.job_id, request.model, request.batch, now) for request in group
-        ]
+        messages = [BatchMessage.of(r.job_id, r.model, r.batch, now, r.priority) for r in group]
         try:
             self.publisher.publish_together(messages, queue_name)
         except UnavailableError as exc:

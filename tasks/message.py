@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from storage.ledger import Claim, NewBatch
 from storage.models import ID_LENGTH, JOB_ID_LENGTH
+from tasks import names
 from worker.errors import InputError
 from worker.validation import is_unicode
 
@@ -106,6 +107,8 @@ class BatchMessage(BaseModel):
     """Set by the worker when it sends a batch again because its host is preparing the model."""
     tries: int = Field(default=0, ge=0)
     """Tries that ended in a transient error (set by the worker when it sends the batch again)."""
+    priority: int = Field(default=names.FIRST, ge=names.FIRST, le=names.LAST)
+    """The broker priority it is sent with on the interactive queue (``names.FIRST`` first)."""
 
     @field_validator("job_id")
     @classmethod
@@ -173,7 +176,9 @@ class BatchMessage(BaseModel):
         return None
 
     @classmethod
-    def of(cls, job_id: str, model: str, batch: NewBatch, now: float) -> BatchMessage:
+    def of(
+        cls, job_id: str, model: str, batch: NewBatch, now: float, priority: int = names.FIRST
+    ) -> BatchMessage:
         """The message of a batch already checked and recorded in the ledger, as a producer, a
         backfill and the reconciler send it (built without validating again)."""
         return cls.model_construct(
@@ -186,6 +191,7 @@ class BatchMessage(BaseModel):
             enqueued_at=now,
             model_wait_since=None,
             tries=0,
+            priority=priority,
         )
 
     def body(self) -> dict[str, Any]:

@@ -21,3 +21,12 @@ class Queue(StrEnum):
 
 
 DOWNLOAD = "embedq.download"
+
+
+FIRST = 0
+LAST = 9
+"""Message priorities, 0 taken first: on Redis kombu keeps a list per step (0, 3, 6, 9) and a
+worker takes every queue's lowest step before the next (interactive before bulk within a step).
+Bulk messages always go ``LAST``; an interactive message's step comes from how much its API key
+has waiting (``tasks.api.admission.priority_for``), so a light key is not served behind a heavy
+one. RabbitMQ queues are declared without priorities and ignore them."""

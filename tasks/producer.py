@@ -140,11 +140,13 @@ def submit(
     publisher: Publisher | None = None,
     max_items: int = MAX_JOB_ITEMS,
     owner: str | None = None,
+    priority: int = names.FIRST,
 ) -> JobHandle:
     """Enqueue ``texts`` for embedding as one job and return its handle.
 
     ``owner``: the API key id the job belongs to (``OWNER`` in its ``meta``); the HTTP API
-    shows a job only to its owner.
+    shows a job only to its owner. ``priority``: its messages' broker priority on the
+    interactive queue (``names.FIRST`` first; the bulk queue's are always ``names.LAST``).
 
     The job is written to the store ``settings`` name and its batches handed to ``publisher``
     (default: ``publishing.publisher_for(settings)``). Raises ``InputError`` (nothing stored)
@@ -179,14 +181,14 @@ def submit(
     chosen = publisher or publishing.publisher_for(settings)
     if isinstance(chosen, publishing.BrokerPublisher) and len(batches) == 1:
         # With other submits of this process: one transaction, one message (tasks.gathering).
-        gathering.gatherer_for(settings, chosen).submit(job, batches[0])
+        gathering.gatherer_for(settings, chosen).submit(job, batches[0], priority)
     else:
-        _record_and_publish(job, batches, settings.database_url, chosen)
+        _record_and_publish(job, batches, settings.database_url, chosen, priority)
     return JobHandle(job_id, settings, submitted_at=time.time())
 
 
 def _record_and_publish(
-    job: Job, batches: list[ledger.NewBatch], url: str, publisher: Publisher
+    job: Job, batches: list[ledger.NewBatch], url: str, publisher: Publisher, priority: int
 ) -> None:
     with scope(sessions_for(url)) as session:
         # A synchronous commit (it waits for PostgreSQL's WAL flush, about 3 ms here): once
@@ -196,7 +198,9 @@ def _record_and_publish(
         ledger.add_batches(session, job.id, batches)
     now = time.time()
     try:
-        messages = [BatchMessage.of(job.id, job.model_name, batch, now) for batch in batches]
+        messages = [
+            BatchMessage.of(job.id, job.model_name, batch, now, priority) for batch in batches
+        ]
         publisher.publish(messages, job.queue)
     except UnavailableError as exc:
         with scope(sessions_for(url)) as session:

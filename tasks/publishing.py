@@ -56,8 +56,20 @@ def send(
         connection=connection,
         countdown=countdown,
         retries=retries,
+        priority=priority_of(body, queue),
         argsrepr=shown(body),
     )
+
+
+def priority_of(body: Mapping[str, Any], queue: str) -> int:
+    """The broker priority of a batch message on ``queue`` (``names.FIRST`` first): ``LAST`` on
+    the bulk queue, else the one its body carries (``FIRST`` when it carries none it may)."""
+    if queue == names.Queue.BULK:
+        return names.LAST
+    given = body.get("priority")
+    if isinstance(given, int) and not isinstance(given, bool):
+        return min(max(given, names.FIRST), names.LAST)
+    return names.FIRST
 
 
 def send_together(
@@ -73,6 +85,7 @@ def send_together(
         queue=queue,
         task_id=f"{ids[0]}+{len(ids) - 1}",
         producer=producer,
+        priority=min(priority_of(body, queue) for body in bodies),
         headers={names.MEMBERS: ids},
         argsrepr=f"{len(bodies)} batches, the first {shown(bodies[0])}",
     )

@@ -8,8 +8,13 @@ interactive queue for everyone.
   that its requests are answered 429 until some finish. Work that large belongs to
   ``/v1/jobs`` on the bulk queue or to ``/v1/batches``.
 
-What this bounds is each key's share of the queue, not its order: the queue stays first come,
-first served, so a key's request can still wait behind another key's admitted texts.
+- A request's messages go to the interactive queue with a priority that falls as its key's
+  texts ahead grow (``priority_for``: what the key has waiting on this instance, this request
+  included, in messages of ``EMBEDQ_JOB_BATCH_SIZE`` texts): a key asking for a message's worth
+  goes first, one with thousands waiting goes behind it. A worker takes the lightest step first
+  (``tasks.names.FIRST``), so another key's one text waits for the batch running now, not for
+  the thousands admitted before it. Within a step the queue is first come, first served, and
+  every step is served while the worker has nothing lighter (no key starves while it is idle).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tasks import names
 from tasks.api.errors import ApiError
 
 
@@ -33,11 +39,26 @@ def check_count(count: int, limit: int) -> None:
         )
 
 
+STEPS = ((1, names.FIRST), (4, 3), (16, 6))
+"""Messages' worth of texts ahead of a request (its key's waiting ones and its own) up to which
+it gets each priority; past the last, ``names.LAST``."""
+
+
+def priority_for(texts_ahead: int, batch_texts: int) -> int:
+    """The priority of a request with ``texts_ahead`` texts of its key in front of or in it, on
+    a queue of messages of ``batch_texts`` texts (``STEPS``)."""
+    for messages, priority in STEPS:
+        if texts_ahead <= messages * batch_texts:
+            return priority
+    return names.LAST
+
+
 class Admission:
     """The texts each key has waiting on this instance."""
 
-    def __init__(self, max_waiting: int) -> None:
+    def __init__(self, max_waiting: int, batch_texts: int) -> None:
         self.max_waiting = max_waiting
+        self.batch_texts = batch_texts
         self._waiting: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -46,10 +67,10 @@ class Admission:
             return self._waiting.get(key, 0)
 
     @contextmanager
-    def admit(self, key: str, texts: int) -> Iterator[None]:
-        """Count ``texts`` as waiting for ``key`` while the block runs. Raises ``ApiError``
-        429 when they would pass the key's limit (a key with nothing waiting is always let
-        in)."""
+    def admit(self, key: str, texts: int) -> Iterator[int]:
+        """Count ``texts`` as waiting for ``key`` while the block runs, which is handed their
+        priority (``priority_for``). Raises ``ApiError`` 429 when they would pass the key's
+        limit (a key with nothing waiting is always let in)."""
         with self._lock:
             before = self._waiting.get(key, 0)
             if before and before + texts > self.max_waiting:
@@ -64,7 +85,7 @@ class Admission:
                 )
             self._waiting[key] = before + texts
         try:
-            yield
+            yield priority_for(before + texts, self.batch_texts)
         finally:
             with self._lock:
                 left = self._waiting[key] - texts

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from tasks import producer
+from tasks import names, producer
 from tasks.api import (
     admission,
     catalog,
@@ -88,7 +88,9 @@ def create_app(
     app.state.signals = signals
     app.state.limiter = limiter
     app.state.models = catalog.ModelCache(settings)
-    app.state.admission = admission.Admission(settings.api_max_waiting_texts)
+    app.state.admission = admission.Admission(
+        settings.api_max_waiting_texts, settings.batch_size_for(names.Queue.INTERACTIVE)
+    )
     errors.install(app)
     docs.install(app)
     app.add_middleware(

@@ -135,10 +135,10 @@ async def create_embeddings(
     given = [body.input] if isinstance(body.input, str) else body.input
     admission.check_count(len(given), settings.api_max_inputs)
     admitted: admission.Admission = state.admission
-    with admitted.admit(key, len(given)):
+    with admitted.admit(key, len(given)) as priority:
         timing = Timing()
         handle = await run_in_threadpool(
-            submit, given, body, key, settings, state.models, state.publisher
+            submit, given, body, key, settings, state.models, state.publisher, priority
         )
         timing.mark("submit")
         plan = job_wait.steps(handle.just_submitted(), settings.api_wait_timeout, WAIT_POLL_S)
@@ -165,8 +165,10 @@ def submit(
     settings: Settings,
     models: catalog.ModelCache,
     publisher: Publisher | None = None,
+    priority: int = names.FIRST,
 ) -> producer.JobHandle:
-    """The request's texts as a job on the interactive queue, tagged with the key's id."""
+    """The request's texts as a job on the interactive queue with ``priority``, tagged with the
+    key's id."""
     info = models.find(body.model)
     check_dimensions(body.dimensions, info.dim, body.model)
     return producer.submit(
@@ -177,6 +179,7 @@ def submit(
         settings=settings,
         publisher=publisher,
         owner=key,
+        priority=priority,
     )
 
 

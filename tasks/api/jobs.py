@@ -17,7 +17,7 @@ from storage import embeddings, jobs
 from storage.models import Job, JobState, as_utc
 from storage.session import scope, sessions_for
 from tasks import names, producer, vector_files
-from tasks.api import catalog, ids
+from tasks.api import admission, catalog, ids
 from tasks.api.auth import ANONYMOUS, require_key
 from tasks.api.embeddings import Input
 from tasks.api.errors import ApiError
@@ -102,6 +102,9 @@ def create_job(body: JobRequest, request: Request, key: str = Depends(require_ke
         settings=settings,
         publisher=request.app.state.publisher,
         owner=key,
+        # Not waited for, so not counted as waiting: on the interactive queue, its own size
+        # decides its step (a large job goes behind one-text requests).
+        priority=admission.priority_for(len(given), settings.batch_size_for(body.queue)),
     )
     return _job(settings, handle.id, key)
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import httpx
 import openai
 import pytest
+import redis
 from sqlalchemy import text
 
 from storage.session import make_engine
@@ -79,3 +80,43 @@ def test_a_key_past_its_waiting_texts_gets_a_429_and_another_key_goes_on(
         assert len(served.data) == 1
     finally:
         waiting.join()
+
+
+def test_another_key_s_one_text_goes_ahead_of_a_key_s_8192_admitted_texts(
+    serve: Callable[..., Server], fleet: Fleet, corpus: list[str]
+) -> None:
+    """Within its limits (4 requests of 2,048, its whole waiting share), key A fills the queue
+    with 64 messages of real texts; key B's one text, sent after all of them, goes ahead of
+    them (``tasks.api.admission.priority_for``) instead of waiting its turn behind them."""
+    server = serve(EMBEDQ_API_KEYS=f"{KEY},{OTHER}", EMBEDQ_API_WAIT_TIMEOUT="5")
+    texts = [text for text in corpus if 200 <= len(text) <= 600][: 4 * 2048]
+    assert len(texts) == 4 * 2048, "the corpus is too small for this test"
+    heavy = [
+        threading.Thread(target=post, args=(server, KEY, texts[n * 2048 : (n + 1) * 2048]))
+        for n in range(4)
+    ]
+    for thread in heavy:
+        thread.start()
+    engine = make_engine(fleet.database_url)
+    broker = redis.Redis.from_url(fleet.broker_url)
+    lists = [f"interactive{suffix}" for suffix in ("", "\x06\x163", "\x06\x166", "\x06\x169")]
+    try:
+        wait_until(  # key A's 64 messages on the queue, but the few the worker took
+            lambda: sum(broker.llen(name) for name in lists) >= 60, 60, "key A's messages"
+        )
+        started = time.monotonic()
+        served = server.client(OTHER).embeddings.create(input="one short text", model="minilm")
+        light_s = time.monotonic() - started
+        with engine.connect() as connection:
+            done = connection.execute(
+                text("SELECT sum(done_items) FROM jobs WHERE total_items = 2048")
+            ).scalar()
+    finally:
+        engine.dispose()
+        broker.close()
+        for thread in heavy:
+            thread.join()
+    assert len(served.data) == 1
+    print(f"key B's one text served in {light_s * 1000:.0f} ms; key A's texts done by then: {done}")
+    assert done is not None and done < len(texts) / 2, "key A's work was nearly done: no test"
+    assert light_s < 5, f"key B waited {light_s:.1f} s behind key A's texts"

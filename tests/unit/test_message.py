@@ -45,6 +45,7 @@ def well_formed(draw: st.DrawFn) -> Raw:
         "enqueued_at": draw(FLOATS),
         "model_wait_since": draw(st.none() | FLOATS),
         "tries": draw(st.integers(0, 100)),
+        "priority": draw(st.integers(0, 9)),
     }
 
 
@@ -63,6 +64,7 @@ AT_THE_LIMITS: Raw = {
     "enqueued_at": 0.0,
     "model_wait_since": None,
     "tries": 0,
+    "priority": 0,
 }
 
 
@@ -202,7 +204,7 @@ def test_of_builds_what_validation_would_from_a_recorded_batch(raw: Raw) -> None
     """Producers, backfills and the reconciler build a message with ``of`` from a batch already
     checked and recorded: it is the message a worker validates from the same fields."""
     batch = NewBatch(raw["batch_index"], raw["item_ids"], raw["texts"], raw["positions"])
-    built = BatchMessage.of(raw["job_id"], raw["model"], batch, raw["enqueued_at"])
+    built = BatchMessage.of(raw["job_id"], raw["model"], batch, raw["enqueued_at"], raw["priority"])
     expected = {**raw, "model_wait_since": None, "tries": 0}
     assert built.model_dump() == expected
     assert BatchMessage.model_validate(json.loads(json.dumps(built.body()))) == built
@@ -222,6 +224,7 @@ def test_the_body_is_the_json_the_embed_task_reads_and_the_task_id_names_the_bat
         "enqueued_at": 1_700_000_000.5,
         "model_wait_since": None,
         "tries": 0,
+        "priority": 0,
     }
     assert json.loads(json.dumps(body)) == body  # plain JSON values
     assert message.task_id == task_id("job-1", 7) == "job-1.7"

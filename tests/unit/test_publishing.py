@@ -63,6 +63,20 @@ def test_a_resend_keeps_the_id_it_came_with_and_carries_its_delay_and_tries() ->
     assert sent["producer"] is producer and sent["connection"] is connection
 
 
+def test_bulk_goes_last_and_an_interactive_message_keeps_its_priority() -> None:
+    app = RecordingApp()
+    heavy = {**message().body(), "priority": 6}
+    publishing.send(app, heavy, names.Queue.BULK)
+    publishing.send(app, heavy, names.Queue.INTERACTIVE)
+    publishing.send(app, message().body(), names.Queue.INTERACTIVE)
+    for nonsense in ("6", True, -3, 42, None):  # a raw message's: within the steps, or first
+        publishing.send(app, {**message().body(), "priority": nonsense}, "interactive")
+    sent = [task["priority"] for task in app.sent]
+    assert sent == [names.LAST, 6, names.FIRST, names.FIRST, names.FIRST, 0, 9, names.FIRST]
+    publishing.send_together(app, [heavy, {**heavy, "priority": 3}], "interactive", producer=None)
+    assert app.sent[-1]["priority"] == 3  # a gathered message goes at its lightest member's
+
+
 def test_what_flower_shows_is_ids_and_sizes_never_whole_texts() -> None:
     app = RecordingApp()
     publishing.send(app, message().body(), "bulk")
