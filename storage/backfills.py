@@ -1,12 +1,13 @@
 """Queries of a backfill run: its row and its job, what the store already holds of a chunk of
-source rows, the counts a run adds to its job, and what its summary reports.
+source rows (and with which text), what a sync forgets (changed texts, ids gone from the
+source), the counts a run adds to its job, and what its summary reports.
 
 Functions take the session first and never commit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
@@ -93,14 +94,55 @@ def highest_row_ids(session: Session) -> tuple[int, int]:
     return int(embedding or 0), int(failure or 0)
 
 
-def stored_items(session: Session, job_id: str, item_ids: Sequence[str]) -> list[tuple[str, int]]:
-    """(item id, row id) of those of ``item_ids`` whose vector ``job_id`` holds."""
+def stored_items(
+    session: Session, job_id: str, item_ids: Sequence[str]
+) -> list[tuple[str, int, str | None]]:
+    """(item id, row id, text sha256) of those of ``item_ids`` whose vector ``job_id`` holds."""
     rows = session.execute(
-        select(Embedding.item_id, Embedding.id).where(
+        select(Embedding.item_id, Embedding.id, Embedding.text_sha256).where(
             Embedding.job_id == job_id, Embedding.item_id.in_(item_ids)
         )
     )
-    return [(item_id, row_id) for item_id, row_id in rows]
+    return [(item_id, row_id, sha) for item_id, row_id, sha in rows]
+
+
+def forget_items(session: Session, job_id: str, item_ids: Sequence[str]) -> tuple[int, int]:
+    """Delete what ``job_id`` holds of ``item_ids`` (their vectors and failures) and uncount
+    it: a changed text about to be embedded again, or an id gone from the source (``--prune``).
+    Returns (vectors, failures) deleted."""
+    if not item_ids:
+        return 0, 0
+    vectors: Any = session.execute(
+        delete(Embedding).where(Embedding.job_id == job_id, Embedding.item_id.in_(item_ids))
+    )
+    failures: Any = session.execute(
+        delete(FailedItem).where(FailedItem.job_id == job_id, FailedItem.item_id.in_(item_ids))
+    )
+    done, failed = int(vectors.rowcount), int(failures.rowcount)
+    if done or failed:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(done_items=Job.done_items - done, failed_items=Job.failed_items - failed)
+        )
+    return done, failed
+
+
+def held_items(session: Session, job_id: str, page: int = 5000) -> Iterator[str]:
+    """Every item id ``job_id`` holds, stored or failed, a page at a time in id order."""
+    for model in (Embedding, FailedItem):
+        after = ""
+        while True:
+            ids = session.scalars(
+                select(model.item_id)
+                .where(model.job_id == job_id, model.item_id > after)
+                .order_by(model.item_id)
+                .limit(page)
+            ).all()
+            yield from ids
+            if len(ids) < page:
+                break
+            after = ids[-1]
 
 
 def failed_items(session: Session, job_id: str, item_ids: Sequence[str]) -> list[tuple[str, int]]:
@@ -120,12 +162,22 @@ def add_reused(session: Session, job_id: str, count: int) -> None:
     )
 
 
-def seal_job(session: Session, name: str, job_id: str, duplicates: int) -> None:
+def seal_job(
+    session: Session,
+    name: str,
+    job_id: str,
+    duplicates: int,
+    last_sync: dict[str, Any] | None = None,
+) -> None:
     """Fix the job's total at the items accounted for (done or failed) and seal it, and record
-    the run's duplicates on backfill ``name``. The caller settles the job's state
-    (``jobs.add_progress``)."""
+    the run's duplicates and what it found (``last_sync``) on backfill ``name``. The caller
+    settles the job's state (``jobs.add_progress``)."""
     seal_accounted(session, job_id)
-    session.execute(update(Backfill).where(Backfill.name == name).values(duplicates=duplicates))
+    session.execute(
+        update(Backfill)
+        .where(Backfill.name == name)
+        .values(duplicates=duplicates, last_sync=last_sync)
+    )
 
 
 def seal_accounted(session: Session, job_id: str) -> None:

@@ -22,7 +22,7 @@ from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage import dialect
+from storage import dialect, model_files
 from storage.models import Embedding, Job
 
 VectorRow = tuple[str, int, bytes]
@@ -94,19 +94,30 @@ def insert_embeddings(session: Session, rows: Sequence[Sequence[Any]]) -> int:
     return len(rows)
 
 
-def cached_vectors(session: Session, model: str, hashes: Sequence[str]) -> dict[str, Embedding]:
-    """A stored embedding of each of these texts under ``model`` (the first stored), by text
-    sha256: what a backfill copies instead of running the model again."""
+def cached_vectors(
+    session: Session, model_sha256: str, hashes: Sequence[str]
+) -> dict[str, Embedding]:
+    """A stored embedding of each of these texts made by the model file ``model_sha256`` (the
+    first stored), by text sha256: what a backfill copies instead of running the model again.
+    Only jobs that one file embedded are sources: a model pulled again under its name from
+    another file never reuses the old file's vectors, and a job some other file also embedded
+    batches of (``model_files.OTHER_FILES``) is never a source."""
     if not hashes:
         return {}
     first = (
         select(func.min(Embedding.id))
         .join(Job, Job.id == Embedding.job_id)
-        .where(Job.model_name == model, Embedding.text_sha256.in_(set(hashes)))
+        .where(Job.model_sha256 == model_sha256, Embedding.text_sha256.in_(set(hashes)))
         .group_by(Embedding.text_sha256)
     )
     found = session.scalars(select(Embedding).where(Embedding.id.in_(first))).all()
-    return {embedding.text_sha256: embedding for embedding in found}
+    sources = {embedding.job_id for embedding in found}
+    mixed = {
+        job.id
+        for job in session.scalars(select(Job).where(Job.id.in_(sources)))
+        if len(model_files.model_files(job)) > 1
+    }
+    return {e.text_sha256: e for e in found if e.job_id not in mixed}
 
 
 def count_embeddings(session: Session, job_id: str) -> int:

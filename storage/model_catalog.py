@@ -77,3 +77,18 @@ def list_ready_models(session: Session, host: str) -> list[str]:
             )
         )
     )
+
+
+def ready_files(session: Session, name: str) -> set[str]:
+    """The sha256 of each ONNX file the hosts that have model ``name`` ready run (one when the
+    fleet agrees)."""
+    return {
+        str(sha)
+        for sha in session.scalars(
+            select(PreparedModel.onnx_sha256).where(
+                PreparedModel.name == name,
+                PreparedModel.state == ModelState.READY,
+                PreparedModel.onnx_sha256.is_not(None),
+            )
+        )
+    }

@@ -342,6 +342,9 @@ class Backfill(Base):
     runs: Mapped[int] = mapped_column(Integer, default=0)
     duplicates: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     """Rows the last run skipped because their id was met before in the source."""
+    last_sync: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    """What the last whole run found against the store: unchanged, new, changed, removed ids
+    (and whether they were pruned), ``tasks.backfill.Sync``."""
     created_at: Mapped[datetime] = mapped_column(default=_now)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from worker.errors import EmbedqError
@@ -33,6 +33,8 @@ class Options:
     max_in_flight: int | None = None
     stuck_after: float | None = None
     retry_failed: bool = False
+    prune: bool = False
+    """Remove what the store holds of ids the source no longer has (else: counted, listed)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,28 @@ def _given_or(value: T | None, setting: T) -> T:
     return setting if value is None else value
 
 
+REMOVED_SHOWN = 10
+"""Removed ids a sync lists."""
+
+
+@dataclass
+class Sync:
+    """What a run found, id by id, against what the store held: the counts of a sync."""
+
+    unchanged: int = 0
+    """Stored with the same text (its sha256), failed before, or in a batch still in flight."""
+    new: int = 0
+    """Ids the store held nothing of."""
+    changed: int = 0
+    """Ids stored with another text: their vectors are dropped and made again."""
+    removed: int = 0
+    """Ids the store holds that the source no longer has."""
+    pruned: bool = False
+    """Whether the removed ids were deleted (``--prune``) or only counted."""
+    removed_examples: list[str] = field(default_factory=list)
+    """Some of the removed ids (``REMOVED_SHOWN``)."""
+
+
 @dataclass
 class BackfillProgress:
     """What the producer knows now; the CLI draws it."""
@@ -70,7 +94,8 @@ class BackfillProgress:
     reused: int = 0
     failed_here: int = 0
     skipped: int = 0
-    """Items already stored, failed or in a pending batch when this run met them."""
+    """Items already stored with the same text, failed or in a pending batch when this run
+    met them (``sync.unchanged``)."""
     duplicates: int = 0
     """Rows whose id this run had already met (repeated in the source): skipped."""
     batches: int = 0
@@ -79,6 +104,7 @@ class BackfillProgress:
     tokens: int = 0
     in_flight: int = 0
     finished: bool = False
+    sync: Sync = field(default_factory=Sync)
 
 
 Report = Callable[[BackfillProgress], None]

@@ -13,23 +13,32 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import (
     backfills,
     batch_stats,
-    embeddings,
     failed_items,
     jobs,
     ledger,
-    model_files,
 )
 from storage.models import FailureKind
 from storage.session import scope, sessions_for
 from tasks import names, publishing
+from tasks.backfill import cache
 from tasks.backfill.chunks import chunks, text_sha
-from tasks.backfill.options import BackfillError, BackfillProgress, Limits, Options, Report
+from tasks.backfill.options import (
+    REMOVED_SHOWN,
+    BackfillError,
+    BackfillProgress,
+    Limits,
+    Options,
+    Report,
+)
 from tasks.backfill.readers import Reader, Row
 from tasks.message import BatchMessage
 from tasks.publishing import Publisher
 from worker.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
+
+PRUNE_PAGE = 1000
+"""Removed ids deleted per transaction."""
 
 
 class BackfillRun:
@@ -53,6 +62,7 @@ class BackfillRun:
         publisher: Publisher | None = None,
     ) -> None:
         settings = settings or get_settings()
+        self.settings = settings
         self.reader = reader
         self.options = options
         self.limits = Limits.of(options, settings)
@@ -66,6 +76,10 @@ class BackfillRun:
         self.marks = (0, 0)
         """The highest embedding and failed-item row ids when this run started: a row above
         them was written during this run, so meeting its id again is a duplicate."""
+        self.seen: set[str] = set()
+        """Every id this run met in the source (what the job holds beyond it was removed)."""
+        self.model_file: str | None = None
+        """The model file whose vectors the content cache may copy (``tasks.backfill.cache``)."""
 
     # --- setup -------------------------------------------------------------------------------
     def _open(self, total: int | None) -> BackfillProgress:
@@ -113,6 +127,7 @@ class BackfillRun:
         with scope(self.sessions) as session:
             next_index = ledger.next_index(session, progress.job_id)
             self.marks = backfills.highest_row_ids(session)
+            self.model_file = cache.current_file(session, self.options.model, self.settings)
         limits = self.limits
         for chunk in chunks(self.reader.rows(), limits.batch_size, limits.batch_chars):
             batch = self._settle_chunk(progress, chunk)
@@ -123,33 +138,43 @@ class BackfillRun:
             self._refresh(progress, every=0.5)
             report(progress)
         self._wait_for_room(progress, report, room=1)  # every batch finished
+        self._remove_absent(progress)
         self._seal(progress)
         report(progress)
         return progress
 
     def _settle_chunk(self, progress: BackfillProgress, chunk: list[Row]) -> list[Row]:
-        """Record what needs no model (bad rows, stored, cached) and return the rows to send."""
-        job_id, model = progress.job_id, self.options.model
+        """Record what needs no model (bad rows, unchanged, cached), drop the vectors of changed
+        texts, and return the rows to send."""
+        job_id, sync = progress.job_id, progress.sync
         ids = [row.item_id for row in chunk]
+        self.seen.update(ids)
         with scope(self.sessions) as session:
             stored = backfills.stored_items(session, job_id, ids)
             failed_before = backfills.failed_items(session, job_id, ids)
             # Met before in this run: written since it started, or in a batch it sent.
-            seen_here = {i for i, row_id in stored if row_id > self.marks[0]}
+            seen_here = {i for i, row_id, _ in stored if row_id > self.marks[0]}
             seen_here |= {i for i, row_id in failed_before if row_id > self.marks[1]}
             for items in self.sent_here.values():
                 seen_here.update(i for i in items if i in set(ids))
-            known = {i for i, _ in stored} | {i for i, _ in failed_before}
-            known |= self.in_flight_items.intersection(ids)
+            texts = {i: sha for i, _, sha in stored}
+            known = {i for i, _ in failed_before} | self.in_flight_items.intersection(ids)
             fresh: list[Row] = []
+            changed: list[str] = []
             failures: dict[str, list[str]] = {}
             for row in chunk:
                 if row.item_id in seen_here:
                     progress.duplicates += 1
                     continue
-                if row.item_id in known:
+                stored_sha = texts.get(row.item_id)
+                if row.item_id in known or (
+                    row.item_id in texts and stored_sha in (None, text_sha(row.text))
+                ):
                     progress.skipped += 1
+                    sync.unchanged += 1
                     continue
+                if row.item_id in texts:
+                    changed.append(row.item_id)
                 seen_here.add(row.item_id)  # a repeated id later in this chunk is a duplicate
                 problem = row.problem or (
                     "empty or whitespace-only text" if not row.text.strip() else None
@@ -158,55 +183,43 @@ class BackfillRun:
                     failures.setdefault(problem, []).append(row.item_id)
                 else:
                     fresh.append(row)
+            backfills.forget_items(session, job_id, changed)  # made again below, or failed
+            sync.changed += len(changed)
+            sync.new += len(fresh) + sum(map(len, failures.values())) - len(changed)
             failed = sum(
                 failed_items.record_failures(session, job_id, items, reason, FailureKind.INPUT)
                 for reason, items in failures.items()
             )
             progress.failed_here += failed
-            hashes = {row.item_id: text_sha(row.text) for row in fresh}
-            cached = embeddings.cached_vectors(session, model, list(hashes.values()))
-            reuse = [row for row in fresh if hashes[row.item_id] in cached]
-            copies = [
-                {
-                    "job_id": job_id,
-                    "item_id": row.item_id,
-                    "position": row.position,
-                    "text_sha256": hashes[row.item_id],
-                    "dim": cached[hashes[row.item_id]].dim,
-                    "vector": cached[hashes[row.item_id]].vector,
-                    "token_count": cached[hashes[row.item_id]].token_count,
-                    "truncated": cached[hashes[row.item_id]].truncated,
-                }
-                for row in reuse
-            ]
-            reused = len(embeddings.upsert_embeddings(session, copies))
-            progress.reused += reused
-            if reused or failed:
+            if failed:
+                reason = next(iter(failures))
                 jobs.add_progress(
-                    session,
-                    job_id,
-                    done=reused,
-                    failed=failed,
-                    error=next(iter(failures), None),
-                    kind=FailureKind.INPUT,
+                    session, job_id, done=0, failed=failed, error=reason, kind=FailureKind.INPUT
                 )
-                backfills.add_reused(session, job_id, reused)
-                sources = {cached[hashes[row.item_id]].job_id for row in reuse}
-                self._trace_copies(session, job_id, sources)
-        return [row for row in fresh if hashes[row.item_id] not in cached]
+            hashes = {row.item_id: text_sha(row.text) for row in fresh}
+            copied = cache.copy_cached(session, job_id, self.model_file, fresh, hashes)
+            progress.reused += len(copied.rows)
+        reused = {row.item_id for row in copied.rows}
+        return [row for row in fresh if row.item_id not in reused]
 
-    def _trace_copies(self, session: Session, job_id: str, sources: set[str]) -> None:
-        """Record the model files that made the vectors copied from the jobs ``sources``."""
-        for sha256 in sorted(model_files.files_of_jobs(session, sources)):
-            first = model_files.record_model_file(session, job_id, sha256)
-            if first is not None:
-                logger.warning(
-                    "vectors copied from another model file: job=%s file=%s job's file=%s",
-                    job_id,
-                    sha256,
-                    first,
-                    extra={"job": job_id, "backfill": self.options.name},
-                )
+    def _remove_absent(self, progress: BackfillProgress) -> None:
+        """Count the ids the job holds that this run did not meet in the source, and with
+        ``prune`` delete what it holds of them (their vectors and failures)."""
+        sync = progress.sync
+        with scope(self.sessions) as session:
+            absent = [
+                item
+                for item in backfills.held_items(session, progress.job_id)
+                if item not in self.seen and item not in self.in_flight_items
+            ]
+        sync.removed = len(absent)
+        sync.removed_examples = absent[:REMOVED_SHOWN]
+        if absent and self.options.prune:
+            for start in range(0, len(absent), PRUNE_PAGE):
+                with scope(self.sessions) as session:
+                    page = absent[start : start + PRUNE_PAGE]
+                    backfills.forget_items(session, progress.job_id, page)
+            sync.pruned = True
 
     def _wait_for_room(
         self, progress: BackfillProgress, report: Report, room: int | None = None
@@ -274,7 +287,13 @@ class BackfillRun:
     def _seal(self, progress: BackfillProgress) -> None:
         """All items are accounted for: fix the total, seal, and settle the state."""
         with scope(self.sessions) as session:
-            backfills.seal_job(session, self.options.name, progress.job_id, progress.duplicates)
+            backfills.seal_job(
+                session,
+                self.options.name,
+                progress.job_id,
+                progress.duplicates,
+                last_sync=asdict(progress.sync),
+            )
             jobs.add_progress(session, progress.job_id, done=0, failed=0, error=None)
         progress.finished = True
         self._refresh(progress)

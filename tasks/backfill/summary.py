@@ -47,6 +47,9 @@ class BackfillSummary:
     """The limits of the last run (batch size, characters, in flight, stuck after)."""
     model_files: list[str]
     """The sha256 of each model file that made its vectors, the first first."""
+    last_sync: dict[str, object] | None
+    """What its last whole run found against the store (``tasks.backfill.Sync``): unchanged,
+    new, changed and removed ids, whether those were pruned, some removed ids."""
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
@@ -90,4 +93,5 @@ def summary(database_url: str, name: str, limit: int = 10) -> BackfillSummary:
             workers=[WorkerShare(*share) for share in shares],
             options=dict(found.options),
             model_files=model_files.model_files(job),
+            last_sync=found.last_sync,
         )

@@ -29,13 +29,19 @@ def backfill(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="send the failed items again")
     ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option("--prune", help="delete the vectors of ids the source no longer has"),
+    ] = False,
     max_in_flight: Annotated[
         int | None, typer.Option(min=1, help="unfinished batches at most")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Embed a whole source into the store as one resumable job on the bulk queue, with a live
-    progress bar; with only NAME, show that backfill's summary and failed items."""
+    progress bar; run again, sync it: only new ids and ids whose text changed are embedded, and
+    ids gone from the source are counted (deleted with --prune). With only NAME, show that
+    backfill's summary and failed items."""
     from tasks import backfill as backfills  # loads numpy (through the producer)
     from tasks.producer import ensure_schema  # loads numpy
 
@@ -53,6 +59,7 @@ def backfill(
                 model=model or settings.default_model or "",
                 max_in_flight=max_in_flight,
                 retry_failed=retry_failed,
+                prune=prune,
             )
             if not options.model:
                 raise EmbedqError("no --model given and EMBEDQ_DEFAULT_MODEL is not set")

@@ -73,6 +73,16 @@ def backfill_summary(outcome: BackfillSummary) -> None:
         f"backfill {outcome.name} ({outcome.state}, run {outcome.runs}): items {items},"
         f" done {outcome.done} (reused {outcome.reused}), failed {outcome.failed}"
     )
+    sync = outcome.last_sync
+    if sync:
+        removed = "removed" if sync.get("pruned") else "not in the source (--prune removes them)"
+        typer.echo(
+            f"last run: {sync.get('unchanged', 0)} unchanged, {sync.get('new', 0)} new,"
+            f" {sync.get('changed', 0)} changed, {sync.get('removed', 0)} {removed}"
+        )
+        examples = sync.get("removed_examples") or []
+        if sync.get("removed") and isinstance(examples, list):
+            typer.echo(f"  e.g. ids {', '.join(map(str, examples))}")
     if outcome.duplicates:
         typer.echo(f"skipped {outcome.duplicates} duplicate ids")
     if outcome.wall_s is not None:

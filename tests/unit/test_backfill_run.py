@@ -4,7 +4,6 @@ engine (``tests.fakes``) only when the backfill waits for room, as slow workers 
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -12,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import ledger
-from storage.models import FailedItem, FailureKind
+from storage import backfills, embeddings, ledger, model_catalog
+from storage.models import FailedItem, FailureKind, ModelState
 from storage.session import dispose_all, make_engine, scope, session_factory
 from tasks import backfill, names
 from tasks.backfill.chunks import chunks
@@ -197,21 +196,40 @@ def test_an_id_met_again_in_the_source_is_a_duplicate_and_sent_once(store: Store
     assert (outcome.duplicates, outcome.items, outcome.state) == (3, 13, "succeeded")
 
 
-def test_texts_the_content_cache_holds_are_copied_not_sent(
-    store: Store, caplog: pytest.LogCaptureFixture
+def ready(store: Store, model_file: str, host: str = "host-1") -> None:
+    """Record that ``host`` runs the model as ``model_file``, as a worker reports it."""
+    with scope(store.sessions) as session:
+        model_catalog.set_prepared(session, MODEL, host, ModelState.READY, onnx_sha256=model_file)
+
+
+def test_texts_the_content_cache_holds_for_the_model_file_are_copied_not_sent(
+    store: Store,
 ) -> None:
+    ready(store, FILE_A)
     run(store, source(texts(8)))
     renamed = [(f"copy-{i}", text) for i, (_, text) in enumerate(texts(8))]
-    other_file = Workers(store.sessions, model_file=FILE_B)
-    with caplog.at_level(logging.WARNING, logger="tasks.batches"):
-        progress, workers = run(store, source([*renamed, *texts(2, start=50)]), "again", other_file)
+    progress, workers = run(store, source([*renamed, *texts(2, start=50)]), "again")
     assert (progress.reused, progress.sent) == (8, 2)
     assert sent_ids(workers) == ["doc-50", "doc-51"]
     outcome = backfill.summary(store.url, "again")
     assert (outcome.reused, outcome.done, outcome.state) == (8, 10, "succeeded")
-    # The copies came from file A; the two new texts were embedded by file B.
-    assert outcome.model_files == [FILE_A, FILE_B]
-    assert "batch made by another model file" in caplog.text
+    assert outcome.model_files == [FILE_A]
+
+
+def test_a_model_pulled_again_from_another_file_never_reuses_the_old_file_s_vectors(
+    store: Store,
+) -> None:
+    ready(store, FILE_A)
+    run(store, source(texts(8)))
+    ready(store, FILE_B)  # the same name, pulled again from a changed file
+    renamed = [(f"copy-{i}", text) for i, (_, text) in enumerate(texts(8))]
+    progress, _ = run(store, source(renamed), "again", Workers(store.sessions, FILE_B))
+    assert (progress.reused, progress.sent) == (0, 8)
+    assert backfill.summary(store.url, "again").model_files == [FILE_B]
+    ready(store, FILE_A, host="host-2")  # hosts that disagree: nothing is copied
+    others = [(f"third-{i}", text) for i, (_, text) in enumerate(texts(8))]
+    progress, _ = run(store, source(others), "third", Workers(store.sessions, FILE_B))
+    assert (progress.reused, progress.sent) == (0, 8)
 
 
 def test_unusable_rows_fail_with_their_reason_and_retry_failed_sends_only_them(
@@ -255,3 +273,42 @@ def test_another_model_under_the_same_name_is_refused(store: Store) -> None:
     with pytest.raises(backfill.BackfillError, match="embeds with 'fake', not 'another'"):
         other.run()
     assert workers.sent == []
+
+
+def test_a_sync_embeds_only_new_and_changed_texts_and_counts_or_prunes_removed_ids(
+    store: Store,
+) -> None:
+    first = texts(20)
+    run(store, source(first))
+    edited = {"doc-3": "an edited text", "doc-11": "another edited text"}
+    kept = [(i, edited.get(i, text)) for i, text in first if i not in ("doc-5", "doc-6", "doc-7")]
+    current = [*kept, *texts(2, start=40)]
+    progress, workers = run(store, source(current))
+    assert sent_ids(workers) == ["doc-11", "doc-3", "doc-40", "doc-41"]
+    sync = progress.sync
+    assert (sync.unchanged, sync.new, sync.changed, sync.removed, sync.pruned) == (
+        15,
+        2,
+        2,
+        3,
+        False,
+    )
+    assert sorted(sync.removed_examples) == ["doc-5", "doc-6", "doc-7"]
+    assert counts(store) == ("succeeded", 22, 22, 0)  # the removed ids are still held
+    outcome = backfill.summary(store.url, "docs")
+    assert outcome.last_sync is not None and outcome.last_sync["changed"] == 2
+
+    progress, workers = run(store, source(current), prune=True)
+    assert workers.sent == [] and (progress.sync.removed, progress.sync.pruned) == (3, True)
+    assert counts(store) == ("succeeded", 19, 19, 0)
+    with scope(store.sessions) as session:  # every id's vector is its current text's
+        job_id = backfills.job_of(session, "docs")
+        assert job_id is not None
+        stored = {e.item_id: e.vector for e in embeddings.list_embeddings(session, job_id)}
+    expected = dict(current)
+    assert sorted(stored) == sorted(expected)
+    for item, vector in stored.items():
+        assert vector == FakeEngine().encode([expected[item]]).vectors[0].tobytes(), item
+
+    progress, workers = run(store, source(current))  # nothing changed: nothing sent
+    assert workers.sent == [] and progress.sync.unchanged == 19
