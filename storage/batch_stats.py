@@ -16,7 +16,7 @@ from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session
 
 from storage import dialect
-from storage.models import BatchStat, Job
+from storage.models import BatchStat, Job, as_utc
 
 STREAM_PAGE = 5000
 
@@ -193,3 +193,28 @@ def engine_busy(
 def _epoch(moment: datetime) -> float:
     """Epoch seconds of a stored time (SQLite gives it back without its UTC zone)."""
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def recent_rate(session: Session, model: str, min_texts: int) -> tuple[str, int, float] | None:
+    """The most recent job of ``model`` whose batches ran at least ``min_texts`` texts: its id,
+    the tokens they ran, and the seconds from the first batch's start to the last one's end
+    (all its worker processes together); ``None`` when there is none."""
+    recent = session.execute(
+        select(BatchStat.job_id)
+        .join(Job, Job.id == BatchStat.job_id)
+        .where(Job.model_name == model)
+        .group_by(BatchStat.job_id)
+        .having(func.sum(BatchStat.texts) >= min_texts)
+        .order_by(func.max(BatchStat.created_at).desc())
+        .limit(1)
+    ).first()
+    if recent is None:
+        return None
+    rows = session.execute(
+        select(BatchStat.created_at, BatchStat.total_ms, BatchStat.tokens).where(
+            BatchStat.job_id == recent.job_id
+        )
+    ).all()
+    start = min(as_utc(row.created_at).timestamp() - row.total_ms / 1000 for row in rows)
+    end = max(as_utc(row.created_at).timestamp() for row in rows)
+    return str(recent.job_id), sum(row.tokens for row in rows), max(end - start, 1e-3)

@@ -22,6 +22,7 @@ from storage.session import scope, sessions_for
 from tasks import names, publishing
 from tasks.backfill import cache
 from tasks.backfill.chunks import chunks, text_sha
+from tasks.backfill.compare import compare
 from tasks.backfill.options import (
     REMOVED_SHOWN,
     BackfillError,
@@ -159,33 +160,14 @@ class BackfillRun:
                 seen_here.update(i for i in items if i in set(ids))
             texts = {i: sha for i, _, sha in stored}
             known = {i for i, _ in failed_before} | self.in_flight_items.intersection(ids)
-            fresh: list[Row] = []
-            changed: list[str] = []
-            failures: dict[str, list[str]] = {}
-            for row in chunk:
-                if row.item_id in seen_here:
-                    progress.duplicates += 1
-                    continue
-                stored_sha = texts.get(row.item_id)
-                if row.item_id in known or (
-                    row.item_id in texts and stored_sha in (None, text_sha(row.text))
-                ):
-                    progress.skipped += 1
-                    sync.unchanged += 1
-                    continue
-                if row.item_id in texts:
-                    changed.append(row.item_id)
-                seen_here.add(row.item_id)  # a repeated id later in this chunk is a duplicate
-                problem = row.problem or (
-                    "empty or whitespace-only text" if not row.text.strip() else None
-                )
-                if problem:
-                    failures.setdefault(problem, []).append(row.item_id)
-                else:
-                    fresh.append(row)
+            found = compare(chunk, texts, known, seen_here)
+            progress.duplicates += found.duplicates
+            progress.skipped += found.unchanged
+            sync.unchanged += found.unchanged
+            changed, fresh, failures = found.changed, found.fresh, found.failures
             backfills.forget_items(session, job_id, changed)  # made again below, or failed
             sync.changed += len(changed)
-            sync.new += len(fresh) + sum(map(len, failures.values())) - len(changed)
+            sync.new += found.new
             failed = sum(
                 failed_items.record_failures(session, job_id, items, reason, FailureKind.INPUT)
                 for reason, items in failures.items()

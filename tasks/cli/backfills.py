@@ -33,6 +33,12 @@ def backfill(
         bool,
         typer.Option("--prune", help="delete the vectors of ids the source no longer has"),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="read the source and estimate the run (tokens, time); send nothing"
+        ),
+    ] = False,
     max_in_flight: Annotated[
         int | None, typer.Option(min=1, help="unfinished batches at most")
     ] = None,
@@ -63,11 +69,22 @@ def backfill(
             )
             if not options.model:
                 raise EmbedqError("no --model given and EMBEDQ_DEFAULT_MODEL is not set")
+            if dry_run:
+                from tasks.backfill import estimate
+
+                planned = estimate.dry_run(reader, options, settings)
+                if as_json:
+                    typer.echo(json.dumps(planned.as_json(), indent=2))
+                else:
+                    present.estimate(planned)
+                return
             run = backfills.BackfillRun(reader, options, settings)
             if as_json:
                 run.run()
             else:
                 present.run_with_bar(run)
+        elif dry_run:
+            raise EmbedqError("--dry-run reads a source: give --source")
         outcome = backfills.summary(settings.database_url, name)
     except EmbedqError as exc:
         raise fail(exc) from exc

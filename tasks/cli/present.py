@@ -19,6 +19,7 @@ from worker.manifest import Manifest
 
 if TYPE_CHECKING:
     from tasks.backfill import BackfillProgress, BackfillRun, BackfillSummary
+    from tasks.backfill.estimate import Estimate
     from worker.engine import EncodeStats
 
 
@@ -175,3 +176,20 @@ def encoded(texts: int, stats: list[EncodeStats], provider: str) -> None:
         f" {ms:.0f} ms on {provider} ({texts / (ms / 1000):.1f} texts/s)",
         err=True,
     )
+
+
+def estimate(planned: Estimate) -> None:
+    """A dry run's estimate (``tasks.backfill.estimate``) as lines."""
+    typer.echo(
+        f"{planned.rows} rows: {planned.unchanged} unchanged, {planned.new} new,"
+        f" {planned.changed} changed, {planned.removed} no longer in the source,"
+        f" {planned.duplicates} duplicate ids, {planned.unusable} unusable"
+    )
+    typer.echo(
+        f"to embed: {planned.texts} texts in {planned.batches} batches, {planned.tokens:,} tokens"
+        f" ({planned.tokens_by}); {planned.cached} copied from the content cache"
+    )
+    if planned.seconds is None:
+        typer.echo(f"time: unknown ({planned.assumption})")
+    else:
+        typer.echo(f"time: about {planned.seconds:,.0f} s, at {planned.assumption}")

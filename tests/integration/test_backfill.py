@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from storage.models import BatchStat
 from storage.session import dispose_all, scope, sessions_for
 from tasks import backfill
-from tasks.backfill import readers
+from tasks.backfill import estimate, readers
 from tasks.fleet.reconciler import Reconciler
 from tasks.local import LocalPublisher
 from tasks.publishing import Publisher
@@ -289,3 +289,17 @@ def test_lost_batches_are_sent_again_by_the_reconciler_then_failed_after_too_man
     assert (outcome.state, outcome.failed) == ("failed", 10)
     (reason,) = outcome.failure_reasons
     assert reason.startswith("its message was lost 2 times")
+
+
+def test_a_dry_run_counts_tokens_with_the_model_s_tokenizer_as_the_engine_runs_them(
+    local_sqlite: Settings, corpus: list[str], engine: Engine, tmp_path: Path
+) -> None:
+    texts = [*corpus[:40], "word " * 600]  # one past the model's length: counted truncated
+    path = write_jsonl(tmp_path / "docs.jsonl", texts, bad=False)
+    options = backfill.Options(name="docs", model="minilm")
+    planned = estimate.dry_run(readers.open_source(str(path)), options, local_sqlite)
+    assert planned.tokens_by == "the tokenizer of minilm"
+    assert (planned.new, planned.texts) == (len(texts), len(texts))
+    assert planned.tokens == sum(engine.encode(texts).token_counts)
+    with scope(sessions_for(local_sqlite.database_url)) as session:  # nothing was written
+        assert session.scalar(select(func.count()).select_from(BatchStat)) == 0

@@ -15,6 +15,7 @@ from storage import backfills, embeddings, ledger, model_catalog
 from storage.models import FailedItem, FailureKind, ModelState
 from storage.session import dispose_all, make_engine, scope, session_factory
 from tasks import backfill, names
+from tasks.backfill import estimate
 from tasks.backfill.chunks import chunks
 from tasks.backfill.readers import Row
 from tasks.batches import embed_batch
@@ -312,3 +313,43 @@ def test_a_sync_embeds_only_new_and_changed_texts_and_counts_or_prunes_removed_i
 
     progress, workers = run(store, source(current))  # nothing changed: nothing sent
     assert workers.sent == [] and progress.sync.unchanged == 19
+
+
+def test_a_dry_run_counts_what_the_sync_then_does_and_writes_nothing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = texts(20)
+    run(store, source(first))
+    edited = [(i, "an edited text" if i == "doc-3" else text) for i, text in first[2:]]
+    current = source([*edited, *texts(3, start=40)])
+    before = counts(store)
+    monkeypatch.setattr(estimate, "RATE_TEXTS", 10)  # the first run's 20 texts set the rate
+    planned = estimate.dry_run(
+        current, backfill.Options(name="docs", model=MODEL), SETTINGS, sessions=store.sessions
+    )
+    assert counts(store) == before  # nothing written
+    assert (planned.rows, planned.unchanged, planned.new, planned.changed) == (21, 17, 3, 1)
+    assert (planned.removed, planned.duplicates, planned.texts) == (2, 0, 4)
+    assert planned.tokens_by.startswith("characters / 4")  # no model in this machine's store
+    assert planned.tokens == sum(
+        max(1, len(text) // 4)
+        for i, text in [*edited, *texts(3, start=40)]
+        if i in {"doc-3", "doc-40", "doc-41", "doc-42"}
+    )
+    assert planned.tokens_per_s is not None and planned.seconds is not None
+    assert planned.seconds == round(planned.tokens / planned.tokens_per_s, 1)
+    progress, workers = run(store, current)  # the run does what the dry run said
+    sync = progress.sync
+    assert (sync.unchanged, sync.new, sync.changed, sync.removed) == (17, 3, 1, 2)
+    assert len(sent_ids(workers)) == planned.texts
+
+
+def test_a_dry_run_with_no_job_of_the_model_behind_it_gives_no_time(store: Store) -> None:
+    planned = estimate.dry_run(
+        source(texts(5)),
+        backfill.Options(name="new", model=MODEL),
+        SETTINGS,
+        sessions=store.sessions,
+    )
+    assert (planned.new, planned.texts, planned.batches, planned.seconds) == (5, 5, 2, None)
+    assert "no job of model 'fake' has run 1,000 texts yet" in planned.assumption
