@@ -30,3 +30,10 @@ worker takes every queue's lowest step before the next (interactive before bulk 
 Bulk messages always go ``LAST``; an interactive message's step comes from how much its API key
 has waiting (``tasks.api.admission.priority_for``), so a light key is not served behind a heavy
 one. RabbitMQ queues are declared without priorities and ignore them."""
+PRIORITY_STEPS = (FIRST, 3, 6, LAST)
+"""kombu's Redis priority steps (its default): one list per step."""
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for ``queue``: its own (step 0), then one per other step."""
+    return [queue, *(f"{queue}\x06\x16{step}" for step in PRIORITY_STEPS[1:])]

@@ -46,7 +46,7 @@ def redis_presence(url: str, queues: Iterable[str] = tuple(names.Queue)) -> Pres
     lists (with kombu's priority sub-lists) or among the unacknowledged messages (running,
     waiting for a countdown, or held by a worker that died and not yet restored)."""
     client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
-    keys = [key for queue in queues for key in (queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9)))]
+    keys = [key for queue in queues for key in names.queue_lists(queue)]
 
     def present(ids: set[str]) -> set[str]:
         found: set[str] = set()

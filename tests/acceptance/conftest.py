@@ -28,6 +28,7 @@ import redis
 from sqlalchemy import text
 
 from storage.session import make_engine
+from tasks import names
 from tests.conftest import require
 from tests.databases import Databases
 from tests.processes import KEY, PrivateRedis, Server, Worker
@@ -145,14 +146,10 @@ class Fleet:
         client = redis.Redis.from_url(self.broker_url, socket_timeout=5)
         try:
             doomed = [key for key in client.scan_iter("embedq:*")]
-            doomed += [f"{q}{suffix}" for q in ("interactive", "bulk") for suffix in _LISTS]
+            doomed += [key for queue in names.Queue for key in names.queue_lists(queue)]
             client.delete(*doomed)
         finally:
             client.close()
-
-
-_LISTS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-"""A kombu queue's list and its priority sub-lists."""
 
 
 class Fleets:

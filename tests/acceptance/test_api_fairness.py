@@ -15,6 +15,7 @@ import redis
 from sqlalchemy import text
 
 from storage.session import make_engine
+from tasks import names
 from tests.acceptance.conftest import KEY, Fleet, Server
 from tests.waiting import wait_until
 
@@ -99,7 +100,7 @@ def test_another_key_s_one_text_goes_ahead_of_a_key_s_8192_admitted_texts(
         thread.start()
     engine = make_engine(fleet.database_url)
     broker = redis.Redis.from_url(fleet.broker_url)
-    lists = [f"interactive{suffix}" for suffix in ("", "\x06\x163", "\x06\x166", "\x06\x169")]
+    lists = names.queue_lists(names.Queue.INTERACTIVE)
     try:
         wait_until(  # key A's 64 messages on the queue, but the few the worker took
             lambda: sum(broker.llen(name) for name in lists) >= 60, 60, "key A's messages"
