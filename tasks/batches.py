@@ -112,17 +112,18 @@ def _encode(
     engine: Embedder, message: BatchMessage, on_progress: Progress | None
 ) -> tuple[Encoding, dict[str, str]]:
     try:
-        metrics.observe_encoded(message.model, len(message.texts))
-        return engine.encode(message.texts, on_progress), {}
+        encoding = engine.encode(message.texts, on_progress)
     except TextsRefusedError as exc:
         refused = set(exc.indices)
         if len(refused) == len(message.texts):
             raise
         reason = f"batch {message.batch_index}: {exc.reason}"
         texts = [text for i, text in enumerate(message.texts) if i not in refused]
-        metrics.observe_encoded(message.model, len(texts))
         result = engine.encode(texts, on_progress)
+        metrics.observe_encoded(message.model, len(texts))
         return result, {message.item_ids[i]: reason for i in sorted(refused)}
+    metrics.observe_encoded(message.model, len(message.texts))
+    return encoding, {}
 
 
 def fail_batch(session: Session, message: BatchMessage, reason: str, kind: FailureKind) -> Outcome:

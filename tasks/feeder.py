@@ -153,12 +153,12 @@ class Feeder:
                 continue
             texts = [text for batch in claimed for text in batch.message.texts]
             try:
-                metrics.observe_encoded(model, len(texts))
                 encoding = engine.encode(texts)
             except Exception:  # refused texts, bad input: each batch alone finds which
                 _hand_back(claimed)
                 continue
             self.calls += 1
+            metrics.observe_encoded(model, len(texts))
             parts = split(encoding, [len(batch.message.texts) for batch in claimed])
             self._writes.put(_Group(claimed, parts, engine.provider, engine.model_sha256))
 
