@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import text
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from storage.session import make_engine
 from tasks import names
@@ -132,15 +133,16 @@ class Fleet:
         """Empty the store's job tables and the broker's queues; the worker stays up."""
         engine = make_engine(self.database_url)
         try:
-            with engine.begin() as connection:
-                if self.dialect == "postgresql":
-                    connection.execute(
-                        text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
-                    )
-                else:
-                    for table in TABLES:
-                        connection.execute(text(f"DELETE FROM {table}"))
-                connection.execute(text("DELETE FROM models WHERE state <> 'ready'"))
+            for attempt in range(3):
+                try:
+                    self._empty(engine)
+                    break
+                except OperationalError:
+                    # TRUNCATE takes every table's exclusive lock while the session's worker
+                    # reads some of them (its sweep, its lease): PostgreSQL may end the
+                    # TRUNCATE as a deadlock's victim, rolled back whole; it is done again.
+                    if attempt == 2:
+                        raise
         finally:
             engine.dispose()
         client = redis.Redis.from_url(self.broker_url, socket_timeout=5)
@@ -150,6 +152,15 @@ class Fleet:
             client.delete(*doomed)
         finally:
             client.close()
+
+    def _empty(self, engine: Engine) -> None:
+        with engine.begin() as connection:
+            if self.dialect == "postgresql":
+                connection.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+            else:
+                for table in TABLES:
+                    connection.execute(text(f"DELETE FROM {table}"))
+            connection.execute(text("DELETE FROM models WHERE state <> 'ready'"))
 
 
 class Fleets:
