@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from storage import collections, vector_index
 from storage.models import Backfill, Embedding, FailedItem, Job, JobState
 
 
@@ -20,17 +21,7 @@ def get_backfill(session: Session, name: str) -> Backfill | None:
     return session.get(Backfill, name)
 
 
-def create_backfill(
-    session: Session,
-    *,
-    name: str,
-    job_id: str,
-    model: str,
-    queue: str,
-    source: str,
-    options: dict[str, Any],
-) -> Backfill:
-    """A new backfill and its job: unsealed, empty, tagged with the backfill's name."""
+def _new_job(session: Session, name: str, job_id: str, model: str, queue: str, source: str) -> None:
     session.add(
         Job(
             id=job_id,
@@ -42,25 +33,57 @@ def create_backfill(
             meta={"backfill": name, "source": source},
         )
     )
-    session.flush()  # the backfill refers to it
-    backfill = Backfill(
-        name=name, job_id=job_id, model_name=model, source=source, options=options, runs=1
-    )
-    session.add(backfill)
-    return backfill
+    session.flush()  # the backfill and the version refer to it
+
+
+def create_version(
+    session: Session,
+    name: str,
+    *,
+    job_id: str,
+    model: str,
+    queue: str,
+    source: str,
+    options: dict[str, Any],
+    model_sha256: str | None = None,
+) -> int:
+    """A new version of collection ``name`` and its job (unsealed, empty, tagged with the name),
+    counting the run. A new name makes the backfill, whose first version readers get; another
+    version is built beside the current one, which readers keep. Returns its number."""
+    _new_job(session, name, job_id, model, queue, source)
+    backfill = session.get(Backfill, name)
+    if backfill is None:
+        backfill = Backfill(
+            name=name, job_id=job_id, model_name=model, source=source, options=options, runs=0
+        )
+        session.add(backfill)
+        session.flush()  # its first version refers to it
+    backfill.runs += 1
+    backfill.source = source
+    backfill.options = options
+    return collections.add_version(session, name, job_id, model, model_sha256).version
 
 
 def resume_backfill(
-    session: Session, backfill: Backfill, *, source: str, options: dict[str, Any]
+    session: Session,
+    name: str,
+    *,
+    job_id: str,
+    source: str,
+    options: dict[str, Any],
 ) -> None:
-    """Count one more run of ``backfill`` with these options, and unseal its job so the run
-    can add items (the job settles again when the run seals it)."""
+    """Count one more run of ``backfill`` with these options, and unseal the job of the version
+    it syncs (``job_id``) so the run can add items (the job settles again when the run seals
+    it)."""
+    backfill = session.get(Backfill, name)
+    if backfill is None:
+        raise LookupError(f"no backfill {name!r}")
     backfill.runs += 1
     backfill.source = source
     backfill.options = options
     session.execute(
         update(Job)
-        .where(Job.id == backfill.job_id)
+        .where(Job.id == job_id)
         .values(sealed=False, finished_at=None, state=JobState.RUNNING)
     )
 
@@ -119,6 +142,8 @@ def forget_items(session: Session, job_id: str, item_ids: Sequence[str]) -> tupl
         delete(FailedItem).where(FailedItem.job_id == job_id, FailedItem.item_id.in_(item_ids))
     )
     done, failed = int(vectors.rowcount), int(failures.rowcount)
+    if done:
+        vector_index.forget(session, job_id, item_ids)
     if done or failed:
         session.execute(
             update(Job)

@@ -7,6 +7,9 @@ the ledger first, so only one delivery of a batch ever writes its rows) and fall
 upsert (``upsert_embeddings``), which skips the (job, item) pairs already stored, when the
 bulk write meets one anyway.
 
+Both also add the rows to their collection version's vector index, when it has one
+(``storage.vector_index``), in the same transaction.
+
 The table is also the content cache: ``cached_vectors`` finds a text's stored vector under a
 model by the text's sha256 (indexed), so a backfill that meets a text again copies it.
 
@@ -22,7 +25,7 @@ from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage import dialect, model_files
+from storage import dialect, model_files, vector_index
 from storage.models import Embedding, Job
 
 VectorRow = tuple[str, int, bytes]
@@ -51,7 +54,17 @@ def upsert_embeddings(session: Session, rows: Sequence[Mapping[str, Any]]) -> li
         return []
     statement = dialect.prepared(session, "embeddings", _upsert)
     inserted = session.connection().execute(statement, list(rows))
-    return [(str(row[0]), str(row[1])) for row in inserted]
+    new = [(str(row[0]), str(row[1])) for row in inserted]
+    added = set(new)
+    vector_index.write(
+        session,
+        [
+            (row["job_id"], row["item_id"], row["vector"])
+            for row in rows
+            if (row["job_id"], row["item_id"]) in added
+        ],
+    )
+    return new
 
 
 COLUMNS = (
@@ -91,6 +104,7 @@ def insert_embeddings(session: Session, rows: Sequence[Sequence[Any]]) -> int:
             raise IntegrityError(_COPY, None, exc) from exc
     else:
         connection.exec_driver_sql(_INSERT, list(rows))
+    vector_index.write(session, [(row[0], row[1], row[5]) for row in rows])
     return len(rows)
 
 

@@ -330,7 +330,8 @@ class FailedItem(Base):
 
 
 class Backfill(Base):
-    """A named backfill and the job that holds its items; running it again resumes it."""
+    """A named backfill, the collection it maintains: ``job_id`` holds the items of its current
+    version (``CollectionVersion``); running it again syncs it."""
 
     __tablename__ = "backfills"
 
@@ -347,6 +348,28 @@ class Backfill(Base):
     (and whether they were pruned), ``tasks.backfill.Sync``."""
     created_at: Mapped[datetime] = mapped_column(default=_now)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+
+class CollectionVersion(Base):
+    """One version of a collection (a backfill): the corpus under one model file, held by a job
+    of its own. The backfill's ``job_id`` names the current version, the one readers get; a
+    migration builds another version beside it until ``embedq collection NAME use VERSION``."""
+
+    __tablename__ = "collection_versions"
+
+    name: Mapped[str] = mapped_column(
+        ForeignKey("backfills.name", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    model_name: Mapped[str] = mapped_column(String(ID_LENGTH))
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+    """The model file the version was built with (``None``: not known when it was made)."""
+    index_table: Mapped[str | None] = mapped_column(String(63))
+    """The table of its vector index (``storage.vector_index``), made at its first write where
+    the store has a vector extension."""
+    dim: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
 class OpenAIFile(Base):

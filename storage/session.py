@@ -28,6 +28,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, exc, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage import vector_extensions
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PING_AFTER_IDLE_S = 1.0
 
@@ -47,6 +49,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("postgresql"):
         # A server that does not answer (not one that refuses) must not hang a worker forever.
         kwargs.setdefault("connect_args", {"connect_timeout": 10})
+    if url.startswith("sqlite") and (driver := vector_extensions.sqlite_driver()) is not None:
+        kwargs.setdefault("module", driver)
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         # The busy timeout in the URL (``sqlite:///path?timeout=SECONDS``, pysqlite's own
@@ -101,6 +105,7 @@ def _sqlite_pragmas(connection: Any, _record: Any, busy_ms: int) -> None:
     cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+    vector_extensions.load_sqlite_vec(connection)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

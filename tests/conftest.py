@@ -34,7 +34,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from tests import exported
-from tests.databases import POSTGRES_ADMIN, Databases
+from tests.databases import POSTGRES_ADMIN, Databases, PgvectorServer
 from worker.manifest import Precision
 from worker.settings import Settings, get_settings
 
@@ -109,6 +109,24 @@ def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
     made = Databases(tmp_path_factory.mktemp("databases"))
     yield made
     made.close()
+
+
+@pytest.fixture(scope="session")
+def pgvector_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
+    """Databases on a PostgreSQL server with pgvector of the session's own (``PgvectorServer``)."""
+    server = PgvectorServer()
+    made = Databases(tmp_path_factory.mktemp("pgvector"), server.admin_url())
+    yield made
+    made.close()
+    server.stop()
+
+
+@pytest.fixture
+def pgvector_url(pgvector_databases: Databases) -> Iterator[str]:
+    """A migrated database of this test's own on the session's PostgreSQL with pgvector."""
+    url = pgvector_databases.postgres()
+    yield url
+    pgvector_databases.drop(url)
 
 
 @pytest.fixture

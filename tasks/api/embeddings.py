@@ -111,6 +111,18 @@ def failure(status: JobStatus) -> ApiError:
     return ApiError(500, message, "server_error", code="job_failed", headers=headers)
 
 
+def pending(job_id: str, settings: Settings) -> ApiError:
+    """The 504 of a request whose job did not finish within the wait: the job goes on."""
+    return ApiError(
+        504,
+        f"job {job_id} did not finish within {settings.api_wait_timeout:g}s; it goes on:"
+        f" follow it at GET /v1/jobs/{job_id}",
+        "timeout_error",
+        code="job_pending",
+        headers={"x-should-retry": "false", JOB_HEADER: job_id},
+    )
+
+
 def check_dimensions(asked: int | None, dim: int | None, model: str) -> None:
     if asked is not None and dim is not None and asked != dim:
         raise ApiError(
@@ -144,14 +156,7 @@ async def create_embeddings(
         plan = job_wait.steps(handle.just_submitted(), settings.api_wait_timeout, WAIT_POLL_S)
         status = await job_wait.wait_async(plan, handle.status, state.signals, handle.id)
     if status is None:
-        raise ApiError(
-            504,
-            f"job {handle.id} did not finish within {settings.api_wait_timeout:g}s; it goes on:"
-            f" follow it at GET /v1/jobs/{handle.id}",
-            "timeout_error",
-            code="job_pending",
-            headers={"x-should-retry": "false", JOB_HEADER: handle.id},
-        )
+        raise pending(handle.id, settings)
     timing.mark("wait")
     if status["state"] != JobState.SUCCEEDED:
         raise failure(status)

@@ -144,6 +144,14 @@ def job_embeddings(
             f"job {job_id} is {job.state}: its vectors can be read once it has finished",
             code="job_not_finished",
         )
+    return vectors_response(settings, job_id, format, job_id)
+
+
+def vectors_response(
+    settings: Settings, job_id: str, format: str, filename: str
+) -> StreamingResponse:
+    """``job_id``'s vectors streamed as ``npy`` (``filename``.npy) or ``jsonl``, with their
+    count in ``X-Embedq-Count``."""
     with scope(sessions_for(settings.database_url)) as session:
         count, dim = embeddings.count_vectors(session, job_id)
     headers = {"X-Embedq-Count": str(count)}
@@ -152,7 +160,7 @@ def job_embeddings(
         return StreamingResponse(
             vector_files.jsonl_chunks(rows), media_type="application/x-ndjson", headers=headers
         )
-    headers["Content-Disposition"] = f'attachment; filename="{job_id}.npy"'
+    headers["Content-Disposition"] = f'attachment; filename="{filename}.npy"'
     return StreamingResponse(
         vector_files.npy_chunks(rows, count, dim or 0),
         media_type="application/octet-stream",

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage import backfills, batch_stats, embeddings, ledger
 from storage.session import scope, sessions_for
-from tasks.backfill import cache
+from tasks.backfill import versions
 from tasks.backfill.chunks import chunks, text_sha
 from tasks.backfill.compare import compare
 from tasks.backfill.options import Limits, Options
@@ -38,6 +38,11 @@ CHARS_PER_TOKEN = 4
 class Estimate:
     """What a run would do and take; ``--json`` prints ``as_json()``."""
 
+    model: str
+    version: int | None
+    """The collection version the run would sync; ``None``: it would build a new one."""
+    current: int | None
+    """The version readers get now (``None``: a new collection)."""
     rows: int
     unchanged: int
     new: int
@@ -71,19 +76,19 @@ def dry_run(
     """Read ``reader`` as a run of ``options`` would, and say what it would do and take."""
     sessions = sessions or sessions_for(settings.database_url)
     limits = Limits.of(options, settings)
-    count, tokens_by = token_counter(settings, options.model)
+    with scope(sessions) as session:
+        aim = versions.target(session, options, settings)
+    count, tokens_by = token_counter(settings, aim.model)
     counts = {"rows": 0, "unchanged": 0, "new": 0, "changed": 0, "duplicates": 0}
     unusable = cached = texts = batches = tokens = 0
     seen: set[str] = set()
     met: set[str] = set()
     with scope(sessions) as session:
-        found = backfills.get_backfill(session, options.name)
-        job_id = None if found is None else found.job_id
+        job_id, model_file = aim.job_id, aim.model_file
         in_flight = set()
         if job_id is not None:
             for batch in ledger.pending_batches(session, job_id):
                 in_flight.update(batch.item_ids)
-        model_file = cache.current_file(session, options.model, settings)
         for chunk in chunks(reader.rows(), limits.batch_size, limits.batch_chars):
             ids = [row.item_id for row in chunk]
             met.update(ids)
@@ -118,8 +123,11 @@ def dry_run(
                 for item in backfills.held_items(session, job_id)
                 if item not in met and item not in in_flight
             )
-        rate, assumption = fleet_rate(session, options.model)
+        rate, assumption = fleet_rate(session, aim.model)
     return Estimate(
+        model=aim.model,
+        version=aim.version,
+        current=aim.current,
         **counts,
         removed=removed,
         unusable=unusable,

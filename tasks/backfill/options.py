@@ -27,7 +27,9 @@ class Options:
     ``EMBEDQ_STUCK_AFTER``."""
 
     name: str
-    model: str
+    model: str | None = None
+    """``None``: the collection's current model, else ``EMBEDQ_DEFAULT_MODEL``; another one than
+    the current builds a new version (``tasks.backfill.versions``)."""
     batch_size: int | None = None
     batch_chars: int = BATCH_CHARS
     max_in_flight: int | None = None
@@ -90,6 +92,10 @@ class BackfillProgress:
 
     job_id: str
     total: int | None
+    version: int = 1
+    """The collection version this run syncs."""
+    current: bool = True
+    """Whether readers get that version (else it is built beside the one they get)."""
     sent: int = 0
     reused: int = 0
     failed_here: int = 0

@@ -20,7 +20,7 @@ from storage import (
 from storage.models import FailureKind
 from storage.session import scope, sessions_for
 from tasks import names, publishing
-from tasks.backfill import cache
+from tasks.backfill import cache, versions
 from tasks.backfill.chunks import chunks, text_sha
 from tasks.backfill.compare import compare
 from tasks.backfill.options import (
@@ -79,6 +79,10 @@ class BackfillRun:
         them was written during this run, so meeting its id again is a duplicate."""
         self.seen: set[str] = set()
         """Every id this run met in the source (what the job holds beyond it was removed)."""
+        self.version: int | None = None
+        """The collection version it syncs, settled when it opens."""
+        self.model = options.model or ""
+        """The model it embeds with, settled when it opens (``tasks.backfill.versions``)."""
         self.model_file: str | None = None
         """The model file whose vectors the content cache may copy (``tasks.backfill.cache``)."""
 
@@ -88,28 +92,28 @@ class BackfillRun:
         recorded = {**asdict(self.limits), "retry_failed": opts.retry_failed}
         source = self.reader.description
         with scope(self.sessions) as session:
-            found = backfills.get_backfill(session, opts.name)
-            if found is None:
-                job_id = str(uuid.uuid4())
-                backfills.create_backfill(
+            aim = versions.target(session, opts, self.settings)
+            self.model, self.model_file = aim.model, aim.model_file
+            job_id = aim.job_id or str(uuid.uuid4())
+            version = aim.version or 1
+            if aim.job_id is None:
+                version = backfills.create_version(
                     session,
-                    name=opts.name,
+                    opts.name,
                     job_id=job_id,
-                    model=opts.model,
+                    model=aim.model,
                     queue=names.Queue.BULK,
                     source=source,
                     options=recorded,
+                    model_sha256=aim.model_file,
                 )
             else:
-                if found.model_name != opts.model:
-                    raise BackfillError(
-                        f"backfill {opts.name!r} embeds with {found.model_name!r}, not"
-                        f" {opts.model!r}: use another name for another model"
-                    )
-                job_id = found.job_id
-                backfills.resume_backfill(session, found, source=source, options=recorded)
+                backfills.resume_backfill(
+                    session, opts.name, job_id=job_id, source=source, options=recorded
+                )
                 self._take_over_batches(session, job_id)
-        return BackfillProgress(job_id=job_id, total=total)
+        current = aim.current is None or version == aim.current
+        return BackfillProgress(job_id=job_id, total=total, version=version, current=current)
 
     def _take_over_batches(self, session: Session, job_id: str) -> None:
         """Batches an earlier run left pending: their items are in flight (a lost message is the
@@ -122,13 +126,13 @@ class BackfillRun:
         report = report or (lambda _: None)
         total = self.reader.count()
         progress = self._open(total)
+        self.version = progress.version
         if self.options.retry_failed:
             with scope(self.sessions) as session:
                 backfills.forget_failures(session, progress.job_id)
         with scope(self.sessions) as session:
             next_index = ledger.next_index(session, progress.job_id)
             self.marks = backfills.highest_row_ids(session)
-            self.model_file = cache.current_file(session, self.options.model, self.settings)
         limits = self.limits
         for chunk in chunks(self.reader.rows(), limits.batch_size, limits.batch_chars):
             batch = self._settle_chunk(progress, chunk)
@@ -236,7 +240,7 @@ class BackfillRun:
         with scope(self.sessions) as session:
             ledger.add_batches(session, progress.job_id, [batch])
         self.sent_here[index] = batch.item_ids
-        message = BatchMessage.of(progress.job_id, self.options.model, batch, time.time())
+        message = BatchMessage.of(progress.job_id, self.model, batch, time.time())
         self.publisher.publish([message], names.Queue.BULK)
         progress.sent += len(rows)
         progress.batches += 1

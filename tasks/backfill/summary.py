@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from storage import backfills, batch_stats, jobs, ledger, model_files
+from sqlalchemy.orm import Session
+
+from storage import backfills, batch_stats, collections, jobs, ledger, model_files
 from storage.models import as_utc
 from storage.session import scope, sessions_for
 from tasks.backfill.options import BackfillError
@@ -19,6 +21,21 @@ class WorkerShare:
     pid: int
     texts: int
     batches: int
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One version of a backfill's collection, as ``embedq collection NAME`` lists it."""
+
+    version: int
+    model: str
+    model_file: str | None
+    job_id: str
+    state: str
+    done: int
+    current: bool
+    indexed: bool
+    """Whether its vectors are also in a vector index (pgvector, sqlite-vec)."""
 
 
 @dataclass(frozen=True)
@@ -50,19 +67,30 @@ class BackfillSummary:
     last_sync: dict[str, object] | None
     """What its last whole run found against the store (``tasks.backfill.Sync``): unchanged,
     new, changed and removed ids, whether those were pruned, some removed ids."""
+    version: int
+    """The collection version this summary is of."""
+    versions: list[VersionInfo]
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
 
 
-def summary(database_url: str, name: str, limit: int = 10) -> BackfillSummary:
+def summary(
+    database_url: str, name: str, limit: int = 10, version: int | None = None
+) -> BackfillSummary:
     """A backfill's outcome: counts, failure reasons, timing, each worker's share, the options
-    of its last run and the model files that made its vectors."""
+    of its last run and the model files that made its vectors; of its current version, or of
+    ``version``."""
     with scope(sessions_for(database_url)) as session:
         found = backfills.get_backfill(session, name)
         if found is None:
             raise InputError(f"no backfill named {name!r} in the store")
-        job = jobs.get_job(session, found.job_id)
+        listed = versions_of(session, name, found.job_id)
+        wanted = [v for v in listed if (v.current if version is None else v.version == version)]
+        if version is not None and not wanted:
+            raise InputError(f"backfill {name!r} has no version {version}")
+        shown = wanted[0] if wanted else None
+        job = jobs.get_job(session, found.job_id if shown is None else shown.job_id)
         if job is None:
             raise BackfillError(f"the job of backfill {name!r} vanished from the store")
         reasons = backfills.failure_reasons(session, job.id, limit)
@@ -94,4 +122,26 @@ def summary(database_url: str, name: str, limit: int = 10) -> BackfillSummary:
             options=dict(found.options),
             model_files=model_files.model_files(job),
             last_sync=found.last_sync,
+            version=1 if shown is None else shown.version,
+            versions=listed,
         )
+
+
+def versions_of(session: Session, name: str, current_job: str) -> list[VersionInfo]:
+    """The versions of collection ``name``, oldest first."""
+    listed = []
+    for version in collections.list_versions(session, name):
+        job = jobs.get_job(session, version.job_id)
+        listed.append(
+            VersionInfo(
+                version=version.version,
+                model=version.model_name,
+                model_file=collections.file_of(session, version),
+                job_id=version.job_id,
+                state="" if job is None else str(job.state),
+                done=0 if job is None else job.done_items,
+                current=version.job_id == current_job,
+                indexed=version.index_table is not None,
+            )
+        )
+    return listed

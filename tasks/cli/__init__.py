@@ -1,7 +1,8 @@
 """The ``embedq`` command line: the app, its global options, and ``main``, which ends every run.
 
-Commands live in one module per group (``jobs``, ``backfills``, ``catalog`` for ``models``,
-``ops``, ``serve``) and are registered here, so this file lists the whole surface. They import
+Commands live in one module per group (``jobs``, ``backfills``, ``collections``, ``catalog``
+for ``models``, ``ops``, ``serve``) and are registered here, so this file lists the whole
+surface. They import
 what loads onnxruntime, numpy, alembic or the Celery app inside their bodies, so ``embedq
 --help`` and a usage error load none of them.
 
@@ -30,7 +31,7 @@ from typing import Annotated
 
 import typer
 
-from tasks.cli import backfills, catalog, jobs, ops, serve
+from tasks.cli import backfills, catalog, collections, jobs, ops, serve
 from tasks.cli.failures import Code, command_path, ending, one_line
 from worker.logs import use_json
 
@@ -50,6 +51,8 @@ app.command("jobs")(jobs.list_jobs)
 app.command("job")(jobs.job)
 app.command("worker")(serve.worker)
 app.command("backfill")(backfills.backfill)
+app.command("collection")(collections.collection)
+app.command("search")(collections.search)
 app.command("export")(jobs.export)
 app.command("stats")(ops.stats)
 app.command("health")(ops.health)

@@ -25,7 +25,13 @@ def backfill(
     text_field: Annotated[
         str | None, typer.Option(help="text field or column (default text)")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="default: EMBEDQ_DEFAULT_MODEL")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="default: the collection's current model, else EMBEDQ_DEFAULT_MODEL; another"
+            " one builds a new version beside the current one"
+        ),
+    ] = None,
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="send the failed items again")
     ] = False,
@@ -52,6 +58,7 @@ def backfill(
     from tasks.producer import ensure_schema  # loads numpy
 
     settings = get_settings()
+    version: int | None = None
     try:
         if source is not None:
             if settings.local_mode:
@@ -62,13 +69,11 @@ def backfill(
             )
             options = backfills.Options(  # limits left out are the settings'
                 name=name,
-                model=model or settings.default_model or "",
+                model=model,
                 max_in_flight=max_in_flight,
                 retry_failed=retry_failed,
                 prune=prune,
             )
-            if not options.model:
-                raise EmbedqError("no --model given and EMBEDQ_DEFAULT_MODEL is not set")
             if dry_run:
                 from tasks.backfill import estimate
 
@@ -83,9 +88,10 @@ def backfill(
                 run.run()
             else:
                 present.run_with_bar(run)
+            version = run.version
         elif dry_run:
             raise EmbedqError("--dry-run reads a source: give --source")
-        outcome = backfills.summary(settings.database_url, name)
+        outcome = backfills.summary(settings.database_url, name, version=version)
     except EmbedqError as exc:
         raise fail(exc) from exc
     if as_json:

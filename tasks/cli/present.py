@@ -74,6 +74,15 @@ def backfill_summary(outcome: BackfillSummary) -> None:
         f"backfill {outcome.name} ({outcome.state}, run {outcome.runs}): items {items},"
         f" done {outcome.done} (reused {outcome.reused}), failed {outcome.failed}"
     )
+    current = next((v.version for v in outcome.versions if v.current), None)
+    if len(outcome.versions) > 1 or current != outcome.version:
+        readers = (
+            "readers get it"
+            if current == outcome.version
+            else f"readers get version {current}; `embedq collection {outcome.name} use"
+            f" {outcome.version}` switches them"
+        )
+        typer.echo(f"version {outcome.version} ({outcome.model}): {readers}")
     sync = outcome.last_sync
     if sync:
         removed = "removed" if sync.get("pruned") else "not in the source (--prune removes them)"
@@ -98,6 +107,17 @@ def backfill_summary(outcome: BackfillSummary) -> None:
         typer.echo(f"  e.g. items {', '.join(outcome.failed_examples)}")
     if outcome.in_flight_batches:
         typer.echo(f"  {outcome.in_flight_batches} batches still in flight")
+
+
+def versions(outcome: BackfillSummary) -> None:
+    """A collection's versions, one per line, the current one marked."""
+    for v in outcome.versions:
+        mark = "*" if v.current else " "
+        index = "indexed" if v.indexed else "not indexed"
+        typer.echo(
+            f"{mark} {v.version}\t{v.model}\t{(v.model_file or '?')[:12]}\t{v.state}"
+            f"\t{v.done} vectors\t{index}\tjob {v.job_id}"
+        )
 
 
 def job_row(job: Job) -> None:
@@ -180,6 +200,15 @@ def encoded(texts: int, stats: list[EncodeStats], provider: str) -> None:
 
 def estimate(planned: Estimate) -> None:
     """A dry run's estimate (``tasks.backfill.estimate``) as lines."""
+    if planned.current is None:
+        into = "a new collection"
+    elif planned.version is None:
+        into = f"a new version beside version {planned.current}, which readers keep until `use`"
+    else:
+        into = f"version {planned.version}" + (
+            " (the current one)" if planned.version == planned.current else ""
+        )
+    typer.echo(f"model {planned.model}, into {into}")
     typer.echo(
         f"{planned.rows} rows: {planned.unchanged} unchanged, {planned.new} new,"
         f" {planned.changed} changed, {planned.removed} no longer in the source,"

@@ -5,7 +5,8 @@ as Celery's own integration tests do: starting a worker (onnxruntime, the model'
 warm-up) costs seconds, and a test that only sends it jobs does not need a new one. Between
 tests the fleet's store is emptied (job tables truncated) and its queues cleared; the worker
 and its model stay warm. PostgreSQL is the default fleet; a test parametrised with
-``fleet=["sqlite", "postgresql"]`` runs on both.
+``fleet=["sqlite", "postgresql"]`` runs on both; ``pgvector`` is a PostgreSQL with pgvector of
+the session's own (``tests.databases.PgvectorServer``).
 
 A test that stops, kills or reconfigures its workers starts its own on ``pipeline_env``: a
 store of the test's own and a Redis database no session worker listens on.
@@ -37,13 +38,14 @@ from worker.settings import Settings, get_settings
 
 __all__ = ["KEY", "Brokers", "Fleet", "Server", "Worker"]
 
-USES = ("postgresql", "sqlite", "own", "nobody")
+USES = ("postgresql", "sqlite", "own", "nobody", "pgvector")
 # Emptied between tests, children first (SQLite deletes in this order; PostgreSQL truncates
 # them together). The models table keeps what the fleet's worker reported ready at its start.
 TABLES = (
     "api_batch_requests",
     "api_batches",
     "api_files",
+    "collection_versions",
     "backfills",
     "failed_items",
     "batch_stats",
@@ -155,7 +157,7 @@ class Fleet:
 
     def _empty(self, engine: Engine) -> None:
         with engine.begin() as connection:
-            if self.dialect == "postgresql":
+            if self.dialect != "sqlite":
                 connection.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
             else:
                 for table in TABLES:
@@ -167,9 +169,15 @@ class Fleets:
     """The session's fleets, one per dialect, each started the first time a test asks."""
 
     def __init__(
-        self, databases: Databases, brokers: Brokers, store_root: Path, folder: Path
+        self,
+        databases: Databases,
+        brokers: Brokers,
+        store_root: Path,
+        folder: Path,
     ) -> None:
         self.databases = databases
+        self.pgvector: Databases | None = None
+        """The databases of the session's PostgreSQL with pgvector, once a test asked for it."""
         self.brokers = brokers
         self.store_root = store_root
         self.folder = folder
@@ -179,6 +187,9 @@ class Fleets:
         if dialect not in self.made:
             if dialect == "postgresql":
                 database = self.databases.postgres()
+            elif dialect == "pgvector":
+                assert self.pgvector is not None
+                database = self.pgvector.postgres()
             else:
                 database = self.databases.sqlite(self.folder / dialect)
             env = settings_env(database, self.brokers.database(dialect), self.store_root)
@@ -215,6 +226,8 @@ def fleet(
 ) -> Iterator[Fleet]:
     """The session's worker for this test's dialect, this process's settings pointed at its
     store and broker; emptied after the test."""
+    if request.param == "pgvector":  # the server is started for the first test that asks
+        fleets.pgvector = request.getfixturevalue("pgvector_databases")
     running = fleets.get(request.param)
     for key, value in running.env.items():
         monkeypatch.setenv(key, value)

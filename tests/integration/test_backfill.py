@@ -150,16 +150,6 @@ def test_a_backfill_resumes_reuses_and_retries_only_what_failed(
     np.testing.assert_array_equal(np.array([row["embedding"] for row in rows], np.float32), vectors)
 
 
-def test_another_model_under_the_same_name_is_refused(
-    local_sqlite: Settings, short_texts: list[str], tmp_path: Path
-) -> None:
-    source = write_jsonl(tmp_path / "few.jsonl", short_texts[:5], bad=False)
-    run(local_sqlite, source, "few")
-    opts = backfill.Options(name="few", model="another-model")
-    with pytest.raises(backfill.BackfillError, match="embeds with 'minilm'"):
-        backfill.BackfillRun(readers.open_source(str(source)), opts, local_sqlite).run()
-
-
 def test_csv_and_sql_sources_are_read_by_the_named_fields(
     local_sqlite: Settings, tmp_path: Path, short_texts: list[str]
 ) -> None:

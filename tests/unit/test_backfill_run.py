@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import backfills, embeddings, ledger, model_catalog
+from storage import backfills, collections, embeddings, ledger, model_catalog
 from storage.models import FailedItem, FailureKind, ModelState
 from storage.session import dispose_all, make_engine, scope, session_factory
 from tasks import backfill, names
@@ -113,7 +113,7 @@ def run(
     **options: object,
 ) -> tuple[backfill.BackfillProgress, Workers]:
     workers = workers or Workers(store.sessions)
-    opts = backfill.Options(name=name, model=MODEL, **options)  # type: ignore[arg-type]
+    opts = backfill.Options(**{"name": name, "model": MODEL, **options})  # type: ignore[arg-type]
     job = backfill.BackfillRun(rows, opts, SETTINGS, sessions=store.sessions, publisher=workers)
     job.poll_s = 0.0
     return job.run(workers.report), workers
@@ -264,16 +264,45 @@ def test_unusable_rows_fail_with_their_reason_and_retry_failed_sends_only_them(
     assert counts(store) == ("succeeded", 10, 10, 0)
 
 
-def test_another_model_under_the_same_name_is_refused(store: Store) -> None:
-    run(store, source(texts(2)))
-    opts = backfill.Options(name="docs", model="another")
-    workers = Workers(store.sessions)
-    other = backfill.BackfillRun(
-        source(texts(2)), opts, SETTINGS, sessions=store.sessions, publisher=workers
-    )
-    with pytest.raises(backfill.BackfillError, match="embeds with 'fake', not 'another'"):
-        other.run()
-    assert workers.sent == []
+def test_another_model_builds_a_new_version_that_readers_get_only_after_use(
+    store: Store,
+) -> None:
+    first, _ = run(store, source(texts(6)))
+    assert (first.version, first.current) == (1, True)
+    moved, workers = run(store, source(texts(6)), model="another")
+    assert (moved.version, moved.current, moved.job_id != first.job_id) == (2, False, True)
+    assert {m.model for m in workers.sent} == {"another"} and len(sent_ids(workers)) == 6
+    with scope(store.sessions) as session:
+        assert backfills.job_of(session, "docs") == first.job_id  # readers keep version 1
+    shown = backfill.summary(store.url, "docs", version=2)
+    assert (shown.version, shown.model, shown.done) == (2, "another", 6)
+    assert [(v.version, v.current) for v in shown.versions] == [(1, True), (2, False)]
+
+    again, workers = run(store, source(texts(7)), model="another")  # syncs version 2 again
+    assert (again.version, sent_ids(workers)) == (2, ["doc-6"])
+    current, workers = run(store, source(texts(6)), model=None)  # the current model: version 1
+    assert (current.version, current.sync.removed, workers.sent) == (1, 0, [])
+
+    with scope(store.sessions) as session:
+        collections.use_version(session, "docs", 2)
+    with scope(store.sessions) as session:
+        assert backfills.job_of(session, "docs") == moved.job_id
+    after, _ = run(store, source(texts(7)), model=None)  # now the current model is "another"
+    assert after.version == 2
+    with scope(store.sessions) as session:
+        collections.drop_version(session, "docs", 1)
+    assert [v.version for v in backfill.summary(store.url, "docs").versions] == [2]
+
+
+def test_the_model_s_file_changed_under_its_name_builds_a_new_version(store: Store) -> None:
+    ready(store, FILE_A)
+    run(store, source(texts(4)))
+    ready(store, FILE_B)  # pulled again from a changed file: its vectors differ
+    changed, workers = run(store, source(texts(4)), workers=Workers(store.sessions, FILE_B))
+    assert (changed.version, changed.current, len(workers.sent)) == (2, False, 1)
+    assert changed.reused == 0  # the old file's vectors are not copied either
+    shown = backfill.summary(store.url, "docs", version=2)
+    assert (shown.model_files, shown.done) == ([FILE_B], 4)
 
 
 def test_a_sync_embeds_only_new_and_changed_texts_and_counts_or_prunes_removed_ids(
