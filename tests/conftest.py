@@ -41,13 +41,14 @@ from worker.settings import Settings, get_settings
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 LAYERS = ("unit", "integration", "acceptance", "faults", "deploy")
-MODEL_FIXTURES = {"minilm", "engine", "bf16_model"}
+MODEL_FIXTURES = {"minilm", "engine", "bf16_model", "int8_model"}
 # tests/deploy builds and runs the compose fleet (minutes, root, a Docker engine): only
 # deploy/check.sh runs it, setting EMBEDQ_FLEET_CHECK=1.
 collect_ignore = [] if os.environ.get("EMBEDQ_FLEET_CHECK") == "1" else ["deploy"]
 CORPUS = Path(os.environ.get("EMBEDQ_CORPUS", REPO.parent / "shared" / "corpus" / "pydocs.jsonl"))
 MODEL_NAME = "minilm"
 BF16_MODEL_NAME = "minilm-bf16"
+INT8_MODEL_NAME = "minilm-int8"
 
 __all__ = ["POSTGRES_ADMIN", "cosines", "require"]
 
@@ -236,6 +237,15 @@ def bf16_model(minilm: Path, checkpoint: Path, store_root: Path) -> Path:
     update = {"precision": Precision.BF16, "steps": ("openvino:bf16",)}
     fp32.model_copy(update=update).write(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def int8_model(minilm: Path, checkpoint: Path, store_root: Path) -> Path:
+    """The reference model quantised to int8 (``models pull --quantize int8``) in the session's
+    model store, as ``INT8_MODEL_NAME``: a second model whose vectors differ from the first's."""
+    return exported.install(
+        exported.exported(checkpoint, Precision.INT8), store_root, INT8_MODEL_NAME
+    )
 
 
 @pytest.fixture(scope="session")

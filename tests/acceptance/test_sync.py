@@ -5,10 +5,6 @@ removed ones, and every id's vector is the engine's for its current text."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,30 +15,17 @@ from storage import backfills, embeddings
 from storage.models import BatchStat
 from storage.session import scope, sessions_for
 from tests.acceptance.conftest import Fleet
+from tests.commands import embedq_json, write_jsonl
 from tests.conftest import cosines
 
 ROWS = 5000
 
 
-def write(path: Path, rows: dict[str, str]) -> Path:
-    with path.open("w", encoding="utf-8") as handle:
-        for item, text in rows.items():
-            handle.write(json.dumps({"id": item, "text": text}) + "\n")
-    return path
-
-
 def sync(fleet: Fleet, source: Path, *flags: str) -> dict[str, Any]:
     """``embedq backfill docs --source SOURCE`` as a user runs it; its JSON summary."""
-    command = [sys.executable, "-m", "tasks.cli", "backfill", "docs", "--source", str(source)]
-    done = subprocess.run(
-        [*command, "--json", *flags],
-        env={**os.environ, **fleet.env},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    summary: dict[str, Any] = embedq_json(
+        fleet.env, "backfill", "docs", "--source", str(source), *flags
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary: dict[str, Any] = json.loads(done.stdout)
     return summary
 
 
@@ -65,7 +48,7 @@ def test_a_sync_embeds_only_edited_and_added_rows_and_prune_removes_the_rest(
     first = {f"d{i}": text for i, text in enumerate(dict.fromkeys(short_texts[: ROWS * 2]))}
     first = dict(list(first.items())[:ROWS])
     assert len(first) == ROWS
-    summary = sync(fleet, write(tmp_path / "v1.jsonl", first))
+    summary = sync(fleet, write_jsonl(tmp_path / "v1.jsonl", first))
     job_id = summary["job_id"]
     assert (summary["state"], summary["done"]) == ("succeeded", ROWS)
     assert embedded_texts(fleet, job_id) == ROWS
@@ -77,7 +60,7 @@ def test_a_sync_embeds_only_edited_and_added_rows_and_prune_removes_the_rest(
         current[item] = f"{first[item]} (edited)"
     added = {f"new{i}": f"{text} (new)" for i, text in enumerate(short_texts[-ROWS // 20 :])}
     current.update(added)
-    second = write(tmp_path / "v2.jsonl", current)
+    second = write_jsonl(tmp_path / "v2.jsonl", current)
 
     summary = sync(fleet, second)
     last = summary["last_sync"]
