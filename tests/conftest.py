@@ -158,9 +158,12 @@ def database_url(
     request: pytest.FixtureRequest, databases: Databases, tmp_path: Path
 ) -> Iterator[str]:
     """A migrated store of each kind, for what each dialect does its own way (upserts, claims,
-    the migrations themselves, round trips). Parametrise it indirectly to run one kind."""
+    the migrations themselves, round trips). Parametrise it indirectly to run one kind, or
+    ``pgvector`` for a PostgreSQL with the vector extension (``pgvector_url``)."""
     if request.param == "sqlite":
         yield databases.sqlite(tmp_path)
+    elif request.param == "pgvector":
+        yield request.getfixturevalue("pgvector_url")
     else:
         yield from _postgres(databases, migrated=True)
 
