@@ -7,8 +7,9 @@ left to embed is counted in texts, batches (as the run cuts them) and tokens, wi
 own tokenizer (from this machine's model store; without it, characters / 4, and the estimate
 says so). The time is those tokens over the rate the fleet ran this model at in its most recent
 job of at least ``RATE_TEXTS`` texts (its tokens over the span its batches took, all its worker
-processes together), read from ``batch_stats``; with no such job, no time is given and the
-estimate says why. Nothing is written.
+processes together), read from ``batch_stats``; with no such job, a short probe runs some of
+the texts through the model on this machine (``tasks.backfill.probe``) and the estimate says so;
+where that cannot run either, no time is given and the estimate says why. Nothing is written.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage import backfills, batch_stats, embeddings, ledger
 from storage.session import scope, sessions_for
-from tasks.backfill import versions
+from tasks.backfill import probe, versions
 from tasks.backfill.chunks import chunks, text_sha
 from tasks.backfill.compare import compare
 from tasks.backfill.options import Limits, Options
@@ -83,6 +84,8 @@ def dry_run(
     unusable = cached = texts = batches = tokens = 0
     seen: set[str] = set()
     met: set[str] = set()
+    sample: list[str] = []
+    """Texts to embed, for a probe when the fleet has no rate for the model."""
     with scope(sessions) as session:
         job_id, model_file = aim.job_id, aim.model_file
         in_flight = set()
@@ -111,6 +114,8 @@ def dry_run(
                 else {}
             )
             send = [r for r in row.fresh if hashes[r.item_id] not in copies]
+            if len(sample) < probe.PROBE_TEXTS:
+                sample.extend(r.text for r in send[: probe.PROBE_TEXTS - len(sample)])
             cached += len(row.fresh) - len(send)
             if send:
                 batches += 1
@@ -124,6 +129,9 @@ def dry_run(
                 if item not in met and item not in in_flight
             )
         rate, assumption = fleet_rate(session, aim.model)
+    if rate is None and sample:
+        rate, measured = probe.probe_rate(settings, aim.model, sample)
+        assumption = measured if rate is not None else f"{assumption}; no probe here: {measured}"
     return Estimate(
         model=aim.model,
         version=aim.version,

@@ -291,5 +291,11 @@ def test_a_dry_run_counts_tokens_with_the_model_s_tokenizer_as_the_engine_runs_t
     assert planned.tokens_by == "the tokenizer of minilm"
     assert (planned.new, planned.texts) == (len(texts), len(texts))
     assert planned.tokens == sum(engine.encode(texts).token_counts)
+    # No job of the model has run: a probe on this machine gives the rate, and says so.
+    assert planned.assumption.startswith(f"a probe on this machine: {len(texts)} of the texts")
+    assert planned.tokens_per_s and planned.seconds == round(
+        planned.tokens / planned.tokens_per_s, 1
+    )
+    assert (planned.model, planned.version, planned.current) == ("minilm", None, None)
     with scope(sessions_for(local_sqlite.database_url)) as session:  # nothing was written
         assert session.scalar(select(func.count()).select_from(BatchStat)) == 0

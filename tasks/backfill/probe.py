@@ -1,0 +1,49 @@
+"""A short measured probe: the rate a dry run assumes when the fleet has no recorded one for the
+model (no job of it has run ``estimate.RATE_TEXTS`` texts yet).
+
+Some of the texts the run would embed go through the model here, loaded from this machine's model
+store as a worker loads it, after a warm-up; the tokens per second it ran at stand for one
+worker process of this machine, which the estimate says.
+"""
+
+from __future__ import annotations
+
+import time
+
+from worker import extra
+from worker.errors import EmbedqError
+from worker.settings import Settings
+
+PROBE_TEXTS = 256
+"""Texts a probe runs (after a warm-up of a few)."""
+
+
+def probe_rate(settings: Settings, model: str, texts: list[str]) -> tuple[float | None, str]:
+    """Tokens per second this machine runs ``model`` at on ``texts`` (up to ``PROBE_TEXTS``),
+    and what that figure is; ``None`` and why no probe can run here."""
+    if not texts:
+        return None, "nothing to embed"
+    if (absent := extra.missing(*extra.RUNTIME)) is not None:
+        return None, f"{absent} is not installed"
+    from worker.engine import Engine
+    from worker.model_store import ModelStore
+
+    try:
+        store = ModelStore(settings.model_dir)
+        store.get(model)
+        engine = Engine.load(store.path(model), settings)
+    except (OSError, EmbedqError) as error:
+        return None, str(error)
+    sample = texts[:PROBE_TEXTS]
+    engine.encode(sample[:8])  # warm-up: the first run of each shape costs more
+    step = settings.batch_size_for("bulk")
+    tokens, started = 0, time.perf_counter()
+    for start in range(0, len(sample), step):
+        tokens += engine.encode(sample[start : start + step]).stats.tokens
+    spent = time.perf_counter() - started
+    rate = tokens / spent
+    return rate, (
+        f"a probe on this machine: {len(sample)} of the texts, {tokens:,} tokens in {spent:.1f} s"
+        f" ({rate:,.0f} tokens/s, one process on {engine.provider}); no job of {model!r} has run"
+        " enough texts to know the fleet's rate"
+    )
