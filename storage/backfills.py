@@ -194,10 +194,12 @@ def seal_job(
     duplicates: int,
     last_sync: dict[str, Any] | None = None,
 ) -> None:
-    """Fix the job's total at the items accounted for (done or failed) and seal it, and record
-    the run's duplicates and what it found (``last_sync``) on backfill ``name``. The caller
-    settles the job's state (``jobs.add_progress``)."""
+    """Fix the job's total at the items accounted for (done or failed) and seal it, build its
+    vector index where it has none yet, and record the run's duplicates and what it found
+    (``last_sync``) on backfill ``name``. The caller settles the job's state
+    (``jobs.add_progress``)."""
     seal_accounted(session, job_id)
+    vector_index.build(session, job_id)
     session.execute(
         update(Backfill)
         .where(Backfill.name == name)

@@ -71,6 +71,17 @@ def test_the_index_finds_what_an_exact_search_finds_and_follows_deletes_and_drop
         embeddings.upsert_embeddings(session, rows)
         embeddings.upsert_embeddings(session, rows[:5])  # already stored: not indexed twice
 
+    with scope(sessions_for(indexed_url)) as session:  # as a run's seal does
+        vector_index.build(session, job_id)
+        if session.get_bind().dialect.name == "postgresql":  # HNSW answers, not a scan
+            table = vector_index.table_name(job_id)
+            literal = "[" + ",".join(["0.1"] * DIM) + "]"
+            plan = session.connection().exec_driver_sql(
+                f"EXPLAIN SELECT item_id FROM {table}"
+                f" ORDER BY embedding <=> '{literal}'::vector LIMIT 10"
+            )
+            assert f"{table}_hnsw" in " ".join(row[0] for row in plan)
+
     queries = clustered(50, seed=2)
     found = 0
     for query in queries:
