@@ -322,11 +322,9 @@ def raw_limit(texts: list[str], settings: Any, clock: Clock, engine: FreeEngine)
     import hashlib
     import uuid
 
-    from sqlalchemy import create_engine
-
     from storage import jobs
     from storage.models import Embedding, Job
-    from storage.session import scope, sessions_for
+    from storage.session import make_engine, scope, sessions_for
 
     url = settings.database_url
     job = str(uuid.uuid4())
@@ -350,7 +348,9 @@ def raw_limit(texts: list[str], settings: Any, clock: Clock, engine: FreeEngine)
             session,
             Job(id=job, model_name=MODEL, queue="bulk", total_items=len(texts), meta={}),
         )
-    db = create_engine(url)
+    # The store's own engine: where sqlite-vec is installed, SQLite is opened through sqlean.py,
+    # and two SQLite libraries on one file in one process break each other's POSIX locks.
+    db = make_engine(url)
     table = Embedding.__tablename__
     if url.startswith("postgresql"):
         raw = db.raw_connection()

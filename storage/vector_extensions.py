@@ -4,7 +4,11 @@ SQLite: the ``sqlite-vec`` package (PyPI, the ``search`` extra) is loaded into e
 when it is installed. Loading an extension needs a Python whose ``sqlite3`` module allows it;
 many builds do not (pyenv's and macOS's default ones), and then the SQLite driver is the
 ``sqlean.py`` package (PyPI, same extra), the same ``sqlite3`` module built with extension
-loading on. Without either, SQLite stores work as before, with no vector index.
+loading on. Without either, SQLite stores work as before, with no vector index. Open a store
+only through ``storage.session.make_engine`` then: two SQLite libraries on one file in one
+process release each other's POSIX locks (SQLite's "multiple copies" hazard), which
+``bench/ceiling.py`` met as a worker that could not see the jobs its producer had committed.
+Separate processes may use either library.
 
 PostgreSQL: the ``vector`` extension, created in the database (``CREATE EXTENSION IF NOT
 EXISTS vector``, which needs the rights to) when the server has it. Debian 12 packages none;

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import tempfile
 import uuid
 import warnings
@@ -45,8 +44,13 @@ class Databases:
         if self._sqlite is None:
             template = self.folder / "template.db"
             schema.upgrade(f"sqlite:///{template}")
-            with sqlite3.connect(template) as connection:  # everything in the main file
-                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # Everything in the main file; through the store's own driver (sqlean.py where
+            # sqlite-vec needs it: two SQLite libraries on one file in one process break each
+            # other's locks).
+            checkpoint = make_engine(f"sqlite:///{template}")
+            with checkpoint.connect() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            checkpoint.dispose()
             self._sqlite = template
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / name
