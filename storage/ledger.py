@@ -32,11 +32,13 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.models import Batch, BatchState, Job
+from storage import vector_index
+from storage.models import Batch, BatchState, CollectionVersion, Job
 from storage.session import commit_without_flush
 
 _batches: Any = Batch.__table__
 _jobs: Any = Job.__table__
+_versions: Any = CollectionVersion.__table__
 NOW = bindparam("now", type_=DateTime(timezone=True))
 """The statements' ``now`` parameter."""
 
@@ -129,12 +131,22 @@ _CLAIM = (
 _STATE = select(_batches.c.state, _batches.c.item_ids).where(
     _batches.c.job_id == bindparam("job"), _batches.c.batch_index == bindparam("index")
 )
-_FACT_COLUMNS = (_jobs.c.total_items, _jobs.c.sealed, _jobs.c.model_name, _jobs.c.finished_at)
-_JOB = select(*_FACT_COLUMNS).where(_jobs.c.id == bindparam("job"))
+_FACT_COLUMNS = (
+    _jobs.c.total_items,
+    _jobs.c.sealed,
+    _jobs.c.model_name,
+    _jobs.c.finished_at,
+    _versions.c.index_table,
+)
+_WITH_VERSION = _jobs.outerjoin(_versions, _versions.c.job_id == _jobs.c.id)
+_JOB = select(*_FACT_COLUMNS).select_from(_WITH_VERSION).where(_jobs.c.id == bindparam("job"))
 
 
-def _facts(row: Any) -> JobFacts:
-    total, sealed, model, finished_at = row[-4:]
+def _facts(job_id: str, row: Any) -> JobFacts:
+    """The facts of ``job_id``'s row; whether its vectors go to a vector index is remembered
+    for its write (``vector_index.remember``), which then asks the store nothing more."""
+    total, sealed, model, finished_at, index_table = row[-5:]
+    vector_index.remember(job_id, index_table is not None)
     return JobFacts(int(total) if sealed else None, str(model), finished_at is not None)
 
 
@@ -157,7 +169,7 @@ def claim(session: Session, job_id: str, index: int, worker: str) -> Claim:
     state = BatchState.SENT if claimed else None if row is None else BatchState(row.state)
     recorded = None if row is None else list(row.item_ids)
     job = connection.execute(_JOB, params).first()
-    return Claim(state, claimed, recorded, None if job is None else _facts(job))
+    return Claim(state, claimed, recorded, None if job is None else _facts(job_id, job))
 
 
 def adopt(session: Session, job_id: str, index: int, item_ids: Sequence[str], worker: str) -> bool:
@@ -239,7 +251,11 @@ _CLAIM_MANY = (
     .values(attempts=_batches.c.attempts + 1, worker=bindparam("worker"), updated_at=NOW)
     .returning(_batches.c.job_id, _batches.c.batch_index, _batches.c.item_ids)
 )
-_FACTS = select(_jobs.c.id, *_FACT_COLUMNS).where(_jobs.c.id.in_(bindparam("jobs", expanding=True)))
+_FACTS = (
+    select(_jobs.c.id, *_FACT_COLUMNS)
+    .select_from(_WITH_VERSION)
+    .where(_jobs.c.id.in_(bindparam("jobs", expanding=True)))
+)
 
 BatchKey = tuple[str, int]
 """A batch: its job's id and its index in the job."""
@@ -269,7 +285,10 @@ def claim_many(
     }
     jobs_of = sorted({job for job, _ in claimed})
     facts = (
-        {str(row[0]): _facts(row) for row in connection.execute(_FACTS, {"jobs": jobs_of})}
+        {
+            str(row[0]): _facts(str(row[0]), row)
+            for row in connection.execute(_FACTS, {"jobs": jobs_of})
+        }
         if jobs_of
         else {}
     )

@@ -22,6 +22,8 @@ Functions take the session first and never commit.
 from __future__ import annotations
 
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -63,12 +65,33 @@ def plan(session: Session, version: CollectionVersion) -> None:
         vector_extensions.say_once(session.get_bind().dialect.name)
 
 
+_known: OrderedDict[str, bool] = OrderedDict()
+"""Whether a job's vectors go to an index, as the worker's claim of its batch read it: a job is
+made a version (with or without an index) before any of its batches is sent, and stays so, so
+the write of a batch of a job known to have none asks the store nothing (that lookup cost a
+one-text job 0.6 ms)."""
+KNOWN_JOBS = 4096
+_remembering = threading.Lock()
+
+
+def remember(job_id: str, indexed: bool) -> None:
+    """Note whether ``job_id`` keeps an index (the claim read it)."""
+    with _remembering:
+        _known[job_id] = indexed
+        _known.move_to_end(job_id)
+        if len(_known) > KNOWN_JOBS:
+            _known.popitem(last=False)
+
+
 def write(session: Session, rows: Sequence[IndexRow]) -> None:
     """Add ``rows`` (just written to ``embeddings``) to the indexes of the versions their jobs
     hold; rows of other jobs are left alone."""
     if not rows:
         return
     jobs = {job_id for job_id, _, _ in rows}
+    jobs = {job_id for job_id in jobs if _known.get(job_id, True)}  # indexed, or not known
+    if not jobs:
+        return
     indexed = session.execute(
         select(
             CollectionVersion.job_id, CollectionVersion.index_table, CollectionVersion.dim

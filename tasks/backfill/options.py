@@ -37,6 +37,9 @@ class Options:
     retry_failed: bool = False
     prune: bool = False
     """Remove what the store holds of ids the source no longer has (else: counted, listed)."""
+    searchable: bool = True
+    """Whether a new version keeps a vector index where the store can (an OpenAI batch's output
+    is read, never searched: it keeps none)."""
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,7 @@ class BackfillRun:
                     source=source,
                     options=recorded,
                     model_sha256=aim.model_file,
+                    indexed=opts.searchable,
                 )
             else:
                 backfills.resume_backfill(

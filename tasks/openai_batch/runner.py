@@ -193,7 +193,7 @@ class OpenAIBatchRunner:
         if batch.model is not None and texts:
             path = uploads.path_of(self.settings.files_dir, batch.input_file_id)
             reader = InputReader(path, batch.model, skip, texts)
-            options = backfill.Options(name=batch.id, model=batch.model)
+            options = backfill.Options(name=batch.id, model=batch.model, searchable=False)
             run = backfill.BackfillRun(
                 reader, options, self.settings, sessions=self.sessions, publisher=self.publisher
             )

@@ -181,6 +181,17 @@ def test_search_returns_the_exact_top_10_with_its_latency(
             assert body["indexed"] and body["version"] == 1
             exact = {ids[i] for i in np.argsort(-(matrix @ vector))[:10]}
             found += len({hit["id"] for hit in body["data"]} & exact)
+        shown = client.get("/v1/collections/pages").json()
+        assert (shown["version"], [(v["version"], v["indexed"]) for v in shown["versions"]]) == (
+            1,
+            [(1, True)],
+        )
+        unknown = client.post("/v1/collections/nope/search", json={"query": "x"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == (
+            "collection_not_found"
+        )
+        refused = client.post("/v1/collections/pages/search", json={"query": "x", "k": 0})
+        assert refused.status_code == 400
     recall = found / (10 * len(queries))
     cli = embedq_json(fleet.env, "search", "pages", queries[0], "-k", "5")
     assert [h["item_id"] for h in cli["hits"]] == [

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import os
 import secrets
 import subprocess
@@ -45,7 +46,7 @@ from worker.settings import get_settings
 PROJECT = os.environ.get("EMBEDQ_FLEET_PROJECT", "embedqcheck")
 FILES = ["-f", str(REPO / "docker-compose.yml")]
 SERVICES = ["redis", "postgres", "migrate", "worker-cpu", "api", "flower"]
-IMAGES = ["embedq:cpu", "python:3.11-slim", "redis:7", "postgres:16"]
+IMAGES = ["embedq:cpu", "python:3.11-slim", "redis:7", "pgvector/pgvector:pg16"]
 ARTIFACTS = REPO / "artifacts" / "fleet"
 REPORT = ARTIFACTS / "report.txt"
 TEXTS = 2000
@@ -364,6 +365,44 @@ def test_the_api_answers_openai_s_client_from_the_host(
     report(
         f"api: 401 without a key; embeddings.create (openai client) = the engine's vectors,"
         f" {result.usage.total_tokens} tokens; an unknown model 404"
+    )
+
+
+def test_a_collection_is_indexed_by_pgvector_and_searched_through_the_api(
+    fleet: Fleet, texts: list[str], tmp_path_factory: Any
+) -> None:
+    """The fleet's PostgreSQL has pgvector: a backfill's collection keeps an HNSW index, and
+    the API's search (the query embedded by the fleet's worker) finds a text of it first."""
+    folder = tmp_path_factory.mktemp("collection")
+    source = folder / "docs.jsonl"
+    rows = texts[:300]
+    source.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(rows)),
+        encoding="utf-8",
+    )
+    summary = json.loads(
+        run(
+            sys.executable, "-m", "tasks.cli", "backfill", "docs", "--source", str(source), "--json"
+        )
+    )
+    assert (summary["state"], summary["done"]) == ("succeeded", len(rows))
+    ((version,),) = fleet.sql("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    indexes = fleet.sql("SELECT indexname FROM pg_indexes WHERE indexname LIKE 'vectors_%hnsw'")
+    assert len(indexes) == 1
+    key = fleet.env["EMBEDQ_API_KEYS"]
+    answer = httpx.post(
+        f"{API}/collections/docs/search",
+        json={"query": rows[7], "k": 5},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    found = answer.json()
+    assert found["indexed"] and found["data"][0]["id"] == "d7", found
+    assert found["data"][0]["score"] > 0.999
+    report(
+        f"collection: pgvector {version}, HNSW index {indexes[0][0]}; API search finds the"
+        f" queried text first (score {found['data'][0]['score']:.4f})"
     )
 
 
