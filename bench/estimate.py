@@ -2,7 +2,9 @@
 Redis and a new SQLite store; a first backfill of ``--calibration`` corpus texts gives the fleet
 its recorded rate, then ``--dry-run`` of the next ``--texts`` corpus texts prints its estimate
 (tokens with the model's tokenizer, time at that rate), then the same backfill really runs.
-Printed side by side: estimated and measured seconds, estimated and run tokens.
+Printed side by side: estimated and measured seconds, estimated and run tokens. With
+``--calibration 0`` the fleet has no rate, and the dry run's probe (``tasks.backfill.probe``)
+measures one on this machine instead.
 
     python bench/estimate.py [--texts 20000] [--calibration 2000] [--json]
 """
@@ -45,8 +47,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     target = write(bench.work / "target.jsonl", bench.texts[args.calibration :], "t")
     worker = start_worker(bench.env, queues="bulk")
     try:
-        first = backfill.Options(name="calibration", model=MODEL)
-        backfill.BackfillRun(readers.open_source(str(calibration)), first, settings).run()
+        if args.calibration:  # none: the dry run measures a probe on this machine instead
+            first = backfill.Options(name="calibration", model=MODEL)
+            backfill.BackfillRun(readers.open_source(str(calibration)), first, settings).run()
         options = backfill.Options(name="target", model=MODEL)
         started = time.perf_counter()
         planned = estimate.dry_run(readers.open_source(str(target)), options, settings)
