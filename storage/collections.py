@@ -105,8 +105,16 @@ def current_version(session: Session, name: str) -> CollectionVersion | None:
 
 def use_version(session: Session, name: str, version: int) -> CollectionVersion:
     """Make ``version`` the one readers of ``name`` get, in one row's update: a reader that
-    resolved the collection before keeps reading the version it resolved."""
+    resolved the collection before keeps reading the version it resolved. A version whose run
+    has not ended (its job unsealed or running) is refused."""
     chosen = get_version(session, name, version)
+    job = session.get(Job, chosen.job_id)
+    if job is None or not job.sealed or job.finished_at is None:
+        done = "" if job is None else f" ({job.done_items} vectors so far)"
+        raise CollectionError(
+            f"version {version} of {name!r} is still being built{done}: run its backfill to"
+            " the end first, then `use` it"
+        )
     backfill = session.get(Backfill, name, with_for_update=True)
     if backfill is None:
         raise CollectionError(f"no collection {name!r}")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from storage import backfills, collections, embeddings, vector_index
+from storage import backfills, collections, embeddings, jobs, vector_index
 from storage.session import scope, sessions_for
 from tasks import search
 from tests.databases import Databases
@@ -114,6 +114,14 @@ def test_the_index_finds_what_an_exact_search_finds_and_follows_deletes_and_drop
         pytest.raises(collections.CollectionError, match="readers"),
     ):
         collections.drop_version(session, "docs", 1)
+    with (
+        scope(sessions_for(indexed_url)) as session,
+        pytest.raises(collections.CollectionError, match="still being built"),
+    ):
+        collections.use_version(session, "docs", 2)
+    with scope(sessions_for(indexed_url)) as session:  # its run ends
+        backfills.seal_job(session, "docs", second, 0)
+        jobs.add_progress(session, second, done=0, failed=0, error=None)
     with scope(sessions_for(indexed_url)) as session:
         collections.use_version(session, "docs", 2)
     with scope(sessions_for(indexed_url)) as session:
