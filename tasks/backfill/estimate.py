@@ -84,7 +84,7 @@ def dry_run(
     unusable = cached = texts = batches = tokens = 0
     seen: set[str] = set()
     met: set[str] = set()
-    sample: list[str] = []
+    sample = probe.Sample()
     """Texts to embed, for a probe when the fleet has no rate for the model."""
     with scope(sessions) as session:
         job_id, model_file = aim.job_id, aim.model_file
@@ -114,8 +114,7 @@ def dry_run(
                 else {}
             )
             send = [r for r in row.fresh if hashes[r.item_id] not in copies]
-            if len(sample) < probe.PROBE_TEXTS:
-                sample.extend(r.text for r in send[: probe.PROBE_TEXTS - len(sample)])
+            sample.offer(r.text for r in send)
             cached += len(row.fresh) - len(send)
             if send:
                 batches += 1
@@ -129,8 +128,8 @@ def dry_run(
                 if item not in met and item not in in_flight
             )
         rate, assumption = fleet_rate(session, aim.model)
-    if rate is None and sample:
-        rate, measured = probe.probe_rate(settings, aim.model, sample)
+    if rate is None and sample.texts:
+        rate, measured = probe.probe_rate(settings, aim.model, sample.texts)
         assumption = measured if rate is not None else f"{assumption}; no probe here: {measured}"
     return Estimate(
         model=aim.model,

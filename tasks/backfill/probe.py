@@ -1,14 +1,17 @@
 """A short measured probe: the rate a dry run assumes when the fleet has no recorded one for the
 model (no job of it has run ``estimate.RATE_TEXTS`` texts yet).
 
-Some of the texts the run would embed go through the model here, loaded from this machine's model
-store as a worker loads it, after a warm-up; the tokens per second it ran at stand for one
-worker process of this machine, which the estimate says.
+Some of the texts the run would embed (a sample drawn evenly from all of them) go through the
+model here, loaded from this machine's model store as a worker loads it, after a warm-up; the
+tokens per second it ran at stand for one worker process of this machine, which the estimate
+says.
 """
 
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Iterable
 
 from worker import extra
 from worker.errors import EmbedqError
@@ -16,6 +19,25 @@ from worker.settings import Settings
 
 PROBE_TEXTS = 256
 """Texts a probe runs (after a warm-up of a few)."""
+
+
+class Sample:
+    """``PROBE_TEXTS`` texts drawn evenly from all those offered (reservoir sampling, seeded):
+    the first ones alone are not the run's mix, as a run cuts its batches by length."""
+
+    def __init__(self, size: int = PROBE_TEXTS, seed: int = 0) -> None:
+        self.size = size
+        self.texts: list[str] = []
+        self.seen = 0
+        self._random = random.Random(seed)
+
+    def offer(self, texts: Iterable[str]) -> None:
+        for text in texts:
+            self.seen += 1
+            if len(self.texts) < self.size:
+                self.texts.append(text)
+            elif (slot := self._random.randrange(self.seen)) < self.size:
+                self.texts[slot] = text
 
 
 def probe_rate(settings: Settings, model: str, texts: list[str]) -> tuple[float | None, str]:
