@@ -13,7 +13,12 @@ def text_sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def chunks(rows: Iterator[Row], size: int, chars: int, window: int = 8) -> Iterator[list[Row]]:
+WINDOW = 8
+"""Batches' worth of rows sorted by length together: each batch holds about an eighth of the
+lengths a window has, so it pads little."""
+
+
+def chunks(rows: Iterator[Row], size: int, chars: int, window: int = WINDOW) -> Iterator[list[Row]]:
     """Batches of at most ``size`` rows and ``chars`` characters. Rows are taken a window of
     ``window`` batches at a time and sorted by length within it, so each batch pads little (as
     the producer does for a job); memory stays one window."""

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Iterable
 
+from tasks.backfill.chunks import WINDOW
 from worker import extra
 from worker.errors import EmbedqError
 from worker.settings import Settings
@@ -56,9 +57,11 @@ def probe_rate(settings: Settings, model: str, texts: list[str]) -> tuple[float 
         engine = Engine.load(store.path(model), settings)
     except (OSError, EmbedqError) as error:
         return None, str(error)
-    sample = texts[:PROBE_TEXTS]
+    # Sorted by length and cut in WINDOW batches: each covers the share of the lengths a run's
+    # batch covers of its window (tasks.backfill.chunks), so it pads as much as the run's do.
+    sample = sorted(texts[:PROBE_TEXTS], key=len)
     engine.encode(sample[:8])  # warm-up: the first run of each shape costs more
-    step = settings.batch_size_for("bulk")
+    step = max(1, -(-len(sample) // WINDOW))
     tokens, started = 0, time.perf_counter()
     for start in range(0, len(sample), step):
         tokens += engine.encode(sample[start : start + step]).stats.tokens
