@@ -191,7 +191,7 @@ def test_search_returns_the_exact_top_10_with_its_latency(
             "collection_not_found"
         )
         refused = client.post("/v1/collections/pages/search", json={"query": "x", "k": 0})
-        assert refused.status_code == 400
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == "k"
     recall = found / (10 * len(queries))
     cli = embedq_json(fleet.env, "search", "pages", queries[0], "-k", "5")
     assert [h["item_id"] for h in cli["hits"]] == [
