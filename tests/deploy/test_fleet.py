@@ -382,7 +382,16 @@ def test_a_collection_is_indexed_by_pgvector_and_searched_through_the_api(
     )
     summary = json.loads(
         run(
-            sys.executable, "-m", "tasks.cli", "backfill", "docs", "--source", str(source), "--json"
+            sys.executable,
+            "-m",
+            "tasks.cli",
+            "backfill",
+            "docs",
+            "--source",
+            str(source),
+            "--model",
+            MODEL,
+            "--json",
         )
     )
     assert (summary["state"], summary["done"]) == ("succeeded", len(rows))
