@@ -66,12 +66,15 @@ class Sync:
         return self.process.returncode, out + err[-2000:]
 
 
-def strike_mid_sync(sync: Sync, database_url: str, mark: int) -> None:
-    """Block until the sync has stored 150 vectors: the moment to strike, with the sync still
-    running and most of its work ahead."""
+def sync_until_mid_way(env: dict[str, str], source: Path, database_url: str) -> tuple[Sync, float]:
+    """Start the sync, and return it (and when it started) once it has stored 150 vectors: the
+    moment to strike, with the sync still running and most of its work ahead."""
+    mark, started = highest_row(database_url), time.monotonic()
+    sync = Sync(env, source)
     wait_until(lambda: stored_since(database_url, mark) >= 150, 120, "150 vectors of the sync")
     assert sync.process.poll() is None, "the sync ended before the fault"
     assert stored_since(database_url, mark) < BASE, "the sync had stored everything"
+    return sync, started
 
 
 def stored_since(database_url: str, mark: int) -> int:
@@ -198,10 +201,7 @@ def test_a_worker_killed_mid_sync_and_replaced_leaves_the_collection_exact(
     request: pytest.FixtureRequest,
 ) -> None:
     worker, source, edited = synced(short_texts, 1)
-    mark = highest_row(database_url)
-    started = time.monotonic()
-    sync = Sync(producer_env, source)
-    strike_mid_sync(sync, database_url, mark)
+    sync, started = sync_until_mid_way(producer_env, source, database_url)
     os.killpg(worker.process.pid, signal.SIGKILL)
     worker.stop()
     start_worker("rescuer")
@@ -219,10 +219,8 @@ def test_postgresql_refused_mid_sync_leaves_the_collection_exact(
     request: pytest.FixtureRequest,
 ) -> None:
     _, source, edited = synced(short_texts, 2, EMBEDQ_DATABASE_URL=through(pg_proxy, database_url))
-    mark = highest_row(database_url)
-    started = time.monotonic()
-    sync = Sync(producer_env, source)  # the sync reads the store directly
-    strike_mid_sync(sync, database_url, mark)
+    # The worker reaches PostgreSQL through the proxy; the sync reads it directly.
+    sync, started = sync_until_mid_way(producer_env, source, database_url)
     pg_proxy.stop()
     time.sleep(8)  # the outage itself
     pg_proxy.start()
@@ -240,10 +238,7 @@ def test_redis_restarted_empty_mid_sync_leaves_the_collection_exact(
     request: pytest.FixtureRequest,
 ) -> None:
     _, source, edited = synced(short_texts, 3)
-    mark = highest_row(database_url)
-    started = time.monotonic()
-    sync = Sync(producer_env, source)
-    strike_mid_sync(sync, database_url, mark)
+    sync, started = sync_until_mid_way(producer_env, source, database_url)
     broker.restart()
     settle(request, sync, database_url, edited, engine, started)
 
@@ -258,10 +253,7 @@ def test_the_sync_killed_mid_run_and_run_again_leaves_the_collection_exact(
     request: pytest.FixtureRequest,
 ) -> None:
     _, source, edited = synced(short_texts, 4)
-    mark = highest_row(database_url)
-    started = time.monotonic()
-    sync = Sync(producer_env, source)
-    strike_mid_sync(sync, database_url, mark)
+    sync, started = sync_until_mid_way(producer_env, source, database_url)
     os.killpg(sync.process.pid, signal.SIGKILL)
     sync.result()
     again = Sync(producer_env, source)
