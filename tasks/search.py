@@ -70,8 +70,11 @@ def embed_query(
     *,
     tag: str,
     publisher: Publisher | None = None,
+    owner: str | None = None,
+    priority: int = names.FIRST,
 ) -> producer.JobHandle:
-    """Submit ``query`` as a one-text job on the interactive queue."""
+    """Submit ``query`` as a one-text job on the interactive queue (``owner`` and ``priority``
+    as ``producer.submit`` takes them: the API's key and its admission step)."""
     if not query.strip():
         raise InputError("the query is empty")
     return producer.submit(
@@ -81,6 +84,8 @@ def embed_query(
         tag=tag,
         settings=settings,
         publisher=publisher,
+        owner=owner,
+        priority=priority,
     )
 
 

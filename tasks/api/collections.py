@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from storage import collections, openai_batches
 from storage.models import CollectionVersion, JobState
 from storage.session import scope, sessions_for
-from tasks import job_wait, names, producer, search
+from tasks import job_wait, search
 from tasks.api import admission
 from tasks.api.auth import ANONYMOUS, require_key
 from tasks.api.embeddings import WAIT_POLL_S, Usage, failure, pending
@@ -137,12 +137,11 @@ async def search_collection(
     admitted: admission.Admission = state.admission
     with admitted.admit(key, 1) as priority:
         handle = await run_in_threadpool(
-            lambda: producer.submit(
-                [body.query],
-                model=current.model_name,
-                queue=names.Queue.INTERACTIVE,
+            lambda: search.embed_query(
+                body.query,
+                current.model_name,
+                settings,
                 tag=f"search:{name}",
-                settings=settings,
                 publisher=state.publisher,
                 owner=key,
                 priority=priority,
